@@ -1,0 +1,51 @@
+"""lightning_op: causal linear attention with per-head decay (Lightning Attention-2) for PyTorch.
+
+Importing this package registers ``torch.ops.lightning.attn`` and ``torch.ops.lightning.attn_bwd``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers the ops)
+from .reference import slopes
+
+__all__ = ["lightning_attn", "slopes"]
+__version__ = "0.1.0"
+
+
+def lightning_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Causal linear attention with a per-head decay, tiled as in Lightning Attention-2.
+
+    For each batch b and head h, with ``lam = exp(-decay[h])`` (``lam = 1`` when decay is None)::
+
+        S_t = lam * S_{t-1} + k_t^T v_t,     S_{-1} = initial_state (or zeros)
+        o_t = scale * q_t S_t
+
+    Args:
+        q, k: ``[B, H, N, Dk]``; v: ``[B, H, N, Dv]`` (the ``scaled_dot_product_attention``
+            layout; ``[B, N, H, D]`` tensors passed as ``x.transpose(1, 2)`` are read in place).
+            float16, bfloat16 or float32, one dtype; 16 <= Dk, Dv <= 256; any N >= 0.
+        decay: ``[H]`` slopes >= 0, e.g. :func:`lightning_op.slopes`. Not learnable (yet).
+        scale: multiplies the output (1.0 as in Lightning Attention; ``Dk ** -0.5`` is common too).
+        initial_state: ``[B, H, Dk, Dv]`` state carried in from an earlier piece of the sequence.
+        output_final_state: also return the ``[B, H, Dk, Dv]`` float32 state after the last token.
+
+    Returns:
+        ``out`` ``[B, H, N, Dv]`` in q's dtype, or ``(out, final_state)``.
+
+    Differentiable in q, k, v and initial_state; works under ``torch.compile`` and ``torch.export``.
+    """
+    out, final_state = ops.attn(q, k, v, decay, scale, initial_state)
+    return (out, final_state) if output_final_state else out

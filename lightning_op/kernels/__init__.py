@@ -1,0 +1,144 @@
+"""Launchers for the Triton kernels (no torch.library here: that lives in ``ops.py``).
+
+``TRITON_INTERPRET=1`` must be set before this module is imported for the kernels to run on CPU
+tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._gates import TRITON_INTERPRETING
+from .chunked import _chunk_output_kernel, _segment_scan_kernel, _segment_state_kernel
+
+__all__ = ["linear_attention", "LaunchConfig", "choose_config"]
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    chunk: int  # rows of the intra-chunk masked attention (the paper's block)
+    block_k: int  # Dk padded to a power of two: the whole key dim sits in one tile
+    block_v: int  # value columns per program
+    segment_len: int  # rows per segment (a multiple of chunk); segments run in parallel
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_config(
+    batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None
+) -> LaunchConfig:
+    """Tile sizes and the segment length for one call.
+
+    One segment (the paper's sequential walk) whenever batch*heads*value-blocks already fills the
+    GPU; otherwise the sequence is cut into power-of-two segments of at least 8 chunks until about
+    two programs per multiprocessor exist. Power-of-two segment lengths keep compiled variants few.
+    """
+    block_k = max(16, triton.next_power_of_2(dk))
+    chunk = 64 if block_k <= 128 else 32
+    block_v = max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32))
+    num_warps = 4 if block_k <= 64 else 8
+    if segment_len is None:
+        segment_len = max(n, chunk)
+        if device.type == "cuda" and n > 0:
+            programs = batch_heads * triton.cdiv(dv, block_v)
+            wanted_segments = triton.cdiv(2 * _multiprocessors(device.index or 0), programs)
+            if wanted_segments > 1:
+                per_segment = max(8 * chunk, triton.cdiv(n, wanted_segments))
+                segment_len = triton.next_power_of_2(per_segment)
+        segment_len = triton.cdiv(segment_len, chunk) * chunk
+    elif segment_len <= 0 or segment_len % chunk:
+        raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps)
+
+
+def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
+    return tuple(x.stride()) if x is not None else (0,) * ndim
+
+
+def linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    decay: Optional[Tensor] = None,
+    *,
+    out_scale: float = 1.0,
+    value_scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    reverse: bool = False,
+    init_shift: int = 1,
+    store_final: bool = True,
+    segment_len: Optional[int] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``reference.linear_attention_chunked`` on the Triton kernels.
+
+    query, key: [B, H, N, Dk]; value: [B, H, N, Dv], any strides, one dtype among float16,
+    bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
+    [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
+    validates. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+    """
+    b, h, n, dk = query.shape
+    dv = value.shape[-1]
+    device = query.device
+    out = torch.empty(b, h, n, dv, dtype=query.dtype, device=device)
+    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    if n == 0:
+        if final is not None:
+            final.copy_(initial_state) if initial_state is not None else final.zero_()
+        return out, final
+
+    cfg = choose_config(b * h, n, dk, dv, device, segment_len)
+    num_segments = triton.cdiv(n, cfg.segment_len)
+    num_v_blocks = triton.cdiv(dv, cfg.block_v)
+    dtype = _TL_DTYPES[query.dtype]
+    dot_dtype = tl.float32 if (TRITON_INTERPRETING and dtype == tl.bfloat16) else dtype
+    state_dot_dtype = dot_dtype if dtype == tl.bfloat16 else tl.float32
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # float16 cannot hold a long undecayed state: its products with q run in tf32
+    state_precision = "tf32" if dtype == tl.float16 else precision
+    has_decay = decay is not None
+    has_init = initial_state is not None
+    decay_arg = decay if has_decay else out
+    init_arg = initial_state if has_init else out
+
+    seg_states = out
+    if num_segments > 1:
+        seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
+        _segment_state_kernel[(num_v_blocks, num_segments - 1, b * h)](
+            key, value, decay_arg, seg_states,
+            *key.stride(), *value.stride(),
+            n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
+            HAS_DECAY=has_decay, REVERSE=reverse,
+            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps,
+        )
+        _segment_scan_kernel[(num_v_blocks, b * h)](
+            decay_arg, init_arg, seg_states, *_strides(initial_state),
+            h, dk, dv, cfg.segment_len, num_segments,
+            HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
+            BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        )
+    _chunk_output_kernel[(num_v_blocks, num_segments, b * h)](
+        query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        *_strides(initial_state), *_strides(final),
+        n, h, dk, dv, cfg.segment_len, num_segments, out_scale, value_scale,
+        HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
+        REVERSE=reverse, STORE_FINAL=store_final,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        DOT_DTYPE=dot_dtype, STATE_DOT_DTYPE=state_dot_dtype, PRECISION=precision,
+        STATE_PRECISION=state_precision, num_warps=cfg.num_warps,
+    )
+    return out, final

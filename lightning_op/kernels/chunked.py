@@ -1,0 +1,219 @@
+"""Triton kernels of the tiled causal linear attention (Lightning Attention-2).
+
+One kernel family computes :func:`lightning_op.reference.linear_attention_chunked`::
+
+    S_t   = lam * S_prev + key_t^T (value_scale * value_t)      (the first visited position takes
+    out_t = out_scale * query_t S_t                              lam^INIT_SHIFT * initial_state)
+
+forward in time, or backward in time when ``REVERSE`` (rows are then addressed from the end:
+position = N - 1 - row, nothing is copied). The op's forward and its three gradients are all
+instances of it (see ``reference.attention_backward_chunked``).
+
+The sequence is cut into chunks of ``CHUNK`` rows (the paper's blocks) and the chunks into
+segments of ``segment_len`` rows. Within a chunk: masked attention ``((Q K^T) * M) V``; across the
+chunks of one segment: a Dk x BLOCK_V state carried in registers. Segments run in parallel:
+
+1. ``_segment_state_kernel``: the state each segment (but the last) adds on its own, from zero;
+2. ``_segment_scan_kernel``: a scan over segments turns those into the state at each segment start;
+3. ``_chunk_output_kernel``: one program per (value block, segment, batch*head) walks its chunks
+   from the segment's start state, writes the output and, in the last segment, the final state.
+
+With one segment (long enough for the chip to be busy with B*H*value blocks alone) steps 1 and 2
+vanish and this is the paper's kernel. Memory besides inputs and outputs: one float32 state per
+segment boundary, never per chunk or per token, and nothing of size N x N.
+
+Decay factors are always ``lam^e = exp2(log2(lam) * e)`` with ``e >= 0`` relative to a chunk or
+segment boundary: they underflow for strong decays, they never overflow.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Matrix product with fp32 accumulation; operands cast to DOT_DTYPE first."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
+    """A [rows, cols] tile of a [N, D] matrix given by strides; rows past the end read as zero."""
+    if REVERSE:
+        positions = N - 1 - rows
+    else:
+        positions = rows
+    offsets = positions[:, None] * stride_n + cols[None, :] * stride_d
+    return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _segment_state_kernel(
+    K, V, DECAY, SEG_STATES,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    N, H, DK, DV, segment_len, num_segments, value_scale,
+    HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row)."""
+    pid_v = tl.program_id(0)
+    seg = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid_k = cols_k < DK
+    valid_v = cols_v < DV
+    idx = tl.arange(0, CHUNK)
+    if HAS_DECAY:
+        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+
+    state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    seg_begin = seg * segment_len
+    for start in range(seg_begin, seg_begin + segment_len, CHUNK):
+        rows = start + idx
+        row_valid = rows < N
+        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        if HAS_DECAY:
+            # segments other than the last are whole chunks: key weight lam^(CHUNK-1-i)
+            k = k * tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))[:, None]
+            state = state * tl.exp2(log2_lam * CHUNK)
+        state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+
+    out = SEG_STATES + (bh * num_segments + seg) * DK * DV
+    tl.store(out + cols_k[:, None] * DV + cols_v[None, :], state, mask=valid_k[:, None] & valid_v[None, :])
+
+
+@triton.jit
+def _segment_scan_kernel(
+    DECAY, INIT, SEG_STATES,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    H, DK, DV, segment_len, num_segments,
+    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
+    if HAS_INIT:
+        init_ptr = INIT + b * stride_ib + h * stride_ih
+        state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
+        state = state.to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    if HAS_DECAY:
+        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+        first_decay = tl.exp2(log2_lam * (segment_len - 1 + INIT_SHIFT))
+        later_decay = tl.exp2(log2_lam * segment_len)
+    slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+    for g in range(0, num_segments - 1):
+        own = tl.load(slot_ptr + g * DK * DV, mask=tile_mask, other=0.0)
+        if HAS_DECAY:
+            state = state * tl.where(g == 0, first_decay, later_decay)
+        state = state + own
+        tl.store(slot_ptr + g * DK * DV, state, mask=tile_mask)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    stride_fb, stride_fh, stride_fk, stride_fv,
+    N, H, DK, DV, segment_len, num_segments, out_scale, value_scale,
+    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr,
+):
+    """Outputs of one segment for one block of value columns, walking its chunks in order."""
+    pid_v = tl.program_id(0)
+    seg = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    o_ptr = O + b * stride_ob + h * stride_oh
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid_k = cols_k < DK
+    valid_v = cols_v < DV
+    tile_mask = valid_k[:, None] & valid_v[None, :]
+    idx = tl.arange(0, CHUNK)
+    causal = idx[:, None] >= idx[None, :]
+    if HAS_DECAY:
+        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+        # M[i, s] = lam^(i-s) for i >= s; the exponent is clamped so masked entries stay finite
+        distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
+        intra_mask = tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
+
+    # The state before the segment's first row. Segment 0 starts from the initial state, which
+    # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
+    if seg == 0:
+        if HAS_INIT:
+            init_ptr = INIT + b * stride_ib + h * stride_ih
+            state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
+            state = state.to(tl.float32)
+        else:
+            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    else:
+        slot = SEG_STATES + (bh * num_segments + seg - 1) * DK * DV
+        state = tl.load(slot + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
+    first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
+
+    seg_begin = seg * segment_len
+    seg_end = tl.minimum(seg_begin + segment_len, N)
+    for start in range(seg_begin, seg_end, CHUNK):
+        rows = start + idx
+        row_valid = rows < seg_end
+        length = tl.minimum(seg_end - start, CHUNK)
+        shift = tl.where(start == seg_begin, first_shift, 1)
+        q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
+        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
+
+        scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
+        if HAS_DECAY:
+            scores = scores * intra_mask
+            q_inter = q * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+        else:
+            scores = tl.where(causal, scores, 0.0)
+            q_inter = q
+        out = _dot(scores, v, DOT_DTYPE, PRECISION) * value_scale
+        out += _dot(q_inter, state, STATE_DOT_DTYPE, STATE_PRECISION)
+        out = out * out_scale
+        if REVERSE:
+            positions = N - 1 - rows
+        else:
+            positions = rows
+        o_offsets = positions[:, None] * stride_on + cols_v[None, :] * stride_od
+        tl.store(o_ptr + o_offsets, out.to(O.dtype.element_ty), mask=row_valid[:, None] & valid_v[None, :])
+
+        if HAS_DECAY:
+            # key weight lam^(length-1-i); rows past the end are zero and get exponent 0
+            key_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
+            k = k * tl.exp2(log2_lam * key_exponent)[:, None]
+            state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
+        state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+
+    if STORE_FINAL:
+        if seg == num_segments - 1:
+            final_ptr = FINAL + b * stride_fb + h * stride_fh
+            tl.store(final_ptr + cols_k[:, None] * stride_fk + cols_v[None, :] * stride_fv, state, mask=tile_mask)

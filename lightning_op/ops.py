@@ -1,0 +1,245 @@
+"""torch.library registration of ``lightning::attn`` and ``lightning::attn_bwd``.
+
+Each op sits with its fake directly beneath it; the autograd glue calls only ops, so compiled
+forward and backward graphs hold two opaque nodes. CUDA tensors run the Triton kernels; CPU
+tensors run the chunked PyTorch form of ``reference.py`` (or, with ``LIGHTNING_OP_BACKEND=triton``
+and ``TRITON_INTERPRET=1``, the same Triton kernels through the interpreter).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._gates import HAS_TRITON, cpu_backend
+
+__all__ = ["attn", "attn_bwd", "validate"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require_equal(actual, expected, message: str) -> None:
+    """``actual == expected`` for sizes that may be symbolic under torch.compile / torch.export."""
+    if isinstance(actual, torch.SymInt) or isinstance(expected, torch.SymInt):
+        torch._check(actual == expected, lambda: message)
+    elif actual != expected:
+        raise ValueError(message)
+
+
+def _check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lightning attn: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"lightning attn: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"lightning attn: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument if the inputs are not an attn call.
+
+    Shape, dtype and device checks only: values (negative decays) are checked by the kernels'
+    callers, which can read them.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lightning attn: q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"lightning attn: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"lightning attn: {name} is on {x.device} but q is on {q.device}")
+    b, h, n, dk = q.shape
+    dv = v.shape[3]
+    for name, x in (("k", k), ("v", v)):
+        for dim, what in ((0, "batch size"), (1, "number of heads"), (2, "sequence length")):
+            _require_equal(
+                x.shape[dim], q.shape[dim],
+                f"lightning attn: {name} has {what} {x.shape[dim]} (dim {dim}) but q has {q.shape[dim]}; "
+                f"q, k: [B, H, N, Dk], v: [B, H, N, Dv]",
+            )
+    _require_equal(k.shape[3], dk, f"lightning attn: k has head dim {k.shape[3]} but q has {dk}")
+    for name, d in (("q and k", dk), ("v", dv)):
+        if isinstance(d, int) and not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            raise ValueError(
+                f"lightning attn: head dim of {name} must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {d}"
+            )
+    if decay is not None:
+        _check_tensor("decay", decay, 1)
+        _require_equal(decay.shape[0], h, f"lightning attn: decay must have shape [H] = [{h}], got {tuple(decay.shape)}")
+        if decay.device != q.device:
+            raise ValueError(f"lightning attn: decay is on {decay.device} but q is on {q.device}")
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4)
+        for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, dk, "Dk"), (3, dv, "Dv")):
+            _require_equal(
+                initial_state.shape[dim], size,
+                f"lightning attn: initial_state must have shape [B, H, Dk, Dv] = [{b}, {h}, {dk}, {dv}], "
+                f"got {tuple(initial_state.shape)} ({what} differs)",
+            )
+        if initial_state.device != q.device:
+            raise ValueError(f"lightning attn: initial_state is on {initial_state.device} but q is on {q.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"lightning attn: scale must be a finite float, got {scale!r}")
+
+
+_checked_decays: dict = {}
+
+
+def _check_decay_values(decay: Optional[Tensor]) -> None:
+    """Decays must be >= 0 (a negative slope grows without bound). Reading them syncs a GPU, so a
+    tensor seen before, unchanged (same storage and version counter), is not read again; nothing
+    is read during CUDA-graph capture."""
+    if decay is None:
+        return
+    key = (decay.data_ptr(), decay._version, decay.device, decay.shape[0])
+    if key in _checked_decays:
+        return
+    if decay.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if not bool((decay >= 0).all()):
+        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
+    if len(_checked_decays) > 1024:
+        _checked_decays.clear()
+    _checked_decays[key] = True
+
+
+def _use_triton(x: Tensor) -> bool:
+    if x.is_cuda:
+        if not HAS_TRITON:
+            raise RuntimeError("lightning attn: CUDA tensors need triton installed")
+        return True
+    return cpu_backend() == "triton"
+
+
+def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@torch.library.custom_op("lightning::attn", mutates_args=())
+def attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal linear attention with per-head decay: returns ``(out [B,H,N,Dv], final_state fp32)``."""
+    validate(q, k, v, decay, scale, initial_state)
+    _check_decay_values(decay)
+    decay, initial_state = _float32(decay), _float32(initial_state)
+    if _use_triton(q):
+        from .kernels import linear_attention
+
+        return linear_attention(q, k, v, decay, out_scale=scale, initial_state=initial_state)
+    out, final = reference.attention_forward_chunked(q, k, v, decay, scale, initial_state)
+    return out, final.to(torch.float32)
+
+
+@attn.register_fake
+def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None):
+    validate(q, k, v, decay, scale, initial_state)
+    b, h, n, dk = q.shape
+    dv = v.shape[3]
+    return q.new_empty(b, h, n, dv), q.new_empty(b, h, dk, dv, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("lightning::attn_bwd", mutates_args=())
+def attn_bwd(
+    grad_out: Tensor,
+    grad_final_state: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv, d_initial_state)`` of ``lightning::attn``.
+
+    ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
+    """
+    decay, initial_state, grad_final_state = _float32(decay), _float32(initial_state), _float32(grad_final_state)
+    if not _use_triton(q):
+        dq, dk, dv, d_init = reference.attention_backward_chunked(
+            grad_out, grad_final_state, q, k, v, decay, scale, initial_state
+        )
+        d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else d_init.to(torch.float32)
+        return dq, dk, dv, d_init
+
+    from .kernels import linear_attention
+
+    grad_final_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
+    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
+    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
+    dk, _ = linear_attention(
+        v, grad_out, q, decay, value_scale=scale, initial_state=grad_final_t,
+        reverse=True, init_shift=0, store_final=False,
+    )
+    dv, ds0 = linear_attention(
+        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state,
+        reverse=True, init_shift=0, store_final=initial_state is not None,
+    )
+    if initial_state is None:
+        d_init = q.new_empty(0, dtype=torch.float32)
+    elif q.shape[2] == 0:
+        d_init = ds0  # no tokens: the final state is the initial state
+    else:
+        lam = torch.ones_like(ds0[0, :, 0, 0]) if decay is None else torch.exp(-decay)
+        d_init = ds0 * lam[:, None, None]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
+
+
+@attn_bwd.register_fake
+def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None):
+    d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
+        initial_state.shape, dtype=torch.float32
+    )
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_init
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, decay, scale, initial_state = inputs
+    if decay is not None and decay.requires_grad:
+        raise ValueError(
+            "lightning attn: decay requires grad, but learnable decay is not supported yet; pass "
+            "decay.detach() (or register it as a buffer) to train with a fixed decay"
+        )
+    ctx.save_for_backward(q, k, v, decay, initial_state)
+    ctx.scale = scale
+    ctx.has_initial_state = initial_state is not None
+
+
+def _backward(ctx, grad_out, grad_final_state):
+    q, k, v, decay, initial_state = ctx.saved_tensors
+    dq, dk, dv, d_init = torch.ops.lightning.attn_bwd(
+        grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
+        q, k, v, decay, ctx.scale, initial_state,
+    )
+    if ctx.has_initial_state:
+        d_init = d_init.to(initial_state.dtype)
+    else:
+        d_init = None
+    return dq, dk, dv, None, None, d_init
+
+
+attn.register_autograd(_backward, setup_context=_setup_context)

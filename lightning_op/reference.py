@@ -1,0 +1,226 @@
+"""The semantics of ``lightning::attn`` in plain PyTorch.
+
+For batch ``b``, head ``h`` and decay slope ``s_h >= 0`` (``lam = exp(-s_h)``)::
+
+    S_t = lam * S_{t-1} + k_t^T v_t        S_{-1} = initial_state (or zeros)
+    o_t = scale * q_t S_t
+
+and the returned final state is ``S_{N-1}``. Three forms of it live here:
+
+- :func:`attention_quadratic`, the masked-attention form ``scale * ((Q K^T) * M) V`` with
+  ``M[t, s] = lam^(t-s) [t >= s]``: the oracle the tests compare against, O(N^2) memory.
+- :func:`attention_recurrent`, the token-by-token recurrence above: a second oracle.
+- :func:`linear_attention_chunked`, the tiled algorithm of Lightning Attention-2 (masked
+  attention inside a chunk, a carried state between chunks) with O(N) memory. It is the CPU
+  implementation of the op, forward and backward, and mirrors the Triton kernels line by line.
+
+The backward reuses the chunked forward: every gradient is itself a causal linear attention,
+running forward or backward in time (see :func:`attention_backward_chunked`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "attention_quadratic",
+    "attention_recurrent",
+    "linear_attention_chunked",
+    "attention_forward_chunked",
+    "attention_backward_chunked",
+    "decay_mask",
+    "slopes",
+]
+
+
+def slopes(num_heads: int, layer_idx: Optional[int] = None, num_layers: Optional[int] = None) -> Tensor:
+    """The standard decay slopes: ALiBi's geometric sequence, as used by Lightning Attention.
+
+    For a power-of-two ``num_heads`` H, head h gets ``(2 ** (-8 / H)) ** (h + 1)``. Other head
+    counts take the slopes of the nearest lower power of two and fill in with every other slope
+    of the next power of two, as ALiBi does. With ``layer_idx`` and ``num_layers`` the slopes are
+    scaled per layer as in TransNormerLLM / MiniMax: ``* (1 - layer_idx / (num_layers - 1) + 1e-5)``
+    (strong decay in the first layer, almost none in the last).
+
+    Returns a float32 tensor of shape ``[num_heads]``.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"slopes: num_heads must be a positive int, got {num_heads!r}")
+    if (layer_idx is None) != (num_layers is None):
+        raise ValueError("slopes: pass both layer_idx and num_layers, or neither")
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    def geometric(n: int) -> list[float]:
+        if math.log2(n).is_integer():
+            return power_of_two(n)
+        lower = 2 ** math.floor(math.log2(n))
+        return power_of_two(lower) + geometric(2 * lower)[0::2][: n - lower]
+
+    result = torch.tensor(geometric(num_heads), dtype=torch.float32)
+    if layer_idx is not None:
+        if not isinstance(num_layers, int) or num_layers < 2:
+            raise ValueError(f"slopes: num_layers must be an int >= 2 for per-layer slopes, got {num_layers!r}")
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
+            raise ValueError(f"slopes: layer_idx must be an int in [0, {num_layers}), got {layer_idx!r}")
+        result = result * (1.0 - layer_idx / (num_layers - 1) + 1e-5)
+    return result
+
+
+def _decay_powers(decay: Optional[Tensor], exponent: Tensor, like: Tensor) -> Tensor:
+    """``lam_h ** exponent`` per head, shape ``[H, *exponent.shape]``; exponents must be >= 0."""
+    if decay is None:
+        return torch.ones((1,) * (exponent.dim() + 1), dtype=like.dtype, device=like.device)
+    return torch.exp(-decay.to(like.dtype).reshape(-1, *([1] * exponent.dim())) * exponent.to(like.dtype))
+
+
+def decay_mask(decay: Optional[Tensor], n: int, *, dtype=torch.float64, device=None) -> Tensor:
+    """``M[h, t, s] = lam_h ** (t - s)`` for ``t >= s``, else 0 (``[1, N, N]`` without decay)."""
+    idx = torch.arange(n, device=device)
+    diff = idx[:, None] - idx[None, :]
+    like = torch.empty(0, dtype=dtype, device=device)
+    return _decay_powers(decay, diff.clamp(min=0), like) * (diff >= 0)
+
+
+def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None):
+    """``o = scale * ((Q K^T) * M) V + scale * lam^(t+1) q_t S_{-1}``, computed in q's dtype.
+
+    Returns ``(out, final_state)``. Memory is O(N^2): an oracle for tests, not for use.
+    """
+    n = q.shape[2]
+    mask = decay_mask(decay, n, dtype=q.dtype, device=q.device)
+    out = scale * (((q @ k.transpose(-1, -2)) * mask) @ v)
+    positions = torch.arange(n, device=q.device)
+    # weight of token s in the final state: lam^(N-1-s)
+    key_weight = _decay_powers(decay, (n - 1 - positions), q)[..., None]
+    final = (k * key_weight).transpose(-1, -2) @ v
+    if initial_state is not None:
+        state = initial_state.to(q.dtype)
+        out = out + scale * (q * _decay_powers(decay, positions + 1, q)[..., None]) @ state
+        final = final + _decay_powers(decay, torch.tensor([n], device=q.device), q)[..., None] * state
+    return out, final
+
+
+def attention_recurrent(q, k, v, decay=None, scale=1.0, initial_state=None):
+    """The recurrence ``S_t = lam S_{t-1} + k_t^T v_t, o_t = scale q_t S_t``, one token at a time."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    state = torch.zeros(b, h, dk, dv, dtype=q.dtype, device=q.device)
+    if initial_state is not None:
+        state = initial_state.to(q.dtype).clone()
+    lam = torch.ones(h, dtype=q.dtype, device=q.device) if decay is None else torch.exp(-decay.to(q.dtype))
+    lam = lam.reshape(1, h, 1, 1)
+    outs = []
+    for t in range(n):
+        state = lam * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(scale * (q[:, :, t, None, :] @ state))
+    out = torch.cat(outs, dim=2) if outs else q.new_empty(b, h, 0, dv)
+    return out, state
+
+
+def linear_attention_chunked(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    decay: Optional[Tensor] = None,
+    *,
+    out_scale: float = 1.0,
+    value_scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    reverse: bool = False,
+    init_shift: int = 1,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """The general causal linear attention that both the op and its gradients are instances of.
+
+    Visiting positions in order ``t = 0 .. N-1`` (or ``N-1 .. 0`` when ``reverse``)::
+
+        S_first = lam^init_shift * initial_state + key^T (value_scale * value)   (first visited)
+        S_t     = lam * S_prev + key_t^T (value_scale * value_t)                  (later ones)
+        out_t   = out_scale * query_t S_t
+
+    ``init_shift = 1`` is the op's convention (the initial state is the state *before* the first
+    token); ``init_shift = 0`` is the gradients' (the state already sits at the first token).
+
+    Tiled as in Lightning Attention-2: within a chunk of ``chunk_size`` positions, masked
+    attention ``((Q K^T) * M) V``; across chunks, the carried state. Every decay factor is a power
+    ``lam^e`` with ``e >= 0``, so strong decays underflow to zero instead of overflowing.
+    Computes in float32 (float64 for float64 inputs); returns ``(out, final_state)`` with out in
+    query's dtype and the final state in the compute dtype.
+    """
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    b, h, n, dk = query.shape
+    dv = value.shape[-1]
+    q, k, v = (x.to(compute) for x in (query, key, value))
+    if reverse:
+        q, k, v = (x.flip(2) for x in (q, k, v))
+    state = torch.zeros(b, h, dk, dv, dtype=compute, device=query.device)
+    if initial_state is not None:
+        state = initial_state.to(compute).clone(memory_format=torch.contiguous_format)
+    out = torch.empty(b, h, n, dv, dtype=compute, device=query.device)
+    zero = torch.zeros((), dtype=compute, device=query.device)
+    for start in range(0, n, chunk_size):
+        length = min(chunk_size, n - start)
+        rows = slice(start, start + length)
+        q_c, k_c, v_c = q[:, :, rows], k[:, :, rows], v[:, :, rows]
+        shift = init_shift if start == 0 else 1
+        idx = torch.arange(length, device=query.device)
+        intra = (q_c @ k_c.transpose(-1, -2)) * decay_mask(decay, length, dtype=compute, device=query.device)
+        o = value_scale * (intra @ v_c)
+        o = o + (q_c * _decay_powers(decay, idx + shift, zero)[..., None]) @ state
+        out[:, :, rows] = out_scale * o
+        key_weight = _decay_powers(decay, length - 1 - idx, zero)[..., None]
+        carried = _decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None]
+        state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
+    if reverse:
+        out = out.flip(2)
+    return out.to(query.dtype), state
+
+
+def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):
+    """The op's forward: ``(out, final_state)`` with a float32 (float64 for float64 input) state."""
+    return linear_attention_chunked(
+        q, k, v, decay, out_scale=scale, initial_state=initial_state, chunk_size=chunk_size
+    )
+
+
+def attention_backward_chunked(
+    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64
+):
+    """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
+
+    With ``dS_t`` the gradient reaching state ``S_t`` (``dS_t = lam dS_{t+1} + scale q_t^T do_t``,
+    ``dS_{N-1}`` also receiving ``grad_final_state``)::
+
+        dq_t = scale * do_t S_t^T      -> forward in time: query do, key v, value k, state S_{-1}^T
+        dk_t = dS_t v_t                -> backward in time: query v, key do, value scale*q, state dS^T
+        dv_t = k_t dS_t                -> backward in time: query k, key q, value scale*do, state dS
+        d S_{-1} = lam * dS_0
+
+    ``d_initial_state`` is None when ``initial_state`` is None.
+    """
+    n = q.shape[2]
+    kw = dict(chunk_size=chunk_size)
+    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
+    gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
+    dq, _ = linear_attention_chunked(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, **kw)
+    dk, _ = linear_attention_chunked(
+        v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0, **kw
+    )
+    dv, ds0 = linear_attention_chunked(
+        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0, **kw
+    )
+    d_init = None
+    if initial_state is not None:
+        if n == 0:
+            d_init = ds0  # no tokens: the final state is the initial state itself
+        else:
+            lam = _decay_powers(decay, torch.tensor([1], device=q.device), ds0)[..., None]
+            d_init = lam * ds0
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
