@@ -1,0 +1,51 @@
+"""Shared helpers: random inputs and error measures against the float64 oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_op import reference
+
+# relative-error bounds ||x - ref|| / ||ref|| per input dtype (fp32 accumulation everywhere)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# on the GPU a float32 dot may run in tf32 for the state products of float16 inputs
+GPU_TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values"
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def make_inputs(b, h, n, dk, dv, dtype, device="cpu", layout="bhnd", seed=0):
+    """q, k, v of the given layout ([B,H,N,D] contiguous, or [B,N,H,D] storage seen as [B,H,N,D])."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(d):
+        if layout == "bnhd":
+            x = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)
+        else:
+            x = torch.randn(b, h, n, d, generator=gen)
+        # moderate magnitudes, as after a normalisation or activation
+        return (x * 0.5).to(dtype=dtype, device=device)
+
+    return one(dk), one(dk), one(dv)
+
+
+def oracle(q, k, v, decay, scale, initial_state, grad_out, grad_final):
+    """Output, final state and the gradients (q, k, v, initial_state) in float64 from the quadratic form."""
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    init = None if initial_state is None else initial_state.detach().double().cpu().requires_grad_()
+    dec = None if decay is None else decay.detach().double().cpu()
+    out, final = reference.attention_quadratic(*leaves, dec, scale, init)
+    loss = (out * grad_out.double().cpu()).sum()
+    if grad_final is not None:
+        loss = loss + (final * grad_final.double().cpu()).sum()
+    inputs = leaves + ([init] if init is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return out, final, grads

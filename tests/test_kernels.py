@@ -1,0 +1,78 @@
+"""The Triton kernels against the float64 chunked reference, through the interpreter on CPU.
+
+These exercise the launch paths the op rarely takes on a CPU: several segments (scan across
+segments), reversed time, the gradients' init convention, strided and transposed states.
+"""
+
+import os
+
+import pytest
+import torch
+
+from lightning_op import reference
+
+from _helpers import TOLERANCE, make_inputs, rel_error
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs the Triton interpreter or a GPU",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(q, k, v, decay, init, *, reverse, init_shift, segment_len, out_scale=0.6, value_scale=1.3):
+    from lightning_op.kernels import linear_attention
+
+    out, final = linear_attention(
+        q, k, v, decay, out_scale=out_scale, value_scale=value_scale, initial_state=init,
+        reverse=reverse, init_shift=init_shift, segment_len=segment_len,
+    )
+    expected = reference.linear_attention_chunked(
+        q.double(), k.double(), v.double(), None if decay is None else decay.double(),
+        out_scale=out_scale, value_scale=value_scale, initial_state=None if init is None else init.double(),
+        reverse=reverse, init_shift=init_shift,
+    )
+    return (out, final), expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reverse, init_shift", [(False, 1), (True, 0)], ids=["forward", "reverse"])
+@pytest.mark.parametrize("segment_len", [None, 64, 128], ids=["one-segment", "seg64", "seg128"])
+def test_segments_and_directions(dtype, reverse, init_shift, segment_len):
+    q, k, v = make_inputs(2, 3, 200, 24, 40, dtype, DEVICE, seed=4)
+    decay = torch.tensor([1e-5, 0.05, 30.0], device=DEVICE)
+    init = torch.randn(2, 3, 24, 40, device=DEVICE)
+    (out, final), (out_ref, final_ref) = _run(q, k, v, decay, init, reverse=reverse, init_shift=init_shift,
+                                             segment_len=segment_len)
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert rel_error(out, out_ref) < TOLERANCE[dtype]
+    assert rel_error(final, final_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("segment_len", [None, 64])
+def test_no_decay_no_init_transposed_state(segment_len):
+    q, k, v = make_inputs(1, 2, 150, 32, 16, torch.float32, DEVICE, layout="bnhd", seed=5)
+    init = torch.randn(1, 2, 16, 32, device=DEVICE).transpose(-1, -2)  # a strided [B, H, 32, 16] view
+    for state in (None, init):
+        (out, final), (out_ref, final_ref) = _run(q, k, v, None, state, reverse=False, init_shift=1,
+                                                 segment_len=segment_len)
+        assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
+        assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dk, dv", [(16, 256), (160, 48), (72, 24)])
+def test_head_dims(dk, dv):
+    q, k, v = make_inputs(1, 2, 70, dk, dv, torch.float32, DEVICE, seed=6)
+    decay = torch.tensor([0.01, 1.0], device=DEVICE)
+    (out, final), (out_ref, final_ref) = _run(q, k, v, decay, None, reverse=False, init_shift=1, segment_len=None)
+    assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
+    assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
+
+
+def test_bad_segment_length():
+    from lightning_op.kernels import linear_attention
+
+    q, k, v = make_inputs(1, 1, 10, 16, 16, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="segment_len"):
+        linear_attention(q, k, v, segment_len=100)

@@ -1,0 +1,227 @@
+"""``torch.ops.lightning.attn``: values, final state and gradients against the float64 oracle,
+through both CPU implementations (chunked PyTorch, interpreted Triton kernels); opcheck;
+validation errors."""
+
+import pytest
+import torch
+
+import lightning_op
+from lightning_op import lightning_attn
+
+from _helpers import TOLERANCE, make_inputs, oracle, rel_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# per-head slopes spanning the range users meet: almost none (1e-5) to vanishing memory (30)
+MIXED_DECAY = torch.tensor([1e-5, 0.05, 1.0, 30.0])
+
+
+def _check_against_oracle(q, k, v, decay, scale, init, *, with_grad_final=True):
+    dtype = q.dtype
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    init_leaf = None if init is None else init.detach().clone().requires_grad_()
+    out, final = lightning_attn(*leaves, decay, scale=scale, initial_state=init_leaf, output_final_state=True)
+    assert out.shape == (*q.shape[:3], v.shape[-1]) and out.dtype == dtype
+    assert final.shape == (q.shape[0], q.shape[1], q.shape[3], v.shape[3]) and final.dtype == torch.float32
+
+    gen = torch.Generator().manual_seed(99)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    grad_final = torch.randn(final.shape, generator=gen) if with_grad_final else None
+    loss = (out.float() * grad_out.float()).sum()
+    if with_grad_final:
+        loss = loss + (final * grad_final).sum()
+    inputs = leaves + ([init_leaf] if init_leaf is not None else [])
+    grads = torch.autograd.grad(loss, inputs)
+
+    out_ref, final_ref, grads_ref = oracle(q, k, v, decay, scale, init, grad_out, grad_final)
+    tol = TOLERANCE[dtype]
+    assert rel_error(out, out_ref) < tol
+    assert rel_error(final, final_ref) < tol
+    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        assert rel_error(g, g_ref) < tol, name
+    if init_leaf is not None:
+        assert grads[3].dtype == init.dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 65, 200])
+@pytest.mark.parametrize("decay", [None, MIXED_DECAY], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("with_init", [False, True], ids=["zero-state", "init-state"])
+def test_matches_oracle(cpu_backend, dtype, n, decay, with_init):
+    q, k, v = make_inputs(2, 4, n, 32, 48, dtype, seed=n)
+    init = torch.randn(2, 4, 32, 48) * 0.3 if with_init else None
+    _check_against_oracle(q, k, v, decay, 0.25, init)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_odd_length(cpu_backend, dtype):
+    q, k, v = make_inputs(1, 4, 513, 16, 24, dtype, seed=7)
+    init = torch.randn(1, 4, 16, 24)
+    _check_against_oracle(q, k, v, MIXED_DECAY, 1.0, init)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_bnhd_views_and_odd_head_dims(cpu_backend, layout):
+    q, k, v = make_inputs(2, 2, 70, 24, 40, torch.float32, layout=layout, seed=8)
+    if layout == "bnhd":
+        assert not q.is_contiguous()
+    _check_against_oracle(q, k, v, torch.tensor([0.1, 2.0]), 0.5, None, with_grad_final=False)
+
+
+def test_only_final_state_used(cpu_backend):
+    q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    _, final = lightning_attn(*leaves, torch.tensor([0.2, 0.0]), output_final_state=True)
+    final.sum().backward()
+    _, _, grads_ref = oracle(q, k, v, torch.tensor([0.2, 0.0]), 1.0, None, torch.zeros(1, 2, 40, 16),
+                             torch.ones(1, 2, 16, 16))
+    for leaf, g_ref in zip(leaves, grads_ref):
+        assert rel_error(leaf.grad, g_ref) < TOLERANCE[torch.float32]
+
+
+def test_empty_sequence(cpu_backend):
+    q, k, v = make_inputs(2, 3, 0, 16, 32, torch.float32)
+    init = torch.randn(2, 3, 16, 32, requires_grad=True)
+    out, final = lightning_attn(q, k, v, torch.ones(3), initial_state=init, output_final_state=True)
+    assert out.shape == (2, 3, 0, 32)
+    torch.testing.assert_close(final, init.detach())
+    assert final.data_ptr() != init.data_ptr()  # a new tensor, never an alias of the input
+    grad = torch.randn(2, 3, 16, 32)
+    (final * grad).sum().backward()
+    torch.testing.assert_close(init.grad, grad)
+    out, final = lightning_attn(q, k, v, output_final_state=True)
+    assert final.abs().sum() == 0
+
+
+def test_two_pieces_equal_one_pass(cpu_backend):
+    q, k, v = make_inputs(2, 4, 150, 32, 32, torch.float32, seed=10)
+    whole, whole_final = lightning_attn(q, k, v, MIXED_DECAY, output_final_state=True)
+    first, state = lightning_attn(q[:, :, :77], k[:, :, :77], v[:, :, :77], MIXED_DECAY, output_final_state=True)
+    second, final = lightning_attn(q[:, :, 77:], k[:, :, 77:], v[:, :, 77:], MIXED_DECAY, initial_state=state,
+                                   output_final_state=True)
+    torch.testing.assert_close(torch.cat([first, second], 2), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, whole_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_sequence_without_decay_stays_finite(cpu_backend, dtype):
+    n = 4096 if cpu_backend == "reference" else 1024
+    q, k, v = (torch.ones(1, 1, n, 16, dtype=dtype) for _ in range(3))
+    out, final = lightning_attn(q, k, v, scale=1.0 / 256, output_final_state=True)
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    # o_t = scale * (t+1) * 16 for all-ones inputs
+    expected = (torch.arange(1, n + 1, dtype=torch.float64) * 16 / 256)[:, None].expand(n, 16)
+    assert rel_error(out[0, 0], expected) < TOLERANCE[dtype]
+
+
+def test_scale_is_applied_to_the_initial_state_term(cpu_backend):
+    q, k, v = make_inputs(1, 1, 5, 16, 16, torch.float32)
+    init = torch.randn(1, 1, 16, 16)
+    out = lightning_attn(q, k * 0, v, initial_state=init, scale=3.0)
+    torch.testing.assert_close(out, 3.0 * q @ init)
+
+
+def test_opcheck(cpu_backend):
+    q, k, v = make_inputs(1, 2, 33, 16, 32, torch.float32)
+    decay = torch.tensor([0.5, 0.01])
+    init = torch.randn(1, 2, 16, 32)
+    variants = [
+        (q, k, v, None, 1.0, None),
+        (q, k, v, decay, 0.3, None),
+        (q, k, v, None, 1.0, init),
+        (q, k, v.transpose(1, 2).contiguous().transpose(1, 2), decay, 0.3, init),
+    ]
+    for args in variants:
+        grad_args = tuple(
+            x.clone().requires_grad_() if isinstance(x, torch.Tensor) and i in (0, 1, 2, 5) else x
+            for i, x in enumerate(args)
+        )
+        for sample in (args, grad_args):
+            torch.library.opcheck(torch.ops.lightning.attn.default, sample)
+    grad_out = torch.randn(1, 2, 33, 32)
+    for bwd_args in (
+        (grad_out, None, q, k, v, None, 1.0, None),
+        (grad_out, torch.randn(1, 2, 16, 32), q, k, v, decay, 0.5, init),
+    ):
+        torch.library.opcheck(torch.ops.lightning.attn_bwd.default, bwd_args)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good():
+    q, k, v = make_inputs(2, 3, 10, 16, 32, torch.float32)
+    return dict(q=q, k=k, v=v, decay=torch.ones(3), initial_state=torch.zeros(2, 3, 16, 32))
+
+
+BAD_INPUTS = [
+    (dict(k=torch.randn(2, 3, 11, 16)), ValueError, r"k has sequence length 11"),
+    (dict(v=torch.randn(2, 4, 10, 32)), ValueError, r"v has number of heads 4"),
+    (dict(k=torch.randn(1, 3, 10, 16)), ValueError, r"k has batch size 1"),
+    (dict(k=torch.randn(2, 3, 10, 32)), ValueError, r"k has head dim 32 but q has 16"),
+    (dict(q=torch.randn(2, 3, 10, 8), k=torch.randn(2, 3, 10, 8)), ValueError, r"head dim of q and k must be between 16 and 256, got 8"),
+    (dict(v=torch.randn(2, 3, 10, 300)), ValueError, r"head dim of v must be between 16 and 256, got 300"),
+    (dict(q=torch.randn(2, 3, 10)), ValueError, r"q must have 4 dimensions"),
+    (dict(k=torch.randn(2, 3, 10, 16, dtype=torch.float64)), TypeError, r"k must have q's dtype"),
+    (dict(q=torch.randn(2, 3, 10, 16).half()), TypeError, r"k must have q's dtype torch.float16"),
+    (dict(q=torch.ones(2, 3, 10, 16, dtype=torch.int64)), TypeError, r"q must be a floating-point tensor"),
+    (dict(q=torch.randn(2, 3, 10, 16, dtype=torch.float64), k=torch.randn(2, 3, 10, 16, dtype=torch.float64),
+          v=torch.randn(2, 3, 10, 32, dtype=torch.float64)), TypeError, r"q must be float16, bfloat16 or float32"),
+    (dict(v=[[1.0]]), TypeError, r"v must be a torch.Tensor"),
+    (dict(decay=torch.ones(4)), ValueError, r"decay must have shape \[H\] = \[3\]"),
+    (dict(decay=torch.ones(3, 1)), ValueError, r"decay must have 1 dimensions"),
+    (dict(decay=torch.tensor([0.1, -0.2, 0.3])), ValueError, r"decay must hold slopes >= 0"),
+    (dict(decay=torch.tensor([0.1, float("nan"), 0.3])), ValueError, r"decay must hold slopes >= 0"),
+    (dict(decay=torch.ones(3, dtype=torch.int32)), TypeError, r"decay must be a floating-point tensor"),
+    (dict(initial_state=torch.zeros(2, 3, 32, 16)), ValueError, r"initial_state must have shape \[B, H, Dk, Dv\] = \[2, 3, 16, 32\]"),
+    (dict(initial_state=torch.zeros(2, 3, 16)), ValueError, r"initial_state must have 4 dimensions"),
+    (dict(initial_state=torch.zeros(2, 3, 16, 32, dtype=torch.int32)), TypeError, r"initial_state must be a floating-point"),
+    (dict(k=torch.randn(2, 3, 10, 16, device="meta")), ValueError, r"k is on meta but q is on cpu"),
+]
+
+
+@pytest.mark.parametrize("override, error, message", BAD_INPUTS)
+def test_bad_input_names_the_argument(override, error, message):
+    args = {**_good(), **override}
+    with pytest.raises(error, match=message):
+        lightning_attn(args["q"], args["k"], args["v"], args["decay"], initial_state=args["initial_state"])
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), "1.0", None])
+def test_bad_scale(scale):
+    args = _good()
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        lightning_attn(args["q"], args["k"], args["v"], scale=scale)
+
+
+def test_learnable_decay_is_refused_not_silently_zero():
+    args = _good()
+    decay = torch.nn.Parameter(torch.ones(3))
+    q = args["q"].requires_grad_()
+    with pytest.raises(ValueError, match="decay requires grad"):
+        lightning_attn(q, args["k"], args["v"], decay)
+    with torch.no_grad():  # inference with a parameter as decay is fine
+        lightning_attn(q, args["k"], args["v"], decay)
+    lightning_attn(q, args["k"], args["v"], decay.detach()).sum().backward()
+    assert q.grad is not None
+
+
+def test_decay_check_sees_in_place_changes():
+    args = _good()
+    decay = torch.ones(3)
+    lightning_attn(args["q"], args["k"], args["v"], decay)
+    decay[1] = -1.0  # same storage, new version: checked again
+    with pytest.raises(ValueError, match="slopes >= 0"):
+        lightning_attn(args["q"], args["k"], args["v"], decay)
+
+
+def test_backend_variable_is_checked(monkeypatch):
+    args = _good()
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LIGHTNING_OP_BACKEND must be"):
+        lightning_attn(args["q"], args["k"], args["v"])
+
+
+def test_public_api():
+    assert set(lightning_op.__all__) >= {"lightning_attn", "slopes"}
+    assert hasattr(torch.ops.lightning, "attn") and hasattr(torch.ops.lightning, "attn_bwd")

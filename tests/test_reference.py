@@ -1,0 +1,115 @@
+"""The three forms of the semantics agree with each other, and the chunked backward with autograd."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_op import reference, slopes
+
+
+def _inputs(b, h, n, dk, dv, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, n, dk, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=gen, dtype=torch.float64)
+    init = torch.randn(b, h, dk, dv, generator=gen, dtype=torch.float64)
+    return q, k, v, init
+
+
+DECAYS = [None, torch.tensor([1e-5, 0.3, 30.0], dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 33, 100])
+@pytest.mark.parametrize("decay", DECAYS, ids=["no-decay", "decay"])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_forms_agree(n, decay, with_init):
+    q, k, v, init = _inputs(2, 3, n, 8, 12)
+    init = init if with_init else None
+    expected = reference.attention_recurrent(q, k, v, decay, 0.7, init)
+    for actual in (
+        reference.attention_quadratic(q, k, v, decay, 0.7, init),
+        reference.attention_forward_chunked(q, k, v, decay, 0.7, init, chunk_size=16),
+    ):
+        torch.testing.assert_close(actual[0], expected[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(actual[1], expected[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 50])
+@pytest.mark.parametrize("decay", DECAYS, ids=["no-decay", "decay"])
+@pytest.mark.parametrize("with_init", [False, True])
+@pytest.mark.parametrize("with_grad_final", [False, True])
+def test_chunked_backward_matches_autograd(n, decay, with_init, with_grad_final):
+    q, k, v, init = _inputs(2, 3, n, 8, 12, seed=1)
+    init = init if with_init else None
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([init.clone().requires_grad_()] if with_init else [])
+    out, final = reference.attention_quadratic(*leaves[:3], decay, 0.7, leaves[3] if with_init else None)
+    grad_out = torch.randn_like(out)
+    grad_final = torch.randn_like(final) if with_grad_final else None
+    loss = (out * grad_out).sum() + ((final * grad_final).sum() if with_grad_final else 0)
+    expected = torch.autograd.grad(loss, leaves, allow_unused=True)
+    actual = reference.attention_backward_chunked(grad_out, grad_final, q, k, v, decay, 0.7, init, chunk_size=16)
+    for a, e in zip(actual, expected):
+        if e is None:  # n == 0 and no path from the input to the loss
+            assert a is None or a.abs().sum() == 0
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    if not with_init:
+        assert actual[3] is None
+
+
+def test_two_pieces_equal_one_pass():
+    q, k, v, init = _inputs(1, 3, 90, 8, 8, seed=2)
+    decay = DECAYS[1]
+    whole, whole_final = reference.attention_recurrent(q, k, v, decay, 1.0, init)
+    first, mid = reference.attention_recurrent(q[:, :, :37], k[:, :, :37], v[:, :, :37], decay, 1.0, init)
+    second, final = reference.attention_forward_chunked(q[:, :, 37:], k[:, :, 37:], v[:, :, 37:], decay, 1.0, mid)
+    torch.testing.assert_close(torch.cat([first, second], 2), whole)
+    torch.testing.assert_close(final, whole_final)
+
+
+def test_strong_decay_stays_finite():
+    q, k, v, init = _inputs(1, 1, 300, 8, 8, seed=3)
+    decay = torch.tensor([500.0], dtype=torch.float64)
+    out, final = reference.attention_forward_chunked(q, k, v, decay, 1.0, init)
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    # lam ~ 0: each token sees only itself
+    torch.testing.assert_close(out, (q * k).sum(-1, keepdim=True) * v)
+
+
+def test_slopes_power_of_two():
+    s = slopes(8)
+    expected = torch.tensor([(2 ** (-8 / 8)) ** (h + 1) for h in range(8)])
+    torch.testing.assert_close(s, expected)
+    assert s.dtype == torch.float32 and s.shape == (8,)
+    assert slopes(16)[0].item() == pytest.approx(2 ** (-0.5))
+
+
+def test_slopes_other_head_counts_follow_alibi():
+    s = slopes(12)
+    # 8 slopes of the 8-head sequence, then every other slope of the 16-head sequence
+    expected = torch.cat([slopes(8), slopes(16)[0::2][:4]])
+    torch.testing.assert_close(s, expected)
+    assert (s > 0).all() and len(set(s.tolist())) == 12
+
+
+def test_slopes_per_layer():
+    base = slopes(4)
+    torch.testing.assert_close(slopes(4, 0, 5), base * (1 + 1e-5))
+    torch.testing.assert_close(slopes(4, 4, 5), base * 1e-5)
+    torch.testing.assert_close(slopes(4, 2, 5), base * (0.5 + 1e-5))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [((0,), "num_heads"), ((4, 1, None), "both"), ((4, 5, 5), "layer_idx"), ((4, 0, 1), "num_layers")],
+)
+def test_slopes_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        slopes(*args)
+
+
+def test_decay_mask_values():
+    decay = torch.tensor([math.log(2.0)], dtype=torch.float64)
+    m = reference.decay_mask(decay, 3)
+    expected = torch.tensor([[1.0, 0, 0], [0.5, 1, 0], [0.25, 0.5, 1]], dtype=torch.float64)
+    torch.testing.assert_close(m[0], expected)
