@@ -9,7 +9,7 @@ and ``TRITON_INTERPRET=1``, the same Triton kernels through the interpreter).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -26,12 +26,15 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 # ----------------------------------------------------------------------------- validation
 
 
-def _require_equal(actual, expected, message: str) -> None:
-    """``actual == expected`` for sizes that may be symbolic under torch.compile / torch.export."""
+def _require_equal(actual, expected, message: Callable[[], str]) -> None:
+    """``actual == expected`` for sizes that may be symbolic under torch.compile / torch.export.
+
+    The message is built only on failure: formatting a symbolic size would specialise it.
+    """
     if isinstance(actual, torch.SymInt) or isinstance(expected, torch.SymInt):
-        torch._check(actual == expected, lambda: message)
+        torch._check(actual == expected, message)
     elif actual != expected:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_tensor(name: str, x, ndim: int) -> None:
@@ -64,10 +67,10 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
         for dim, what in ((0, "batch size"), (1, "number of heads"), (2, "sequence length")):
             _require_equal(
                 x.shape[dim], q.shape[dim],
-                f"lightning attn: {name} has {what} {x.shape[dim]} (dim {dim}) but q has {q.shape[dim]}; "
+                lambda: f"lightning attn: {name} has {what} {x.shape[dim]} (dim {dim}) but q has {q.shape[dim]}; "
                 f"q, k: [B, H, N, Dk], v: [B, H, N, Dv]",
             )
-    _require_equal(k.shape[3], dk, f"lightning attn: k has head dim {k.shape[3]} but q has {dk}")
+    _require_equal(k.shape[3], dk, lambda: f"lightning attn: k has head dim {k.shape[3]} but q has {dk}")
     for name, d in (("q and k", dk), ("v", dv)):
         if isinstance(d, int) and not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
             raise ValueError(
@@ -75,7 +78,7 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
             )
     if decay is not None:
         _check_tensor("decay", decay, 1)
-        _require_equal(decay.shape[0], h, f"lightning attn: decay must have shape [H] = [{h}], got {tuple(decay.shape)}")
+        _require_equal(decay.shape[0], h, lambda: f"lightning attn: decay must have shape [H] = [{h}], got {tuple(decay.shape)}")
         if decay.device != q.device:
             raise ValueError(f"lightning attn: decay is on {decay.device} but q is on {q.device}")
     if initial_state is not None:
@@ -83,7 +86,7 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
         for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, dk, "Dk"), (3, dv, "Dv")):
             _require_equal(
                 initial_state.shape[dim], size,
-                f"lightning attn: initial_state must have shape [B, H, Dk, Dv] = [{b}, {h}, {dk}, {dv}], "
+                lambda: f"lightning attn: initial_state must have shape [B, H, Dk, Dv] = [{b}, {h}, {dk}, {dv}], "
                 f"got {tuple(initial_state.shape)} ({what} differs)",
             )
         if initial_state.device != q.device:

@@ -1,0 +1,716 @@
+"""Time lightning_op against its peers, forward and forward+backward, in one process.
+
+Implementations (``--impls``):
+  ours             lightning_op.lightning_attn on contiguous [B, H, N, D] inputs
+  ours_bnhd        the same op on [B, N, H, D] tensors passed as ``x.transpose(1, 2)``
+  fla              fla-core ``chunk_simple_gla`` (g_gamma = -decay), native [B, N, H, D]
+  lightning_attn2  lightning-attn ``lightning_attn2`` ([B, H, N, D], s = decay as [H, 1, 1])
+  sdpa_flash       causal softmax attention, PyTorch SDPA restricted to the flash backend
+  naive            the quadratic form ((q @ k^T) * M) @ v with M[h, i, j] = exp(-decay[h] (i - j)),
+                   i >= j; skipped where the B*H*N*N scores would pass --naive-max-gib
+
+Peers whose import fails are recorded as unavailable; a case that raises (out of memory, an
+unsupported head dim) is recorded with its error and the run goes on.
+
+  python3 benchmarks/bench.py                          # presets main, d64, d256, long on CUDA
+  python3 benchmarks/bench.py --quick                  # main shape at N = 8K, ours and fla
+  python benchmarks/bench.py --smoke --out /tmp/smoke  # tiny fp32 shapes on CPU (checks the runner)
+
+Writes results.csv, results.json and PNG plots under --out, and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import lightning_op
+
+GIB = 2**30
+IMPLS = ("ours", "ours_bnhd", "fla", "lightning_attn2", "sdpa_flash", "naive")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclass
+class Shape:
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    presets: list[str] = field(default_factory=list)
+    # Shapes of one N sweep (same H and D) share the tokens/s and memory plots.
+    sweep: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def label(self) -> str:
+        return f"B{self.batch} N{_short(self.seq_len)} H{self.heads} D{self.head_dim}"
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def preset_shapes(name: str) -> list[Shape]:
+    if name == "main":
+        # 64K tokens per step at every N; N = 128K cannot be split, so it runs 128K tokens (B = 1).
+        return [Shape(max(1, 65536 // n), n, 16, 128, sweep=True) for n in (2**i * 1024 for i in range(8))]
+    if name == "d64":
+        return [Shape(8, 8192, 16, 64)]
+    if name == "d256":
+        # 64K tokens as in main; q, k, v, o take 512 MiB each in bf16.
+        return [Shape(8, 8192, 16, 256)]
+    if name == "long":
+        return [Shape(1, n, 16, 128, sweep=True) for n in (65536, 131072)]
+    if name == "quick":
+        return [Shape(8, 8192, 16, 128, sweep=True)]
+    if name == "smoke":
+        return [Shape(1, n, 2, 32, sweep=True) for n in (128, 256)]
+    raise ValueError(f"unknown preset {name!r}; choose from main, d64, d256, long, quick, smoke")
+
+
+def select_shapes(presets: list[str]) -> list[Shape]:
+    """Shapes of the presets in order; a shape in several presets runs once, tagged with all."""
+    by_key: dict[tuple, Shape] = {}
+    for preset in presets:
+        for shape in preset_shapes(preset):
+            key = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
+            kept = by_key.setdefault(key, shape)
+            kept.presets.append(preset)
+            kept.sweep = kept.sweep or shape.sweep
+    return list(by_key.values())
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+@dataclass
+class Inputs:
+    """One set of values in both layouts, as separate leaves so each layout gets its own grads."""
+
+    bhnd: tuple[Tensor, Tensor, Tensor]  # contiguous [B, H, N, D]
+    bnhd: tuple[Tensor, Tensor, Tensor]  # contiguous [B, N, H, D]
+    decay: Tensor  # float32 [H]
+    scale: float
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, scale: float, seed: int) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    size = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
+    bnhd = tuple(torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    bhnd = tuple(x.transpose(1, 2).contiguous().requires_grad_() for x in bnhd)
+    for x in bnhd:
+        x.requires_grad_()
+    decay = lightning_op.slopes(shape.heads).to(device)
+    return Inputs(bhnd, bnhd, decay, scale)
+
+
+def _load_ours():
+    return lightning_op.lightning_attn
+
+
+def _load_fla():
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla
+
+
+def _load_lightning_attn2():
+    from lightning_attn.ops import lightning_attn2
+
+    return lightning_attn2
+
+
+def _load_sdpa():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return sdpa_flash
+
+
+def _load_naive():
+    return _naive
+
+
+def _naive(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    out = ((q @ k.transpose(-2, -1)) * mask) @ v
+    return out if scale == 1.0 else out * scale
+
+
+def naive_mask(decay: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
+    """M[h, i, j] = exp(-decay[h] * (i - j)) for i >= j, else 0: the decay a key j carries to query i."""
+    pos = torch.arange(seq_len, device=decay.device, dtype=torch.float32)
+    distance = pos[:, None] - pos[None, :]
+    mask = torch.exp(-decay[:, None, None] * distance.clamp(min=0))
+    return mask.masked_fill_(distance < 0, 0.0).to(dtype)
+
+
+@dataclass
+class Impl:
+    name: str
+    load: Callable[[], Callable]
+    # Computes lightning attention (so its output is compared with ours); sdpa_flash is softmax.
+    same_function: bool
+    # Python package whose version goes into the metadata.
+    package: Optional[str] = None
+
+
+IMPL_SPECS = {
+    "ours": Impl("ours", _load_ours, True, "lightning_op"),
+    "ours_bnhd": Impl("ours_bnhd", _load_ours, True, "lightning_op"),
+    "fla": Impl("fla", _load_fla, True, "fla-core"),
+    "lightning_attn2": Impl("lightning_attn2", _load_lightning_attn2, True, "lightning-attn"),
+    "sdpa_flash": Impl("sdpa_flash", _load_sdpa, False),
+    "naive": Impl("naive", _load_naive, True),
+}
+
+
+def build_case(name: str, fn: Callable, x: Inputs, args) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    """A zero-argument forward returning the output as a [B, H, N, Dv] tensor (a view where the
+    implementation's layout is [B, N, H, D]), and the leaves whose grads backward fills.
+
+    Raises ``SkipCase`` where the implementation does not apply to this shape.
+    """
+    q, k, v = x.bhnd
+    qn, kn, vn = x.bnhd
+    if name == "ours":
+        return (lambda: fn(q, k, v, x.decay, scale=x.scale)), list(x.bhnd)
+    if name == "ours_bnhd":
+        qt, kt, vt = qn.transpose(1, 2), kn.transpose(1, 2), vn.transpose(1, 2)
+        return (lambda: fn(qt, kt, vt, x.decay, scale=x.scale)), list(x.bnhd)
+    if name == "fla":
+        g_gamma = -x.decay  # fla takes the log of the per-step decay lam = exp(-decay)
+        return (lambda: fn(qn, kn, vn, g_gamma=g_gamma, scale=x.scale)[0].transpose(1, 2)), list(x.bnhd)
+    if name == "lightning_attn2":
+        if x.scale != 1.0:
+            raise SkipCase("lightning_attn2 has no scale argument")
+        s = x.decay.view(-1, 1, 1).contiguous()
+        return (lambda: fn(q, k, v, s)), list(x.bhnd)
+    if name == "sdpa_flash":
+        return (lambda: fn(q, k, v)), list(x.bhnd)
+    if name == "naive":
+        b, h, n, _ = q.shape
+        needed = b * h * n * n * q.element_size()  # the scores q @ k^T
+        if needed > args.naive_max_gib * GIB:
+            raise SkipCase(f"scores need {needed / GIB:.0f} GiB > --naive-max-gib {args.naive_max_gib:g}")
+        mask = naive_mask(x.decay, n, q.dtype)
+        return (lambda: fn(q, k, v, mask, x.scale)), list(x.bhnd)
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+class SkipCase(Exception):
+    """The implementation does not apply to this shape (not a failure)."""
+
+
+def load_impls(names: list[str]) -> tuple[dict[str, Callable], dict[str, str], dict[str, str]]:
+    """(loaded functions, unavailable name -> reason, package versions)."""
+    loaded, unavailable, versions = {}, {}, {}
+    for name in names:
+        spec = IMPL_SPECS[name]
+        try:
+            loaded[name] = spec.load()
+        except Exception as exc:  # a peer that is not installed, or fails to import here
+            unavailable[name] = _one_line(exc)
+            continue
+        if spec.package:
+            versions[spec.package] = _package_version(spec.package)
+    return loaded, unavailable, versions
+
+
+def _package_version(package: str) -> str:
+    if package == "lightning_op":
+        return lightning_op.__version__
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+
+class Timer:
+    """Median milliseconds of ``fn()``: triton's do_bench on CUDA (CUDA events, L2 flushed
+    between runs), CUDA events where that do_bench lacks ``return_mode``, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device, warmup_ms: float, rep_ms: float):
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+        self.do_bench = None
+        if device.type == "cuda":
+            try:
+                from triton.testing import do_bench
+
+                if "return_mode" in inspect.signature(do_bench).parameters:
+                    self.do_bench = do_bench
+            except ImportError:
+                pass
+        self.method = {
+            "cpu": "time.perf_counter median",
+            "cuda": "triton.testing.do_bench median" if self.do_bench else "CUDA events median",
+        }[device.type]
+
+    def __call__(self, fn: Callable, grad_to_none: Optional[list[Tensor]] = None) -> float:
+        if self.do_bench is not None:
+            return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                       grad_to_none=grad_to_none, return_mode="median"))
+        if self.device.type == "cuda":
+            return self._cuda_events(fn, grad_to_none)
+        return self._perf_counter(fn, grad_to_none)
+
+    def _repeats(self, estimate_ms: float, budget_ms: float, least: int) -> int:
+        return max(least, int(budget_ms / max(estimate_ms, 1e-3)))
+
+    def _cuda_events(self, fn, grad_to_none) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = start.elapsed_time(end) / 3
+        for _ in range(self._repeats(estimate_ms, self.warmup_ms, 1)):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self._repeats(estimate_ms, self.rep_ms, 3))]
+        for start, end in events:
+            _clear_grads(grad_to_none)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median([start.elapsed_time(end) for start, end in events])
+
+    def _perf_counter(self, fn, grad_to_none) -> float:
+        begin = time.perf_counter()
+        fn()
+        estimate_ms = (time.perf_counter() - begin) * 1e3
+        times = []
+        for _ in range(self._repeats(estimate_ms, self.rep_ms, 3)):
+            _clear_grads(grad_to_none)
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+
+
+def _clear_grads(tensors: Optional[list[Tensor]]) -> None:
+    for x in tensors or ():
+        x.grad = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_extra_gib(fn: Callable, device: torch.device) -> float:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before (GiB).
+    Includes what ``fn`` leaves allocated (outputs, grads). NaN off CUDA."""
+    if device.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / GIB
+
+
+def copy_bandwidth(timer: Timer, device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    ref = ref.float()
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:240]
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.done, self.begin = total, 0, time.perf_counter()
+
+    def line(self, impl: str, mode: str, shape: Shape, result: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.begin
+        print(f"[{self.done:>3}/{self.total}] {impl:<15} {mode:<7} {shape.label:<20} {result}  "
+              f"({elapsed:.0f} s)", flush=True)
+
+
+def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, device, dtype,
+              copy_bytes_per_s: float, progress: Progress) -> list[dict]:
+    x = make_inputs(shape, dtype, device, args.scale, args.seed)
+    with torch.no_grad():
+        try:
+            reference = lightning_op.lightning_attn(*x.bhnd, x.decay, scale=x.scale)
+        except Exception as exc:
+            reference = None
+            print(f"  ours failed on {shape.label}, no error comparison: {_one_line(exc)}", flush=True)
+    element_bytes = x.bhnd[0].element_size()
+    # Forward traffic at its minimum: read q, k, v once and write o once.
+    fwd_bytes = 4 * shape.tokens * shape.heads * shape.head_dim * element_bytes
+    rows = []
+    for name, fn in impls.items():
+        row = {
+            "shape": shape.label, "presets": "+".join(shape.presets), "sweep": shape.sweep,
+            "B": shape.batch, "N": shape.seq_len, "H": shape.heads, "D": shape.head_dim,
+            "tokens": shape.tokens, "dtype": str(dtype).removeprefix("torch."), "impl": name,
+            "fwd_ms": math.nan, "fwdbwd_ms": math.nan, "fwd_tokens_per_s": math.nan,
+            "fwdbwd_tokens_per_s": math.nan, "fwd_mem_gib": math.nan, "fwdbwd_mem_gib": math.nan,
+            "fwd_bytes": fwd_bytes, "fwd_bytes_per_s": math.nan, "fwd_copy_fraction": math.nan,
+            "rel_err_vs_ours": math.nan, "fwd_error": "", "fwdbwd_error": "",
+        }
+        rows.append(row)
+        try:
+            forward, leaves = build_case(name, fn, x, args)
+        except Exception as exc:  # SkipCase, or the setup itself failed (the naive mask may not fit)
+            row["fwd_error"] = row["fwdbwd_error"] = (
+                f"skipped: {exc}" if isinstance(exc, SkipCase) else _one_line(exc))
+            progress.line(name, "fwd", shape, row["fwd_error"])
+            progress.line(name, "fwd+bwd", shape, row["fwd_error"])
+            _free(device)
+            continue
+        out = None
+        try:
+            with torch.no_grad():
+                out = forward()
+                if reference is not None and IMPL_SPECS[name].same_function and name != "ours":
+                    row["rel_err_vs_ours"] = relative_error(out, reference)
+                ms = timer(forward)
+                row["fwd_mem_gib"] = peak_extra_gib(forward, device)
+            row["fwd_ms"] = ms
+            row["fwd_tokens_per_s"] = shape.tokens / (ms * 1e-3)
+            row["fwd_bytes_per_s"] = fwd_bytes / (ms * 1e-3)
+            row["fwd_copy_fraction"] = row["fwd_bytes_per_s"] / copy_bytes_per_s
+            err = "" if math.isnan(row["rel_err_vs_ours"]) else f"  rel_err_vs_ours={row['rel_err_vs_ours']:.1e}"
+            progress.line(name, "fwd", shape, f"{ms:9.3f} ms{err}")
+        except Exception as exc:
+            row["fwd_error"] = _one_line(exc)
+            progress.line(name, "fwd", shape, row["fwd_error"])
+        try:
+            if out is None:
+                with torch.no_grad():
+                    out = forward()
+            grad = torch.randn_like(out)  # same strides as the output, as autograd would hand it
+            out = None
+
+            def step():
+                forward().backward(grad)
+
+            ms = timer(step, grad_to_none=leaves)
+            _clear_grads(leaves)
+            row["fwdbwd_mem_gib"] = peak_extra_gib(step, device)
+            row["fwdbwd_ms"] = ms
+            row["fwdbwd_tokens_per_s"] = shape.tokens / (ms * 1e-3)
+            mem = row["fwdbwd_mem_gib"]
+            mem_note = f"  mem={mem:.2f} GiB" if math.isfinite(mem) else ""
+            progress.line(name, "fwd+bwd", shape, f"{ms:9.3f} ms{mem_note}")
+        except Exception as exc:
+            row["fwdbwd_error"] = _one_line(exc)
+            progress.line(name, "fwd+bwd", shape, row["fwdbwd_error"])
+        finally:
+            out = grad = forward = step = None
+            _clear_grads(leaves)
+            _free(device)
+    del x, reference
+    _free(device)
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "packages": versions,
+        "unavailable": unavailable,
+        "dtype": str(dtype).removeprefix("torch."),
+        "scale": args.scale,
+        "decay": "lightning_op.slopes(H)",
+        "timing": timer.method,
+        "warmup_ms": args.warmup_ms,
+        "rep_ms": args.rep_ms,
+        "copy_bytes": copy_bytes,
+        "copy_bytes_per_s": copy_bytes_per_s,
+        "notes": [
+            "ms are medians; tokens_per_s = B*N / time",
+            "mem_gib: peak allocated above inputs and grad tensor, includes outputs and grads",
+            "fwd_bytes = bytes of q, k, v read + o written; fwd_copy_fraction = achieved / copy bandwidth",
+            "rel_err_vs_ours = ||out - ours|| / ||ours|| over the forward output",
+        ],
+    }
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except Exception:  # no git, or not a checkout (the device machine gets a copy of the tree)
+        return None
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_results(rows: list[dict], meta: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["impl"])
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = os.path.join(out_dir, "results.json")
+    with open(json_path, "w") as f:
+        json.dump({"metadata": {k: _json_safe(v) for k, v in meta.items()},
+                   "results": [{k: _json_safe(v) for k, v in row.items()} for row in rows]}, f, indent=1)
+    return [csv_path, json_path]
+
+
+def write_plots(rows: list[dict], meta: dict, out_dir: str, impl_order: list[str]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"plots skipped: {_one_line(exc)}", flush=True)
+        return []
+    sweep = [r for r in rows if r["sweep"]]
+    if not sweep:
+        return []
+    tokens_by_n = {r["N"]: r["tokens"] for r in sweep}
+    usual_tokens = statistics.mode(tokens_by_n.values())
+    exceptions = ", ".join(f"{t} at N={_short(n)}" for n, t in sorted(tokens_by_n.items()) if t != usual_tokens)
+    subtitle = (f"{meta['device']}, {meta['dtype']}, H={sweep[0]['H']}, D={sweep[0]['D']}, "
+                f"B*N = {usual_tokens} tokens" + (f" ({exceptions})" if exceptions else ""))
+    plots = (
+        ("fwd_tokens_per_s", "tokens / s, forward", "tokens_per_s_fwd.png"),
+        ("fwdbwd_tokens_per_s", "tokens / s, forward + backward", "tokens_per_s_fwdbwd.png"),
+        ("fwdbwd_mem_gib", "extra peak memory, forward + backward (GiB)", "memory_fwdbwd.png"),
+    )
+    paths = []
+    for key, ylabel, filename in plots:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        drawn = False
+        for impl in impl_order:
+            points = sorted((r["N"], r[key]) for r in sweep if r["impl"] == impl and math.isfinite(r[key]))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=impl)
+                drawn = True
+        if drawn:
+            ns = sorted(tokens_by_n)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [_short(n) for n in ns])
+            ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(subtitle, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data (memory is measured on CUDA only)", ha="center", transform=ax.transAxes)
+        fig.tight_layout()
+        path = os.path.join(out_dir, filename)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _cell_ms(row: dict, key: str, error_key: str) -> str:
+    if math.isfinite(row[key]):
+        return f"{row[key]:.3f}"
+    error = row[error_key]
+    if not error:
+        return "-"
+    if error.startswith("skipped"):
+        return "skip"
+    return "OOM" if "out of memory" in error.lower() else "err"
+
+
+def _ratio(row: dict, ours: Optional[dict], key: str) -> str:
+    if ours is None or not (math.isfinite(row[key]) and math.isfinite(ours[key])):
+        return "-"
+    return f"{row[key] / ours[key]:.2f}"
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    """The compact summary, printed last so it lands in a short output tail."""
+    print()
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} | "
+          f"{meta['timing']} | copy {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+    if meta["unavailable"]:
+        for name, reason in meta["unavailable"].items():
+            print(f"unavailable: {name}: {reason}")
+    print("x ours = time / ours' time (>1: slower than ours); mem = extra peak GiB fwd+bwd; "
+          "bw = fwd (q,k,v,o bytes)/time as % of copy; err = rel. error of output vs ours")
+    header = (f"{'shape':<20} {'impl':<15} {'fwd ms':>9} {'x ours':>6} {'f+b ms':>9} {'x ours':>6} "
+              f"{'mem':>6} {'bw%':>5} {'err':>7}")
+    print(header)
+    print("-" * len(header))
+    ours_by_shape = {r["shape"]: r for r in rows if r["impl"] == "ours"}
+    shown_errors = {}
+    for r in rows:
+        ours = ours_by_shape.get(r["shape"])
+        mem = f"{r['fwdbwd_mem_gib']:.2f}" if math.isfinite(r["fwdbwd_mem_gib"]) else "-"
+        bw = f"{100 * r['fwd_copy_fraction']:.0f}" if math.isfinite(r["fwd_copy_fraction"]) else "-"
+        err = f"{r['rel_err_vs_ours']:.0e}" if math.isfinite(r["rel_err_vs_ours"]) and r["impl"] != "ours" else ""
+        print(f"{r['shape']:<20} {r['impl']:<15} {_cell_ms(r, 'fwd_ms', 'fwd_error'):>9} "
+              f"{_ratio(r, ours, 'fwd_ms'):>6} {_cell_ms(r, 'fwdbwd_ms', 'fwdbwd_error'):>9} "
+              f"{_ratio(r, ours, 'fwdbwd_ms'):>6} {mem:>6} {bw:>5} {err:>7}")
+        for key in ("fwd_error", "fwdbwd_error"):
+            if r[key] and not r[key].startswith("skipped"):
+                shown_errors.setdefault((r["impl"], r[key][:100]), r["shape"])
+    for (impl, error), shape in list(shown_errors.items())[:8]:
+        print(f"error {impl} (first at {shape}): {error}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default=None,
+                        help="comma-separated presets: main, d64, d256, long, quick, smoke "
+                             "(default main,d64,d256,long)")
+    parser.add_argument("--impls", default=None, help=f"comma-separated, from {', '.join(IMPLS)} (default all)")
+    parser.add_argument("--quick", action="store_true", help="main shape at N=8K only, ours and fla")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny fp32 shapes on CPU with perf_counter timing: checks the runner works")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "out"), help="output folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 with --smoke)")
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--warmup-ms", type=float, default=None, help="default 25 (5 with --smoke)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="default 100 (20 with --smoke)")
+    parser.add_argument("--naive-max-gib", type=float, default=8.0,
+                        help="skip the quadratic form where its B*H*N*N scores would exceed this")
+    parser.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (default 2; 1/16 with --smoke)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.smoke and args.quick:
+        parser.error("--smoke and --quick exclude each other")
+    default_preset = "smoke" if args.smoke else "quick" if args.quick else "main,d64,d256,long"
+    args.presets = [p.strip() for p in (args.preset or default_preset).split(",") if p.strip()]
+    default_impls = "ours,fla" if args.quick else ",".join(IMPLS)
+    args.impl_names = [i.strip() for i in (args.impls or default_impls).split(",") if i.strip()]
+    for name in args.impl_names:
+        if name not in IMPL_SPECS:
+            parser.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
+    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.smoke else 25.0)
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.smoke else 100.0)
+    args.copy_gib = args.copy_gib if args.copy_gib is not None else (1 / 16 if args.smoke else 2.0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    try:
+        shapes = select_shapes(args.presets)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    impls, unavailable, versions = load_impls(args.impl_names)
+    for name, reason in unavailable.items():
+        print(f"unavailable: {name}: {reason}", flush=True)
+    timer = Timer(device, args.warmup_ms, args.rep_ms)
+    copy_bytes = int(args.copy_gib * GIB)
+    copy_bytes_per_s = copy_bandwidth(timer, device, copy_bytes)
+    _free(device)
+    print(f"copy bandwidth ({copy_bytes / GIB:g} GiB, read + write): {copy_bytes_per_s / 1e12:.3f} TB/s; "
+          f"{len(shapes)} shapes x {len(impls)} implementations; timing: {timer.method}", flush=True)
+
+    progress = Progress(2 * len(shapes) * len(impls))
+    rows = []
+    for shape in shapes:
+        try:
+            rows += run_shape(shape, impls, args, timer, device, dtype, copy_bytes_per_s, progress)
+        except Exception as exc:  # inputs themselves did not fit: note it and go on
+            print(f"  {shape.label}: {_one_line(exc)}", flush=True)
+            _free(device)
+
+    meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
+    paths = write_results(rows, meta, args.out)
+    paths += write_plots(rows, meta, args.out, [n for n in args.impl_names if n in impls])
+    print("wrote " + ", ".join(paths), flush=True)
+    print_table(rows, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
