@@ -174,7 +174,6 @@ def naive_mask(decay: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
 
 @dataclass
 class Impl:
-    name: str
     load: Callable[[], Callable]
     # Computes lightning attention (so its output is compared with ours); sdpa_flash is softmax.
     same_function: bool
@@ -183,13 +182,17 @@ class Impl:
 
 
 IMPL_SPECS = {
-    "ours": Impl("ours", _load_ours, True, "lightning_op"),
-    "ours_bnhd": Impl("ours_bnhd", _load_ours, True, "lightning_op"),
-    "fla": Impl("fla", _load_fla, True, "fla-core"),
-    "lightning_attn2": Impl("lightning_attn2", _load_lightning_attn2, True, "lightning-attn"),
-    "sdpa_flash": Impl("sdpa_flash", _load_sdpa, False),
-    "naive": Impl("naive", _load_naive, True),
+    "ours": Impl(_load_ours, True, "lightning_op"),
+    "ours_bnhd": Impl(_load_ours, True, "lightning_op"),
+    "fla": Impl(_load_fla, True, "fla-core"),
+    "lightning_attn2": Impl(_load_lightning_attn2, True, "lightning-attn"),
+    "sdpa_flash": Impl(_load_sdpa, False),
+    "naive": Impl(_load_naive, True),
 }
+
+
+class SkipCase(Exception):
+    """The implementation does not apply to this shape (not a failure)."""
 
 
 def build_case(name: str, fn: Callable, x: Inputs, args) -> tuple[Callable[[], Tensor], list[Tensor]]:
@@ -223,10 +226,6 @@ def build_case(name: str, fn: Callable, x: Inputs, args) -> tuple[Callable[[], T
         mask = naive_mask(x.decay, n, q.dtype)
         return (lambda: fn(q, k, v, mask, x.scale)), list(x.bhnd)
     raise ValueError(f"unknown implementation {name!r}")
-
-
-class SkipCase(Exception):
-    """The implementation does not apply to this shape (not a failure)."""
 
 
 def load_impls(names: list[str]) -> tuple[dict[str, Callable], dict[str, str], dict[str, str]]:
@@ -605,6 +604,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print()
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} | "
           f"{meta['timing']} | copy {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+    print("packages: " + ", ".join(f"{name} {version}" for name, version in meta["packages"].items()))
     if meta["unavailable"]:
         for name, reason in meta["unavailable"].items():
             print(f"unavailable: {name}: {reason}")

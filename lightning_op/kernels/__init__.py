@@ -113,7 +113,8 @@ def linear_attention(
     decay_arg = decay if has_decay else out
     init_arg = initial_state if has_init else out
 
-    seg_states = out
+    # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
+    seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
     if num_segments > 1:
         seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
         _segment_state_kernel[(num_v_blocks, num_segments - 1, b * h)](

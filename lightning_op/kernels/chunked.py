@@ -176,6 +176,7 @@ def _chunk_output_kernel(
     else:
         slot = SEG_STATES + (bh * num_segments + seg - 1) * DK * DV
         state = tl.load(slot + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
+        state = state.to(tl.float32)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
     seg_begin = seg * segment_len

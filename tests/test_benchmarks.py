@@ -1,0 +1,32 @@
+"""The benchmark runner works (CPU smoke mode): it writes its tables and agrees with the naive form."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results.csv").exists()
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"metadata", "results"} <= set(data)
+    rows = data["results"]
+    by_impl = {}
+    for row in rows:
+        by_impl.setdefault(row["impl"], []).append(row)
+    assert "ours" in by_impl and "naive" in by_impl
+    for row in by_impl["ours"]:
+        assert row.get("fwd_ms") and row["fwd_ms"] > 0
+    naive_errors = [row["rel_err_vs_ours"] for row in by_impl["naive"] if row.get("rel_err_vs_ours") is not None]
+    assert naive_errors and max(naive_errors) < 1e-5
