@@ -30,6 +30,7 @@ class LaunchConfig:
     block_v: int  # value columns per program
     segment_len: int  # rows per segment (a multiple of chunk); segments run in parallel
     num_warps: int
+    num_stages: int = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,13 +82,14 @@ def linear_attention(
     init_shift: int = 1,
     store_final: bool = True,
     segment_len: Optional[int] = None,
+    config: Optional[LaunchConfig] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
     query, key: [B, H, N, Dk]; value: [B, H, N, Dv], any strides, one dtype among float16,
     bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
-    validates. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+    validates. ``segment_len`` or a whole ``config`` override :func:`choose_config` (tests, tuning). Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
     """
     b, h, n, dk = query.shape
     dv = value.shape[-1]
@@ -99,7 +101,7 @@ def linear_attention(
             final.copy_(initial_state) if initial_state is not None else final.zero_()
         return out, final
 
-    cfg = choose_config(b * h, n, dk, dv, device, segment_len)
+    cfg = config or choose_config(b * h, n, dk, dv, device, segment_len)
     num_segments = triton.cdiv(n, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     dtype = _TL_DTYPES[query.dtype]
@@ -123,7 +125,7 @@ def linear_attention(
             n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
             HAS_DECAY=has_decay, REVERSE=reverse,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps,
+            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _segment_scan_kernel[(num_v_blocks, b * h)](
             decay_arg, init_arg, seg_states, *_strides(initial_state),
@@ -140,6 +142,6 @@ def linear_attention(
         REVERSE=reverse, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=dot_dtype, STATE_DOT_DTYPE=state_dot_dtype, PRECISION=precision,
-        STATE_PRECISION=state_precision, num_warps=cfg.num_warps,
+        STATE_PRECISION=state_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, final

@@ -47,7 +47,9 @@ def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REV
     return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
 
 
-@triton.jit
+# N is not specialised (its value and divisibility change with every sequence length), so one
+# compiled kernel serves all lengths; strides stay specialised for aligned, vectorised loads.
+@triton.jit(do_not_specialize=["N"])
 def _segment_state_kernel(
     K, V, DECAY, SEG_STATES,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -125,7 +127,7 @@ def _segment_scan_kernel(
         tl.store(slot_ptr + g * DK * DV, state, mask=tile_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _chunk_output_kernel(
     Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL,
     stride_qb, stride_qh, stride_qn, stride_qd,
