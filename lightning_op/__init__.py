@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the ops)
 from .reference import slopes
 
-__all__ = ["lightning_attn", "slopes"]
+__all__ = ["lightning_attn", "attn_step", "slopes"]
 __version__ = "0.1.0"
 
 
@@ -50,3 +51,20 @@ def lightning_attn(
     ops.validate(q, k, v, decay, scale, initial_state)  # before the dispatcher's own, terser checks
     out, final_state = ops.attn(q, k, v, decay, scale, initial_state)
     return (out, final_state) if output_final_state else out
+
+
+def attn_step(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0
+) -> Tensor:
+    """One decode step (or a few tokens) against a carried state, updating ``state`` in place.
+
+    q, k: ``[B, H, T, Dk]``, v: ``[B, H, T, Dv]`` with small T (1 when generating); ``state``:
+    float32 ``[B, H, Dk, Dv]``. Returns ``[B, H, T, Dv]`` in q's dtype. The same result as
+    ``lightning_attn(q, k, v, decay, scale=scale, initial_state=state, output_final_state=True)``,
+    after which ``state`` holds that final state; nothing is allocated but the output. Inference
+    only (no gradients); works under ``torch.compile`` and CUDA graphs.
+    """
+    return torch.ops.lightning.attn_step(q, k, v, state, decay, scale)
+
+
+from . import nn  # noqa: E402  (needs lightning_attn and attn_step defined above)

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import reference
 from ._gates import HAS_TRITON, cpu_backend
 
-__all__ = ["attn", "attn_bwd", "validate"]
+__all__ = ["attn", "attn_bwd", "attn_step", "validate", "validate_step"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -246,3 +246,49 @@ def _backward(ctx, grad_out, grad_final_state):
 
 
 attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- decode step
+#
+# Defined with torch.library.Library rather than custom_op: eager dispatch costs about a third as
+# much, which matters one token at a time. No autograd: decoding is inference.
+
+_lib = torch.library.Library("lightning", "FRAGMENT")
+_lib.define(
+    "attn_step(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor? decay=None, float scale=1.0) -> Tensor"
+)
+
+
+def validate_step(q, k, v, state, decay=None, scale=1.0) -> None:
+    """``validate`` for the decode step, plus: the state is float32 (it is updated in place) and no
+    input asks for gradients (the step is inference-only)."""
+    validate(q, k, v, decay, scale, state)
+    if state.dtype != torch.float32:
+        raise TypeError(f"lightning attn_step: state must be float32 (it is updated in place), got {state.dtype}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, state)):
+        raise ValueError(
+            "lightning attn_step: inputs require grad, but the decode step updates the state in place and "
+            "has no backward; use lightning_attn(..., initial_state=state) to train, or torch.no_grad()"
+        )
+
+
+def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
+    validate_step(q, k, v, state, decay, scale)
+    _check_decay_values(decay)
+    decay = _float32(decay)
+    if _use_triton(q):
+        from .kernels import decode_step
+
+        return decode_step(q, k, v, state, decay, scale)
+    return reference.attention_step(q, k, v, state, decay, scale)
+
+
+_lib.impl("attn_step", _attn_step_impl, "CPU")
+_lib.impl("attn_step", _attn_step_impl, "CUDA")
+attn_step = torch.ops.lightning.attn_step.default
+
+
+@torch.library.register_fake("lightning::attn_step")
+def _attn_step_fake(q, k, v, state, decay=None, scale=1.0):
+    validate(q, k, v, decay, scale, state)
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])

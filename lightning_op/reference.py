@@ -32,6 +32,7 @@ __all__ = [
     "linear_attention_chunked",
     "attention_forward_chunked",
     "attention_backward_chunked",
+    "attention_step",
     "decay_mask",
     "slopes",
 ]
@@ -224,3 +225,20 @@ def attention_backward_chunked(
             lam = _decay_powers(decay, torch.tensor([1], device=q.device), ds0)[..., None]
             d_init = lam * ds0
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
+
+
+def attention_step(q, k, v, state, decay=None, scale=1.0):
+    """The decode step: the recurrence over the T given tokens from ``state``, which is updated in
+    place to the state after the last token. Computes in ``state``'s dtype (float32); returns
+    ``[B, H, T, Dv]`` in q's dtype. Same result as the op with ``initial_state=state``."""
+    h = q.shape[1]
+    lam = None if decay is None else torch.exp(-decay.to(state.dtype)).reshape(1, h, 1, 1)
+    outs = []
+    for t in range(q.shape[2]):
+        if lam is not None:
+            state.mul_(lam)
+        state.add_(k[:, :, t, :, None].to(state.dtype) * v[:, :, t, None, :].to(state.dtype))
+        outs.append(scale * (q[:, :, t, None, :].to(state.dtype) @ state))
+    if not outs:
+        return q.new_empty(q.shape[0], h, 0, v.shape[-1])
+    return torch.cat(outs, dim=2).to(q.dtype)

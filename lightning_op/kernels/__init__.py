@@ -17,8 +17,9 @@ from torch import Tensor
 
 from .._gates import TRITON_INTERPRETING
 from .chunked import _chunk_output_kernel, _segment_scan_kernel, _segment_state_kernel
+from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "LaunchConfig", "choose_config"]
+__all__ = ["linear_attention", "decode_step", "LaunchConfig", "choose_config"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -145,3 +146,23 @@ def linear_attention(
         STATE_PRECISION=state_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, final
+
+
+def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:
+    """``reference.attention_step`` on the Triton decode kernel: updates the float32 ``state``
+    [B, H, Dk, Dv] in place (any strides) and returns the output [B, H, T, Dv] in q's dtype."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    block_k = max(16, triton.next_power_of_2(dk))
+    # small value blocks give B*H*blocks programs: enough to spread a B = 1 step over the GPU
+    block_v = max(16, min(triton.next_power_of_2(dv), 32))
+    _decode_step_kernel[(triton.cdiv(dv, block_v), b * h)](
+        q, k, v, out, state, decay if decay is not None else state,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
+        t, h, dk, dv, scale,
+        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
+    )
+    return out

@@ -1,0 +1,120 @@
+"""Ready modules: a TransNormerLLM / MiniMax-style lightning attention block and a decode-state cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import attn_step, lightning_attn
+from .reference import slopes
+
+__all__ = ["LightningAttention", "StateCache"]
+
+#: Inputs of at most this many tokens, with a cached state and no gradients, take the in-place
+#: decode step; longer ones (prefill) take the tiled op.
+STEP_MAX_TOKENS = 8
+
+
+class StateCache:
+    """The decode states of a model's attention layers: one float32 ``[B, H, Dk, Dv]`` tensor per
+    layer index, whatever the context length. Layers update their entry in place while decoding."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, Tensor] = {}
+
+    def get(self, layer_idx: int) -> Optional[Tensor]:
+        return self._states.get(layer_idx)
+
+    def set(self, layer_idx: int, state: Tensor) -> None:
+        if not isinstance(state, Tensor) or state.dim() != 4 or state.dtype != torch.float32:
+            raise TypeError(f"StateCache.set: state must be a float32 [B, H, Dk, Dv] tensor, got {state!r:.80}")
+        self._states[layer_idx] = state
+
+    def reset(self) -> None:
+        self._states.clear()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, layer_idx: int) -> bool:
+        return layer_idx in self._states
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all states (constant in the context length)."""
+        return sum(s.numel() * s.element_size() for s in self._states.values())
+
+
+class LightningAttention(nn.Module):
+    """Lightning attention block in the style of TransNormerLLM / MiniMax-01.
+
+    ``q, k, v = silu(x W_qkv)`` per head; causal linear attention with the per-layer decay
+    ``slopes(num_heads, layer_idx, num_layers)``; then ``out_proj(sigmoid(x W_gate) * rmsnorm(o))``.
+
+    ``forward(x, state=None, *, cache=None) -> (y, new_state)`` with x ``[B, N, hidden_size]`` and
+    states float32 ``[B, H, head_dim, head_dim]``. ``state`` continues a sequence; with a
+    :class:`StateCache` the layer reads and stores its own state there, and short inputs (decode
+    steps, up to ``STEP_MAX_TOKENS`` tokens, no gradients) update the cached state in place.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: Optional[int] = None,
+        *,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        scale: float = 1.0,
+        bias: bool = False,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"LightningAttention: hidden_size {hidden_size} is not divisible by num_heads {num_heads}; "
+                    "pass head_dim"
+                )
+            head_dim = hidden_size // num_heads
+        if not 16 <= head_dim <= 256:
+            raise ValueError(f"LightningAttention: head_dim must be between 16 and 256, got {head_dim}")
+        factory = dict(device=device, dtype=dtype)
+        self.num_heads, self.head_dim, self.layer_idx, self.scale = num_heads, head_dim, layer_idx, scale
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **factory)
+        self.gate_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
+        self.norm = nn.RMSNorm(inner, eps=eps, **factory)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=bias, **factory)
+        decay = slopes(num_heads, layer_idx, num_layers) if num_layers > 1 else slopes(num_heads)
+        # derived from the configuration, so not part of the state dict
+        self.register_buffer("decay", decay.to(device=device), persistent=False)
+
+    def forward(
+        self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
+    ) -> tuple[Tensor, Tensor]:
+        b, n, _ = x.shape
+        if state is None and cache is not None:
+            state = cache.get(self.layer_idx)
+        q, k, v = F.silu(self.qkv_proj(x)).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+        in_place = cache is not None and state is not None and n <= STEP_MAX_TOKENS and not (
+            torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        )
+        if in_place:
+            o = attn_step(q, k, v, state, self.decay, scale=self.scale)
+            new_state = state
+        else:
+            o, new_state = lightning_attn(
+                q, k, v, self.decay, scale=self.scale, initial_state=state, output_final_state=True
+            )
+        if cache is not None:
+            cache.set(self.layer_idx, new_state)
+        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        y = self.out_proj(torch.sigmoid(self.gate_proj(x)) * self.norm(o))
+        return y, new_state

@@ -1,0 +1,99 @@
+"""``torch.ops.lightning.attn_step``: the in-place decode step equals the op with a carried state."""
+
+import pytest
+import torch
+
+import lightning_op
+from lightning_op import attn_step, lightning_attn
+
+from _helpers import TOLERANCE, make_inputs, rel_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [0, 1, 3])
+@pytest.mark.parametrize("decay", [None, torch.tensor([1e-5, 0.5, 30.0])], ids=["no-decay", "decay"])
+def test_step_equals_op_with_initial_state(cpu_backend, dtype, tokens, decay):
+    q, k, v = make_inputs(2, 3, tokens, 24, 40, dtype, layout="bnhd", seed=tokens)
+    state = torch.randn(2, 3, 24, 40)
+    expected, expected_state = lightning_attn(q, k, v, decay, scale=0.7, initial_state=state, output_final_state=True)
+    stepped = state.clone()
+    before = stepped.data_ptr()
+    out = attn_step(q, k, v, stepped, decay, scale=0.7)
+    assert stepped.data_ptr() == before  # updated where it lies
+    assert out.shape == (2, 3, tokens, 40) and out.dtype == dtype
+    if tokens:
+        assert rel_error(out, expected) < TOLERANCE[dtype]
+    assert rel_error(stepped, expected_state) < (1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
+
+
+def test_step_updates_a_strided_state(cpu_backend):
+    q, k, v = make_inputs(1, 2, 1, 16, 32, torch.float32)
+    storage = torch.randn(1, 2, 32, 16)
+    state = storage.transpose(-1, -2)  # [1, 2, 16, 32] view, not contiguous
+    expected, expected_state = lightning_attn(q, k, v, initial_state=state.clone(), output_final_state=True)
+    out = attn_step(q, k, v, state)
+    assert rel_error(out, expected) < 1e-5
+    assert rel_error(storage.transpose(-1, -2), expected_state) < 1e-5
+
+
+def test_many_steps_equal_one_pass(cpu_backend):
+    q, k, v = make_inputs(2, 2, 40, 16, 16, torch.float32, seed=3)
+    decay = torch.tensor([0.05, 0.8])
+    expected, expected_state = lightning_attn(q, k, v, decay, output_final_state=True)
+    state = torch.zeros(2, 2, 16, 16)
+    outs = [attn_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, decay) for t in range(40)]
+    assert rel_error(torch.cat(outs, 2), expected) < 1e-5
+    assert rel_error(state, expected_state) < 1e-5
+
+
+def test_step_under_compile_fullgraph():
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    decay = torch.tensor([0.1, 0.2])
+
+    def step(q, k, v, state):
+        return attn_step(q, k, v, state, decay, scale=0.5) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    state_eager, state_compiled = torch.randn(1, 2, 16, 16), None
+    state_compiled = state_eager.clone()
+    for _ in range(3):
+        expected = step(q, k, v, state_eager)
+        got = compiled(q, k, v, state_compiled)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(state_compiled, state_eager)
+
+
+def test_opcheck_step():
+    q, k, v = make_inputs(2, 2, 2, 16, 32, torch.float32)
+    for decay in (None, torch.tensor([0.3, 0.0])):
+        torch.library.opcheck(torch.ops.lightning.attn_step.default, (q, k, v, torch.randn(2, 2, 16, 32), decay, 0.5))
+
+
+@pytest.mark.parametrize(
+    "state, error, message",
+    [
+        (torch.zeros(1, 2, 16, 32, dtype=torch.float64), TypeError, "state must be float32"),
+        (torch.zeros(1, 2, 16, 32).half(), TypeError, "state must be float32"),
+        (torch.zeros(1, 2, 32, 16), ValueError, r"initial_state must have shape \[B, H, Dk, Dv\]"),
+        (torch.zeros(1, 3, 16, 32), ValueError, r"initial_state must have shape"),
+    ],
+)
+def test_step_bad_state(state, error, message):
+    q, k, v = make_inputs(1, 2, 1, 16, 32, torch.float32)
+    with pytest.raises(error, match=message):
+        attn_step(q, k, v, state)
+
+
+def test_step_refuses_gradients():
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="no backward"):
+        attn_step(q.requires_grad_(), k, v, torch.zeros(1, 2, 16, 16))
+    with torch.no_grad():
+        attn_step(q, k, v, torch.zeros(1, 2, 16, 16))
+
+
+def test_step_is_exported_in_the_api():
+    assert lightning_op.attn_step is attn_step
+    assert hasattr(torch.ops.lightning, "attn_step")

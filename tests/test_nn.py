@@ -1,0 +1,88 @@
+"""``lightning_op.nn``: the attention block and its state cache."""
+
+import pytest
+import torch
+
+from lightning_op.nn import STEP_MAX_TOKENS, LightningAttention, StateCache
+
+from _helpers import rel_error
+
+
+def _block(layer_idx=1, num_layers=4):
+    torch.manual_seed(0)
+    return LightningAttention(64, 4, layer_idx=layer_idx, num_layers=num_layers).eval()
+
+
+def test_chunked_prefill_then_step_decode_equals_one_pass(cpu_backend):
+    block = _block()
+    x = torch.randn(2, 150, 64)
+    with torch.no_grad():
+        full, full_state = block(x)
+        cache = StateCache()
+        pieces = [block(x[:, :64], cache=cache)[0], block(x[:, 64:130], cache=cache)[0]]
+        state_after_prefill = cache.get(block.layer_idx)
+        for t in range(130, 150):
+            y, state = block(x[:, t : t + 1], cache=cache)
+            pieces.append(y)
+        assert state is state_after_prefill  # decode steps update the cached state in place
+    assert rel_error(torch.cat(pieces, 1), full) < 1e-5
+    assert rel_error(cache.get(block.layer_idx), full_state) < 1e-5
+
+
+def test_explicit_state_continues_a_sequence():
+    block = _block()
+    x = torch.randn(1, 90, 64)
+    full, full_state = block(x)
+    first, state = block(x[:, :33])
+    second, final = block(x[:, 33:], state)
+    assert rel_error(torch.cat([first, second], 1), full) < 1e-5
+    assert rel_error(final, full_state) < 1e-5
+
+
+def test_training_with_cache_uses_the_differentiable_op():
+    block = _block().train()
+    x = torch.randn(1, STEP_MAX_TOKENS - 1, 64, requires_grad=True)
+    cache = StateCache()
+    original = torch.randn(1, 4, 16, 16)
+    cache.set(block.layer_idx, original)
+    snapshot = original.clone()
+    y, state = block(x, cache=cache)
+    y.sum().backward()
+    assert x.grad is not None and block.qkv_proj.weight.grad is not None
+    assert cache.get(block.layer_idx) is state and state is not original
+    torch.testing.assert_close(original, snapshot)  # the old state was not mutated
+
+
+def test_per_layer_decay_and_shapes():
+    first, last = _block(0, 4), _block(3, 4)
+    assert (first.decay > last.decay).all()
+    assert "decay" not in first.state_dict()
+    y, state = first(torch.randn(3, 5, 64))
+    assert y.shape == (3, 5, 64) and state.shape == (3, 4, 16, 16) and state.dtype == torch.float32
+
+
+def test_cache_memory_is_constant():
+    block = _block()
+    cache = StateCache()
+    with torch.no_grad():
+        block(torch.randn(1, 200, 64), cache=cache)
+        size = cache.nbytes
+        for _ in range(5):
+            block(torch.randn(1, 1, 64), cache=cache)
+    assert cache.nbytes == size == 4 * 16 * 16 * 4
+    assert len(cache) == 1 and block.layer_idx in cache
+    cache.reset()
+    assert len(cache) == 0 and cache.get(block.layer_idx) is None
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(1, 4, 16, 16, dtype=torch.float64), torch.zeros(4, 16, 16), "state"])
+def test_cache_rejects_bad_states(bad):
+    with pytest.raises(TypeError, match="float32"):
+        StateCache().set(0, bad)
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="not divisible"):
+        LightningAttention(60, 7)
+    with pytest.raises(ValueError, match="head_dim must be between 16 and 256"):
+        LightningAttention(32, 4)
