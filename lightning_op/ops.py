@@ -9,6 +9,7 @@ and ``TRITON_INTERPRET=1``, the same Triton kernels through the interpreter).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -95,17 +96,17 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
         raise TypeError(f"lightning attn: scale must be a finite float, got {scale!r}")
 
 
-_checked_decays: dict = {}
+_checked_decays: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def _check_decay_values(decay: Optional[Tensor]) -> None:
     """Decays must be >= 0 (a negative slope grows without bound). Reading them syncs a GPU, so a
-    tensor seen before, unchanged (same storage and version counter), is not read again; nothing
-    is read during CUDA-graph capture."""
+    tensor seen before and unchanged since (the same live object, the same version counter) is not
+    read again; nothing is read during CUDA-graph capture."""
     if decay is None:
         return
-    key = (decay.data_ptr(), decay._version, decay.device, decay.shape[0])
-    if key in _checked_decays:
+    seen = _checked_decays.get(id(decay))
+    if seen is not None and seen[0]() is decay and seen[1] == decay._version:
         return
     if decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -113,7 +114,7 @@ def _check_decay_values(decay: Optional[Tensor]) -> None:
         raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
     if len(_checked_decays) > 1024:
         _checked_decays.clear()
-    _checked_decays[key] = True
+    _checked_decays[id(decay)] = (weakref.ref(decay), decay._version)
 
 
 def _use_triton(x: Tensor) -> bool:
