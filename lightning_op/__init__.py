@@ -12,8 +12,9 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the ops)
 from .reference import slopes
+from .rewrite import report as rewrite_report, rewrite
 
-__all__ = ["lightning_attn", "attn_step", "slopes"]
+__all__ = ["lightning_attn", "attn_step", "slopes", "rewrite", "rewrite_report"]
 __version__ = "0.1.0"
 
 

@@ -39,3 +39,9 @@ def test_export_deploy_aoti_package(tmp_path):
     assert (tmp_path / "model_aoti.pt2").exists() and (tmp_path / "model.pt2").exists()
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff| vs eager" in line]
     assert len(diffs) == 4 and max(diffs) < 1e-3
+
+
+def test_rewrite_existing_model():
+    pytest.importorskip("transformers")
+    out = _run("rewrite_existing_model.py")
+    assert "rewritten" in out.lower()

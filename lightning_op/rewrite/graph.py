@@ -1,0 +1,316 @@
+"""Reading ATen-level FX graphs: which nodes are constants, which ops are (multi)linear, and
+evaluating a piece of a graph on chosen values — the tools the recogniser probes with.
+
+A node is ``const`` when its value depends only on literals, sizes, buffers and frozen
+parameters (a decay mask built in ``forward``, a registered buffer sliced to N); ``param`` when
+it depends on trainable parameters but not on the inputs (a learnable decay); ``input`` when it
+depends on what the user feeds in; ``sym`` when it is a size (a SymInt), evaluated by
+substituting values for the shape symbols.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+
+CONST, PARAM, INPUT, SYM = "const", "param", "input", "sym"
+
+# Ops that only move or copy elements (views, layout changes, repeats): linear in their input.
+VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "reshape_as", "transpose", "permute",
+    "t", "mT", "mH", "adjoint", "movedim", "swapaxes", "swapdims", "unsqueeze", "squeeze", "expand",
+    "expand_as", "slice", "select", "narrow", "split", "split_with_sizes", "unbind", "chunk", "flatten",
+    "unflatten", "alias", "clone", "contiguous", "detach", "lift_fresh_copy", "repeat", "flip",
+    "view_copy", "permute_copy", "transpose_copy", "unsqueeze_copy", "squeeze_copy", "expand_copy",
+    "slice_copy", "select_copy", "t_copy", "alias_copy", "getitem",
+})
+# Dtype conversions: probed in float64, so they are exact there.
+CAST_OPS = frozenset({"_to_copy", "to", "type_as", "convert_element_type", "_autocast_to_reduced_precision",
+                      "_autocast_to_full_precision"})
+# Ops that multiply tensors together: a product of two non-constant operands mixes them.
+PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "mul", "outer", "mv", "dot", "linear"})
+# Further ops that are linear in their non-constant tensor arguments, under the checks in `is_linear`.
+LINEAR_OPS = frozenset({"add", "sub", "neg", "div", "cumsum", "sum", "mean", "cat", "stack",
+                        "constant_pad_nd", "tril", "triu", "masked_fill", "where"})
+# Ops whose value depends on their tensor argument's shape only.
+SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+                            "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def op_name(node: fx.Node) -> Optional[str]:
+    """``"mul"`` for ``aten.mul.Tensor`` (and prims' ops), ``"getitem"``; None for anything else."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims"):
+        return target._schema.name.split("::")[-1]
+    return None
+
+
+def tensor_val(node: Any) -> Optional[torch.Tensor]:
+    """The (fake) tensor recorded for a node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def is_sym_node(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _is_nondeterministic(node: fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable
+    return False
+
+
+def classify(graph: fx.Graph, placeholder_class: Callable[[fx.Node], str]) -> dict[fx.Node, str]:
+    """The class of every node (see the module docstring), in one pass in graph order."""
+    classes: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if is_sym_node(node):
+            classes[node] = SYM
+        elif node.op == "placeholder":
+            classes[node] = placeholder_class(node)
+        elif node.op == "get_attr":
+            classes[node] = CONST
+        elif node.op != "call_function" or _is_nondeterministic(node):
+            classes[node] = INPUT
+        elif op_name(node) in SHAPE_ONLY_OPS:
+            classes[node] = CONST
+        else:
+            seen = {classes.get(a, INPUT) for a in node.all_input_nodes}
+            classes[node] = INPUT if INPUT in seen else PARAM if PARAM in seen else CONST
+    return classes
+
+
+def _is_const(arg: Any, classes: dict) -> bool:
+    if isinstance(arg, fx.Node):
+        return classes.get(arg) in (CONST, SYM)
+    if isinstance(arg, (list, tuple)):
+        return all(_is_const(a, classes) for a in arg)
+    return True  # a literal
+
+
+def is_linear(node: fx.Node, classes: dict) -> bool:
+    """Whether ``node`` is linear in each of its non-constant tensor arguments (so that a region of
+    such ops is a polynomial in its inputs, and the recogniser's probes are conclusive)."""
+    name = op_name(node)
+    if name is None:
+        return False
+    if name == "getitem":
+        source = node.args[0]
+        return isinstance(source, fx.Node) and op_name(source) in VIEW_OPS
+    if name == "view" and any(isinstance(a, torch.dtype) for a in node.args[1:]):
+        return False  # a bit-cast, not a view
+    if name == "mul" and _is_self_gated(node, classes):
+        return False
+    if name in VIEW_OPS or name in CAST_OPS or name in PRODUCT_OPS:
+        return True
+    if name not in LINEAR_OPS:
+        return False
+    if name == "div":
+        return getattr(node.target, "_overloadname", "") in ("Tensor", "Scalar") and _is_const(node.args[1], classes)
+    if name == "masked_fill":
+        return _is_const(node.args[1], classes) and _is_const(node.args[2], classes)
+    if name == "where":
+        return len(node.args) == 3 and _is_const(node.args[0], classes)
+    return True
+
+
+def _near_ancestors(node: fx.Node, classes: dict, depth: int = 6) -> dict[fx.Node, bool]:
+    """Ancestors within ``depth`` steps, each with whether the path to it crosses a non-linear op."""
+    found = {node: False}
+    frontier = [(node, op_name(node) not in VIEW_OPS | CAST_OPS | PRODUCT_OPS | LINEAR_OPS)]
+    for _ in range(depth):
+        nxt = []
+        for n, crossed in frontier:
+            for a in n.all_input_nodes:
+                if classes.get(a) != INPUT or (a in found and found[a] >= crossed):
+                    continue
+                found[a] = crossed
+                nxt.append((a, crossed or op_name(a) not in VIEW_OPS | CAST_OPS | PRODUCT_OPS | LINEAR_OPS))
+        frontier = nxt
+    return found
+
+
+def _is_self_gated(node: fx.Node, classes: dict) -> bool:
+    """``x * f(x)`` elementwise, f non-linear (a decomposed silu or gelu): a feature map, not a
+    product of two attention inputs."""
+    acts = [a for a in node.args[:2] if isinstance(a, fx.Node) and classes.get(a) == INPUT]
+    vals = [tensor_val(a) for a in acts] + [tensor_val(node)]
+    if len(acts) != 2 or any(v is None for v in vals) or vals[2].shape not in (vals[0].shape, vals[1].shape):
+        return False  # an outer product (k (x) v) has a shape of its own
+    first, second = (_near_ancestors(a, classes) for a in acts)
+    return any(first[c] or second[c] for c in first.keys() & second.keys())
+
+
+def is_product(node: fx.Node, classes: dict) -> bool:
+    """A product of two or more activations (q k^T, scores v, k (x) v; not x W)."""
+    if op_name(node) not in PRODUCT_OPS:
+        return False
+    return sum(1 for a in node.all_input_nodes if classes.get(a) == INPUT) >= 2
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def shape_env_of(graph: fx.Graph):
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        vals = [val] if not isinstance(val, (list, tuple)) else list(val)
+        for v in vals:
+            sizes = v.shape if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
+            for s in sizes:
+                if isinstance(s, torch.SymInt):
+                    return s.node.shape_env
+    return None
+
+
+class Evaluator:
+    """Evaluates constant nodes (in their own dtype) and regions (in float64) of one graph, for one
+    binding of the shape symbols (``bindings``: sympy symbol -> int; unbound symbols take their hint)."""
+
+    def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict, bindings: Optional[dict] = None,
+                 device: Optional[torch.device] = None):
+        self.gm, self.classes, self.const_values = gm, classes, const_values
+        self.shape_env = shape_env_of(gm.graph)
+        self.bindings = dict(bindings or {})
+        self.device = device
+        self._memo: dict[fx.Node, Any] = {}
+
+    # sizes
+    def size(self, s) -> int:
+        if isinstance(s, int):
+            return s
+        expr = s.node.expr
+        if not hasattr(expr, "xreplace"):
+            return expr
+        value = expr.xreplace({sym: self._bound(sym) for sym in expr.free_symbols})
+        if isinstance(value, (int, float)):
+            return value
+        return int(value) if value.is_integer else float(value)
+
+    def _hint(self, sym) -> int:
+        values = _backed_values(self.shape_env)
+        if sym not in values:
+            raise ValueError(f"no value for the size symbol {sym}")
+        return int(values[sym])
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return tuple(self.size(s) for s in tensor_val(node).shape)
+
+    # constants
+    def const(self, node: fx.Node) -> Any:
+        if node in self._memo:
+            return self._memo[node]
+        stack, seen = [node], set()
+        while stack:  # iterative post-order over the constant ancestors
+            n = stack[-1]
+            pending = [a for a in n.all_input_nodes if a not in self._memo and a not in seen
+                       and self.classes.get(a) in (CONST, SYM) and not self._shape_only_arg(n)]
+            if pending:
+                stack.extend(pending)
+                seen.update(pending)
+            else:
+                stack.pop()
+                if n not in self._memo:
+                    self._memo[n] = self._eval_const(n)
+        return self._memo[node]
+
+    def _shape_only_arg(self, node: fx.Node) -> bool:
+        return op_name(node) in SHAPE_ONLY_OPS
+
+    def _eval_const(self, node: fx.Node) -> Any:
+        cls = self.classes.get(node)
+        if cls == SYM:
+            val = node.meta["val"]
+            if isinstance(val, torch.SymBool):
+                return bool(val.node.expr.xreplace({s: self._bound(s) for s in val.node.expr.free_symbols}))
+            return self.size(val)
+        if node.op == "placeholder":
+            return self.const_values[node]
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if self._shape_only_arg(node):
+            def dummy(a):
+                if isinstance(a, fx.Node) and self.classes.get(a) not in (CONST, SYM):
+                    val = tensor_val(a)
+                    return torch.empty(self.shape(a), dtype=val.dtype, device=val.device)
+                return self.const(a) if isinstance(a, fx.Node) else a
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), dummy)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.const)
+        return node.target(*args, **kwargs)
+
+    def _bound(self, sym):
+        return self.bindings[sym] if sym in self.bindings else self._hint(sym)
+
+    # regions
+    def run(self, order: list[fx.Node], env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        """Evaluate ``order`` (graph order) in float64 given the values in ``env`` (updated in place)."""
+        def value(a):
+            if a in env:
+                return env[a]
+            v = self.const(a)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.to(torch.float64)
+            return v
+
+        for node in order:
+            if node in env:
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            args, kwargs = _float64_dtypes(args), _float64_dtypes(kwargs)
+            env[node] = node.target(*args, **kwargs)
+        return env
+
+
+def _backed_values(shape_env) -> dict:
+    """The shape environment's hint for every backed size symbol (renamed in torch 2.13)."""
+    if shape_env is None:
+        return {}
+    values = getattr(shape_env, "backed_var_to_val", None)
+    return values if values is not None else shape_env.var_to_val
+
+
+def _float64_dtypes(obj):
+    """Replace floating dtypes in op arguments by float64 (casts are exact in the probes)."""
+    if isinstance(obj, torch.dtype):
+        return torch.float64 if obj.is_floating_point else obj
+    if isinstance(obj, tuple):
+        return tuple(_float64_dtypes(o) for o in obj)
+    if isinstance(obj, list):
+        return [_float64_dtypes(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _float64_dtypes(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.dtype != torch.float64:
+        return obj.to(torch.float64)
+    return obj
+
+
+def const_dtypes(region: list[fx.Node], classes: dict) -> set[torch.dtype]:
+    """Floating dtypes of the constant tensors that feed a region (they bound the rounding the
+    model's own masks carry)."""
+    dtypes = set()
+    for node in region:
+        for a in node.all_input_nodes:
+            if classes.get(a) == CONST:
+                val = tensor_val(a)
+                if val is not None and val.dtype in _FLOAT_DTYPES:
+                    dtypes.add(val.dtype)
+    return dtypes

@@ -1,0 +1,323 @@
+"""The entry points: the graph pass itself, the export pass, the dynamo backend and the Inductor
+graph pass. Every one leaves its graph exactly as it was on any internal error (and logs why)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import pathlib
+from typing import Callable, Optional, Union
+
+import torch
+from torch import fx
+
+from . import graph as g
+from .recognise import find_matches
+from .replace import replace
+from .report import RewriteRecord, location_of, logger, record
+
+
+def rewrite_graph(gm: fx.GraphModule, placeholder_class: Callable[[fx.Node], str], const_values: dict,
+                  stage: str) -> tuple[list[RewriteRecord], dict[str, str]]:
+    """Rewrite ``gm`` in place. Returns the records and a map from replaced output names to new ones.
+
+    ``placeholder_class(node)`` says what a placeholder is (``graph.CONST``/``PARAM``/``INPUT``);
+    ``const_values`` holds the value of every constant placeholder. Raises on internal errors:
+    callers keep an untouched copy to fall back to.
+    """
+    classes = g.classify(gm.graph, placeholder_class)
+    records, renamed = [], {}
+
+    def on_match(match):
+        location = location_of(match.output)
+        old_name = match.output.name
+        new = replace(gm, match)
+        renamed[old_name] = new.name
+        records.append(RewriteRecord(stage, True, location, match.form, match.decay, match.scale, match.out_layout))
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # Inductor runs its passes under a fake mode; the probes need real tensors
+        rejections = find_matches(gm, classes, const_values, on_match)
+    records.extend(RewriteRecord(stage, False, location_of(r.output), reason=r.reason) for r in rejections)
+    if renamed:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return records, renamed
+
+
+def _publish(records: list[RewriteRecord]) -> None:
+    for entry in records:
+        record(entry)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def rewrite(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
+    """Return ``ep`` with its causal linear attention running on ``torch.ops.lightning.attn``.
+
+    Buffers, constants and parameters that do not require grad count as constants (their values
+    are read from ``ep``); masks built from them or from the sequence length are checked by
+    value. The result runs, saves and loads like any exported program (``torch.export.load``
+    needs ``import lightning_op`` first). Returns ``ep`` itself when nothing was rewritten or on
+    an internal error (logged on ``lightning_op.rewrite``); see :func:`lightning_op.rewrite.report`.
+    """
+    from torch.export import ExportedProgram
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    if not isinstance(ep, ExportedProgram):
+        raise TypeError(f"rewrite: ep must be a torch.export.ExportedProgram, got {type(ep).__name__}")
+    try:
+        gm = copy.deepcopy(ep.graph_module)  # may rename placeholders (`input` -> `input_1`)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        specs = dict(zip(placeholders, ep.graph_signature.input_specs))
+        const_values = {}
+
+        def placeholder_class(node):
+            spec = specs.get(node)
+            if spec is not None and not isinstance(spec.arg, TensorArgument):
+                return g.INPUT
+            if spec is None or spec.kind == InputKind.USER_INPUT:
+                return g.INPUT
+            if spec.kind == InputKind.PARAMETER:
+                value = ep.state_dict[spec.target]
+                if value.requires_grad:
+                    return g.PARAM
+            elif spec.kind == InputKind.BUFFER:
+                value = ep.state_dict[spec.target] if spec.persistent else ep.constants[spec.target]
+            elif spec.kind == InputKind.CONSTANT_TENSOR:
+                value = ep.constants[spec.target]
+            else:
+                return g.INPUT
+            const_values[node] = value.detach()
+            return g.CONST
+
+        records, renamed = rewrite_graph(gm, placeholder_class, const_values, "export")
+    except Exception as error:  # never break the caller's program
+        logger.warning("rewrite: left the program unchanged after an internal error: %r", error, exc_info=True)
+        return ep
+    _publish(records)
+    if not renamed:
+        return ep
+    for placeholder, spec in specs.items():
+        if isinstance(spec.arg, TensorArgument):
+            renamed.setdefault(spec.arg.name, placeholder.name)
+    signature = copy.copy(ep.graph_signature)
+    signature.input_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.input_specs]
+    signature.output_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.output_specs]
+    return _updated_program(ep, gm, signature)
+
+
+def _renamed_spec(spec, renamed):
+    from torch.export.graph_signature import TensorArgument
+
+    if isinstance(spec.arg, TensorArgument) and renamed.get(spec.arg.name, spec.arg.name) != spec.arg.name:
+        spec = copy.copy(spec)
+        spec.arg = TensorArgument(name=renamed[spec.arg.name])
+    return spec
+
+
+def _updated_program(ep, gm, signature):
+    if hasattr(ep, "_update"):
+        return ep._update(gm, signature)
+    from torch.export import ExportedProgram
+
+    return ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=signature, state_dict=ep.state_dict,
+        range_constraints=copy.deepcopy(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers,
+    )
+
+
+# ----------------------------------------------------------------------------- dynamo backend
+
+# torch-level calls that any attention region needs; graphs without them are not traced to ATen
+_CONTRACTIONS = {"matmul", "bmm", "mm", "einsum", "cumsum", "__matmul__", "baddbmm", "tensordot"}
+
+
+def _has_contraction(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+        elif node.op == "call_method":
+            name = node.target
+        else:
+            continue
+        if name in _CONTRACTIONS:
+            return True
+    return False
+
+
+def _is_module_state(source) -> bool:
+    """Whether a dynamo source reaches its tensor through an nn.Module (attribute, buffer,
+    parameter) or a global, rather than through the frame's arguments."""
+    while source is not None:
+        kind = type(source).__name__
+        if "NNModule" in kind or "Global" in kind:
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+def _dynamo_placeholder_class(grapharg) -> str:
+    """Module state (buffers, frozen parameters, tensor attributes) and globals are constant;
+    trainable parameters are ``param``; the frame's own inputs are ``input``."""
+    if grapharg is None:
+        return g.INPUT
+    example = getattr(grapharg, "example", None)
+    if not isinstance(example, torch.Tensor):
+        return g.INPUT
+    if isinstance(example, torch.nn.Parameter) and example.requires_grad:
+        return g.PARAM
+    return g.CONST if _is_module_state(getattr(grapharg, "source", None)) else g.INPUT
+
+
+def rewrite_dynamo_graph(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
+    """Trace a dynamo graph to (pre-dispatch) ATen and rewrite it; None when nothing was rewritten."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("example_value") for n in placeholders]
+    modes = [f.fake_mode for f in fakes if isinstance(f, torch.Tensor) and hasattr(f, "fake_mode")]
+    if not modes or any(f is None for f in fakes):
+        return None
+    with torch.fx.traceback.preserve_node_meta(), modes[0]:
+        aten_gm = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True, _allow_non_fake_inputs=True)(*fakes)
+    aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    if len(aten_placeholders) != len(placeholders):
+        return None
+    const_values, kinds = {}, {}
+    for original, traced in zip(placeholders, aten_placeholders):
+        grapharg = original.meta.get("grapharg")
+        kinds[traced] = _dynamo_placeholder_class(grapharg)
+        if kinds[traced] == g.CONST:
+            const_values[traced] = grapharg.example.detach()
+    records, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, "dynamo")
+    _publish(records)
+    return aten_gm if renamed else None
+
+
+def _inner_compiler(inner: Union[str, Callable]) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        def inductor(gm, example_inputs, mode=None, options=None):
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = dict(list_mode_options(mode)) if mode else {}
+            patches.update(options or {})
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+        return inductor
+    from torch._dynamo import lookup_backend
+
+    backend = lookup_backend(inner)
+    return lambda gm, example_inputs, **kwargs: backend(gm, example_inputs, **kwargs)
+
+
+def make_backend(inner: Union[str, Callable] = "inductor") -> Callable:
+    """A ``torch.compile`` backend: the rewrite, then ``inner`` (``"inductor"``, the default, takes
+    ``mode=`` and ``options=`` as ``torch.compile`` passes them; any registered backend name, e.g.
+    ``"aot_eager"``, or a backend callable)."""
+    compile_inner = _inner_compiler(inner)
+
+    def lightning_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+        rewritten = None
+        if _has_contraction(gm):
+            try:
+                rewritten = rewrite_dynamo_graph(gm)
+            except Exception as error:  # never break the user's compile
+                logger.warning("lightning backend: compiling the graph unchanged after an internal error: %r",
+                               error, exc_info=True)
+        if rewritten is not None:
+            try:
+                return compile_inner(rewritten, example_inputs, **kwargs)
+            except Exception as error:
+                logger.warning("lightning backend: the rewritten graph failed to compile (%r); compiling the "
+                               "original", error, exc_info=True)
+        return compile_inner(gm, example_inputs, **kwargs)
+
+    return lightning_backend
+
+
+lightning_backend = make_backend("inductor")
+
+
+# ----------------------------------------------------------------------------- Inductor pass
+
+
+def _source_hash() -> bytes:
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.digest()
+
+
+@functools.lru_cache(maxsize=None)
+def _inductor_pass_class() -> type:
+    """Built on first use: subclassing Inductor's ``CustomGraphPass`` imports Inductor (and dynamo),
+    about a second that ``import lightning_op`` should not pay."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - torch without Inductor
+        CustomGraphPass = object
+
+    class InductorPass(CustomGraphPass):
+        """The rewrite as an Inductor ``CustomGraphPass``, for users who keep their own Inductor setup::
+
+            from lightning_op.rewrite import InductorPass
+            torch._inductor.config.joint_custom_pre_pass = InductorPass()
+
+        It rewrites inference graphs (no gradient needed). Inductor's graphs take parameters and
+        buffers as inputs without their values, so only masks built in ``forward`` (from the sequence
+        length and literals) or frozen into the graph (``torch._inductor.config.freezing = True``) can
+        be checked; a training (joint) graph is left alone: use ``backend="lightning"``, which
+        rewrites before autograd. ``uuid()`` changes with this package's source, so Inductor's FX
+        graph cache does not replay graphs compiled by another version.
+        """
+
+        def __call__(self, graph: fx.Graph) -> None:
+            gm = graph.owning_module
+            if gm is None:
+                return
+            placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+            if any(n.name.startswith("tangents") for n in placeholders):
+                logger.info("inductor pass: left a joint (training) graph alone; use backend='lightning' to rewrite "
+                            "training graphs")
+                return
+            snapshot = copy.deepcopy(graph)
+            try:
+                records, _ = rewrite_graph(gm, lambda n: g.INPUT, {}, "inductor")
+            except Exception as error:
+                logger.warning("inductor pass: left the graph unchanged after an internal error: %r", error,
+                               exc_info=True)
+                _restore(graph, snapshot)
+                gm.recompile()
+                return
+            _publish(records)
+
+        def uuid(self) -> bytes:
+            return _source_hash()
+
+    InductorPass.__module__ = __name__
+    return InductorPass
+
+
+def __getattr__(name: str):
+    if name == "InductorPass":
+        return _inductor_pass_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _restore(graph: fx.Graph, snapshot: fx.Graph) -> None:
+    """Put ``snapshot``'s nodes back into ``graph`` (Inductor holds on to the graph object)."""
+    for node in reversed(list(graph.nodes)):
+        node.args, node.kwargs = (), {}
+    for node in reversed(list(graph.nodes)):
+        graph.erase_node(node)
+    result = graph.graph_copy(snapshot, {})
+    graph.output(result)

@@ -1,0 +1,517 @@
+"""Finding causal linear attention with per-head decay in an ATen-level FX graph, by its values.
+
+One recogniser covers every spelling (``@``/``matmul``/``bmm``/``einsum``, masks from ``tril``,
+``where``, ``masked_fill``, buffers or slopes, the cumsum form, the chunked block loop of
+lightning-attention checkpoints) because it never matches a pattern of ops. Instead:
+
+1. **Region.** From a candidate output ``o``, walk back through ops that are linear in each of
+   their non-constant arguments (views, casts, products, sums, concatenation, masking with a
+   constant mask; see ``graph.is_linear``). The walk stops at constants (anything computable from
+   sizes, buffers and literals, evaluated exactly like the model does) and at *leaves* (softmax,
+   activations, projections: anything else).
+2. **Roles.** Probing the region in float64 with random leaves, a node whose doubling doubles
+   ``o`` feeds exactly one factor of the trilinear form. The earliest such nodes, taken forward to
+   a ``[B, H, N, D]`` or ``[B, N, H, D]`` (or ``[G, N, D]``) tensor, are q, k and v; the region
+   between them and ``o`` must depend on nothing else.
+3. **Values.** Probing with one-hot q, k, v reads off ``o_t = c * lam_h^(t-s) [t >= s]`` directly:
+   the scale ``c`` and each head's decay ``lam_h``. Random q, k, v then check
+   ``o == c * ((Q K^T) * M) V`` (at a second length too, for dynamic shapes). The region is a
+   polynomial in q, k and v, so agreement on random inputs means identity (Schwartz-Zippel),
+   up to the rounding of the model's own constant masks, which sets the tolerance.
+
+Anything else (softmax, a bias, a non-causal or non-decay mask, a learnable decay) fails one of
+these steps and is left alone, with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .. import reference
+from ..ops import MAX_HEAD_DIM, MIN_HEAD_DIM
+from . import graph as g
+from .report import logger
+
+_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# relative tolerance of the probes, by the least precise floating constant feeding the region
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_MAX_REGION_NODES = 20000
+_MAX_ROLE_PROBES = 48
+_ALT_LENGTHS = (37, 5, 130)  # second sequence lengths probed when N is symbolic
+
+
+class Reject(Exception):
+    """The candidate is not causal linear attention with a decay (the message says why).
+
+    ``depth`` says how far the checks got: when several readings of a region fail (which input
+    is q, k or v; which axis is the sequence), the deepest failure is the one worth reporting.
+    """
+
+    def __init__(self, message: str, depth: int = 1):
+        super().__init__(message)
+        self.depth = depth
+
+
+@dataclass
+class Match:
+    output: fx.Node
+    inputs: tuple[fx.Node, fx.Node, fx.Node]  # q, k, v
+    layouts: tuple[str, str, str]  # "bhnd", "bnhd" or "gnd" for q, k, v
+    out_layout: str
+    decay: Optional[tuple[float, ...]]  # per head, None when every lam is 1
+    scale: float
+    form: str  # "parallel", "cumsum" or "chunked"
+    compute_dtype: torch.dtype
+    region: list[fx.Node] = field(repr=False)
+
+
+@dataclass
+class Rejection:
+    output: fx.Node
+    region: frozenset = field(repr=False)
+    reason: str = ""
+    depth: int = 1
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _to_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.transpose(1, 2) if layout == "bnhd" else x.unsqueeze(0) if layout == "gnd" else x
+
+
+def _from_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    y = x.transpose(1, 2) if layout == "bnhd" else x[0] if layout == "gnd" else x
+    return y.contiguous()
+
+
+def _key(s):
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+@dataclass(frozen=True)
+class _Hypothesis:
+    """How the output's dims map to batch, heads and sequence."""
+
+    out_layout: str
+    batch: object
+    heads: object
+    length: object
+    value_dim: object
+
+    def layout_of(self, shape) -> list[str]:
+        keys = tuple(_key(s) for s in shape)
+        if self.out_layout == "gnd":
+            return ["gnd"] if len(keys) == 3 and keys[:2] == (self.heads, self.length) else []
+        if len(keys) != 4:
+            return []
+        found = []
+        if keys[:3] == (self.batch, self.heads, self.length):
+            found.append("bhnd")
+        if keys[:3] == (self.batch, self.length, self.heads):
+            found.append("bnhd")
+        return found
+
+
+def _hypotheses(o: fx.Node) -> list[_Hypothesis]:
+    shape = [_key(s) for s in g.tensor_val(o).shape]
+    if len(shape) == 4:
+        b, x, y, d = shape
+        return [_Hypothesis("bhnd", b, x, y, d), _Hypothesis("bnhd", b, y, x, d)]
+    if len(shape) == 3:
+        return [_Hypothesis("gnd", 1, shape[0], shape[1], shape[2])]
+    return []
+
+
+# ----------------------------------------------------------------------------- recogniser
+
+
+class Recogniser:
+    def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict):
+        self.gm, self.classes, self.const_values = gm, classes, const_values
+        self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.evaluator = g.Evaluator(gm, classes, const_values)
+
+    # --- regions
+
+    def is_candidate(self, node: fx.Node) -> bool:
+        val = g.tensor_val(node)
+        return (
+            val is not None and val.is_floating_point() and val.dim() in (3, 4)
+            and self.classes.get(node) == g.INPUT and g.is_linear(node, self.classes)
+        )
+
+    def region(self, output: fx.Node):
+        """(nodes in graph order, leaves) of the linear region ending at ``output``; None if too big."""
+        region, leaves, stack = set(), set(), [output]
+        while stack:
+            node = stack.pop()
+            if node in region:
+                continue
+            region.add(node)
+            if len(region) > _MAX_REGION_NODES:
+                return None
+            for arg in node.all_input_nodes:
+                cls = self.classes.get(arg)
+                if cls in (g.CONST, g.SYM):
+                    continue
+                if g.is_linear(arg, self.classes):
+                    stack.append(arg)
+                else:
+                    leaves.add(arg)
+        return sorted(region, key=self.position.__getitem__), sorted(leaves, key=self.position.__getitem__)
+
+    def between(self, inputs, output: fx.Node) -> list[fx.Node]:
+        """The nodes computing ``output`` from ``inputs`` and constants; rejects any other dependency."""
+        region, stack = set(), [output]
+        while stack:
+            node = stack.pop()
+            if node in region or node in inputs:
+                continue
+            region.add(node)
+            for arg in node.all_input_nodes:
+                cls = self.classes.get(arg)
+                if arg in inputs or cls in (g.CONST, g.SYM):
+                    continue
+                if cls == g.PARAM and not g.is_linear(arg, self.classes):
+                    raise Reject(f"the attention depends on trainable parameters beyond q, k, v ({arg.name}): "
+                                 "a learnable decay is not supported by lightning::attn", depth=5)
+                if not g.is_linear(arg, self.classes):
+                    raise Reject(f"the output depends on {arg.name} ({_describe(arg)}) besides q, k and v")
+                stack.append(arg)
+        return sorted(region, key=self.position.__getitem__)
+
+    # --- probing helpers
+
+    def _random(self, node: fx.Node, gen: torch.Generator, ev: g.Evaluator) -> torch.Tensor:
+        val = g.tensor_val(node)
+        shape = ev.shape(node)
+        if val.is_floating_point():
+            return torch.randn(shape, generator=gen, dtype=torch.float64).to(val.device)
+        return torch.ones(shape, dtype=val.dtype, device=val.device)
+
+    def _roles(self, output, order, leaves) -> list[fx.Node]:
+        """The earliest nodes that feed exactly one factor of the (trilinear) output."""
+        gen = torch.Generator().manual_seed(1234)
+        leaf_env = {leaf: self._random(leaf, gen, self.evaluator) for leaf in leaves if g.tensor_val(leaf) is not None}
+        base = self.evaluator.run(order, dict(leaf_env))
+        f0 = base[output]
+        if not isinstance(f0, torch.Tensor) or f0.norm() == 0 or not torch.isfinite(f0).all():
+            raise Reject("the output is zero or not finite on random inputs")
+        in_region = set(order) | set(leaves)
+        roots, queue, seen, probes = [], [l for l in leaves if l in leaf_env and leaf_env[l].is_floating_point()], set(), 0
+        while queue:
+            node = queue.pop(0)
+            if node in seen:
+                continue
+            seen.add(node)
+            probes += 1
+            if probes > _MAX_ROLE_PROBES:
+                raise Reject("too many candidate inputs")
+            degree = self._degree(node, output, order, base, f0)
+            if degree == 1:
+                roots.append(node)
+            elif degree != 0:
+                queue.extend(u for u in sorted(node.users, key=self.position.__getitem__) if u in in_region)
+        return roots
+
+    def _degree(self, node, output, order, base, f0) -> Optional[int]:
+        downstream, stack, region = set(), [node], set(order)
+        while stack:  # leaves are independent inputs of the probe: only region nodes follow the change
+            n = stack.pop()
+            for u in n.users:
+                if u in region and u not in downstream:
+                    downstream.add(u)
+                    stack.append(u)
+        if output not in downstream and node is not output:
+            return 0
+        env = {n: v for n, v in base.items() if n not in downstream}
+        env[node] = _scaled(base[node], 2.0)
+        f1 = self.evaluator.run(order, env)[output]
+        norm = f0.norm()
+        for d in range(5):
+            if (f1 - (2.0 ** d) * f0).norm() <= 1e-9 * (2.0 ** d) * norm:
+                return d
+        return None
+
+    def _descend(self, root: fx.Node, hyp: _Hypothesis, region: set) -> Optional[tuple[fx.Node, str]]:
+        """Follow a single-consumer chain from a role's first node to a tensor in a known layout."""
+        node = root
+        while True:
+            val = g.tensor_val(node)
+            if val is not None:
+                layouts = hyp.layout_of(val.shape)
+                if layouts:
+                    return node, layouts[0]
+            users = [u for u in node.users if u in region]
+            if len(users) != 1 or g.is_product(users[0], self.classes):
+                return None
+            node = users[0]
+
+    # --- the analysis of one candidate
+
+    def analyse(self, output: fx.Node) -> Optional[Match]:
+        found = self.region(output)
+        if found is None:
+            return None
+        order, leaves = found
+        if sum(1 for n in order if g.is_product(n, self.classes)) < 2:
+            return None  # attention multiplies activations at least twice (q k^T and then v)
+        if not leaves:
+            return None
+        try:
+            return self._analyse(output, order, leaves)
+        except Exception as error:  # a Reject, or an internal error: both belong to this region
+            error.region = frozenset(order)
+            raise
+
+    def _analyse(self, output, order, leaves) -> Optional[Match]:
+        roots = self._roles(output, order, leaves)
+        region = set(order)
+        first: Optional[Reject] = None
+        for hyp in _hypotheses(output):
+            inputs, layouts = [], {}
+            for root in roots:
+                if self.classes.get(root) == g.PARAM:
+                    continue  # a weight (x W: the role is the product) or a learnable mask (`between` says so)
+                found_input = self._descend(root, hyp, region | set(leaves))
+                if found_input is None:
+                    inputs = None
+                    break
+                node, layout = found_input
+                if node not in layouts:
+                    inputs.append(node)
+                    layouts[node] = layout
+            if not inputs or len(inputs) != 3 or output in inputs:
+                continue
+            for q, k, v in _assignments(inputs, hyp, self.position):
+                try:
+                    return self._verify(output, (q, k, v), tuple(layouts[x] for x in (q, k, v)), hyp)
+                except Reject as reject:
+                    if first is None or reject.depth > first.depth:
+                        first = reject
+        if first is not None:
+            raise first
+        logger.debug("rewrite: %s is not trilinear in three [B, H, N, D]-like inputs (%d candidate inputs)",
+                     output.name, len(roots))
+        return None
+
+    def _verify(self, output, inputs, layouts, hyp: _Hypothesis) -> Match:
+        for node in inputs:
+            if self.classes.get(node) != g.INPUT:
+                raise Reject(f"{node.name} does not depend on the model's inputs (a learnable decay?)", depth=5)
+        order = self.between(set(inputs), output)
+        q, k, v = (g.tensor_val(x) for x in inputs)
+        if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in _OP_DTYPES:
+            raise Reject(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: lightning::attn takes one of fp16, bf16, fp32",
+                         depth=5)
+        out_dtype = g.tensor_val(output).dtype
+        if out_dtype not in _OP_DTYPES:
+            raise Reject(f"output dtype {out_dtype} is not supported by lightning::attn", depth=5)
+        compute_dtype = torch.float32 if out_dtype == torch.float32 else q.dtype
+        dims = [q.shape[-1], k.shape[-1], v.shape[-1]]
+        if any(isinstance(d, torch.SymInt) for d in dims):
+            raise Reject("symbolic head dims", depth=5)
+        if not all(MIN_HEAD_DIM <= d <= MAX_HEAD_DIM for d in dims):
+            raise Reject(f"head dims {dims[0]} (q, k), {dims[2]} (v) are outside lightning::attn's "
+                         f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}", depth=5)
+        if q.device.type not in ("cpu", "cuda"):
+            raise Reject(f"device {q.device} is not supported", depth=5)
+        dtypes = g.const_dtypes(order, self.classes)
+        tol = max((_TOLERANCE[d] for d in dtypes), default=_TOLERANCE[torch.float64])
+
+        ev = self.evaluator
+        scale, lam = self._extract(output, inputs, layouts, hyp, order, ev, tol)
+        decay64 = None if bool((lam == 1).all()) else (-torch.log(lam)).to(torch.float32).to(torch.float64)
+        self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=0)
+        self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=1)
+        self._check_other_length(output, inputs, layouts, hyp, order, scale, decay64, tol)
+
+        names = {g.op_name(n) for n in order}
+        products = sum(1 for n in order if g.is_product(n, self.classes))
+        form = "cumsum" if "cumsum" in names else "chunked" if "cat" in names and products > 2 else "parallel"
+        decay = None if decay64 is None else tuple(float(x) for x in decay64)
+        return Match(output, tuple(inputs), tuple(layouts), hyp.out_layout, decay, float(scale), form,
+                     compute_dtype, order)
+
+    def _evaluate(self, output, inputs, layouts, hyp, order, ev, qc, kc, vc) -> torch.Tensor:
+        env = {node: _from_canonical(x, layout) for node, x, layout in zip(inputs, (qc, kc, vc), layouts)}
+        out = ev.run(order, env)[output]
+        return _to_canonical(out, hyp.out_layout)
+
+    def _canonical_shapes(self, inputs, layouts, ev):
+        shapes = []
+        for node, layout in zip(inputs, layouts):
+            s = ev.shape(node)
+            shapes.append((1, *s) if layout == "gnd" else (s[0], s[2], s[1], s[3]) if layout == "bnhd" else s)
+        return shapes
+
+    def _extract(self, output, inputs, layouts, hyp, order, ev, tol):
+        """One-hot probes: returns (scale c, lam per head) with o_t = c lam^(t-s) for t >= s."""
+        (b, h, n, dk), _, (_, _, _, dv) = self._canonical_shapes(inputs, layouts, ev)
+        if n < 2:
+            raise Reject("sequence length 1: the decay cannot be read off")
+        device = g.tensor_val(inputs[0]).device
+
+        def column(s):
+            qc = torch.zeros(b, h, n, dk, dtype=torch.float64, device=device)
+            qc[..., 0] = 1
+            kc = torch.zeros(b, h, n, dk, dtype=torch.float64, device=device)
+            kc[:, :, s, 0] = 1
+            vc = torch.zeros(b, h, n, dv, dtype=torch.float64, device=device)
+            vc[:, :, s, 0] = 1
+            out = self._evaluate(output, inputs, layouts, hyp, order, ev, qc, kc, vc)
+            if tuple(out.shape) != (b, h, n, dv):
+                raise Reject(f"output shape {tuple(out.shape)} does not match q, k, v", depth=0)
+            if out[..., 1:].abs().max() > 1e-9 * out[..., 0].abs().max().clamp(min=1e-300):
+                raise Reject("the output mixes value channels", depth=0)
+            return out[..., 0].cpu()  # [B, H, N]
+
+        first = column(0)
+        c = first[:, :, 0]
+        if bool((c == 0).any()):
+            raise Reject("zero weight on the diagonal: not a causal decay mask")
+        if (c - c[:1]).abs().max() > tol * c.abs().max():
+            raise Reject("the mask differs between batch entries")
+        c = c[0]  # [H]
+        if (c - c.mean()).abs().max() > tol * c.abs().max():
+            raise Reject(f"the scale differs between heads ({c.tolist()[:4]}...)")
+        ratio = first[0] / c[:, None]  # lam^t, [H, N]
+        t = torch.arange(n, dtype=torch.float64)
+        lams = []
+        for head in range(h):
+            r = ratio[head]
+            valid = (t >= 1) & (r > 1e-4) & torch.isfinite(r)
+            if not bool(valid.any()):
+                raise Reject("decay too strong to read off (lam ~ 0)")
+            log_lam = float((t[valid] * torch.log(r[valid])).sum() / (t[valid] ** 2).sum())
+            lams.append(math.exp(log_lam))
+        lam = torch.tensor(lams, dtype=torch.float64)
+        if bool((lam > 1 + tol).any()):
+            raise Reject(f"growing weights (lam = {lam.max().item():.6g} > 1): not a decay", depth=2)
+        lam = lam.clamp(max=1.0)
+        lam = torch.where((1 - lam).abs() <= 1e-12, torch.ones_like(lam), lam)
+        expected = lam[:, None] ** t
+        if (ratio - expected).abs().max() > tol:
+            raise Reject("the weights along the sequence are not c * lam^(t-s): not a decay mask", depth=2)
+        s = n // 2
+        if s >= 1:
+            col = column(s)[0] / c[:, None]
+            if col[:, :s].abs().max() > 1e-9:
+                raise Reject("non-causal: a position attends to later positions", depth=3)
+            if (col[:, s:] - lam[:, None] ** t[: n - s]).abs().max() > tol:
+                raise Reject("the mask is not a function of t - s times [t >= s]: not a decay mask", depth=3)
+        return float(c.mean()), lam
+
+    def _check_random(self, output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed):
+        shapes = self._canonical_shapes(inputs, layouts, ev)
+        gen = torch.Generator().manual_seed(seed)
+        device = g.tensor_val(inputs[0]).device
+        qc, kc, vc = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes)
+        got = self._evaluate(output, inputs, layouts, hyp, order, ev, qc, kc, vc)
+        # the chunked form in float64: O(N) memory, so long static lengths can be checked too
+        want, _ = reference.attention_forward_chunked(qc, kc, vc, None if decay64 is None else decay64.to(device), scale)
+        err = ((got - want).norm() / want.norm()).item()
+        if not err <= tol:
+            raise Reject(f"output differs from c * ((Q K^T) * M) V on random inputs (relative error {err:.3g})",
+                         depth=4)
+
+    def _check_other_length(self, output, inputs, layouts, hyp, order, scale, decay64, tol):
+        length = hyp.length
+        symbols = getattr(length, "free_symbols", set())
+        if not symbols:
+            return
+        shape_env = self.evaluator.shape_env
+        last_error = None
+        for alt in _ALT_LENGTHS:
+            bindings = {}
+            for sym in symbols:
+                lo, hi = 2, alt
+                if shape_env is not None and sym in shape_env.var_to_range:
+                    bounds = shape_env.var_to_range[sym]
+                    lo = max(_finite_int(bounds.lower, 2), 2)
+                    hi = _finite_int(bounds.upper, alt)
+                value = min(max(alt, lo), hi)
+                if value != self.evaluator._bound(sym):
+                    bindings[sym] = value
+            if not bindings:
+                continue
+            ev = g.Evaluator(self.gm, self.classes, self.const_values, bindings)
+            try:
+                self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=2)
+                return
+            except Reject:
+                raise
+            except Exception as error:  # this length may be invalid for the model (a buffer too short)
+                last_error = error
+        if last_error is not None:
+            raise Reject(f"could not check a second sequence length: {last_error}", depth=4)
+
+
+def _finite_int(bound, default: int) -> int:
+    try:
+        return int(bound)
+    except Exception:  # an infinite bound
+        return default
+
+
+def _assignments(inputs, hyp, position):
+    """(q, k, v) orders to try: v's last dim is the output's, q's and k's agree; graph order first."""
+    ordered = sorted(inputs, key=position.__getitem__)
+    for q, k, v in itertools.permutations(ordered):
+        sq, sk, sv = (g.tensor_val(x).shape for x in (q, k, v))
+        if _key(sv[-1]) == hyp.value_dim and _key(sq[-1]) == _key(sk[-1]):
+            yield q, k, v
+
+
+def _scaled(x, factor):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_scaled(y, factor) for y in x)
+    return x * factor if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _describe(node: fx.Node) -> str:
+    name = g.op_name(node)
+    if name is not None:
+        return name
+    return str(node.target) if node.op == "call_function" else node.op
+
+
+def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match):
+    """Scan ``gm`` from its end for attention regions; ``on_match(match)`` rewrites each at once
+    (so later candidates see the rewritten graph). Returns the rejections worth reporting."""
+    recogniser = Recogniser(gm, classes, const_values)
+    rejections: list[Rejection] = []
+    done: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node in done or not recogniser.is_candidate(node):
+            continue
+        try:
+            match = recogniser.analyse(node)
+        except Reject as reject:
+            rejections.append(Rejection(node, getattr(reject, "region", frozenset()), str(reject), reject.depth))
+            continue
+        except Exception as error:  # a bug here must not cost the user their compile
+            logger.warning("rewrite: skipped a candidate at %s after an internal error: %r", node.name, error,
+                           exc_info=True)
+            rejections.append(Rejection(node, getattr(error, "region", frozenset()), f"internal error: {error!r}", 9))
+            continue
+        if match is None:
+            continue
+        done.update(match.region)
+        on_match(match)
+    # One reason per attention: overlapping regions are readings of the same one (its output,
+    # or a transpose of it); the deepest failure tells why. A region around a rewritten one
+    # (its output plus a bias, say) is no news.
+    kept: list[Rejection] = []
+    for rejection in sorted(rejections, key=lambda r: (-r.depth, len(r.region))):
+        if rejection.region & done or any(rejection.region & k.region for k in kept):
+            continue
+        kept.append(rejection)
+    return kept

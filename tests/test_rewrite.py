@@ -1,0 +1,551 @@
+"""The graph rewrite: a zoo of linear-attention spellings that must run on lightning::attn after
+the rewrite (through the dynamo backend and the export pass, static and dynamic shapes, with and
+without gradients), and look-alikes that must be left alone. Outputs are compared with eager, and
+the report says what happened.
+
+The rewrite itself is exercised with ``aot_eager`` behind it (seconds per compile); the
+Inductor-backed ``backend="lightning"`` runs in the few tests marked slow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_op
+from lightning_op.rewrite import InductorPass, clear_report, counters, make_backend, report
+
+HIDDEN, HEADS, HEAD_DIM = 32, 2, 16
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()  # the zoo shares forward code: stay under dynamo's recompile limit
+    clear_report()
+    yield
+    torch._dynamo.reset()
+
+
+def _positions(n, device=None):
+    i = torch.arange(n, device=device)
+    return i[:, None] - i[None, :]
+
+
+def _gammas(heads):
+    return 1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float32))
+
+
+class Projected(nn.Module):
+    """x [B, N, C] -> q, k, v [B, N, H, D] (silu feature map on q, k) -> ``attend`` -> [B, N, C]."""
+
+    def __init__(self, heads=HEADS, head_dim=HEAD_DIM, hidden=HIDDEN):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(hidden, 3 * heads * head_dim)
+        self.out = nn.Linear(heads * head_dim, hidden)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
+        o = self.attend(F.silu(q), F.silu(k), v)  # [B, N, H, D]
+        return self.out(o.reshape(b, n, -1))
+
+
+# ----------------------------------------------------------------------------- positives
+
+
+class TrilBufferMaskedFill(Projected):
+    """``@``, a bool tril buffer sliced to N, masked_fill, the scale on q; no decay."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("causal", torch.tril(torch.ones(128, 128, dtype=torch.bool)))
+
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        return (scores.masked_fill(~self.causal[:n, :n], 0.0) @ v).transpose(1, 2)
+
+
+class DecayMaskInForward(Projected):
+    """``torch.matmul``, a decay mask built in forward from slopes, exp and a comparison."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", lightning_op.slopes(HEADS))
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        mask = torch.exp(-self.slopes[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+        return torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * mask, v).transpose(1, 2)
+
+
+class RetentionEinsum(Projected):
+    """RetNet-style: einsum in the [B, N, H, D] layout, gamma ** (i - j) under ``where``, scale on scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gammas", _gammas(HEADS))
+
+    def attend(self, q, k, v):
+        diff = _positions(q.shape[1], q.device)
+        mask = torch.where(diff >= 0, self.gammas[:, None, None] ** diff.float(), torch.zeros(()))
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(self.head_dim)
+        return torch.einsum("bhnm,bmhd->bnhd", scores * mask, v)
+
+
+class FlatBmmBufferDecay(Projected):
+    """[B*H, N, D] with ``bmm``; a per-head decay mask buffer sliced to N."""
+
+    def __init__(self):
+        super().__init__()
+        lam = torch.exp(-lightning_op.slopes(HEADS))
+        diff = _positions(128)
+        self.register_buffer("mask", lam[:, None, None] ** diff.clamp(min=0) * (diff >= 0))
+
+    def attend(self, q, k, v):
+        b, n, h, d = q.shape
+        q, k, v = (t.transpose(1, 2).reshape(b * h, n, d) for t in (q, k, v))
+        scores = torch.bmm(q, k.transpose(1, 2)).view(b, h, n, n) * self.mask[:, :n, :n]
+        return torch.bmm(scores.view(b * h, n, n), v).view(b, h, n, d).transpose(1, 2)
+
+
+class TriuFloatMask(Projected):
+    """A float ``triu`` mask applied by masked_fill with a bool view of it; scale on k."""
+
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        above = torch.ones(n, n, device=q.device).triu(1)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+        scores = q @ (k * 0.5).transpose(-1, -2)
+        return (scores.masked_fill(above.bool(), 0.0) @ v).permute(0, 2, 1, 3)
+
+
+class CumsumForm(Projected):
+    """The cumsum form: running sum of k (x) v over the sequence, contracted with q."""
+
+    def attend(self, q, k, v):
+        kv = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1)  # [B, N, H, D, D]
+        return torch.einsum("bnhd,bnhde->bnhe", q, kv) * self.head_dim ** -0.5
+
+
+class BlockLoop(Projected):
+    """The chunked block loop of Lightning Attention checkpoints, written independently: intra-block
+    masked attention plus q times the carried state, the state decayed and updated, cat at the end."""
+
+    block = 16
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", lightning_op.slopes(HEADS)[:, None, None])
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        b, h, n, d = q.shape
+        state = torch.zeros(b, h, d, v.shape[-1], dtype=q.dtype, device=q.device)
+        outs = []
+        for start in range(0, n, self.block):
+            qb, kb, vb = (t[:, :, start:start + self.block] for t in (q, k, v))
+            m = qb.shape[2]
+            idx = torch.arange(m, device=q.device, dtype=q.dtype)
+            diff = idx[:, None] - idx[None, :]
+            intra_mask = torch.exp(-self.slopes * diff).masked_fill(diff < 0, 0)
+            q_decay = torch.exp(-self.slopes * (idx[:, None] + 1))
+            k_decay = torch.exp(-self.slopes * (m - 1 - idx[:, None]))
+            outs.append((qb @ kb.transpose(-1, -2) * intra_mask) @ vb + (qb * q_decay) @ state)
+            state = torch.exp(-self.slopes * m) * state + (kb * k_decay).transpose(-1, -2) @ vb
+        return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+class NormalisedLinear(Projected):
+    """Causal linear attention divided by q . cumsum(k) (positive features): the numerator is
+    causal linear attention and is rewritten; the ratio stays as it is."""
+
+    def attend(self, q, k, v):
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1)
+        num = torch.einsum("bnhd,bnhde->bnhe", q, kv)
+        den = torch.einsum("bnhd,bnhd->bnh", q, torch.cumsum(k, dim=1))
+        return num / den[..., None]
+
+
+POSITIVES = {
+    "tril_buffer_masked_fill": (TrilBufferMaskedFill, None, HEAD_DIM ** -0.5),
+    "decay_mask_in_forward": (DecayMaskInForward, lightning_op.slopes(HEADS), 1.0),
+    "retention_einsum": (RetentionEinsum, -torch.log(_gammas(HEADS)), HEAD_DIM ** -0.5),
+    "flat_bmm_buffer_decay": (FlatBmmBufferDecay, lightning_op.slopes(HEADS), 1.0),
+    "triu_float_mask": (TriuFloatMask, None, 0.5),
+    "cumsum_form": (CumsumForm, None, HEAD_DIM ** -0.5),
+    "normalised_numerator": (NormalisedLinear, None, 1.0),
+    "block_loop": (BlockLoop, lightning_op.slopes(HEADS), 1.0),
+}
+
+
+# ----------------------------------------------------------------------------- negatives
+
+
+class SoftmaxCausal(Projected):
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)).masked_fill(_positions(n, q.device) < 0, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+class SoftmaxAlibi(Projected):
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        bias = -lightning_op.slopes(HEADS)[:, None, None] * diff.clamp(min=0)
+        scores = (q @ k.transpose(-1, -2) + bias).masked_fill(diff < 0, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+class NonCausal(Projected):
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return ((q @ k.transpose(-1, -2)) * 0.25 @ v).transpose(1, 2)
+
+
+class LowerTriangularNotDecay(Projected):
+    """Lower-triangular, positive, and not lam^(i-j): random weights."""
+
+    def __init__(self):
+        super().__init__()
+        weights = torch.rand(128, 128, generator=torch.Generator().manual_seed(0)) + 0.5
+        self.register_buffer("mask", torch.tril(weights))
+
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return ((q @ k.transpose(-1, -2)) * self.mask[:n, :n] @ v).transpose(1, 2)
+
+
+class HarmonicMask(Projected):
+    """1 / (i - j + 1) below the diagonal: causal, decaying, but not geometric."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        mask = torch.where(diff >= 0, 1.0 / (diff.clamp(min=0) + 1), torch.zeros(()))
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class RowNormalisedDecay(Projected):
+    """torchscale's retention mask: the decay mask divided by the root of its row sums."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        mask = torch.where(diff >= 0, _gammas(HEADS)[:, None, None] ** diff.float(), torch.zeros(()))
+        mask = mask / mask.sum(dim=-1, keepdim=True).sqrt()
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class StrictlyCausal(Projected):
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = torch.ones(n, n, device=q.device).tril(-1)
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class LearnableDecay(Projected):
+    def __init__(self):
+        super().__init__()
+        self.log_slopes = nn.Parameter(torch.log(lightning_op.slopes(HEADS)))
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        mask = torch.exp(-self.log_slopes.exp()[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class BiasOnScores(Projected):
+    def attend(self, q, k, v):
+        n = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) + 0.1) * torch.ones(n, n, device=q.device).tril()
+        return (scores @ v).transpose(1, 2)
+
+
+class GrowingMask(Projected):
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        diff = _positions(q.shape[2], q.device)
+        mask = torch.exp(0.05 * diff.clamp(min=0)) * (diff >= 0)
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class TinyHeads(TrilBufferMaskedFill):
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.heads, self.head_dim = 4, 8
+        self.qkv = nn.Linear(HIDDEN, 3 * 32)
+        self.out = nn.Linear(32, HIDDEN)
+        self.register_buffer("causal", torch.tril(torch.ones(128, 128, dtype=torch.bool)))
+
+
+NEGATIVES = {  # model, a phrase the reason must contain (None: not even a candidate)
+    "softmax_causal": (SoftmaxCausal, None),
+    "softmax_alibi": (SoftmaxAlibi, None),
+    "non_causal": (NonCausal, "causal"),
+    "lower_triangular_not_decay": (LowerTriangularNotDecay, "decay"),
+    "harmonic_mask": (HarmonicMask, "decay"),
+    "row_normalised_decay": (RowNormalisedDecay, ""),
+    "strictly_causal": (StrictlyCausal, "diagonal"),
+    "learnable_decay": (LearnableDecay, "learnable"),
+    "bias_on_scores": (BiasOnScores, None),
+    "growing_mask": (GrowingMask, "lam"),
+    "head_dim_8": (TinyHeads, "head dims"),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _model(cls, dtype=torch.float32):
+    torch.manual_seed(0)
+    return cls().to(dtype)
+
+
+def _run(model, x, entry, dynamic):
+    """The model's output through ``entry``: "dynamo" (rewrite + aot_eager) or "export"."""
+    if entry == "dynamo":
+        return torch.compile(model, backend=make_backend("aot_eager"), dynamic=dynamic, fullgraph=True)(x)
+    shapes = ({1: torch.export.Dim.AUTO},) if dynamic else None  # a block loop specialises N
+    ep = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    return lightning_op.rewrite(ep).module()(x)
+
+
+def _rewritten():
+    return [r for r in report() if r.rewritten]
+
+
+ENTRIES = [("dynamo", True), ("dynamo", False), ("export", True), ("export", False)]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("entry,dynamic", ENTRIES, ids=[f"{e}-{'dynamic' if d else 'static'}" for e, d in ENTRIES])
+@pytest.mark.parametrize("name", list(POSITIVES))
+def test_positive_spellings_are_rewritten_and_match_eager(name, entry, dynamic):
+    cls, decay, scale = POSITIVES[name]
+    model = _model(cls).eval()
+    x = torch.randn(2, 45, HIDDEN)
+    with torch.no_grad():
+        got = _run(model, x, entry, dynamic)
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    done = _rewritten()
+    assert len(done) == 1, report()
+    record = done[0]
+    assert record.stage == entry
+    assert record.scale == pytest.approx(scale, rel=1e-4)
+    if decay is None:
+        assert record.decay is None
+    else:
+        torch.testing.assert_close(torch.tensor(record.decay), decay, rtol=1e-4, atol=1e-6)
+    if entry == "dynamo" and dynamic:  # the symbolic length holds for other lengths too
+        compiled = torch.compile(model, backend=make_backend("aot_eager"), dynamic=True, fullgraph=True)
+        with torch.no_grad():
+            for n in (7, 64):
+                y = torch.randn(1, n, HIDDEN)
+                torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("entry", ["dynamo", "export"])
+@pytest.mark.parametrize("name", list(NEGATIVES))
+def test_look_alikes_are_left_alone(name, entry):
+    cls, phrase = NEGATIVES[name]
+    model = _model(cls).eval()
+    x = torch.randn(2, 45, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, entry, dynamic=True), model(x), rtol=1e-4, atol=1e-4)
+    assert not _rewritten(), report()
+    reasons = [r.reason for r in report()]
+    if phrase is None:
+        assert not reasons
+    else:
+        assert any(phrase in reason for reason in reasons), reasons
+
+
+@pytest.mark.parametrize("cls,dynamic", [(BlockLoop, False), (RetentionEinsum, True)])
+def test_training_graph_runs_forward_and_backward_on_the_ops(cls, dynamic):
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    model = _model(cls)
+    backend = make_backend(aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)
+    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
+    compiled(x).square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x.grad = None
+    model(x).square().sum().backward()
+    want = [x.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    targets = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert torch.ops.lightning.attn.default in targets
+    assert torch.ops.lightning.attn_bwd.default in targets
+    assert len(_rewritten()) == 1
+
+
+def test_exported_training_program_trains_through_the_op():
+    model = _model(RetentionEinsum)
+    x = torch.randn(2, 30, HIDDEN)
+    ep = lightning_op.rewrite(torch.export.export(model, (x,)))
+    assert any(n.target is torch.ops.lightning.attn.default for n in ep.graph.nodes)
+    module = ep.module()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module(x1).sum().backward()
+    model(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_with_rounded_mask_buffer(dtype):
+    model = _model(FlatBmmBufferDecay, dtype).eval()  # the mask buffer itself is in half precision
+    x = torch.randn(2, 45, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        got = _run(model, x, "dynamo", dynamic=False)
+        want = model.float()(x.float())
+    assert len(_rewritten()) == 1, report()
+    assert (got.float() - want).norm() / want.norm() < (3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_float64_model_is_left_alone_with_a_reason():
+    model = _model(DecayMaskInForward, torch.float64).eval()
+    x = torch.randn(2, 45, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, "export", dynamic=False), model(x))
+    assert not _rewritten()
+    assert any("dtype" in r.reason for r in report()), report()
+
+
+def test_core_aten_program_after_run_decompositions():
+    model = _model(RetentionEinsum).eval()
+    x = torch.randn(2, 33, HIDDEN)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=100)},))
+    ep = lightning_op.rewrite(ep.run_decompositions())
+    assert len(_rewritten()) == 1, report()
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_rewritten_program_saves_and_loads():
+    model = _model(BlockLoop).eval()
+    x = torch.randn(1, 40, HIDDEN)
+    ep = lightning_op.rewrite(torch.export.export(model, (x,)))
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    assert any(n.target is torch.ops.lightning.attn.default for n in loaded.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_two_layers_are_both_rewritten_and_logged(caplog):
+    model = nn.Sequential(_model(DecayMaskInForward), nn.GELU(), _model(CumsumForm)).eval()
+    x = torch.randn(2, 20, HIDDEN)
+    with caplog.at_level(logging.INFO, logger="lightning_op.rewrite"), torch.no_grad():
+        torch.testing.assert_close(_run(model, x, "export", dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+    assert counters()["rewritten"] == 2
+    assert sum("rewrote" in m for m in caplog.messages) == 2
+    assert {r.form for r in _rewritten()} == {"parallel", "cumsum"}
+
+
+def test_internal_error_leaves_graph_alone(monkeypatch, caplog):
+    from lightning_op.rewrite import recognise
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(recognise.Recogniser, "analyse", broken)
+    model = _model(DecayMaskInForward).eval()
+    x = torch.randn(2, 20, HIDDEN)
+    with caplog.at_level(logging.WARNING, logger="lightning_op.rewrite"), torch.no_grad():
+        torch.testing.assert_close(_run(model, x, "dynamo", dynamic=False), model(x))
+        ep = torch.export.export(model, (x,))
+        assert lightning_op.rewrite(ep) is ep
+    assert not _rewritten()
+    assert any("boom" in m for m in caplog.messages)
+
+
+def test_rewrite_rejects_non_programs():
+    with pytest.raises(TypeError, match="ep must be a torch.export.ExportedProgram, got Linear"):
+        lightning_op.rewrite(nn.Linear(2, 2))
+
+
+def test_report_accessor_and_record_text():
+    model = _model(CumsumForm).eval()
+    with torch.no_grad():
+        _run(model, torch.randn(1, 20, HIDDEN), "export", dynamic=False)
+    (record,) = lightning_op.rewrite_report()
+    assert "rewrote cumsum linear attention" in str(record)
+    assert "test_rewrite.py" in record.location
+    clear_report()
+    assert lightning_op.rewrite_report() == []
+
+
+# ----------------------------------------------------------------------------- Inductor
+
+
+@pytest.mark.slow
+def test_lightning_backend_with_inductor_trains_and_matches_eager():
+    model = _model(BlockLoop)
+    compiled = torch.compile(model, backend="lightning")
+    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
+    compiled(x).square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x.grad = None
+    model(x).square().sum().backward()
+    for a, b in zip(got, [x.grad] + [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(_rewritten()) == 1
+
+
+@pytest.mark.slow
+def test_lightning_backend_dynamic_inference_leaves_softmax_alone():
+    model = nn.Sequential(_model(RetentionEinsum), _model(SoftmaxCausal)).eval()
+    compiled = torch.compile(model, backend="lightning", dynamic=True, options={"max_autotune": False})
+    with torch.no_grad():
+        for n in (21, 50):
+            x = torch.randn(2, n, HIDDEN)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(_rewritten()) == 1
+
+
+@pytest.mark.slow
+def test_inductor_pass_in_a_users_own_config():
+    from torch._inductor import config
+
+    model = _model(TriuFloatMask).eval()  # Inductor passes buffers without values: a mask built in forward
+    x = torch.randn(2, 24, HIDDEN)
+    with config.patch(joint_custom_pre_pass=InductorPass(), fx_graph_cache=False), torch.no_grad():
+        got = torch.compile(model)(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    assert [r.stage for r in _rewritten()] == ["inductor"]
+
+
+def test_inductor_pass_uuid_is_stable_bytes():
+    assert InductorPass().uuid() == InductorPass().uuid()
+    assert isinstance(InductorPass().uuid(), bytes)
