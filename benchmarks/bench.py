@@ -465,7 +465,8 @@ def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, devi
 # ----------------------------------------------------------------------------- outputs
 
 
-def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
+def environment(device: torch.device) -> dict:
+    """When, where and with what a run was made (shared by the benchmark runners)."""
     try:
         import triton
 
@@ -481,6 +482,12 @@ def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailab
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
+    }
+
+
+def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
+    return {
+        **environment(device),
         "packages": versions,
         "unavailable": unavailable,
         "dtype": str(dtype).removeprefix("torch."),

@@ -27,11 +27,8 @@ Writes results.csv, results.json and decode_latency.png under --out, and prints 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -42,7 +39,7 @@ import torch
 from torch import Tensor
 
 import lightning_op
-from bench import GIB, Timer, _git_commit, _one_line, _package_version, copy_bandwidth, write_results
+from bench import GIB, Timer, _one_line, _package_version, copy_bandwidth, environment, write_results
 
 IMPLS = ("ours", "ours_graph", "fla", "fla_graph", "torch_step", "torch_step_graph")
 GRAPH_SUFFIX = "_graph"
@@ -287,21 +284,8 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
 
 
 def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
+        **environment(device),
         "packages": versions,
         "unavailable": unavailable,
         "dtype": str(dtype).removeprefix("torch."),
