@@ -56,3 +56,21 @@ def test_cuda_long_no_decay_finite():
     q, k, v = (torch.ones(1, 2, 65536, 64, device="cuda", dtype=torch.float16) * 0.5 for _ in range(3))
     out, final = lightning_attn(q, k, v, scale=1 / 64, output_final_state=True)
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
+
+
+def test_cuda_row_offsets_beyond_2_31_elements():
+    # [B, N, H, D] storage read as [B, H, N, D]: row t sits t * H * D elements in, past 2**31 here
+    from lightning_op import reference
+
+    n, h, d = 600_000, 32, 128
+    assert (n - 1) * h * d > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2) * 0.5
+               for _ in range(3))
+    decay = torch.full((h,), 30.0, device="cuda")  # lam^64 underflows: a 64-token window is exact
+    out = lightning_attn(q, k, v, decay)
+    window = slice(n - 64, n)
+    expected, _ = reference.attention_quadratic(
+        *(x[:, :, window].double() for x in (q, k, v)), decay.double(), 1.0
+    )
+    assert rel_error(out[:, :, window], expected) < GPU_TOLERANCE[torch.bfloat16]

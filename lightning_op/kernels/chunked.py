@@ -43,7 +43,7 @@ def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REV
         positions = N - 1 - rows
     else:
         positions = rows
-    offsets = positions[:, None] * stride_n + cols[None, :] * stride_d
+    offsets = positions.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
     return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
 
 
@@ -62,7 +62,7 @@ def _segment_state_kernel(
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row)."""
     pid_v = tl.program_id(0)
     seg = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -102,7 +102,7 @@ def _segment_scan_kernel(
 ):
     """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start."""
     pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     cols_k = tl.arange(0, BLOCK_K)
@@ -146,7 +146,7 @@ def _chunk_output_kernel(
     """Outputs of one segment for one block of value columns, walking its chunks in order."""
     pid_v = tl.program_id(0)
     seg = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     q_ptr = Q + b * stride_qb + h * stride_qh
@@ -206,7 +206,7 @@ def _chunk_output_kernel(
             positions = N - 1 - rows
         else:
             positions = rows
-        o_offsets = positions[:, None] * stride_on + cols_v[None, :] * stride_od
+        o_offsets = positions.to(tl.int64)[:, None] * stride_on + cols_v[None, :] * stride_od
         tl.store(o_ptr + o_offsets, out.to(O.dtype.element_ty), mask=row_valid[:, None] & valid_v[None, :])
 
         if HAS_DECAY:

@@ -26,7 +26,7 @@ def _decode_step_kernel(
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     cols_k = tl.arange(0, BLOCK_K)
