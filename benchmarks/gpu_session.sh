@@ -24,7 +24,7 @@ for stage in "${stages[@]}"; do
     bench)   timeout 540 python3 benchmarks/bench.py --out "$out/bench" 2>&1 | tail -60 ;;
     quick)   timeout 240 python3 benchmarks/bench.py --quick --out "$out/quick" 2>&1 | tail -12 ;;
     decode)  timeout 240 python3 benchmarks/bench_decode.py --out "$out/decode" 2>&1 | tail -40 ;;
-    sweep)   timeout 240 python3 benchmarks/sweep_configs.py 2>&1 | tail -40 ;;
+    sweep)   timeout 300 python3 benchmarks/sweep_configs.py --backward 2>&1 | tail -45 ;;
     rewrite) timeout 300 python3 examples/rewrite_existing_model.py --device cuda --dtype bfloat16 --hidden 1024 \
                --heads 16 --layers 4 --lengths 4096 16384 --compile 2>&1 | tail -20 ;;
     *) echo "unknown stage $stage"; continue ;;

@@ -1,52 +1,61 @@
-"""Time the forward kernels under several launch configurations (input to choose_config).
+"""Time forward and forward+backward under several launch configurations (input to choose_config).
 
-    python3 benchmarks/sweep_configs.py            # on the GPU; prints one line per config
+    python3 benchmarks/sweep_configs.py [--shapes 8x8192x16x128,1x65536x16x128] [--backward]
 
-Each line: shape, config, median ms, achieved bandwidth (q, k, v read + o written) as a fraction
-of a device copy measured in the same run. Not part of the test suite: an experiment log.
+Each line: shape, the forced parameters (``kernels.config_override``; everything else as
+``choose_config`` picks), median forward ms with its bandwidth (q, k, v read + o written) as a
+fraction of a device copy measured in the same run, and with ``--backward`` the median
+forward+backward ms. Not part of the test suite: an experiment log for benchmarks/RESULTS.md.
 """
 
-import dataclasses
-import sys
+import argparse
 
 import torch
 from triton.testing import do_bench
 
 import lightning_op
-from lightning_op.kernels import choose_config, linear_attention
+from lightning_op.kernels import choose_config, config_override
+
+VARIANTS = [
+    {}, dict(block_v=128), dict(block_v=128, num_stages=4), dict(block_v=128, num_stages=2),
+    dict(block_v=128, num_warps=4), dict(block_v=128, chunk=128), dict(block_v=32, num_warps=4),
+    dict(num_stages=4), dict(chunk=128), dict(block_v=128, segment_len=2048), dict(block_v=128, segment_len=8192),
+]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="8x8192x16x128,1x65536x16x128,8x8192x16x64")
+    parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    args = parser.parse_args()
     device = torch.device("cuda")
     src = torch.empty(2**31, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_bps = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
     del src, dst
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} copy {copy_bps / 1e12:.2f} TB/s")
-    shapes = [(8, 8192, 16, 128), (1, 65536, 16, 128), (8, 8192, 16, 64)]
-    for b, n, h, d in shapes:
-        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} copy {copy_bps / 1e12:.2f} TB/s", flush=True)
+    for shape in args.shapes.split(","):
+        b, n, h, d = (int(x) for x in shape.split("x"))
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
         decay = lightning_op.slopes(h).to(device)
-        base = choose_config(b * h, n, d, d, device)
-        variants = [base]
-        for change in (
-            dict(num_stages=2), dict(num_stages=1), dict(num_warps=4), dict(block_v=32), dict(block_v=128),
-            dict(chunk=128), dict(chunk=32), dict(segment_len=max(base.chunk, base.segment_len // 2)),
-            dict(segment_len=max(base.chunk, base.segment_len // 4)), dict(block_v=32, num_warps=4),
-        ):
-            variant = dataclasses.replace(base, **change)
-            if variant not in variants:
-                variants.append(variant)
         nbytes = 4 * q.numel() * q.element_size()
-        for cfg in variants:
+        print(f"B{b} N{n} H{h} D{d}: default {choose_config(b * h, n, d, d, device)}", flush=True)
+        for changes in VARIANTS:
+            label = ",".join(f"{key}={value}" for key, value in changes.items()) or "default"
             try:
-                ms = do_bench(lambda: linear_attention(q, k, v, decay, config=cfg), return_mode="median")
-                print(f"B{b} N{n} H{h} D{d} {cfg}: {ms:.3f} ms, {nbytes / (ms * 1e-3) / copy_bps:.0%} of copy",
-                      flush=True)
+                with config_override(**changes), torch.no_grad():
+                    fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
+                line = f"  {label:<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy"
+                if args.backward:
+                    with config_override(**changes):
+                        both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
+                                        grad_to_none=[q, k, v], return_mode="median")
+                    line += f"  fwd+bwd {both:.3f} ms"
+                print(line, flush=True)
             except Exception as exc:  # an infeasible tile (shared memory, registers) is a data point too
-                print(f"B{b} N{n} H{h} D{d} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
-        del q, k, v
-    sys.exit(0)
+                print(f"  {label:<34} failed: {str(exc).splitlines()[0][:100]}", flush=True)
+        del q, k, v, grad
 
 
 if __name__ == "__main__":

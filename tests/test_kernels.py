@@ -76,3 +76,46 @@ def test_bad_segment_length():
     q, k, v = make_inputs(1, 1, 10, 16, 16, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="segment_len"):
         linear_attention(q, k, v, segment_len=100)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(block_v=128), dict(chunk=128), dict(chunk=32, block_v=32), dict(chunk=16, segment_len=48),
+     dict(num_warps=2, num_stages=1)],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_forced_configs_compute_the_same_function(changes, monkeypatch):
+    """Every configuration the tuning sweeps may pick is correct, forward and all gradients."""
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")  # CPU tensors: the interpreted kernels
+    from lightning_op import lightning_attn
+    from lightning_op.kernels import config_override
+
+    from _helpers import oracle
+
+    q, k, v = make_inputs(1, 2, 150, 32, 80, torch.float32, DEVICE, layout="bnhd", seed=11)
+    decay = torch.tensor([0.02, 1.5], device=DEVICE)
+    init = torch.randn(1, 2, 32, 80, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, init)]
+    with config_override(**changes):
+        out, final = lightning_attn(*leaves[:3], decay, scale=0.5, initial_state=leaves[3], output_final_state=True)
+        grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)
+        grads = torch.autograd.grad((out * grad_out).sum() + (final * grad_final).sum(), leaves)
+    out_ref, final_ref, grads_ref = oracle(q, k, v, decay, 0.5, init, grad_out, grad_final)
+    for got, want in zip((out, final, *grads), (out_ref, final_ref, *grads_ref)):
+        assert rel_error(got, want) < TOLERANCE[torch.float32]
+
+
+def test_config_override_validates_and_restores():
+    from lightning_op.kernels import choose_config, config_override
+
+    default = choose_config(4, 1000, 64, 64, torch.device("cpu"))
+    with config_override(block_v=32, num_stages=2):
+        forced = choose_config(4, 1000, 64, 64, torch.device("cpu"))
+        assert (forced.block_v, forced.num_stages) == (32, 2)
+    assert choose_config(4, 1000, 64, 64, torch.device("cpu")) == default
+    with pytest.raises(ValueError, match="unknown parameters"):
+        with config_override(tile=64):
+            pass
+    with pytest.raises(ValueError, match="power of two"):
+        with config_override(chunk=48):
+            pass

@@ -6,6 +6,7 @@ tensors through Triton's interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -19,7 +20,7 @@ from .._gates import TRITON_INTERPRETING
 from .chunked import _chunk_output_kernel, _segment_scan_kernel, _segment_state_kernel
 from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "decode_step", "LaunchConfig", "choose_config"]
+__all__ = ["linear_attention", "decode_step", "LaunchConfig", "choose_config", "config_override"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -39,6 +40,33 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len")
+_overrides: dict = {}
+
+
+@contextlib.contextmanager
+def config_override(**changes):
+    """Force launch parameters (``chunk``, ``block_v``, ``num_warps``, ``num_stages``,
+    ``segment_len``) for every kernel call inside the block — forward and backward alike — to
+    time or test configurations other than :func:`choose_config`'s. Not thread-safe."""
+    unknown = set(changes) - set(_TUNABLE)
+    if unknown:
+        raise ValueError(f"config_override: unknown parameters {sorted(unknown)}; tunable: {list(_TUNABLE)}")
+    for name, value in changes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config_override: {name} must be a positive int, got {value!r}")
+    for name in ("chunk", "block_v"):
+        if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
+            raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
+    saved = dict(_overrides)
+    _overrides.update(changes)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
 def choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None
 ) -> LaunchConfig:
@@ -47,11 +75,15 @@ def choose_config(
     One segment (the paper's sequential walk) whenever batch*heads*value-blocks already fills the
     GPU; otherwise the sequence is cut into power-of-two segments of at least 8 chunks until about
     two programs per multiprocessor exist. Power-of-two segment lengths keep compiled variants few.
+    Parameters forced by :func:`config_override` win over these choices.
     """
     block_k = max(16, triton.next_power_of_2(dk))
-    chunk = 64 if block_k <= 128 else 32
-    block_v = max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32))
-    num_warps = 4 if block_k <= 64 else 8
+    chunk = _overrides.get("chunk", 64 if block_k <= 128 else 32)
+    block_v = _overrides.get("block_v", max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32)))
+    num_warps = _overrides.get("num_warps", 4 if block_k <= 64 else 8)
+    num_stages = _overrides.get("num_stages", 3)
+    if segment_len is None and "segment_len" in _overrides:
+        segment_len = triton.cdiv(_overrides["segment_len"], chunk) * chunk
     if segment_len is None:
         segment_len = max(n, chunk)
         if device.type == "cuda" and n > 0:
@@ -63,7 +95,7 @@ def choose_config(
         segment_len = triton.cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps)
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -83,14 +115,14 @@ def linear_attention(
     init_shift: int = 1,
     store_final: bool = True,
     segment_len: Optional[int] = None,
-    config: Optional[LaunchConfig] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
     query, key: [B, H, N, Dk]; value: [B, H, N, Dv], any strides, one dtype among float16,
     bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
-    validates. ``segment_len`` or a whole ``config`` override :func:`choose_config` (tests, tuning). Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+    validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
+    :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
     """
     b, h, n, dk = query.shape
     dv = value.shape[-1]
@@ -102,7 +134,7 @@ def linear_attention(
             final.copy_(initial_state) if initial_state is not None else final.zero_()
         return out, final
 
-    cfg = config or choose_config(b * h, n, dk, dv, device, segment_len)
+    cfg = choose_config(b * h, n, dk, dv, device, segment_len)
     num_segments = triton.cdiv(n, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     dtype = _TL_DTYPES[query.dtype]
