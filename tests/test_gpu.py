@@ -74,3 +74,47 @@ def test_cuda_row_offsets_beyond_2_31_elements():
         *(x[:, :, window].double() for x in (q, k, v)), decay.double(), 1.0
     )
     assert rel_error(out[:, :, window], expected) < GPU_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_cuda_decode_step_matches_op(dtype, tokens):
+    from lightning_op import attn_step
+
+    q, k, v = make_inputs(4, 16, tokens, 128, 128, dtype, "cuda", layout="bnhd", seed=tokens)
+    decay = torch.linspace(1e-4, 2.0, 16, device="cuda")
+    state = torch.randn(4, 16, 128, 128, device="cuda") * 0.1
+    expected, expected_state = lightning_attn(q, k, v, decay, scale=0.3, initial_state=state, output_final_state=True)
+    before = state.data_ptr()
+    out = attn_step(q, k, v, state, decay, scale=0.3)
+    assert state.data_ptr() == before
+    assert rel_error(out, expected) < GPU_TOLERANCE[dtype]
+    assert rel_error(state, expected_state) < GPU_TOLERANCE[dtype]
+
+
+def test_cuda_decode_step_in_cuda_graph_and_reduce_overhead():
+    from lightning_op import attn_step
+
+    decay = torch.linspace(0.01, 1.0, 16, device="cuda")
+    q, k, v = (torch.randn(2, 16, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    state_graph = torch.randn(2, 16, 128, 128, device="cuda")
+    state_eager = state_graph.clone()
+    attn_step(q, k, v, state_graph.clone(), decay)  # warm up (compile, decay check) outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_graph = attn_step(q, k, v, state_graph, decay)
+    for _ in range(3):
+        graph.replay()
+        expected = attn_step(q, k, v, state_eager, decay)
+        torch.testing.assert_close(out_graph, expected)
+        torch.testing.assert_close(state_graph, state_eager)
+
+    def step(q, k, v, state):
+        return attn_step(q, k, v, state, decay) * 2
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    state_compiled = state_eager.clone()
+    for _ in range(4):
+        got = compiled(q, k, v, state_compiled)
+        torch.testing.assert_close(got, step(q, k, v, state_eager))
+        torch.testing.assert_close(state_compiled, state_eager)
