@@ -118,3 +118,18 @@ def test_cuda_decode_step_in_cuda_graph_and_reduce_overhead():
         got = compiled(q, k, v, state_compiled)
         torch.testing.assert_close(got, step(q, k, v, state_eager))
         torch.testing.assert_close(state_compiled, state_eager)
+
+
+def test_cuda_more_than_65535_batch_heads():
+    # batch*head shares grid axis 0 with the value blocks: no 65535 limit
+    from lightning_op import attn_step, reference
+
+    q, k, v = make_inputs(70_000, 1, 3, 16, 16, torch.bfloat16, "cuda", seed=1)
+    out, final = lightning_attn(q, k, v, torch.tensor([0.5], device="cuda"), output_final_state=True)
+    expected, expected_final = reference.attention_quadratic(q.double(), k.double(), v.double(),
+                                                             torch.tensor([0.5], device="cuda").double())
+    assert rel_error(out, expected) < GPU_TOLERANCE[torch.bfloat16]
+    assert rel_error(final, expected_final) < GPU_TOLERANCE[torch.bfloat16]
+    state = torch.zeros(70_000, 1, 16, 16, device="cuda")
+    step_out = attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+    assert rel_error(step_out, reference.attention_quadratic(*(x[:, :, :1].double() for x in (q, k, v)))[0]) < 2e-2

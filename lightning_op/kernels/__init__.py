@@ -152,7 +152,7 @@ def linear_attention(
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
     if num_segments > 1:
         seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
-        _segment_state_kernel[(num_v_blocks, num_segments - 1, b * h)](
+        _segment_state_kernel[(b * h * num_v_blocks, num_segments - 1)](
             key, value, decay_arg, seg_states,
             *key.stride(), *value.stride(),
             n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
@@ -160,13 +160,13 @@ def linear_attention(
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _segment_scan_kernel[(num_v_blocks, b * h)](
+        _segment_scan_kernel[(b * h * num_v_blocks,)](
             decay_arg, init_arg, seg_states, *_strides(initial_state),
             h, dk, dv, cfg.segment_len, num_segments,
             HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
             BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
-    _chunk_output_kernel[(num_v_blocks, num_segments, b * h)](
+    _chunk_output_kernel[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
@@ -191,7 +191,7 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[
     block_k = max(16, triton.next_power_of_2(dk))
     # small value blocks give B*H*blocks programs: enough to spread a B = 1 step over the GPU
     block_v = max(16, min(triton.next_power_of_2(dv), 32))
-    _decode_step_kernel[(triton.cdiv(dv, block_v), b * h)](
+    _decode_step_kernel[(b * h * triton.cdiv(dv, block_v),)](
         q, k, v, out, state, decay if decay is not None else state,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
         t, h, dk, dv, scale,

@@ -37,6 +37,17 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(DV, BLOCK_V: tl.constexpr):
+    """(value block, batch*head) of this program. Both share grid axis 0, value blocks fastest so
+    the programs reading the same q and k rows run side by side; axis 0 also allows 2**31 - 1
+    programs where the other axes stop at 65535. batch*head is 64-bit: offsets of large tensors
+    pass 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_v_blocks = tl.cdiv(DV, BLOCK_V)
+    return pid % num_v_blocks, pid // num_v_blocks
+
+
+@triton.jit
 def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
     """A [rows, cols] tile of a [N, D] matrix given by strides; rows past the end read as zero."""
     if REVERSE:
@@ -60,9 +71,8 @@ def _segment_state_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row)."""
-    pid_v = tl.program_id(0)
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     seg = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -101,8 +111,7 @@ def _segment_scan_kernel(
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start."""
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
     cols_k = tl.arange(0, BLOCK_K)
@@ -144,9 +153,8 @@ def _chunk_output_kernel(
     STATE_PRECISION: tl.constexpr,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order."""
-    pid_v = tl.program_id(0)
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     seg = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
     b = bh // H
     h = bh % H
     q_ptr = Q + b * stride_qb + h * stride_qh

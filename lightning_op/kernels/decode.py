@@ -5,13 +5,15 @@ For each token t of the T given (T is small, 1 when generating)::
     S   <- lam * S + k_t^T v_t
     o_t  = scale * q_t S
 
-(``reference.attention_step``). One program per (value block, batch*head) keeps its Dk x BLOCK_V
+(``reference.attention_step``). One program per (value block, batch*head) (both on grid axis 0) keeps its Dk x BLOCK_V
 slice of the float32 state in registers across the T tokens, then writes it back where it was
 read: the state is read once and written once, and nothing is allocated but the output.
 """
 
 import triton
 import triton.language as tl
+
+from .chunked import _block_and_head
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -25,8 +27,7 @@ def _decode_step_kernel(
     T, H, DK, DV, scale,
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: large tensors pass 2**31 elements
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
     cols_k = tl.arange(0, BLOCK_K)
