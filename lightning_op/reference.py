@@ -166,18 +166,27 @@ def linear_attention_chunked(
         state = initial_state.to(compute).clone(memory_format=torch.contiguous_format)
     out = torch.empty(b, h, n, dv, dtype=compute, device=query.device)
     zero = torch.zeros((), dtype=compute, device=query.device)
+    factors: dict[tuple[int, int], tuple[Tensor, ...]] = {}  # every full chunk shares its decay factors
+
+    def chunk_factors(length: int, shift: int) -> tuple[Tensor, ...]:
+        if (length, shift) not in factors:
+            idx = torch.arange(length, device=query.device)
+            factors[length, shift] = (
+                decay_mask(decay, length, dtype=compute, device=query.device),  # M[i, s] = lam^(i-s)
+                _decay_powers(decay, idx + shift, zero)[..., None],  # query weight lam^(i+shift)
+                _decay_powers(decay, length - 1 - idx, zero)[..., None],  # key weight lam^(length-1-s)
+                _decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None],
+            )
+        return factors[length, shift]
+
     for start in range(0, n, chunk_size):
         length = min(chunk_size, n - start)
         rows = slice(start, start + length)
         q_c, k_c, v_c = q[:, :, rows], k[:, :, rows], v[:, :, rows]
-        shift = init_shift if start == 0 else 1
-        idx = torch.arange(length, device=query.device)
-        intra = (q_c @ k_c.transpose(-1, -2)) * decay_mask(decay, length, dtype=compute, device=query.device)
-        o = value_scale * (intra @ v_c)
-        o = o + (q_c * _decay_powers(decay, idx + shift, zero)[..., None]) @ state
+        mask, query_weight, key_weight, carried = chunk_factors(length, init_shift if start == 0 else 1)
+        o = value_scale * (((q_c @ k_c.transpose(-1, -2)) * mask) @ v_c)
+        o = o + (q_c * query_weight) @ state
         out[:, :, rows] = out_scale * o
-        key_weight = _decay_powers(decay, length - 1 - idx, zero)[..., None]
-        carried = _decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None]
         state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
     if reverse:
         out = out.flip(2)
