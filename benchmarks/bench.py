@@ -641,6 +641,24 @@ def print_table(rows: list[dict], meta: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def apply_common_defaults(args) -> None:
+    """Defaults of the options both runners share, lighter in ``--smoke`` mode."""
+    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
+    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.smoke else 25.0)
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.smoke else 100.0)
+    args.copy_gib = args.copy_gib if args.copy_gib is not None else (1 / 16 if args.smoke else 2.0)
+
+
+def pick_device(args) -> Optional[torch.device]:
+    """The CPU for ``--smoke``, else the GPU; None (after saying why) when there is none."""
+    if args.smoke:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    return None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=None,
@@ -669,21 +687,14 @@ def parse_args(argv=None):
     for name in args.impl_names:
         if name not in IMPL_SPECS:
             parser.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
-    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
-    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.smoke else 25.0)
-    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.smoke else 100.0)
-    args.copy_gib = args.copy_gib if args.copy_gib is not None else (1 / 16 if args.smoke else 2.0)
+    apply_common_defaults(args)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    device = pick_device(args)
+    if device is None:
         return 2
     dtype = DTYPES[args.dtype]
     try:

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 import lightning_op
-from bench import GIB, Timer, _one_line, _package_version, copy_bandwidth, environment, write_results
+from bench import (GIB, Timer, _one_line, _package_version, apply_common_defaults, copy_bandwidth, environment,
+                   pick_device, write_results)
 
 IMPLS = ("ours", "ours_graph", "fla", "fla_graph", "torch_step", "torch_step_graph")
 GRAPH_SUFFIX = "_graph"
@@ -447,21 +448,14 @@ def parse_args(argv=None):
             parser.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
     args.heads = args.heads or (2 if args.smoke else 16)
     args.head_dim = args.head_dim or (32 if args.smoke else 128)
-    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
-    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.smoke else 25.0)
-    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.smoke else 100.0)
-    args.copy_gib = args.copy_gib if args.copy_gib is not None else (1 / 16 if args.smoke else 2.0)
+    apply_common_defaults(args)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    device = pick_device(args)
+    if device is None:
         return 2
     dtype = DTYPES[args.dtype]
 
