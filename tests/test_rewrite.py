@@ -549,3 +549,25 @@ def test_inductor_pass_in_a_users_own_config():
 def test_inductor_pass_uuid_is_stable_bytes():
     assert InductorPass().uuid() == InductorPass().uuid()
     assert isinstance(InductorPass().uuid(), bytes)
+
+
+def test_long_dynamic_sequence_is_probed_at_a_small_length():
+    """Probing costs O(N^2) per evaluation: a dynamic length is verified at small sizes, fast."""
+    import time
+
+    model = _model(DecayMaskInForward)
+    x = torch.randn(1, 4096, HIDDEN)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=65536)},))
+    start = time.perf_counter()
+    rewritten = lightning_op.rewrite(ep)
+    assert time.perf_counter() - start < 20  # 25 s when probed at N = 4096 on 2 cores
+    assert [r.rewritten for r in report()] == [True]
+    torch.testing.assert_close(rewritten.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_long_static_sequence_is_left_alone_with_advice():
+    model = _model(DecayMaskInForward)
+    ep = torch.export.export(model, (torch.randn(1, 4096, HIDDEN),))
+    assert lightning_op.rewrite(ep) is ep
+    (record,) = report()
+    assert not record.rewritten and "dynamic sequence length" in record.reason

@@ -44,6 +44,24 @@ _TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.float16: 4e-3, tor
 _MAX_REGION_NODES = 20000
 _MAX_ROLE_PROBES = 48
 _ALT_LENGTHS = (37, 5, 130)  # second sequence lengths probed when N is symbolic
+# Probing evaluates the region (O(N^2) for the parallel form) a few dozen times in float64:
+# symbolic sizes above _PROBE_SIZE are probed at _PROBE_SIZE, and a static region whose largest
+# tensor passes _MAX_PROBE_ELEMENTS on its device is left alone (with the advice to trace it with a
+# dynamic length). On 2 CPU cores 2**25 elements took 25 s to verify; 2**22 takes about 3 s.
+_PROBE_SIZE = 96
+_MAX_PROBE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+
+
+def _probe_bindings(gm: fx.GraphModule) -> dict:
+    """Small values for the large size symbols of a dynamic graph (within each symbol's range)."""
+    shape_env = g.shape_env_of(gm.graph)
+    bindings = {}
+    for sym, hint in g._backed_values(shape_env).items():
+        if int(hint) > _PROBE_SIZE:
+            bounds = shape_env.var_to_range.get(sym) if hasattr(shape_env, "var_to_range") else None
+            low = _finite_int(bounds.lower, 2) if bounds is not None else 2
+            bindings[sym] = max(_PROBE_SIZE, low)
+    return bindings
 
 
 class Reject(Exception):
@@ -136,7 +154,7 @@ class Recogniser:
     def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict):
         self.gm, self.classes, self.const_values = gm, classes, const_values
         self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.evaluator = g.Evaluator(gm, classes, const_values)
+        self.evaluator = g.Evaluator(gm, classes, const_values, _probe_bindings(gm))
 
     # --- regions
 
@@ -272,6 +290,13 @@ class Recogniser:
             raise
 
     def _analyse(self, output, order, leaves) -> Optional[Match]:
+        largest = max((math.prod(self.evaluator.shape(n)) for n in order if g.tensor_val(n) is not None), default=0)
+        if largest > _MAX_PROBE_ELEMENTS.get(g.tensor_val(output).device.type, _MAX_PROBE_ELEMENTS["cpu"]):
+            raise Reject(
+                f"too large to verify by probing at these static sizes ({largest} elements in one tensor); "
+                "trace with a dynamic sequence length (torch.compile(dynamic=True), or an export Dim) "
+                "so the region is verified at small lengths"
+            )
         roots = self._roles(output, order, leaves)
         region = set(order)
         first: Optional[Reject] = None
