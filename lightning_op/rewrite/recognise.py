@@ -49,7 +49,7 @@ _ALT_LENGTHS = (37, 5, 130)  # second sequence lengths probed when N is symbolic
 # tensor passes _MAX_PROBE_ELEMENTS on its device is left alone (with the advice to trace it with a
 # dynamic length). On 2 CPU cores 2**25 elements took 25 s to verify; 2**22 takes about 3 s.
 _PROBE_SIZE = 96
-_MAX_PROBE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+_MAX_PROBE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # float64 probes: 512 MB a tensor on GPU
 
 
 def _probe_bindings(gm: fx.GraphModule) -> dict:
