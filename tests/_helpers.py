@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from lightning_op import reference
@@ -50,3 +54,17 @@ def oracle(q, k, v, decay, scale, initial_state, grad_out, grad_final):
     inputs = leaves + ([init] if init is not None else [])
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     return out, final, grads
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(relative_path: str, *args: str, timeout: int = 600) -> str:
+    """Run one of the repo's scripts in a fresh interpreter (repo on the path, default backend);
+    assert it exits 0 and return its standard output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env.pop("LIGHTNING_OP_BACKEND", None)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, relative_path), *args],
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout

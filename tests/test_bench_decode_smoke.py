@@ -2,23 +2,16 @@
 the plain PyTorch step."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from _helpers import run_script
+
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_decode_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = run_script("benchmarks/bench_decode.py", "--smoke", "--out", str(tmp_path))
     assert (tmp_path / "results.csv").exists()
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"metadata", "results"} <= set(data)
@@ -29,4 +22,4 @@ def test_bench_decode_smoke(tmp_path):
         assert not row["error"]
         assert row["step_us"] > 0 and row["kernel_us"] > 0
         assert row["err_out_vs_torch_step"] < 1e-5 and row["err_state_vs_torch_step"] < 1e-5
-    assert result.stdout.rstrip().splitlines()[-1].startswith("targets:")  # the table comes last
+    assert stdout.rstrip().splitlines()[-1].startswith("targets:")  # the table comes last

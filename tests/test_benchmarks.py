@@ -1,23 +1,16 @@
 """The benchmark runner works (CPU smoke mode): it writes its tables and agrees with the naive form."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from _helpers import run_script
+
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("benchmarks/bench.py", "--smoke", "--out", str(tmp_path))
     assert (tmp_path / "results.csv").exists()
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"metadata", "results"} <= set(data)

@@ -1,22 +1,14 @@
 """The examples run and say what they did (they are what users copy from)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
+from _helpers import run_script
+
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args, timeout=600):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    env.pop("LIGHTNING_OP_BACKEND", None)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args],
-                            capture_output=True, text=True, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+def _run(script, *args):
+    return run_script(f"examples/{script}", *args)
 
 
 def test_demo():

@@ -379,6 +379,18 @@ def test_look_alikes_are_left_alone(name, entry):
         assert any(phrase in reason for reason in reasons), reasons
 
 
+def _assert_same_gradients(compiled, model):
+    """One training step through ``compiled`` and through eager ``model``: same input and weight grads."""
+    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
+    compiled(x).square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x.grad = None
+    model(x).square().sum().backward()
+    for a, b in zip(got, [x.grad] + [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("cls,dynamic", [(BlockLoop, False), (RetentionEinsum, True)])
 def test_training_graph_runs_forward_and_backward_on_the_ops(cls, dynamic):
     from torch._dynamo.backends.common import aot_autograd
@@ -392,15 +404,7 @@ def test_training_graph_runs_forward_and_backward_on_the_ops(cls, dynamic):
     model = _model(cls)
     backend = make_backend(aot_autograd(fw_compiler=record, bw_compiler=record))
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)
-    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
-    compiled(x).square().sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    x.grad = None
-    model(x).square().sum().backward()
-    want = [x.grad] + [p.grad for p in model.parameters()]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _assert_same_gradients(compiled, model)
     targets = {node.target for gm in graphs for node in gm.graph.nodes}
     assert torch.ops.lightning.attn.default in targets
     assert torch.ops.lightning.attn_bwd.default in targets
@@ -512,14 +516,7 @@ def test_report_accessor_and_record_text():
 def test_lightning_backend_with_inductor_trains_and_matches_eager():
     model = _model(BlockLoop)
     compiled = torch.compile(model, backend="lightning")
-    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
-    compiled(x).square().sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    x.grad = None
-    model(x).square().sum().backward()
-    for a, b in zip(got, [x.grad] + [p.grad for p in model.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _assert_same_gradients(compiled, model)
     assert len(_rewritten()) == 1
 
 
