@@ -180,34 +180,14 @@ def attn_bwd(
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
     """
     decay, initial_state, grad_final_state = _float32(decay), _float32(initial_state), _float32(grad_final_state)
-    if not _use_triton(q):
-        dq, dk, dv, d_init = reference.attention_backward_chunked(
-            grad_out, grad_final_state, q, k, v, decay, scale, initial_state
-        )
-        d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else d_init.to(torch.float32)
-        return dq, dk, dv, d_init
-
-    from .kernels import linear_attention
-
-    grad_final_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
-    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
-    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
-    dk, _ = linear_attention(
-        v, grad_out, q, decay, value_scale=scale, initial_state=grad_final_t,
-        reverse=True, init_shift=0, store_final=False,
+    kernel = None
+    if _use_triton(q):
+        from .kernels import linear_attention as kernel
+    dq, dk, dv, d_init = reference.attention_backward_chunked(
+        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, linear_attention=kernel
     )
-    dv, ds0 = linear_attention(
-        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state,
-        reverse=True, init_shift=0, store_final=initial_state is not None,
-    )
-    if initial_state is None:
-        d_init = q.new_empty(0, dtype=torch.float32)
-    elif q.shape[2] == 0:
-        d_init = ds0  # no tokens: the final state is the initial state
-    else:
-        lam = torch.ones_like(ds0[0, :, 0, 0]) if decay is None else torch.exp(-decay)
-        d_init = ds0 * lam[:, None, None]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
+    d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else d_init.to(torch.float32)
+    return dq, dk, dv, d_init
 
 
 @attn_bwd.register_fake

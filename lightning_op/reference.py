@@ -20,6 +20,7 @@ running forward or backward in time (see :func:`attention_backward_chunked`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -136,8 +137,9 @@ def linear_attention_chunked(
     initial_state: Optional[Tensor] = None,
     reverse: bool = False,
     init_shift: int = 1,
+    store_final: bool = True,
     chunk_size: int = 64,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention that both the op and its gradients are instances of.
 
     Visiting positions in order ``t = 0 .. N-1`` (or ``N-1 .. 0`` when ``reverse``)::
@@ -153,7 +155,8 @@ def linear_attention_chunked(
     attention ``((Q K^T) * M) V``; across chunks, the carried state. Every decay factor is a power
     ``lam^e`` with ``e >= 0``, so strong decays underflow to zero instead of overflowing.
     Computes in float32 (float64 for float64 inputs); returns ``(out, final_state)`` with out in
-    query's dtype and the final state in the compute dtype.
+    query's dtype and the final state in the compute dtype (None unless ``store_final``; the
+    argument mirrors the Triton launcher's, which can then skip the write).
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     b, h, n, dk = query.shape
@@ -190,7 +193,7 @@ def linear_attention_chunked(
         state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
     if reverse:
         out = out.flip(2)
-    return out.to(query.dtype), state
+    return out.to(query.dtype), state if store_final else None
 
 
 def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):
@@ -201,7 +204,8 @@ def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None
 
 
 def attention_backward_chunked(
-    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64
+    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
+    linear_attention=None,
 ):
     """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
 
@@ -213,22 +217,26 @@ def attention_backward_chunked(
         dv_t = k_t dS_t                -> backward in time: query k, key q, value scale*do, state dS
         d S_{-1} = lam * dS_0
 
-    ``d_initial_state`` is None when ``initial_state`` is None.
+    ``linear_attention`` computes each of the three (default: :func:`linear_attention_chunked`;
+    the op passes the Triton launcher, which takes the same arguments). ``d_initial_state`` is None
+    when ``initial_state`` is None.
     """
-    n = q.shape[2]
-    kw = dict(chunk_size=chunk_size)
+    if linear_attention is None:
+        linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
     init_t = None if initial_state is None else initial_state.transpose(-1, -2)
     gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
-    dq, _ = linear_attention_chunked(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, **kw)
-    dk, _ = linear_attention_chunked(
-        v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0, **kw
+    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
+    dk, _ = linear_attention(
+        v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0,
+        store_final=False,
     )
-    dv, ds0 = linear_attention_chunked(
-        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0, **kw
+    dv, ds0 = linear_attention(
+        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0,
+        store_final=initial_state is not None,
     )
     d_init = None
     if initial_state is not None:
-        if n == 0:
+        if q.shape[2] == 0:
             d_init = ds0  # no tokens: the final state is the initial state itself
         else:
             lam = _decay_powers(decay, torch.tensor([1], device=q.device), ds0)[..., None]
