@@ -19,7 +19,23 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _shard(items):
+    """``LIGHTNING_TEST_SHARD=i/n`` keeps every n-th collected test starting at the i-th, so n
+    processes can share a slow run (the GPU suite is mostly Triton compilation, which is per process)."""
+    spec = os.environ.get("LIGHTNING_TEST_SHARD")
+    if not spec:
+        return
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"LIGHTNING_TEST_SHARD must be 'i/n' with 0 <= i < n, got {spec!r}") from None
+    items[:] = items[index::count]
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(items)
     if _HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
