@@ -17,16 +17,39 @@ import lightning_op
 from lightning_op.kernels import choose_config, config_override
 
 VARIANTS = [
-    {}, dict(block_v=128), dict(block_v=128, num_stages=4), dict(block_v=128, num_stages=2),
-    dict(block_v=128, num_warps=4), dict(block_v=128, chunk=128), dict(block_v=32, num_warps=4),
-    dict(num_stages=4), dict(chunk=128), dict(block_v=128, segment_len=2048), dict(block_v=128, segment_len=8192),
+    {}, dict(kv_fused=0), dict(state_split=1, kv_state_split=1), dict(block_v=128), dict(block_v=128, num_stages=4),
+    dict(block_v=128, num_warps=4), dict(block_v=128, segment_len=2048), dict(block_v=128, segment_len=8192),
+    dict(block_v=128, state_split=8), dict(block_v=128, kv_chunk=32), dict(block_v=128, kv_num_warps=4),
+    dict(block_v=128, kv_num_stages=2), dict(block_v=128, kv_num_stages=1), dict(block_v=128, kv_segment_len=2048),
 ]
+
+
+def profile(step, label: str, repeats: int = 5) -> None:
+    """Per-kernel device time of ``step`` (averaged over ``repeats`` calls), largest first."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None)
+        if total is None:
+            total = getattr(event, "cuda_time_total", 0.0)
+        if total > 0:
+            rows.append((total / repeats, event.count // repeats, event.key))
+    print(f"  profile {label}: {sum(r[0] for r in rows if not r[2].startswith('ProfilerStep')):.0f} us per call")
+    for us, count, name in sorted(rows, reverse=True)[:8]:
+        print(f"    {us:8.1f} us  x{count:<3} {name[:70]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="8x8192x16x128,1x65536x16x128,8x8192x16x64")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times of the default config first")
+    parser.add_argument("--variants", default=None, help="indices into VARIANTS to run, comma-separated (default all)")
     args = parser.parse_args()
     device = torch.device("cuda")
     src = torch.empty(2**31, dtype=torch.uint8, device=device)
@@ -41,7 +64,12 @@ def main() -> None:
         decay = lightning_op.slopes(h).to(device)
         nbytes = 4 * q.numel() * q.element_size()
         print(f"B{b} N{n} H{h} D{d}: default {choose_config(b * h, n, d, d, device)}", flush=True)
-        for changes in VARIANTS:
+        if args.profile:
+            with torch.no_grad():
+                profile(lambda: lightning_op.lightning_attn(q, k, v, decay), "forward")
+            profile(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad), "forward+backward")
+        chosen = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",")]
+        for changes in chosen:
             label = ",".join(f"{key}={value}" for key, value in changes.items()) or "default"
             try:
                 with config_override(**changes), torch.no_grad():

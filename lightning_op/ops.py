@@ -180,11 +180,13 @@ def attn_bwd(
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
     """
     decay, initial_state, grad_final_state = _float32(decay), _float32(initial_state), _float32(grad_final_state)
-    kernel = None
+    kernels = {}
     if _use_triton(q):
-        from .kernels import linear_attention as kernel
+        from .kernels import key_value_gradients, linear_attention
+
+        kernels = dict(linear_attention=linear_attention, key_value_gradients=key_value_gradients)
     dq, dk, dv, d_init = reference.attention_backward_chunked(
-        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, linear_attention=kernel
+        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, **kernels
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else d_init.to(torch.float32)
     return dq, dk, dv, d_init

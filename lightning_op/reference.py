@@ -33,6 +33,7 @@ __all__ = [
     "linear_attention_chunked",
     "attention_forward_chunked",
     "attention_backward_chunked",
+    "key_value_gradients_chunked",
     "attention_step",
     "decay_mask",
     "slopes",
@@ -203,36 +204,59 @@ def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None
     )
 
 
-def attention_backward_chunked(
-    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
-    linear_attention=None,
+def key_value_gradients_chunked(
+    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, *, store_final=False, linear_attention=None,
+    chunk_size=64,
 ):
-    """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
+    """``(dk, dv, dS_0 or None)``: the two gradients that run backward in time, both driven by
+    ``dS_t = lam dS_{t+1} + scale q_t^T do_t`` (``dS_{N-1}`` also receiving ``grad_final_state``)::
 
-    With ``dS_t`` the gradient reaching state ``S_t`` (``dS_t = lam dS_{t+1} + scale q_t^T do_t``,
-    ``dS_{N-1}`` also receiving ``grad_final_state``)::
+        dk_t = dS_t^T v_t   -> query v, key do, value scale*q, state dS^T
+        dv_t = k_t dS_t     -> query k, key q, value scale*do, state dS
 
-        dq_t = scale * do_t S_t^T      -> forward in time: query do, key v, value k, state S_{-1}^T
-        dk_t = dS_t v_t                -> backward in time: query v, key do, value scale*q, state dS^T
-        dv_t = k_t dS_t                -> backward in time: query k, key q, value scale*do, state dS
-        d S_{-1} = lam * dS_0
-
-    ``linear_attention`` computes each of the three (default: :func:`linear_attention_chunked`;
-    the op passes the Triton launcher, which takes the same arguments). ``d_initial_state`` is None
-    when ``initial_state`` is None.
+    Here as two linear attentions; the Triton backward computes both in one pass
+    (``kernels.key_value_gradients``) and falls back to this composition where it cannot.
+    ``dS_0`` (the gradient reaching the first token's state) is returned when ``store_final``.
     """
     if linear_attention is None:
         linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
-    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
     gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
-    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
     dk, _ = linear_attention(
         v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0,
         store_final=False,
     )
     dv, ds0 = linear_attention(
         k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0,
-        store_final=initial_state is not None,
+        store_final=store_final,
+    )
+    return dk, dv, ds0
+
+
+def attention_backward_chunked(
+    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
+    linear_attention=None, key_value_gradients=None,
+):
+    """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
+
+    With ``dS_t`` the gradient reaching state ``S_t`` (see :func:`key_value_gradients_chunked`)::
+
+        dq_t = scale * do_t S_t^T      -> forward in time: query do, key v, value k, state S_{-1}^T
+        dk_t, dv_t                     -> backward in time (key_value_gradients_chunked)
+        d S_{-1} = lam * dS_0
+
+    ``linear_attention`` computes each linear attention (default: :func:`linear_attention_chunked`;
+    the op passes the Triton launcher, which takes the same arguments); ``key_value_gradients``
+    computes dk and dv (default: :func:`key_value_gradients_chunked` over ``linear_attention``).
+    ``d_initial_state`` is None when ``initial_state`` is None.
+    """
+    if linear_attention is None:
+        linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
+    if key_value_gradients is None:
+        key_value_gradients = functools.partial(key_value_gradients_chunked, linear_attention=linear_attention)
+    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
+    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
+    dk, dv, ds0 = key_value_gradients(
+        grad_out, grad_final_state, q, k, v, decay, scale, store_final=initial_state is not None
     )
     d_init = None
     if initial_state is not None:

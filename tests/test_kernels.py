@@ -81,7 +81,9 @@ def test_bad_segment_length():
 @pytest.mark.parametrize(
     "changes",
     [dict(block_v=128), dict(chunk=128), dict(chunk=32, block_v=32), dict(chunk=16, segment_len=48),
-     dict(num_warps=2, num_stages=1)],
+     dict(num_warps=2, num_stages=1), dict(kv_chunk=32, kv_num_stages=1), dict(kv_chunk=16, kv_segment_len=48),
+     dict(kv_fused=0, segment_len=64), dict(chunk=16, segment_len=64, state_split=2),
+     dict(chunk=16, segment_len=64, state_split=4, kv_state_split=2), dict(kv_segment_len=64, kv_state_split=8)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -105,6 +107,39 @@ def test_forced_configs_compute_the_same_function(changes, monkeypatch):
         assert rel_error(got, want) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "n, dk, dv, segment_len, fused",
+    [(1, 16, 16, None, True), (150, 32, 80, 64, True), (203, 128, 128, 128, True), (97, 24, 40, None, True),
+     (130, 200, 40, 64, False), (70, 16, 144, None, False)],
+)
+@pytest.mark.parametrize("with_decay, with_grad_final", [(True, True), (False, False)], ids=["decay+dS", "plain"])
+def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, dtype, with_decay, with_grad_final,
+                                                monkeypatch):
+    """The fused dk/dv pass (heads up to 128 wide) and its two-pass fallback (wider heads) both
+    equal the float64 composition, with several segments, odd lengths and dS_0 returned."""
+    from lightning_op import kernels
+    from lightning_op.kernels import config_override
+
+    composed = []
+    real = reference.key_value_gradients_chunked
+    monkeypatch.setattr(reference, "key_value_gradients_chunked", lambda *a, **kw: composed.append(1) or real(*a, **kw))
+    q, k, v = make_inputs(2, 3, n, dk, dv, dtype, DEVICE, layout="bnhd", seed=5)
+    grad_out = torch.randn(2, 3, n, dv, device=DEVICE).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    decay = torch.tensor([0.005, 0.4, 4.0], device=DEVICE) if with_decay else None
+    grad_final = torch.randn(2, 3, dv, dk, device=DEVICE).transpose(-1, -2) if with_grad_final else None
+    with config_override(**({} if segment_len is None else {"segment_len": segment_len})):
+        got = kernels.key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
+    assert bool(composed) != fused
+    want = real(
+        grad_out.double(), None if grad_final is None else grad_final.double(), q.double(), k.double(), v.double(),
+        decay, 0.8, store_final=True,
+    )
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < TOLERANCE[dtype]
+
+
 def test_config_override_validates_and_restores():
     from lightning_op.kernels import choose_config, config_override
 
@@ -119,3 +154,34 @@ def test_config_override_validates_and_restores():
     with pytest.raises(ValueError, match="power of two"):
         with config_override(chunk=48):
             pass
+    with pytest.raises(ValueError, match="kv_fused must be 0 or 1"):
+        with config_override(kv_fused=2):
+            pass
+    with pytest.raises(ValueError, match="num_warps must be a positive int"):
+        with config_override(kv_num_warps=0):
+            pass
+
+
+def test_config_override_of_the_fused_backward_wins_there_only():
+    from lightning_op.kernels import choose_config, config_override
+
+    cpu = torch.device("cpu")
+    with config_override(chunk=32, num_warps=2, kv_chunk=16, kv_num_stages=1, kv_segment_len=100):
+        general = choose_config(4, 1000, 64, 80, cpu)
+        fused = choose_config(4, 1000, 64, 80, cpu, whole_value=True)
+    assert (general.chunk, general.num_warps, general.num_stages, general.segment_len) == (32, 2, 3, 1024)
+    # kv_ parameters win; general ones fill the rest; the value block is the whole (padded) width
+    assert (fused.chunk, fused.num_warps, fused.num_stages, fused.segment_len, fused.block_v) == (16, 2, 1, 112, 128)
+
+
+def test_kv_fused_0_takes_the_composed_backward(monkeypatch):
+    from lightning_op import kernels
+    from lightning_op.kernels import config_override
+
+    composed = []
+    real = reference.key_value_gradients_chunked
+    monkeypatch.setattr(reference, "key_value_gradients_chunked", lambda *a, **kw: composed.append(1) or real(*a, **kw))
+    q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE)
+    with config_override(kv_fused=0):
+        kernels.key_value_gradients(v, None, q, k, v, None, 1.0)
+    assert composed == [1]

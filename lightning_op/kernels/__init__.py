@@ -17,10 +17,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .._gates import TRITON_INTERPRETING
+from .. import reference
+from .backward import _key_value_grad_kernel
 from .chunked import _chunk_output_kernel, _segment_scan_kernel, _segment_state_kernel
 from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "decode_step", "LaunchConfig", "choose_config", "config_override"]
+__all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "choose_config", "config_override"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -33,6 +35,7 @@ class LaunchConfig:
     segment_len: int  # rows per segment (a multiple of chunk); segments run in parallel
     num_warps: int
     num_stages: int = 3
+    state_split: int = 1  # pieces per segment in the segment-state pass (parallelism of that pass)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,24 +43,40 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split")
+#: the fused key/value backward's own parameters (its block_v is always the whole value width)
+_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
 _overrides: dict = {}
 
 
 @contextlib.contextmanager
 def config_override(**changes):
-    """Force launch parameters (``chunk``, ``block_v``, ``num_warps``, ``num_stages``,
-    ``segment_len``) for every kernel call inside the block — forward and backward alike — to
-    time or test configurations other than :func:`choose_config`'s. Not thread-safe."""
-    unknown = set(changes) - set(_TUNABLE)
+    """Force launch parameters for every kernel call inside the block, to time or test
+    configurations other than :func:`choose_config`'s. Not thread-safe.
+
+    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` apply
+    to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
+    ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
+    over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
+    (for comparisons).
+    """
+    unknown = set(changes) - set(_TUNABLE) - set(_TUNABLE_KV) - {"kv_fused"}
     if unknown:
-        raise ValueError(f"config_override: unknown parameters {sorted(unknown)}; tunable: {list(_TUNABLE)}")
+        raise ValueError(
+            f"config_override: unknown parameters {sorted(unknown)}; tunable: {list(_TUNABLE + _TUNABLE_KV)}, kv_fused"
+        )
     for name, value in changes.items():
-        if not isinstance(value, int) or value <= 0:
+        if name == "kv_fused":
+            if value not in (0, 1) or isinstance(value, float):
+                raise ValueError(f"config_override: kv_fused must be 0 or 1, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config_override: {name} must be a positive int, got {value!r}")
-    for name in ("chunk", "block_v"):
+    for name in ("chunk", "block_v", "kv_chunk"):
         if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
             raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
+    for name in ("state_split", "kv_state_split"):
+        if name in changes and changes[name] & (changes[name] - 1):
+            raise ValueError(f"config_override: {name} must be a power of two, got {changes[name]}")
     saved = dict(_overrides)
     _overrides.update(changes)
     try:
@@ -67,23 +86,40 @@ def config_override(**changes):
         _overrides.update(saved)
 
 
+def _forced(name: str, whole_value: bool):
+    """The override for ``name`` (the fused backward's own first), or None."""
+    if whole_value and f"kv_{name}" in _overrides:
+        return _overrides[f"kv_{name}"]
+    return _overrides.get(name)
+
+
 def choose_config(
-    batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None
+    batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
+    *, whole_value: bool = False,
 ) -> LaunchConfig:
     """Tile sizes and the segment length for one call.
 
     One segment (the paper's sequential walk) whenever batch*heads*value-blocks already fills the
     GPU; otherwise the sequence is cut into power-of-two segments of at least 8 chunks until about
     two programs per multiprocessor exist. Power-of-two segment lengths keep compiled variants few.
-    Parameters forced by :func:`config_override` win over these choices.
+    ``whole_value`` (the fused backward) puts all value columns in one block. Parameters forced by
+    :func:`config_override` win over these choices.
     """
+    def pick(name, default):
+        forced = _forced(name, whole_value)
+        return default if forced is None else forced
+
     block_k = max(16, triton.next_power_of_2(dk))
-    chunk = _overrides.get("chunk", 64 if block_k <= 128 else 32)
-    block_v = _overrides.get("block_v", max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32)))
-    num_warps = _overrides.get("num_warps", 4 if block_k <= 64 else 8)
-    num_stages = _overrides.get("num_stages", 3)
-    if segment_len is None and "segment_len" in _overrides:
-        segment_len = triton.cdiv(_overrides["segment_len"], chunk) * chunk
+    chunk = pick("chunk", 64 if block_k <= 128 else 32)
+    if whole_value:
+        block_v = max(16, triton.next_power_of_2(dv))
+    else:
+        block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32)))
+    num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
+    num_stages = pick("num_stages", 3)
+    forced_segment = _forced("segment_len", whole_value)
+    if segment_len is None and forced_segment is not None:
+        segment_len = triton.cdiv(forced_segment, chunk) * chunk
     if segment_len is None:
         segment_len = max(n, chunk)
         if device.type == "cuda" and n > 0:
@@ -95,7 +131,21 @@ def choose_config(
         segment_len = triton.cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages)
+    state_split = _forced("state_split", whole_value)
+    if state_split is None:
+        # the state pass has (segments - 1) * programs to run: split its segments into pieces of at
+        # least 4 chunks until that fills the GPU twice over
+        state_split = 1
+        num_segments = triton.cdiv(n, segment_len)
+        if device.type == "cuda" and num_segments > 1:
+            programs = batch_heads * triton.cdiv(dv, block_v) * (num_segments - 1)
+            wanted = 2 * _multiprocessors(device.index or 0)
+            while programs * state_split < wanted and segment_len // (2 * state_split) >= 4 * chunk:
+                state_split *= 2
+    # pieces must be whole chunks
+    while state_split > 1 and segment_len % (state_split * chunk):
+        state_split //= 2
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -137,47 +187,137 @@ def linear_attention(
     cfg = choose_config(b * h, n, dk, dv, device, segment_len)
     num_segments = triton.cdiv(n, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
-    dtype = _TL_DTYPES[query.dtype]
-    dot_dtype = tl.float32 if (TRITON_INTERPRETING and dtype == tl.bfloat16) else dtype
-    state_dot_dtype = dot_dtype if dtype == tl.bfloat16 else tl.float32
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    # float16 cannot hold a long undecayed state: its products with q run in tf32
-    state_precision = "tf32" if dtype == tl.float16 else precision
+    types = _dot_types(query.dtype)
     has_decay = decay is not None
     has_init = initial_state is not None
     decay_arg = decay if has_decay else out
     init_arg = initial_state if has_init else out
-
     # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
     if num_segments > 1:
-        seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
-        _segment_state_kernel[(b * h * num_v_blocks, num_segments - 1)](
-            key, value, decay_arg, seg_states,
-            *key.stride(), *value.stride(),
-            n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
-            HAS_DECAY=has_decay, REVERSE=reverse,
-            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        _segment_scan_kernel[(b * h * num_v_blocks,)](
-            decay_arg, init_arg, seg_states, *_strides(initial_state),
-            h, dk, dv, cfg.segment_len, num_segments,
-            HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
-            BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        seg_states = _segment_start_states(
+            key, value, decay, initial_state, cfg, value_scale=value_scale, reverse=reverse, init_shift=init_shift
         )
     _chunk_output_kernel[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, out_scale, value_scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
+        out_scale, value_scale,
         HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
         REVERSE=reverse, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
-        DOT_DTYPE=dot_dtype, STATE_DOT_DTYPE=state_dot_dtype, PRECISION=precision,
-        STATE_PRECISION=state_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, final
+
+
+def _dot_types(dtype: torch.dtype) -> dict:
+    """The kernels' DOT_DTYPE / STATE_DOT_DTYPE / PRECISION / STATE_PRECISION for inputs of ``dtype``."""
+    tl_dtype = _TL_DTYPES[dtype]
+    # the interpreter's numpy has no bfloat16 matrix product
+    dot_dtype = tl.float32 if (TRITON_INTERPRETING and tl_dtype == tl.bfloat16) else tl_dtype
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(
+        DOT_DTYPE=dot_dtype,
+        # float16 cannot hold a long undecayed state: its products with the state run in tf32
+        STATE_DOT_DTYPE=dot_dtype if tl_dtype == tl.bfloat16 else tl.float32,
+        PRECISION=precision,
+        STATE_PRECISION="tf32" if tl_dtype == tl.float16 else precision,
+    )
+
+
+def _segment_start_states(
+    key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
+    *, value_scale: float, reverse: bool, init_shift: int,
+) -> Tensor:
+    """float32 [B*H, (segments - 1) * state_split, Dk, Dv]: slot g < segments - 1 holds the state
+    at segment g+1's start (steps 1 and 2 of ``chunked.py``); the other slots are scratch."""
+    b, h, n, dk = key.shape
+    dv = value.shape[-1]
+    num_segments = triton.cdiv(n, cfg.segment_len)
+    num_v_blocks = triton.cdiv(dv, cfg.block_v)
+    num_slots = (num_segments - 1) * cfg.state_split
+    seg_states = torch.empty(b * h, num_slots, dk, dv, dtype=torch.float32, device=key.device)
+    has_decay = decay is not None
+    decay_arg = decay if has_decay else seg_states
+    types = _dot_types(key.dtype)
+    piece_len = cfg.segment_len // cfg.state_split
+    _segment_state_kernel[(b * h * num_v_blocks, num_slots)](
+        key, value, decay_arg, seg_states,
+        *key.stride(), *value.stride(),
+        n, h, dk, dv, piece_len, num_slots, value_scale,
+        HAS_DECAY=has_decay, REVERSE=reverse,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    _segment_scan_kernel[(b * h * num_v_blocks,)](
+        decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
+        *_strides(initial_state),
+        h, dk, dv, piece_len, num_slots, cfg.state_split,
+        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
+        BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+    )
+    return seg_states
+
+
+#: the fused key/value backward holds a Dk x Dv float32 state and whole rows of q, k, v, do
+FUSED_BACKWARD_MAX_BLOCK = 128
+
+
+def key_value_gradients(
+    grad_out: Tensor,
+    grad_final_state: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    scale: float = 1.0,
+    *,
+    store_final: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``reference.key_value_gradients_chunked`` in one fused pass (``backward.py``) when the head
+    dims fit it (both padded to at most ``FUSED_BACKWARD_MAX_BLOCK``), else as two linear
+    attentions on :func:`linear_attention`. Returns ``(dk, dv, dS_0 float32 or None)``."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    too_wide = max(triton.next_power_of_2(dk), triton.next_power_of_2(dv)) > FUSED_BACKWARD_MAX_BLOCK
+    if too_wide or _overrides.get("kv_fused") == 0:
+        return reference.key_value_gradients_chunked(
+            grad_out, grad_final_state, q, k, v, decay, scale, store_final=store_final,
+            linear_attention=linear_attention,
+        )
+    device = q.device
+    grad_k = torch.empty(b, h, n, dk, dtype=k.dtype, device=device)
+    grad_v = torch.empty(b, h, n, dv, dtype=v.dtype, device=device)
+    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    if n == 0:
+        if final is not None:
+            final.copy_(grad_final_state) if grad_final_state is not None else final.zero_()
+        return grad_k, grad_v, final
+
+    cfg = choose_config(b * h, n, dk, dv, device, whole_value=True)
+    num_segments = triton.cdiv(n, cfg.segment_len)
+    seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+    if num_segments > 1:
+        # dS's own contributions: key q, value scale * do, walked from the end
+        seg_states = _segment_start_states(
+            q, grad_out, decay, grad_final_state, cfg, value_scale=scale, reverse=True, init_shift=0
+        )
+    has_init = grad_final_state is not None
+    _key_value_grad_kernel[(b * h, num_segments)](
+        q, k, v, grad_out, grad_k, grad_v,
+        decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
+        seg_states, final if final is not None else seg_states,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
+        *_strides(grad_final_state), *_strides(final),
+        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0, scale,
+        HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        **_dot_types(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return grad_k, grad_v, final
 
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:

@@ -1,0 +1,126 @@
+"""The fused key/value backward: ``dk`` and ``dv`` in one pass backward in time.
+
+Both gradients are driven by the same state (``reference.key_value_gradients_chunked``)::
+
+    dS_t = lam dS_{t+1} + scale q_t^T do_t       (dS_{N-1} also receives grad_final_state)
+    dk_t = dS_t^T v_t  ->  scale * ((v do^T) * M) q  +  lam^(i+shift) v dS^T    within a chunk
+    dv_t = k_t dS_t    ->  scale * ((k q^T) * M) do  +  lam^(i+shift) k dS
+
+so one program carries one ``Dk x Dv`` state and reads q, k, v, do once per chunk, where the two
+separate linear attentions each carried a copy of the state and read three tensors each. ``dk``
+sums over all value columns, so a program holds the whole value width (``BLOCK_V >= Dv``); larger
+heads take the two-pass composition instead. Rows are addressed from the end (position
+``N - 1 - row``), as in ``chunked.py`` with ``REVERSE``; segments and their start states come from
+``chunked._segment_state_kernel`` / ``_segment_scan_kernel`` with key q and value do.
+"""
+
+import triton
+import triton.language as tl
+
+from .chunked import _block_and_head, _dot, _load_rows
+
+
+@triton.jit
+def _store_rows(ptr, stride_n, stride_d, tile, rows, row_valid, cols, col_valid, N):
+    """Store a [rows, cols] tile at positions N - 1 - rows (reverse addressing)."""
+    positions = N - 1 - rows
+    offsets = positions.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
+    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["N"])
+def _key_value_grad_kernel(
+    Q, K, V, DO, DK, DV, DECAY, INIT, SEG_STATES, FINAL,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    stride_fb, stride_fh, stride_fk, stride_fv,
+    N, H, D_K, D_V, segment_len, num_segments, num_slots, scale,
+    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr,
+):
+    """dk and dv of one segment (all value columns), walking its chunks from the sequence's end."""
+    _, bh = _block_and_head(D_V, BLOCK_V)
+    seg = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    do_ptr = DO + b * stride_ob + h * stride_oh
+    dk_ptr = DK + b * stride_dkb + h * stride_dkh
+    dv_ptr = DV + b * stride_dvb + h * stride_dvh
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = tl.arange(0, BLOCK_V)
+    valid_k = cols_k < D_K
+    valid_v = cols_v < D_V
+    tile_mask = valid_k[:, None] & valid_v[None, :]
+    idx = tl.arange(0, CHUNK)
+    causal = idx[:, None] >= idx[None, :]
+    if HAS_DECAY:
+        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+        distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
+        intra_mask = tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
+
+    # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
+    # init_shift 0); later segments start from the scan's state, one step further on.
+    if seg == 0:
+        if HAS_INIT:
+            init_ptr = INIT + b * stride_ib + h * stride_ih
+            state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
+            state = state.to(tl.float32)
+        else:
+            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    else:
+        slot = SEG_STATES + (bh * num_slots + seg - 1) * D_K * D_V
+        state = tl.load(slot + cols_k[:, None] * D_V + cols_v[None, :], mask=tile_mask, other=0.0)
+    first_shift = tl.where(seg == 0, 0, 1)
+
+    seg_begin = seg * segment_len
+    seg_end = tl.minimum(seg_begin + segment_len, N)
+    for start in range(seg_begin, seg_end, CHUNK):
+        rows = start + idx
+        row_valid = rows < seg_end
+        length = tl.minimum(seg_end - start, CHUNK)
+        shift = tl.where(start == seg_begin, first_shift, 1)
+        q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, True)
+        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, True)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, True)
+        do = _load_rows(do_ptr, stride_on, stride_od, rows, row_valid, cols_v, valid_v, N, True)
+
+        kq = _dot(k, tl.trans(q), DOT_DTYPE, PRECISION)
+        vdo = _dot(v, tl.trans(do), DOT_DTYPE, PRECISION)
+        if HAS_DECAY:
+            kq = kq * intra_mask
+            vdo = vdo * intra_mask
+            row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+            k_inter = k * row_weight
+            v_inter = v * row_weight
+        else:
+            kq = tl.where(causal, kq, 0.0)
+            vdo = tl.where(causal, vdo, 0.0)
+            k_inter = k
+            v_inter = v
+        dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale
+        dv += _dot(k_inter, state, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
+        dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale
+        dk += _dot(v_inter, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
+
+        if HAS_DECAY:
+            q_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
+            q = q * tl.exp2(log2_lam * q_exponent)[:, None]
+            state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
+        state += _dot(tl.trans(q), do, DOT_DTYPE, PRECISION) * scale
+
+    if STORE_FINAL:
+        if seg == num_segments - 1:
+            final_ptr = FINAL + b * stride_fb + h * stride_fh
+            tl.store(final_ptr + cols_k[:, None] * stride_fk + cols_v[None, :] * stride_fv, state, mask=tile_mask)
