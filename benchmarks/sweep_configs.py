@@ -44,12 +44,44 @@ def profile(step, label: str, repeats: int = 5) -> None:
         print(f"    {us:8.1f} us  x{count:<3} {name[:70]}")
 
 
+DECODE_VARIANTS = [
+    {}, dict(decode_block_v=8), dict(decode_block_v=16), dict(decode_block_v=32), dict(decode_block_v=64),
+    dict(decode_block_v=16, decode_num_warps=2), dict(decode_block_v=8, decode_num_warps=1),
+    dict(decode_block_v=32, decode_num_warps=8),
+]
+
+
+def sweep_decode(device, batches=(1, 16, 256), heads=16, head_dim=128, steps=16) -> None:
+    """Per-step time of the decode step, ``steps`` chained steps captured in one CUDA graph (the GPU
+    time a decode loop inside a model graph pays), under each decode configuration."""
+    decay = lightning_op.slopes(heads).to(device)
+    for batch in batches:
+        q, k, v = (torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        state = torch.zeros(batch, heads, head_dim, head_dim, device=device)
+        step_bytes = 2 * state.numel() * 4 + 4 * q.numel() * q.element_size()
+        line = f"  decode B{batch}:"
+        for changes in DECODE_VARIANTS:
+            label = ",".join(f"{key.removeprefix('decode_')}={value}" for key, value in changes.items()) or "default"
+            with config_override(**changes):
+                for _ in range(2):  # compile outside the capture
+                    lightning_op.attn_step(q, k, v, state, decay)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(steps):
+                        lightning_op.attn_step(q, k, v, state, decay)
+            us = do_bench(graph.replay, return_mode="median") * 1e3 / steps
+            line += f" {label} {us:.2f}us/{step_bytes / (us * 1e-6) / 1e12:.2f}TB/s |"
+        print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="8x8192x16x128,1x65536x16x128,8x8192x16x64")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the default config first")
     parser.add_argument("--variants", default=None, help="indices into VARIANTS to run, comma-separated (default all)")
+    parser.add_argument("--decode", action="store_true", help="only the decode-step configurations")
     args = parser.parse_args()
     device = torch.device("cuda")
     src = torch.empty(2**31, dtype=torch.uint8, device=device)
@@ -57,6 +89,9 @@ def main() -> None:
     copy_bps = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
     del src, dst
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} copy {copy_bps / 1e12:.2f} TB/s", flush=True)
+    if args.decode:
+        sweep_decode(device)
+        return
     for shape in args.shapes.split(","):
         b, n, h, d = (int(x) for x in shape.split("x"))
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -69,9 +104,22 @@ def main() -> None:
                 profile(lambda: lightning_op.lightning_attn(q, k, v, decay), "forward")
             profile(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad), "forward+backward")
         chosen = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",")]
+
+        def results():
+            """Output and (with --backward) the three gradients: each variant is checked against the
+            default configuration (which the GPU tests check against the float64 oracle)."""
+            out = lightning_op.lightning_attn(q, k, v, decay)
+            if not args.backward:
+                return [out.detach()]
+            return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+        baseline = results()
         for changes in chosen:
             label = ",".join(f"{key}={value}" for key, value in changes.items()) or "default"
             try:
+                with config_override(**changes):
+                    error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                for a, b in zip(results(), baseline))
                 with config_override(**changes), torch.no_grad():
                     fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
                 line = f"  {label:<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy"
@@ -80,7 +128,7 @@ def main() -> None:
                         both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
                                         grad_to_none=[q, k, v], return_mode="median")
                     line += f"  fwd+bwd {both:.3f} ms"
-                print(line, flush=True)
+                print(f"{line}  rel. diff {error:.0e}", flush=True)
             except Exception as exc:  # an infeasible tile (shared memory, registers) is a data point too
                 print(f"  {label:<34} failed: {str(exc).splitlines()[0][:100]}", flush=True)
         del q, k, v, grad

@@ -98,6 +98,8 @@ def main() -> None:
                 row["lightning ms"] = milliseconds(lambda: lightning(ids, use_cache=False), args.repeats)
         row["speed-up"] = row["original ms"] / row["rewritten ms"]
         rows.append(row)
+        print(f"N={n}: " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+                                     for key, value in row.items() if key != "N"), flush=True)
 
     print(f"rewrites at N = {args.lengths[0]}:")
     for record in records:

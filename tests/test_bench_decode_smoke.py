@@ -22,4 +22,16 @@ def test_bench_decode_smoke(tmp_path):
         assert not row["error"]
         assert row["step_us"] > 0 and row["kernel_us"] > 0
         assert row["err_out_vs_torch_step"] < 1e-5 and row["err_state_vs_torch_step"] < 1e-5
-    assert stdout.rstrip().splitlines()[-1].startswith("targets:")  # the table comes last
+    # every CUDA-graph impl of the default list, one step or 16 per replay, is reported unavailable on
+    # the CPU (not run as an eager step, not dropped from the defaults)
+    graph_impls = {f"{base}_graph{steps}" for base in ("ours", "fla", "torch_step") for steps in ("", "16")}
+    unavailable = data["metadata"]["unavailable"]
+    assert graph_impls <= set(unavailable)
+    assert all("CUDA graphs" in unavailable[name] for name in graph_impls)
+    assert not graph_impls & {row["impl"] for row in data["results"]}
+    for name in graph_impls:
+        assert f"unavailable: {name}: " in stdout
+    assert all(row["steps_per_call"] == 1 for row in data["results"])
+    last = stdout.rstrip().splitlines()[-1]
+    assert last.startswith("targets:")  # the table comes last
+    assert "one step per replay" in last and "16 steps per graph" in last

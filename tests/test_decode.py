@@ -28,6 +28,28 @@ def test_step_equals_op_with_initial_state(cpu_backend, dtype, tokens, decay):
     assert rel_error(stepped, expected_state) < (1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("changes", [dict(decode_block_v=8, decode_num_warps=1), dict(decode_block_v=64)],
+                         ids=["block8-warps1", "block64"])
+def test_step_under_forced_decode_configs(changes, monkeypatch):
+    """The decode configurations the sweep tries compute the same step (value blocks narrower and
+    wider than the head, with a partial last block)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreted kernels need TRITON_INTERPRET=1 (CPU-only runs)")
+    from lightning_op.kernels import config_override
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    q, k, v = make_inputs(2, 3, 2, 24, 40, torch.float32, seed=4)
+    decay = torch.tensor([0.01, 0.5, 3.0])
+    state = torch.randn(2, 3, 24, 40)
+    expected, expected_state = lightning_attn(q, k, v, decay, initial_state=state, output_final_state=True)
+    with config_override(**changes):
+        out = attn_step(q, k, v, state, decay)
+    assert rel_error(out, expected) < 1e-5
+    assert rel_error(state, expected_state) < 1e-5
+
+
 def test_step_updates_a_strided_state(cpu_backend):
     q, k, v = make_inputs(1, 2, 1, 16, 32, torch.float32)
     storage = torch.randn(1, 2, 32, 16)

@@ -154,6 +154,9 @@ def test_config_override_validates_and_restores():
     with pytest.raises(ValueError, match="power of two"):
         with config_override(chunk=48):
             pass
+    with pytest.raises(ValueError, match="decode_block_v must be a power of two"):
+        with config_override(decode_block_v=24):
+            pass
     with pytest.raises(ValueError, match="kv_fused must be 0 or 1"):
         with config_override(kv_fused=2):
             pass

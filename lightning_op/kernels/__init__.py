@@ -46,6 +46,8 @@ def _multiprocessors(device_index: int) -> int:
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
+#: the decode step's
+_TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
 
 
@@ -58,12 +60,13 @@ def config_override(**changes):
     to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
     ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
-    (for comparisons).
+    (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
-    unknown = set(changes) - set(_TUNABLE) - set(_TUNABLE_KV) - {"kv_fused"}
+    unknown = set(changes) - set(_TUNABLE) - set(_TUNABLE_KV) - set(_TUNABLE_DECODE) - {"kv_fused"}
     if unknown:
         raise ValueError(
-            f"config_override: unknown parameters {sorted(unknown)}; tunable: {list(_TUNABLE + _TUNABLE_KV)}, kv_fused"
+            f"config_override: unknown parameters {sorted(unknown)}; "
+            f"tunable: {list(_TUNABLE + _TUNABLE_KV + _TUNABLE_DECODE)}, kv_fused"
         )
     for name, value in changes.items():
         if name == "kv_fused":
@@ -71,6 +74,8 @@ def config_override(**changes):
                 raise ValueError(f"config_override: kv_fused must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config_override: {name} must be a positive int, got {value!r}")
+    if "decode_block_v" in changes and changes["decode_block_v"] & (changes["decode_block_v"] - 1):
+        raise ValueError(f"config_override: decode_block_v must be a power of two, got {changes['decode_block_v']}")
     for name in ("chunk", "block_v", "kv_chunk"):
         if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
             raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
@@ -329,12 +334,17 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[
     if t == 0:
         return out
     block_k = max(16, triton.next_power_of_2(dk))
-    # small value blocks give B*H*blocks programs: enough to spread a B = 1 step over the GPU
+    # Value blocks of 32 columns; 16 where that gives too few programs to spread a small batch
+    # over the GPU (the step is a read and a write of the state: latency, not bandwidth, at B = 1).
     block_v = max(16, min(triton.next_power_of_2(dv), 32))
+    if q.is_cuda and b * h * triton.cdiv(dv, block_v) < _multiprocessors(q.device.index or 0):
+        block_v = 16
+    block_v = _overrides.get("decode_block_v", block_v)
+    num_warps = _overrides.get("decode_num_warps", 4)
     _decode_step_kernel[(b * h * triton.cdiv(dv, block_v),)](
         q, k, v, out, state, decay if decay is not None else state,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
         t, h, dk, dv, scale,
-        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
+        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=num_warps,
     )
     return out
