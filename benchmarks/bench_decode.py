@@ -1,20 +1,31 @@
 """Time one decode step (T = 1 token against a carried float32 state) for B = 1 ... 256.
 
 Implementations (``--impls``):
-  ours              lightning_op.attn_step, eager: one Triton launch, state updated in place
-  ours_graph        the same step captured in a torch.cuda.CUDAGraph; each replay is one step
-  fla               fla-core ``fused_recurrent_simple_gla`` (g_gamma = -decay, initial_state,
-                    output_final_state=True), native [B, T, H, D]; returns a new state each step
-  fla_graph         the same captured; replays recompute one step from the captured state (a decode
-                    loop would also copy the new state back, or alternate two graphs)
-  torch_step        plain PyTorch: state.mul_(lam), state.baddbmm_(k^T, v), o = scale * q @ state
-  torch_step_graph  the same captured
+  ours                lightning_op.attn_step, eager: one Triton launch, state updated in place
+  ours_graph          the same step captured in a torch.cuda.CUDAGraph; each replay is one step
+  ours_graph16        16 consecutive steps captured in one graph, each step carrying on from the
+                      state the one before left (here: the same tensor, updated in place)
+  fla                 fla-core ``fused_recurrent_simple_gla`` (g_gamma = -decay, initial_state,
+                      output_final_state=True), native [B, T, H, D]; returns a new state each step
+  fla_graph           the same captured; replays recompute one step from the captured state (a decode
+                      loop would also copy the new state back, or alternate two graphs)
+  fla_graph16         16 steps in one graph, step i+1 fed the new state tensor step i returned; each
+                      replay recomputes the 16 steps from the captured initial state
+  torch_step          plain PyTorch: state.mul_(lam), state.baddbmm_(k^T, v), o = scale * q @ state
+  torch_step_graph    the same captured
+  torch_step_graph16  16 chained steps in one graph (in place, as ours_graph16)
 
-Two times per case:
+A one-step replay mostly measures the graph launch (a few us), not the step; in a real decode loop
+the whole model's step is one graph, so the *_graph16 impls show the GPU time a step costs inside a
+graph. All 16 steps reuse the same q, k, v token; their figures are per step (a replay's time / 16).
+
+Two times per case, both per step:
   step    median per call over blocks of back-to-back calls timed with CUDA events: the latency a
           decode loop sees, launch overhead included (the state stays in L2 where it fits)
   kernel  triton.testing.do_bench median with L2 flushed before each call: GPU time from a cold
-          cache, which the bandwidth figures use (a launch overhead shorter than the flush hides)
+          cache, which the bandwidth figures use (a launch overhead shorter than the flush hides);
+          for *_graph16 the flush precedes each replay only, so steps 2 to 16 find the state in L2
+          where it fits (small B) and their bandwidth can pass what DRAM gives
 Bytes per step: the float32 state read and written plus q, k, v read and o written.
 
   python3 benchmarks/bench_decode.py                          # B = 1 ... 256, H 16, D 128, bf16
@@ -42,14 +53,25 @@ import lightning_op
 from bench import (GIB, Timer, _one_line, _package_version, apply_common_defaults, copy_bandwidth, environment,
                    pick_device, write_results)
 
-IMPLS = ("ours", "ours_graph", "fla", "fla_graph", "torch_step", "torch_step_graph")
-GRAPH_SUFFIX = "_graph"
+IMPLS = ("ours", "ours_graph", "ours_graph16", "fla", "fla_graph", "fla_graph16",
+         "torch_step", "torch_step_graph", "torch_step_graph16")
+# impl-name suffix -> steps captured in one CUDA graph (one replay runs them all)
+GRAPH_SUFFIXES = {"_graph16": 16, "_graph": 1}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 1  # one decode step
 BTHD_OUTPUT = ("fla",)
 
 
 # ----------------------------------------------------------------------------- implementations
+
+
+def split_impl(name: str) -> tuple[str, str, int]:
+    """Implementation name -> (base implementation, kind "eager" or "graph", steps per call):
+    "fla_graph16" -> ("fla", "graph", 16), "ours_graph" -> ("ours", "graph", 1), "ours" -> ("ours", "eager", 1)."""
+    for suffix, steps in GRAPH_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), "graph", steps
+    return name, "eager", 1
 
 
 def torch_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, lam: Tensor, scale: float) -> Tensor:
@@ -89,8 +111,8 @@ def load_impls(names: list[str], device: torch.device):
     """(base name -> loaded function, unavailable impl -> reason, package versions)."""
     loaded, failed, unavailable, versions = {}, {}, {}, {}
     for name in names:
-        base = name.removesuffix(GRAPH_SUFFIX)
-        if name.endswith(GRAPH_SUFFIX) and device.type != "cuda":
+        base, kind, _ = split_impl(name)
+        if kind == "graph" and device.type != "cuda":
             unavailable[name] = "CUDA graphs need a CUDA device"
             continue
         if base not in loaded and base not in failed:
@@ -147,10 +169,21 @@ def stepper(base: str, fn: Callable, x: Inputs) -> Callable[[Tensor], tuple[Tens
     raise ValueError(f"unknown implementation {base!r}")
 
 
+def run_steps(step_fn: Callable, state: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``steps`` consecutive decode steps from ``state``, each started from the state the one
+    before returned (the same tensor for in-place steps, a new one for fla): (last output, final state)."""
+    out = None
+    for _ in range(steps):
+        out, state = step_fn(state)
+    return out, state
+
+
 @dataclass
 class Case:
-    step: Callable[[], None]  # one decode step; advances the case's state
+    step: Callable[[], None]  # one call: ``steps`` decode steps; advances the case's state
     last: Callable[[], tuple[Tensor, Tensor]]  # (output, state) of the latest step
+    steps: int = 1  # decode steps per call of ``step``: timings are divided by it
+    keep: tuple = ()  # tensors a captured graph reads but does not own (its initial state)
 
 
 def eager_case(step_fn: Callable, initial_state: Tensor) -> Case:
@@ -163,19 +196,22 @@ def eager_case(step_fn: Callable, initial_state: Tensor) -> Case:
     return Case(step, lambda: box["last"])
 
 
-def graph_case(step_fn: Callable, initial_state: Tensor) -> Case:
+def graph_case(step_fn: Callable, initial_state: Tensor, steps: int = 1) -> Case:
+    """``steps`` chained steps captured in one CUDA graph: each replay runs them all, starting from
+    the captured state tensor (which in-place steps carry on across replays; fla only reads it)."""
     state = initial_state.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile, autotune and warm the allocator outside the capture
         for _ in range(3):
-            step_fn(state)
+            run_steps(step_fn, state, steps)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = step_fn(state)
+        outputs = run_steps(step_fn, state, steps)  # fla: the intermediate states live in the graph's pool
     state.copy_(initial_state)  # the warm-up steps moved it on
-    return Case(graph.replay, lambda: outputs)
+    # fla's outputs do not include the state it reads: keep that alive while the graph is replayed
+    return Case(graph.replay, lambda: outputs, steps, keep=(state,))
 
 
 def max_relative_error(out: Tensor, ref: Tensor) -> float:
@@ -229,7 +265,7 @@ class Progress:
     def line(self, impl: str, batch: int, result: str) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.begin
-        print(f"[{self.done:>3}/{self.total}] {impl:<16} B={batch:<4} {result}  ({elapsed:.0f} s)", flush=True)
+        print(f"[{self.done:>3}/{self.total}] {impl:<18} B={batch:<4} {result}  ({elapsed:.0f} s)", flush=True)
 
 
 def _free(device: torch.device) -> None:
@@ -241,13 +277,21 @@ def _free(device: torch.device) -> None:
 def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, timer: Timer, device, dtype,
               copy_bytes_per_s: float, progress: Progress) -> list[dict]:
     x = make_inputs(batch, args.heads, args.head_dim, dtype, device, args.scale, args.seed)
-    reference_state = x.initial_state.clone()
-    reference_out = stepper("torch_step", torch_step, x)(reference_state)[0]
+    references: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def reference(steps: int) -> tuple[Tensor, Tensor]:
+        """(last output, final state) of torch_step run ``steps`` steps from the initial state,
+        computed on first use and kept for the batch."""
+        if steps not in references:
+            references[steps] = run_steps(stepper("torch_step", torch_step, x), x.initial_state.clone(), steps)
+        return references[steps]
+
+    reference(1)  # a batch whose reference step fails is skipped whole
     rows = []
     for name in names:
-        base = name.removesuffix(GRAPH_SUFFIX)
+        base, kind, steps = split_impl(name)
         row = {
-            "B": batch, "H": args.heads, "D": args.head_dim, "T": TOKENS,
+            "B": batch, "H": args.heads, "D": args.head_dim, "T": TOKENS, "steps_per_call": steps,
             "dtype": str(dtype).removeprefix("torch."), "impl": name,
             "step_us": math.nan, "kernel_us": math.nan, "step_bytes": x.step_bytes,
             "bytes_per_s": math.nan, "copy_fraction": math.nan,
@@ -257,15 +301,19 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
         case = None
         try:
             step_fn = stepper(base, impls[base], x)
-            case = (graph_case if name.endswith(GRAPH_SUFFIX) else eager_case)(step_fn, x.initial_state)
-            case.step()
+            if kind == "graph":
+                case = graph_case(step_fn, x.initial_state, steps)
+            else:
+                case = eager_case(step_fn, x.initial_state)
+            case.step()  # the first call: case.steps steps from the initial state
             out, state = case.last()
             if base in BTHD_OUTPUT:
                 out = out.transpose(1, 2)
+            reference_out, reference_state = reference(case.steps)
             row["err_out_vs_torch_step"] = max_relative_error(out, reference_out)
             row["err_state_vs_torch_step"] = max_relative_error(state, reference_state)
-            row["step_us"] = 1e3 * step_ms(case.step, device, args.rep_ms)
-            row["kernel_us"] = 1e3 * timer(case.step)
+            row["step_us"] = 1e3 * step_ms(case.step, device, args.rep_ms) / case.steps
+            row["kernel_us"] = 1e3 * timer(case.step) / case.steps
             row["bytes_per_s"] = x.step_bytes / (row["kernel_us"] * 1e-6)
             row["copy_fraction"] = row["bytes_per_s"] / copy_bytes_per_s
             progress.line(name, batch, (
@@ -303,12 +351,20 @@ def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, un
         "copy_bytes": copy_bytes,
         "copy_bytes_per_s": copy_bytes_per_s,
         "notes": [
-            "step_us: steady-state time per step of back-to-back calls, launch overhead included",
-            "kernel_us: do_bench median with L2 flushed before each call (GPU time from a cold cache)",
-            "step_bytes = float32 state read + written, q, k, v read, o written; "
-            "bytes_per_s = step_bytes / kernel time; copy_fraction = that / copy bandwidth (read + write)",
-            "err_*_vs_torch_step: max |x - ref| / max |ref| after one step from the same state",
-            "fla_graph replays one step from the captured state (no copy back of the new state)",
+            "steps_per_call: decode steps per timed call (1 eager and *_graph, 16 for *_graph16: one replay "
+            "of a graph of 16 chained steps on the same q, k, v); step_us and kernel_us are per step "
+            "(time per call / steps_per_call)",
+            "step_us: steady-state time per step of back-to-back calls, launch overhead included "
+            "(for *_graph16 one graph launch is shared by 16 steps)",
+            "kernel_us: do_bench median with L2 flushed before each call (GPU time from a cold cache); "
+            "for *_graph16 the flush precedes each replay only, so steps 2-16 find the state in L2 where it fits",
+            "step_bytes = float32 state read + written, q, k, v read, o written, per step; "
+            "bytes_per_s = step_bytes / kernel time per step; copy_fraction = that / copy bandwidth (read + write)",
+            "err_*_vs_torch_step: max |x - ref| / max |ref| of the last output and the final state after the "
+            "first call (steps_per_call steps) from the same initial state, ref = torch_step run as many steps",
+            "fla_graph replays one step from the captured state (no copy back of the new state); fla_graph16 "
+            "feeds each step's new state to the next inside the graph and replays the 16 steps from the captured "
+            "state; ours and torch_step graphs update one state in place, carried on across replays",
         ],
     }
 
@@ -328,7 +384,9 @@ def write_plot(rows: list[dict], meta: dict, out_dir: str, impl_order: list[str]
         mine = sorted((r["B"], r["step_us"], r["copy_fraction"]) for r in rows if r["impl"] == impl)
         steps = [(b, us) for b, us, _ in mine if math.isfinite(us)]
         fractions = [(b, 100 * f) for b, _, f in mine if math.isfinite(f)]
-        style = {"marker": "o", "linestyle": "--" if impl.endswith(GRAPH_SUFFIX) else "-", "label": impl}
+        _, kind, graph_steps = split_impl(impl)
+        linestyle = "-" if kind == "eager" else "--" if graph_steps == 1 else ":"
+        style = {"marker": "o", "linestyle": linestyle, "label": impl}
         if steps:
             latency.plot(*zip(*steps), **style)
         if fractions:
@@ -341,8 +399,8 @@ def write_plot(rows: list[dict], meta: dict, out_dir: str, impl_order: list[str]
         if ax.lines:
             ax.legend(fontsize=8)
     latency.set_yscale("log")
-    latency.set_ylabel("step latency (us), back-to-back calls")
-    bandwidth.set_ylabel("% of copy bandwidth (kernel time)")
+    latency.set_ylabel("us per step, back-to-back calls (dotted: 16 steps per graph)")
+    bandwidth.set_ylabel("% of copy bandwidth (kernel time per step)")
     fig.suptitle(f"decode step: {meta['device']}, {meta['dtype']}, H={meta['heads']}, D={meta['head_dim']}, "
                  f"T={meta['tokens']}, copy {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s", fontsize=10)
     fig.tight_layout()
@@ -361,18 +419,22 @@ def print_table(rows: list[dict], meta: dict, impl_order: list[str]) -> None:
     """The compact summary, printed last so it lands in a short output tail."""
     by_case = {(r["B"], r["impl"]): r for r in rows}
     batches = sorted({r["B"] for r in rows})
-    width = max(12, *(len(name) for name in impl_order)) + 1
 
     def grid(title: str, cell: Callable[[dict, Optional[dict]], str]) -> None:
-        print(title)
-        print(f"{'B':>5}" + "".join(f"{name:>{width}}" for name in impl_order))
+        lines = []
         for batch in batches:
-            reference = by_case.get((batch, "ours_graph"))
             cells = []
             for name in impl_order:
                 row = by_case.get((batch, name))
+                # 16-step graphs against ours_graph16, the rest against ours_graph
+                reference = by_case.get((batch, "ours_graph16" if split_impl(name)[2] == 16 else "ours_graph"))
                 cells.append("-" if row is None else ("err" if row["error"] else cell(row, reference)))
-            print(f"{batch:>5}" + "".join(f"{c:>{width}}" for c in cells))
+            lines.append((batch, cells))
+        widths = [2 + max([len(name)] + [len(cells[i]) for _, cells in lines]) for i, name in enumerate(impl_order)]
+        print(title)
+        print(f"{'B':>5}" + "".join(f"{name:>{width}}" for name, width in zip(impl_order, widths)))
+        for batch, cells in lines:
+            print(f"{batch:>5}" + "".join(f"{c:>{width}}" for c, width in zip(cells, widths)))
 
     def latency(row: dict, reference: Optional[dict]) -> str:
         if reference is None or not math.isfinite(reference["step_us"]):
@@ -388,8 +450,9 @@ def print_table(rows: list[dict], meta: dict, impl_order: list[str]) -> None:
     print("packages: " + ", ".join(f"{name} {version}" for name, version in meta["packages"].items()))
     for name, reason in meta["unavailable"].items():
         print(f"unavailable: {name}: {reason}")
-    grid("step us (back-to-back, launch included) and x ours_graph (>1: slower)", latency)
-    grid("kernel us (cold L2), GB/s, % of copy", throughput)
+    grid("step us per step (back-to-back, launch included) and x ours_graph, *_graph16 x ours_graph16 "
+         "(>1: slower)", latency)
+    grid("kernel us per step (cold L2 before each call), GB/s, % of copy", throughput)
     errors = []
     for name in impl_order:
         mine = [r for r in rows if r["impl"] == name and math.isfinite(r["err_out_vs_torch_step"])]
@@ -404,12 +467,20 @@ def print_table(rows: list[dict], meta: dict, impl_order: list[str]) -> None:
     for (impl, error), batch in list(shown.items())[:6]:
         print(f"error {impl} (first at B={batch}): {error}")
     if batches:
-        speedup = (_best(rows, batches[0], ("fla", "fla_graph"), "step_us")
-                   / _best(rows, batches[0], ("ours", "ours_graph"), "step_us"))
-        fraction = _best(rows, batches[-1], ("ours", "ours_graph"), "copy_fraction", pick=max)
-        speedup_text = f"{speedup:.2f}x" if math.isfinite(speedup) else "n/a"
-        fraction_text = f"{100 * fraction:.0f}%" if math.isfinite(fraction) else "n/a"
-        print(f"targets: B={batches[0]} best fla / best ours step = {speedup_text} (want >= 2x); "
+        def speedup_text(fla: tuple[str, ...], ours: tuple[str, ...]) -> str:
+            speedup = _best(rows, batches[0], fla, "step_us") / _best(rows, batches[0], ours, "step_us")
+            return f"{speedup:.2f}x" if math.isfinite(speedup) else "n/a"
+
+        ours_impls = tuple(name for name in IMPLS if split_impl(name)[0] == "ours")
+        fraction = _best(rows, batches[-1], ours_impls, "copy_fraction", pick=max)
+        fraction_text = "n/a"
+        if math.isfinite(fraction):
+            best = next(r["impl"] for r in rows
+                        if r["B"] == batches[-1] and r["impl"] in ours_impls and r["copy_fraction"] == fraction)
+            fraction_text = f"{100 * fraction:.0f}% ({best})"
+        print(f"targets: B={batches[0]} fla / ours step: one step per replay "
+              f"{speedup_text(('fla', 'fla_graph'), ('ours', 'ours_graph'))} (best of eager, graph), "
+              f"16 steps per graph {speedup_text(('fla_graph16',), ('ours_graph16',))} (want >= 2x); "
               f"B={batches[-1]} best ours at {fraction_text} of copy (want >= 70%)")
 
 
