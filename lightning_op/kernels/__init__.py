@@ -102,6 +102,10 @@ def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * ndim
 
 
+def _direct(kernel):
+    return kernel
+
+
 def linear_attention(
     query: Tensor,
     key: Tensor,
@@ -115,6 +119,7 @@ def linear_attention(
     init_shift: int = 1,
     store_final: bool = True,
     segment_len: Optional[int] = None,
+    traceable: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
@@ -123,19 +128,32 @@ def linear_attention(
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
     validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
     :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+
+    ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
+    torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
+    branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
+    one empty segment (the output kernel still writes the final state).
     """
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
     out = torch.empty(b, h, n, dv, dtype=query.dtype, device=device)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
-    if n == 0:
-        if final is not None:
-            final.copy_(initial_state) if initial_state is not None else final.zero_()
-        return out, final
+    if traceable:
+        if segment_len is None:
+            raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
+        launch = torch.library.wrap_triton
+        n_at_least_1 = torch.sym_max(n, 1)
+    else:
+        launch = _direct
+        if n == 0:
+            if final is not None:
+                final.copy_(initial_state) if initial_state is not None else final.zero_()
+            return out, final
+        n_at_least_1 = n
 
     cfg = choose_config(b * h, n, dk, dv, device, segment_len)
-    num_segments = triton.cdiv(n, cfg.segment_len)
+    num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     dtype = _TL_DTYPES[query.dtype]
     dot_dtype = tl.float32 if (TRITON_INTERPRETING and dtype == tl.bfloat16) else dtype
@@ -150,9 +168,10 @@ def linear_attention(
 
     # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
-    if num_segments > 1:
+    # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
+    if traceable or num_segments > 1:
         seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
-        _segment_state_kernel[(b * h * num_v_blocks, num_segments - 1)](
+        launch(_segment_state_kernel)[(b * h * num_v_blocks, num_segments)](
             key, value, decay_arg, seg_states,
             *key.stride(), *value.stride(),
             n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
@@ -160,13 +179,13 @@ def linear_attention(
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
             DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _segment_scan_kernel[(b * h * num_v_blocks,)](
+        launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
             decay_arg, init_arg, seg_states, *_strides(initial_state),
             h, dk, dv, cfg.segment_len, num_segments,
             HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
             BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
-    _chunk_output_kernel[(b * h * num_v_blocks, num_segments)](
+    launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
