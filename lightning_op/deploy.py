@@ -49,6 +49,11 @@ def attn_inference(
     This function is also the op's fake, so it must run on fake tensors with a symbolic N: no
     branch on N and no reads of values (decays are not checked for sign, unlike ``lightning::attn``).
     CPU tensors never reach ``wrap_triton`` (it cannot trace interpreted kernels).
+
+    Reach it through :func:`for_package` after export. Exporting a direct call with a dynamic
+    length fails: the CPU form's padding to whole chunks adds shape guards (N > 64, N not a
+    multiple of 64) that export reports; the AOTInductor package does not check them, and the
+    tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
     ops.validate(q, k, v, decay, scale, initial_state)
     decay = None if decay is None else decay.to(torch.float32)
