@@ -151,6 +151,10 @@ def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * ndim
 
 
+def _direct(kernel):
+    return kernel
+
+
 def linear_attention(
     query: Tensor,
     key: Tensor,
@@ -164,6 +168,7 @@ def linear_attention(
     init_shift: int = 1,
     store_final: bool = True,
     segment_len: Optional[int] = None,
+    traceable: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
@@ -172,19 +177,32 @@ def linear_attention(
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
     validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
     :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+
+    ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
+    torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
+    branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
+    one empty segment (the output kernel still writes the final state).
     """
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
     out = torch.empty(b, h, n, dv, dtype=query.dtype, device=device)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
-    if n == 0:
-        if final is not None:
-            final.copy_(initial_state) if initial_state is not None else final.zero_()
-        return out, final
+    if traceable:
+        if segment_len is None:
+            raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
+        launch = torch.library.wrap_triton
+        n_at_least_1 = torch.sym_max(n, 1)
+    else:
+        launch = _direct
+        if n == 0:
+            if final is not None:
+                final.copy_(initial_state) if initial_state is not None else final.zero_()
+            return out, final
+        n_at_least_1 = n
 
     cfg = choose_config(b * h, n, dk, dv, device, segment_len, itemsize=query.element_size())
-    num_segments = triton.cdiv(n, cfg.segment_len)
+    num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     types = _dot_types(query.dtype)
     has_decay = decay is not None
@@ -193,11 +211,13 @@ def linear_attention(
     init_arg = initial_state if has_init else out
     # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
-    if num_segments > 1:
+    # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
+    if traceable or num_segments > 1:
         seg_states = _segment_start_states(
-            key, value, decay, initial_state, cfg, value_scale=value_scale, reverse=reverse, init_shift=init_shift
+            key, value, decay, initial_state, cfg, num_segments,
+            value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
         )
-    _chunk_output_kernel[(b * h * num_v_blocks, num_segments)](
+    launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
@@ -227,19 +247,19 @@ def _dot_types(dtype: torch.dtype) -> dict:
 
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
-    *, value_scale: float, reverse: bool, init_shift: int,
+    num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
 ) -> Tensor:
     """float32 [B*H, segments, Dk, Dv]: slot g holds the state at segment g+1's start (steps 1
-    and 2 of ``chunked.py``; the last slot is unused)."""
+    and 2 of ``chunked.py``; the last slot is unused). The state kernel's grid covers every
+    segment (the last one's programs return at once), so it is never empty, also when N is symbolic."""
     b, h, n, dk = key.shape
     dv = value.shape[-1]
-    num_segments = triton.cdiv(n, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
-    _segment_state_kernel[(b * h * num_v_blocks, num_segments - 1)](
+    launch(_segment_state_kernel)[(b * h * num_v_blocks, num_segments)](
         key, value, decay_arg, seg_states,
         *key.stride(), *value.stride(),
         n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
@@ -248,7 +268,7 @@ def _segment_start_states(
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    _segment_scan_kernel[(b * h * num_v_blocks,)](
+    launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         *_strides(initial_state),
         h, dk, dv, cfg.segment_len, num_segments,
@@ -301,7 +321,7 @@ def key_value_gradients(
     if num_segments > 1:
         # dS's own contributions: key q, value scale * do, walked from the end
         seg_states = _segment_start_states(
-            q, grad_out, decay, grad_final_state, cfg, value_scale=scale, reverse=True, init_shift=0
+            q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
         )
     has_init = grad_final_state is not None
     _key_value_grad_kernel[(b * h, num_segments)](

@@ -70,9 +70,14 @@ def _segment_state_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row)."""
-    pid_v, bh = _block_and_head(DV, BLOCK_V)
+    """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
+
+    The grid covers every segment, so it is never empty; the last segment's own state is not
+    needed (nothing follows it) and its programs return at once."""
     seg = tl.program_id(1)
+    if seg == num_segments - 1:
+        return
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
     k_ptr = K + b * stride_kb + h * stride_kh
