@@ -79,6 +79,10 @@ def preset_shapes(name: str) -> list[Shape]:
     if name == "main":
         # 64K tokens per step at every N; N = 128K cannot be split, so it runs 128K tokens (B = 1).
         return [Shape(max(1, 65536 // n), n, 16, 128, sweep=True) for n in (2**i * 1024 for i in range(8))]
+    if name == "main-short":  # main split in two, for two GPUs
+        return [s for s in preset_shapes("main") if s.seq_len <= 8192]
+    if name == "main-long":
+        return [s for s in preset_shapes("main") if s.seq_len > 8192]
     if name == "d64":
         return [Shape(8, 8192, 16, 64)]
     if name == "d256":
@@ -90,7 +94,7 @@ def preset_shapes(name: str) -> list[Shape]:
         return [Shape(8, 8192, 16, 128, sweep=True)]
     if name == "smoke":
         return [Shape(1, n, 2, 32, sweep=True) for n in (128, 256)]
-    raise ValueError(f"unknown preset {name!r}; choose from main, d64, d256, long, quick, smoke")
+    raise ValueError(f"unknown preset {name!r}; choose from main, main-short, main-long, d64, d256, long, quick, smoke")
 
 
 def select_shapes(presets: list[str]) -> list[Shape]:
@@ -662,7 +666,7 @@ def pick_device(args) -> Optional[torch.device]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=None,
-                        help="comma-separated presets: main, d64, d256, long, quick, smoke "
+                        help="comma-separated presets: main (or main-short + main-long), d64, d256, long, quick, smoke "
                              "(default main,d64,d256,long)")
     parser.add_argument("--impls", default=None, help=f"comma-separated, from {', '.join(IMPLS)} (default all)")
     parser.add_argument("--quick", action="store_true", help="main shape at N=8K only, ours and fla")

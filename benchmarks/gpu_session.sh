@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
 # limit so a slow stage cannot starve the rest. Usage (from the repo root, with .whl carried):
-#   bash benchmarks/gpu_session.sh [stage ...]     stages: tests bench quick decode sweep dsweep rewrite deploy
+#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup tests bench bench-short bench-long bench-dims quick decode sweep msweep dsweep rewrite deploy probe
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/out}"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -n "${SKIP_INSTALL:-}" ]; then
+  export PYTHONPATH="/tmp/site:$PWD"
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
 fi
 # registers the package's entry points (backend="lightning") without touching the image's packages
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "editable install failed"
+[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+  || echo "editable install failed"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests quick decode)
 summary=()
@@ -29,6 +32,14 @@ for stage in "${stages[@]}"; do
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
              grep -h -E "passed|failed|error" /tmp/tests-*.log | tail -8
              grep -h -E "^(FAILED|ERROR)" /tmp/tests-*.log | head -20 || true ;;
+    setup)   ;;  # the installs above only
+    bench-short|bench-long|bench-dims)
+             preset=$([ "$stage" = bench-short ] && echo main-short || ([ "$stage" = bench-long ] && echo main-long,long || echo d64,d256))
+             timeout 560 python3 benchmarks/bench.py --preset "$preset" --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -40 ;;
+    msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,8x8192x16x64,1x65536x16x128 \
+               2>&1 | tee "$out/msweep.log" | tail -50 ;;
+    probe)   timeout 200 python3 .scratch/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 .scratch/aoti_probe.py load 2>&1 | tail -8
+             echo "probe load rc=${PIPESTATUS[0]}" ;;
     bench)   timeout 540 python3 benchmarks/bench.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -60 ;;
     quick)   timeout 240 python3 benchmarks/bench.py --quick --out "$out/quick" 2>&1 | tee "$out/quick.log" | tail -12 ;;
     decode)  timeout 150 python3 benchmarks/bench_decode.py --out "$out/decode" 2>&1 | tee "$out/decode.log" | tail -40 ;;

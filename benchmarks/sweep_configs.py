@@ -17,10 +17,9 @@ import lightning_op
 from lightning_op.kernels import choose_config, config_override
 
 VARIANTS = [
-    {}, dict(kv_fused=0), dict(state_split=1, kv_state_split=1), dict(block_v=128), dict(block_v=128, num_stages=4),
-    dict(block_v=128, num_warps=4), dict(block_v=128, segment_len=2048), dict(block_v=128, segment_len=8192),
-    dict(block_v=128, state_split=8), dict(block_v=128, kv_chunk=32), dict(block_v=128, kv_num_warps=4),
-    dict(block_v=128, kv_num_stages=2), dict(block_v=128, kv_num_stages=1), dict(block_v=128, kv_segment_len=2048),
+    {}, dict(kv_fused=0), dict(segment_len=2048), dict(segment_len=4096), dict(segment_len=8192),
+    dict(kv_segment_len=4096), dict(kv_num_stages=3), dict(kv_num_stages=1), dict(kv_chunk=32), dict(block_v=64),
+    dict(num_stages=2), dict(chunk=128, num_stages=2, kv_chunk=64),
 ]
 
 

@@ -4,12 +4,17 @@
 
 The model maps (tokens, per-layer states) to (logits, new states), so one exported program serves
 prefill (any length: the sequence dimension is dynamic) and decoding (one token, carried states).
-On CPU the package calls the registered op `torch.ops.lightning.attn` (import lightning_op before
-loading it). Prints what it did and the largest difference from eager at each stage.
+`lightning_op.deploy.for_package` swaps the program's `lightning::attn` calls for
+`lightning::attn_inference`, whose body Inductor compiles into the package (the Triton kernels on
+CUDA, ATen ops on CPU), so the package runs with torch alone: `examples/run_package.py` loads and
+runs it in a fresh process that cannot import lightning_op. Prints what it did and the largest
+difference from eager at each stage.
 """
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 import lightning_op
+from lightning_op.deploy import for_package
 from lightning_op.nn import LightningAttention
 
 
@@ -75,8 +81,13 @@ def main():
               f"max |diff| vs eager {max_difference(reloaded.module()(prompt, states), eager):.1e}")
 
     start = time.perf_counter()
-    package_path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(out_dir, "model_aoti.pt2"))
-    print(f"[3] AOTInductor package written to {package_path} ({time.perf_counter() - start:.1f} s)")
+    standalone = for_package(ep)
+    ops = sorted({str(n.target) for n in standalone.graph.nodes if "lightning" in str(n.target)})
+    package_path = torch._inductor.aoti_compile_and_package(
+        standalone, package_path=os.path.join(out_dir, "model_aoti.pt2")
+    )
+    print(f"[3] for_package (graph now calls {ops}), AOTInductor package written to {package_path} "
+          f"({time.perf_counter() - start:.1f} s)")
     runner = torch._inductor.aoti_load_package(package_path)
     with torch.no_grad():
         logits, new_states = runner(prompt, states)
@@ -89,6 +100,17 @@ def main():
         longer = torch.randint(0, 256, (1, 777), device=device)
         print(f"    a 777-token prompt (same package, dynamic length): max |diff| vs eager "
               f"{max_difference(runner(longer, states), model(longer, states)):.1e}")
+        cases = [(name, args, model(*args)) for name, args in (
+            ("100-token prompt", (prompt, states)),
+            ("decode step", (token, eager[1])),
+            ("777-token prompt", (longer, states)),
+        )]
+    torch.save(cases, os.path.join(out_dir, "cases.pt"))
+    runner_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_package.py")
+    result = subprocess.run([sys.executable, runner_script, out_dir], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"run_package.py failed:\n{result.stdout}{result.stderr}")
+    print(f"[5] a fresh process without lightning_op loaded and ran the package:\n{result.stdout.rstrip()}")
     print(f"lightning_op {lightning_op.__version__}, torch {torch.__version__}, device {device}: deploy example finished")
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "attention_recurrent",
     "linear_attention_chunked",
     "attention_forward_chunked",
+    "attention_forward_scan",
     "attention_backward_chunked",
     "key_value_gradients_chunked",
     "attention_step",
@@ -202,6 +203,73 @@ def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None
     return linear_attention_chunked(
         q, k, v, decay, out_scale=scale, initial_state=initial_state, chunk_size=chunk_size
     )
+
+
+#: Doubling steps of :func:`attention_forward_scan` when the chunk count is symbolic: enough for
+#: 2**26 chunks (2**32 tokens at 64 per chunk); a step whose shift passes the last chunk adds zeros.
+SCAN_STEPS_SYMBOLIC = 26
+
+
+def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):
+    """The op's forward with no Python control flow on N, so it traces with a symbolic length
+    (torch.export, AOTInductor) into ATen ops: what ``lightning::attn_inference`` runs off the GPU.
+
+    The same tiling as :func:`linear_attention_chunked`, with its loop over chunks replaced by a
+    prefix scan. The sequence is zero-padded at the front to whole chunks (zero keys and values add
+    nothing, and the last chunk ends at the last token). Per chunk c, with U_c its own state
+    ``sum_i lam^(C-1-i) k_i^T v_i``, the state after it is ``P_c = sum_{c' <= c} lam^(C(c-c')) U_c'``,
+    computed by doubling (``P_c += lam^(C s) P_(c-s)`` for s = 1, 2, 4, ...); chunk c starts from
+    ``P_(c-1)``. The initial state enters in closed form: ``scale * lam^(t+1) q_t S_(-1)`` and
+    ``lam^N S_(-1)``. Every exponent is >= 0, as elsewhere. Memory is one float32 Dk x Dv state per
+    chunk (O(N Dk Dv / C)), more than the loop's, and the scan costs log2(N / C) passes over them.
+    Returns ``(out in q's dtype, final state in the compute dtype)``.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    device = q.device
+    num_chunks = (n + chunk_size - 1) // chunk_size
+    pad = num_chunks * chunk_size - n
+    zero = torch.zeros((), dtype=compute, device=device)
+
+    def chunked(x):  # [B, H, N, D] -> [B, H, chunks, C, D], padded at the front
+        x = torch.nn.functional.pad(x.to(compute), (0, 0, pad, 0))
+        return x.reshape(b, h, num_chunks, chunk_size, x.shape[-1])
+
+    def powers(exponent):  # lam^exponent as [H (or 1), *exponent.shape]
+        return _decay_powers(decay, exponent, zero).expand(-1, *exponent.shape)
+
+    q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
+    idx = torch.arange(chunk_size, device=device)
+    mask = decay_mask(decay, chunk_size, dtype=compute, device=device)[None, :, None]  # [1, H, 1, C, C]
+    query_weight = powers(idx + 1).reshape(1, -1, 1, chunk_size, 1)
+    key_weight = powers(chunk_size - 1 - idx).reshape(1, -1, 1, chunk_size, 1)
+
+    out = ((q_c @ k_c.transpose(-1, -2)) * mask) @ v_c
+    own = (k_c * key_weight).transpose(-1, -2) @ v_c  # U_c: [B, H, chunks, Dk, Dv]
+
+    chunk_ids = torch.arange(num_chunks, device=device)
+    steps = SCAN_STEPS_SYMBOLIC if isinstance(num_chunks, torch.SymInt) else max(0, num_chunks - 1).bit_length()
+    after = own  # P_c
+    for step in range(steps):
+        shift = 1 << step
+        source = chunk_ids - shift
+        weight = powers(torch.tensor([chunk_size * shift], device=device)) * (source >= 0).to(compute)  # [H, chunks]
+        after = after + weight[None, :, :, None, None] * after.index_select(2, source.clamp(min=0))
+    source = chunk_ids - 1
+    before = after.index_select(2, source.clamp(min=0)) * (source >= 0).to(compute)[:, None, None]
+    out = out + (q_c * query_weight) @ before
+    out = out.reshape(b, h, num_chunks * chunk_size, dv)[:, :, pad:]
+
+    # the final state: every chunk's own state, decayed to the last token
+    to_end = powers(chunk_size * (num_chunks - 1 - chunk_ids))  # [H, chunks]
+    final = (own * to_end[None, :, :, None, None]).sum(2)
+    if initial_state is not None:
+        state = initial_state.to(compute)
+        positions = torch.arange(n, device=device)
+        out = out + (q.to(compute) * powers(positions + 1)[..., None]) @ state
+        final = final + powers(torch.full((1,), n, device=device))[..., None] * state
+    return (scale * out).to(q.dtype), final
 
 
 def key_value_gradients_chunked(

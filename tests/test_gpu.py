@@ -133,3 +133,53 @@ def test_cuda_more_than_65535_batch_heads():
     state = torch.zeros(70_000, 1, 16, 16, device="cuda")
     step_out = attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
     assert rel_error(step_out, reference.attention_quadratic(*(x[:, :, :1].double() for x in (q, k, v)))[0]) < 2e-2
+
+
+# ----------------------------------------------------------------------------- deployment (lightning_op.deploy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 300, 2048, 2049, 5000])  # SEGMENT_LEN = 2048: one, two and three segments
+@pytest.mark.parametrize("decay_kind", ["none", "mixed"])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_cuda_attn_inference_matches_op(dtype, n, decay_kind, with_init):
+    from lightning_op import reference
+    from lightning_op.deploy import SEGMENT_LEN
+
+    assert SEGMENT_LEN == 2048
+    q, k, v = make_inputs(2, 4, n, 64, 64, dtype, "cuda", layout="bnhd", seed=n)
+    decay = None if decay_kind == "none" else torch.tensor([1e-5, 0.01, 0.3, 30.0], device="cuda")
+    init = torch.randn(2, 4, 64, 64, device="cuda") * 0.3 if with_init else None
+    out, final = torch.ops.lightning.attn_inference(q, k, v, decay, 0.5, init)
+    op_out, op_final = torch.ops.lightning.attn(q, k, v, decay, 0.5, init)
+    expected_out, expected_final = reference.attention_quadratic(
+        q.double(), k.double(), v.double(), None if decay is None else decay.double(), 0.5,
+        None if init is None else init.double(),
+    )
+    tol = GPU_TOLERANCE[dtype]
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert rel_error(out, expected_out) < tol and rel_error(final, expected_final) < tol
+    assert rel_error(out, op_out) < tol and rel_error(final, op_final) < tol
+
+
+def test_cuda_package_runs_without_lightning_op(tmp_path):
+    import lightning_op
+    from lightning_op.deploy import for_package
+
+    from _helpers import run_script
+
+    torch.manual_seed(0)
+    model = lightning_op.nn.LightningAttention(128, 2, layer_idx=1, num_layers=2).cuda().eval()
+    x = torch.randn(1, 100, 128, device="cuda")
+    state = torch.randn(1, 2, 64, 64, device="cuda") * 0.1
+    seq = torch.export.Dim("seq", min=1, max=1 << 20)
+    ep = torch.export.export(model, (x, state), dynamic_shapes=({1: seq}, None))
+    torch._inductor.aoti_compile_and_package(for_package(ep), package_path=str(tmp_path / "model_aoti.pt2"))
+    with torch.no_grad():
+        cases = [(f"{n} tokens", (x, state), model(x, state))
+                 for n in (1, 100, 2049, 5000) for x in [torch.randn(1, n, 128, device="cuda")]]
+    torch.save(cases, tmp_path / "cases.pt")
+    out = run_script("examples/run_package.py", str(tmp_path))
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff| vs eager" in line]
+    assert len(diffs) == 4 and max(diffs) < 1e-3, out
+    assert "lightning_op imported: False" in out

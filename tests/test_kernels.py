@@ -82,8 +82,7 @@ def test_bad_segment_length():
     "changes",
     [dict(block_v=128), dict(chunk=128), dict(chunk=32, block_v=32), dict(chunk=16, segment_len=48),
      dict(num_warps=2, num_stages=1), dict(kv_chunk=32, kv_num_stages=1), dict(kv_chunk=16, kv_segment_len=48),
-     dict(kv_fused=0, segment_len=64), dict(chunk=16, segment_len=64, state_split=2),
-     dict(chunk=16, segment_len=64, state_split=4, kv_state_split=2), dict(kv_segment_len=64, kv_state_split=8)],
+     dict(kv_fused=0, segment_len=64), dict(kv_chunk=16, kv_segment_len=48, segment_len=128)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -130,7 +129,9 @@ def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, d
     grad_final = torch.randn(2, 3, dv, dk, device=DEVICE).transpose(-1, -2) if with_grad_final else None
     with config_override(**({} if segment_len is None else {"segment_len": segment_len})):
         got = kernels.key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
-    assert bool(composed) != fused
+    # float32 tiles fit the fused pass only up to 64 columns
+    widest = max(1 << (dk - 1).bit_length(), 1 << (dv - 1).bit_length())
+    assert bool(composed) != (fused and (dtype != torch.float32 or widest <= 64))
     want = real(
         grad_out.double(), None if grad_final is None else grad_final.double(), q.double(), k.double(), v.double(),
         decay, 0.8, store_final=True,
@@ -188,3 +189,31 @@ def test_kv_fused_0_takes_the_composed_backward(monkeypatch):
     with config_override(kv_fused=0):
         kernels.key_value_gradients(v, None, q, k, v, None, 1.0)
     assert composed == [1]
+
+
+def test_choose_config_follows_the_measured_rules(monkeypatch):
+    """The defaults the H200 sweeps chose (benchmarks/RESULTS.md), on a 132-multiprocessor GPU."""
+    from lightning_op import kernels
+
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    main = kernels.choose_config(128, 8192, 128, 128, gpu)
+    # whole value width, eight warps, and 128 programs occupy the GPU: one segment
+    assert (main.block_v, main.num_warps, main.num_stages, main.segment_len) == (128, 8, 3, 8192)
+    # B = 1: 16 programs; segments of 8192 rows give 128
+    assert kernels.choose_config(16, 65536, 128, 128, gpu).segment_len == 8192
+    # four-warp programs (D = 64) run two per multiprocessor: 128 programs take two segments
+    d64 = kernels.choose_config(128, 8192, 64, 64, gpu)
+    assert (d64.block_v, d64.num_warps, d64.segment_len) == (64, 4, 4096)
+    # float32 tiles: half the value width; D = 256: narrow tiles, short chunks
+    assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
+    d256 = kernels.choose_config(128, 8192, 256, 256, gpu)
+    assert (d256.chunk, d256.block_v) == (32, 32)
+    # the fused backward: the whole value, fewer stages
+    fused = kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True)
+    assert (fused.block_v, fused.num_stages) == (128, 2)
+    assert kernels.choose_config(128, 8192, 64, 64, gpu, whole_value=True).num_stages == 1
+    # segments never shorter than 8 chunks
+    assert kernels.choose_config(1, 1000, 128, 128, gpu).segment_len == 512
+    # CPU (interpreter): one segment, whatever the size
+    assert kernels.choose_config(1, 100_000, 128, 128, torch.device("cpu")).segment_len == 100_032

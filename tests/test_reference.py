@@ -19,7 +19,7 @@ def _inputs(b, h, n, dk, dv, seed=0):
 DECAYS = [None, torch.tensor([1e-5, 0.3, 30.0], dtype=torch.float64)]
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 33, 100])
+@pytest.mark.parametrize("n", [0, 1, 7, 33, 48, 100])
 @pytest.mark.parametrize("decay", DECAYS, ids=["no-decay", "decay"])
 @pytest.mark.parametrize("with_init", [False, True])
 def test_forms_agree(n, decay, with_init):
@@ -29,6 +29,7 @@ def test_forms_agree(n, decay, with_init):
     for actual in (
         reference.attention_quadratic(q, k, v, decay, 0.7, init),
         reference.attention_forward_chunked(q, k, v, decay, 0.7, init, chunk_size=16),
+        reference.attention_forward_scan(q, k, v, decay, 0.7, init, chunk_size=16),
     ):
         torch.testing.assert_close(actual[0], expected[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(actual[1], expected[1], rtol=1e-10, atol=1e-10)

@@ -35,7 +35,6 @@ class LaunchConfig:
     segment_len: int  # rows per segment (a multiple of chunk); segments run in parallel
     num_warps: int
     num_stages: int = 3
-    state_split: int = 1  # pieces per segment in the segment-state pass (parallelism of that pass)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,9 +42,9 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
-_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
+_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -56,9 +55,9 @@ def config_override(**changes):
     """Force launch parameters for every kernel call inside the block, to time or test
     configurations other than :func:`choose_config`'s. Not thread-safe.
 
-    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` apply
-    to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
-    ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
+    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len`` apply to all kernels
+    (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``
+    to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -79,9 +78,6 @@ def config_override(**changes):
     for name in ("chunk", "block_v", "kv_chunk"):
         if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
             raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
-    for name in ("state_split", "kv_state_split"):
-        if name in changes and changes[name] & (changes[name] - 1):
-            raise ValueError(f"config_override: {name} must be a power of two, got {changes[name]}")
     saved = dict(_overrides)
     _overrides.update(changes)
     try:
@@ -100,14 +96,22 @@ def _forced(name: str, whole_value: bool):
 
 def choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
-    *, whole_value: bool = False,
+    *, whole_value: bool = False, itemsize: int = 2,
 ) -> LaunchConfig:
-    """Tile sizes and the segment length for one call.
+    """Tile sizes and the segment length for one call (``itemsize``: bytes per input element).
 
-    One segment (the paper's sequential walk) whenever batch*heads*value-blocks already fills the
-    GPU; otherwise the sequence is cut into power-of-two segments of at least 8 chunks until about
-    two programs per multiprocessor exist. Power-of-two segment lengths keep compiled variants few.
-    ``whole_value`` (the fused backward) puts all value columns in one block. Parameters forced by
+    Chosen from the H200 sweeps in benchmarks/RESULTS.md:
+
+    - the whole value width in one program up to 128 columns for 16-bit inputs (q and k read once,
+      not once per value block); 64 for float32, whose tiles would not fit in shared memory;
+    - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
+      occupy most multiprocessors (eight-warp programs run one per multiprocessor: more segments
+      only add a pass over k and v); otherwise power-of-two segments of at least 8 chunks until
+      the multiprocessors are covered (twice over for four-warp programs, two of which fit);
+    - ``whole_value`` (the fused backward, which holds a Dk x Dv state and four row tiles): all
+      value columns in one block, fewer pipeline stages.
+
+    Power-of-two segment lengths keep compiled variants few. Parameters forced by
     :func:`config_override` win over these choices.
     """
     def pick(name, default):
@@ -119,9 +123,13 @@ def choose_config(
     if whole_value:
         block_v = max(16, triton.next_power_of_2(dv))
     else:
-        block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), 64 if block_k <= 128 else 32)))
+        widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else 32
+        block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), widest)))
     num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
-    num_stages = pick("num_stages", 3)
+    if whole_value:
+        num_stages = pick("num_stages", 2 if max(block_k, block_v) >= 128 else 1)
+    else:
+        num_stages = pick("num_stages", 3)
     forced_segment = _forced("segment_len", whole_value)
     if segment_len is None and forced_segment is not None:
         segment_len = triton.cdiv(forced_segment, chunk) * chunk
@@ -129,32 +137,22 @@ def choose_config(
         segment_len = max(n, chunk)
         if device.type == "cuda" and n > 0:
             programs = batch_heads * triton.cdiv(dv, block_v)
-            wanted_segments = triton.cdiv(2 * _multiprocessors(device.index or 0), programs)
-            if wanted_segments > 1:
-                per_segment = max(8 * chunk, triton.cdiv(n, wanted_segments))
+            wanted = _multiprocessors(device.index or 0) * (1 if num_warps >= 8 else 2)
+            if 4 * programs < 3 * wanted:
+                per_segment = max(8 * chunk, triton.cdiv(n, triton.cdiv(wanted, programs)))
                 segment_len = triton.next_power_of_2(per_segment)
         segment_len = triton.cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    state_split = _forced("state_split", whole_value)
-    if state_split is None:
-        # the state pass has (segments - 1) * programs to run: split its segments into pieces of at
-        # least 4 chunks until that fills the GPU twice over
-        state_split = 1
-        num_segments = triton.cdiv(n, segment_len)
-        if device.type == "cuda" and num_segments > 1:
-            programs = batch_heads * triton.cdiv(dv, block_v) * (num_segments - 1)
-            wanted = 2 * _multiprocessors(device.index or 0)
-            while programs * state_split < wanted and segment_len // (2 * state_split) >= 4 * chunk:
-                state_split *= 2
-    # pieces must be whole chunks
-    while state_split > 1 and segment_len % (state_split * chunk):
-        state_split //= 2
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split)
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * ndim
+
+
+def _direct(kernel):
+    return kernel
 
 
 def linear_attention(
@@ -170,6 +168,7 @@ def linear_attention(
     init_shift: int = 1,
     store_final: bool = True,
     segment_len: Optional[int] = None,
+    traceable: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
@@ -178,19 +177,32 @@ def linear_attention(
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
     validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
     :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+
+    ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
+    torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
+    branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
+    one empty segment (the output kernel still writes the final state).
     """
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
     out = torch.empty(b, h, n, dv, dtype=query.dtype, device=device)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
-    if n == 0:
-        if final is not None:
-            final.copy_(initial_state) if initial_state is not None else final.zero_()
-        return out, final
+    if traceable:
+        if segment_len is None:
+            raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
+        launch = torch.library.wrap_triton
+        n_at_least_1 = torch.sym_max(n, 1)
+    else:
+        launch = _direct
+        if n == 0:
+            if final is not None:
+                final.copy_(initial_state) if initial_state is not None else final.zero_()
+            return out, final
+        n_at_least_1 = n
 
-    cfg = choose_config(b * h, n, dk, dv, device, segment_len)
-    num_segments = triton.cdiv(n, cfg.segment_len)
+    cfg = choose_config(b * h, n, dk, dv, device, segment_len, itemsize=query.element_size())
+    num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
     types = _dot_types(query.dtype)
     has_decay = decay is not None
@@ -199,16 +211,17 @@ def linear_attention(
     init_arg = initial_state if has_init else out
     # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
-    if num_segments > 1:
+    # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
+    if traceable or num_segments > 1:
         seg_states = _segment_start_states(
-            key, value, decay, initial_state, cfg, value_scale=value_scale, reverse=reverse, init_shift=init_shift
+            key, value, decay, initial_state, cfg, num_segments,
+            value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
         )
-    _chunk_output_kernel[(b * h * num_v_blocks, num_segments)](
+    launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-        out_scale, value_scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, out_scale, value_scale,
         HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
         REVERSE=reverse, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
@@ -234,40 +247,39 @@ def _dot_types(dtype: torch.dtype) -> dict:
 
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
-    *, value_scale: float, reverse: bool, init_shift: int,
+    num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
 ) -> Tensor:
-    """float32 [B*H, (segments - 1) * state_split, Dk, Dv]: slot g < segments - 1 holds the state
-    at segment g+1's start (steps 1 and 2 of ``chunked.py``); the other slots are scratch."""
+    """float32 [B*H, segments, Dk, Dv]: slot g holds the state at segment g+1's start (steps 1
+    and 2 of ``chunked.py``; the last slot is unused). The state kernel's grid covers every
+    segment (the last one's programs return at once), so it is never empty, also when N is symbolic."""
     b, h, n, dk = key.shape
     dv = value.shape[-1]
-    num_segments = triton.cdiv(n, cfg.segment_len)
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
-    num_slots = (num_segments - 1) * cfg.state_split
-    seg_states = torch.empty(b * h, num_slots, dk, dv, dtype=torch.float32, device=key.device)
+    seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
-    piece_len = cfg.segment_len // cfg.state_split
-    _segment_state_kernel[(b * h * num_v_blocks, num_slots)](
+    launch(_segment_state_kernel)[(b * h * num_v_blocks, num_segments)](
         key, value, decay_arg, seg_states,
         *key.stride(), *value.stride(),
-        n, h, dk, dv, piece_len, num_slots, value_scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    _segment_scan_kernel[(b * h * num_v_blocks,)](
+    launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         *_strides(initial_state),
-        h, dk, dv, piece_len, num_slots, cfg.state_split,
+        h, dk, dv, cfg.segment_len, num_segments,
         HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
         BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
     return seg_states
 
 
-#: the fused key/value backward holds a Dk x Dv float32 state and whole rows of q, k, v, do
+#: the fused key/value backward holds a Dk x Dv float32 state and whole rows of q, k, v, do:
+#: head dims padded to at most this, and at most half of it for float32 inputs (shared memory)
 FUSED_BACKWARD_MAX_BLOCK = 128
 
 
@@ -283,11 +295,12 @@ def key_value_gradients(
     store_final: bool = False,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``reference.key_value_gradients_chunked`` in one fused pass (``backward.py``) when the head
-    dims fit it (both padded to at most ``FUSED_BACKWARD_MAX_BLOCK``), else as two linear
-    attentions on :func:`linear_attention`. Returns ``(dk, dv, dS_0 float32 or None)``."""
+    dims fit it (both padded to at most ``FUSED_BACKWARD_MAX_BLOCK``, half that for float32
+    inputs), else as two linear attentions on :func:`linear_attention`. Returns ``(dk, dv, dS_0 float32 or None)``."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
-    too_wide = max(triton.next_power_of_2(dk), triton.next_power_of_2(dv)) > FUSED_BACKWARD_MAX_BLOCK
+    widest = FUSED_BACKWARD_MAX_BLOCK if q.element_size() <= 2 else FUSED_BACKWARD_MAX_BLOCK // 2
+    too_wide = max(triton.next_power_of_2(dk), triton.next_power_of_2(dv)) > widest
     if too_wide or _overrides.get("kv_fused") == 0:
         return reference.key_value_gradients_chunked(
             grad_out, grad_final_state, q, k, v, decay, scale, store_final=store_final,
@@ -302,13 +315,13 @@ def key_value_gradients(
             final.copy_(grad_final_state) if grad_final_state is not None else final.zero_()
         return grad_k, grad_v, final
 
-    cfg = choose_config(b * h, n, dk, dv, device, whole_value=True)
+    cfg = choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=q.element_size())
     num_segments = triton.cdiv(n, cfg.segment_len)
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
     if num_segments > 1:
         # dS's own contributions: key q, value scale * do, walked from the end
         seg_states = _segment_start_states(
-            q, grad_out, decay, grad_final_state, cfg, value_scale=scale, reverse=True, init_shift=0
+            q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
         )
     has_init = grad_final_state is not None
     _key_value_grad_kernel[(b * h, num_segments)](
@@ -317,7 +330,7 @@ def key_value_gradients(
         seg_states, final if final is not None else seg_states,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
         *_strides(grad_final_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0, scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, scale,
         HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         **_dot_types(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -39,7 +39,7 @@ def _key_value_grad_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
-    N, H, D_K, D_V, segment_len, num_segments, num_slots, scale,
+    N, H, D_K, D_V, segment_len, num_segments, scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -78,7 +78,7 @@ def _key_value_grad_kernel(
         else:
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
-        slot = SEG_STATES + (bh * num_slots + seg - 1) * D_K * D_V
+        slot = SEG_STATES + (bh * num_segments + seg - 1) * D_K * D_V
         state = tl.load(slot + cols_k[:, None] * D_V + cols_v[None, :], mask=tile_mask, other=0.0)
     first_shift = tl.where(seg == 0, 0, 1)
 

@@ -13,10 +13,8 @@ The sequence is cut into chunks of ``CHUNK`` rows (the paper's blocks) and the c
 segments of ``segment_len`` rows. Within a chunk: masked attention ``((Q K^T) * M) V``; across the
 chunks of one segment: a Dk x BLOCK_V state carried in registers. Segments run in parallel:
 
-1. ``_segment_state_kernel``: the state each segment (but the last) adds on its own, from zero —
-   computed in ``state_split`` pieces per segment, so that this pass, which has only the segments
-   before the last to work on, still spreads over the whole GPU;
-2. ``_segment_scan_kernel``: a scan over the pieces turns those into the state at each segment start;
+1. ``_segment_state_kernel``: the state each segment (but the last) adds on its own, from zero;
+2. ``_segment_scan_kernel``: a scan over segments turns those into the state at each segment start;
 3. ``_chunk_output_kernel``: one program per (value block, segment, batch*head) walks its chunks
    from the segment's start state, writes the output and, in the last segment, the final state.
 
@@ -67,15 +65,19 @@ def _segment_state_kernel(
     K, V, DECAY, SEG_STATES,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    N, H, DK, DV, segment_len, num_slots, value_scale,
+    N, H, DK, DV, segment_len, num_segments, value_scale,
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Piece ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row), for
-    pieces of ``segment_len`` rows (a segment, or a fraction of one: see the scan)."""
-    pid_v, bh = _block_and_head(DV, BLOCK_V)
+    """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
+
+    The grid covers every segment, so it is never empty; the last segment's own state is not
+    needed (nothing follows it) and its programs return at once."""
     seg = tl.program_id(1)
+    if seg == num_segments - 1:
+        return
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -101,7 +103,7 @@ def _segment_state_kernel(
             state = state * tl.exp2(log2_lam * CHUNK)
         state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
-    out = SEG_STATES + (bh * num_slots + seg) * DK * DV
+    out = SEG_STATES + (bh * num_segments + seg) * DK * DV
     tl.store(out + cols_k[:, None] * DV + cols_v[None, :], state, mask=valid_k[:, None] & valid_v[None, :])
 
 
@@ -109,13 +111,11 @@ def _segment_state_kernel(
 def _segment_scan_kernel(
     DECAY, INIT, SEG_STATES,
     stride_ib, stride_ih, stride_ik, stride_iv,
-    H, DK, DV, piece_len, num_slots, split,
+    H, DK, DV, segment_len, num_segments,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """In place: the ``num_slots`` pieces' own states (``split`` pieces of ``piece_len`` rows per
-    segment) become the states at the segment starts: slot c holds the state at segment c+1's
-    start. Slot c is written only after piece c was read, so the compaction is safe in place."""
+    """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
@@ -130,16 +130,15 @@ def _segment_scan_kernel(
         state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     if HAS_DECAY:
         log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
-        first_decay = tl.exp2(log2_lam * (piece_len - 1 + INIT_SHIFT))
-        later_decay = tl.exp2(log2_lam * piece_len)
-    slot_ptr = SEG_STATES + bh * num_slots * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
-    for g in range(0, num_slots):
+        first_decay = tl.exp2(log2_lam * (segment_len - 1 + INIT_SHIFT))
+        later_decay = tl.exp2(log2_lam * segment_len)
+    slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+    for g in range(0, num_segments - 1):
         own = tl.load(slot_ptr + g * DK * DV, mask=tile_mask, other=0.0)
         if HAS_DECAY:
             state = state * tl.where(g == 0, first_decay, later_decay)
         state = state + own
-        if (g + 1) % split == 0:
-            tl.store(slot_ptr + ((g + 1) // split - 1) * DK * DV, state, mask=tile_mask)
+        tl.store(slot_ptr + g * DK * DV, state, mask=tile_mask)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -151,7 +150,7 @@ def _chunk_output_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
-    N, H, DK, DV, segment_len, num_segments, num_slots, out_scale, value_scale,
+    N, H, DK, DV, segment_len, num_segments, out_scale, value_scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -190,7 +189,7 @@ def _chunk_output_kernel(
         else:
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
-        slot = SEG_STATES + (bh * num_slots + seg - 1) * DK * DV
+        slot = SEG_STATES + (bh * num_segments + seg - 1) * DK * DV
         state = tl.load(slot + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
         state = state.to(tl.float32)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
