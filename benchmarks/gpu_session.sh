@@ -24,9 +24,9 @@ mkdir -p "$out"
 for stage in "${stages[@]}"; do
   start=$(date +%s)
   case "$stage" in
-    tests)   # eight processes share the compile-bound suite (see LIGHTNING_TEST_SHARD in tests/conftest.py)
+    tests)   # the GPU suite and the kernel tests (on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py)
              for i in 0 1 2 3 4 5 6 7; do
-               LIGHTNING_TEST_SHARD=$i/8 timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py \
+               LIGHTNING_TEST_SHARD=$i/8 timeout 240 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
                  -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
              done
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
