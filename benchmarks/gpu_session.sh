@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
 # limit so a slow stage cannot starve the rest. Usage (from the repo root, with .whl carried):
-#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup tests bench bench-short bench-long bench-dims quick decode sweep msweep dsweep rewrite deploy probe
+#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode sweep msweep dsweep rewrite deploy probe
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,6 +36,9 @@ for stage in "${stages[@]}"; do
     bench-short|bench-long|bench-dims)
              preset=$([ "$stage" = bench-short ] && echo main-short || ([ "$stage" = bench-long ] && echo main-long,long || echo d64,d256))
              timeout 560 python3 benchmarks/bench.py --preset "$preset" --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -40 ;;
+    bench-check)  # ours (both layouts) against fla where the last changes act: main, long, B = 1
+             timeout 400 python3 benchmarks/bench.py --preset quick,main-long --impls ours,ours_bnhd,fla \
+               --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -30 ;;
     msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,8x8192x16x64,1x65536x16x128 \
                2>&1 | tee "$out/msweep.log" | tail -50 ;;
     probe)   timeout 200 python3 .scratch/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 .scratch/aoti_probe.py load 2>&1 | tail -8

@@ -125,6 +125,29 @@ def _use_triton(x: Tensor) -> bool:
     return cpu_backend() == "triton"
 
 
+def _empty_grad(like: Tensor, bnhd: bool) -> Tensor:
+    """An empty [B, H, N, D] tensor of ``like``'s shape and dtype, stored as [B, N, H, D] when ``bnhd``."""
+    if bnhd:
+        return like.new_empty(like.shape[0], like.shape[2], like.shape[1], like.shape[3]).transpose(1, 2)
+    return like.new_empty(like.shape)
+
+
+def _in_layout(x: Tensor, bnhd: bool) -> Tensor:
+    """``x`` stored as ``_empty_grad`` would store it (a copy only where it is not)."""
+    target = _empty_grad(x, bnhd)
+    if x.stride() == target.stride():
+        return x
+    return target.copy_(x)
+
+
+def _stored_bnhd(x: Tensor) -> bool:
+    """Whether a [B, H, N, D] tensor keeps its heads inside its sequence positions ([B, N, H, D]
+    storage). Decided without guards on symbolic sizes: unknown counts as no."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(x.stride(1) < x.stride(2))
+
+
 def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.to(torch.float32)
 
@@ -174,8 +197,14 @@ def attn_bwd(
     decay: Optional[Tensor] = None,
     scale: float = 1.0,
     initial_state: Optional[Tensor] = None,
+    bnhd_grads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, d_initial_state)`` of ``lightning::attn``.
+
+    ``bnhd_grads`` stores dq, dk, dv as [B, N, H, D] (returned as [B, H, N, D] views), for inputs
+    kept in that layout: autograd then hands them to the [B, N, H, D] leaves without a copy. The
+    layout follows this flag alone, never the inputs' strides, so fake and real outputs agree
+    whatever layout a compiler chose for the saved inputs.
 
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
     """
@@ -186,18 +215,18 @@ def attn_bwd(
 
         kernels = dict(linear_attention=linear_attention, key_value_gradients=key_value_gradients)
     dq, dk, dv, d_init = reference.attention_backward_chunked(
-        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, **kernels
+        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads, **kernels
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else d_init.to(torch.float32)
-    return dq, dk, dv, d_init
+    return _in_layout(dq, bnhd_grads), _in_layout(dk, bnhd_grads), _in_layout(dv, bnhd_grads), d_init
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None):
+def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False):
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_init
+    return tuple(_empty_grad(x, bnhd_grads) for x in (q, k, v)) + (d_init,)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -219,7 +248,7 @@ def _backward(ctx, grad_out, grad_final_state):
     q, k, v, decay, initial_state = ctx.saved_tensors
     dq, dk, dv, d_init = torch.ops.lightning.attn_bwd(
         grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
-        q, k, v, decay, ctx.scale, initial_state,
+        q, k, v, decay, ctx.scale, initial_state, bnhd_grads=_stored_bnhd(q),
     )
     if ctx.has_initial_state:
         d_init = d_init.to(initial_state.dtype)

@@ -141,6 +141,7 @@ def linear_attention_chunked(
     init_shift: int = 1,
     store_final: bool = True,
     chunk_size: int = 64,
+    out_bnhd: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention that both the op and its gradients are instances of.
 
@@ -158,7 +159,8 @@ def linear_attention_chunked(
     ``lam^e`` with ``e >= 0``, so strong decays underflow to zero instead of overflowing.
     Computes in float32 (float64 for float64 inputs); returns ``(out, final_state)`` with out in
     query's dtype and the final state in the compute dtype (None unless ``store_final``; the
-    argument mirrors the Triton launcher's, which can then skip the write).
+    argument mirrors the Triton launcher's, which can then skip the write). ``out_bnhd`` is the
+    launcher's layout request for ``out`` (see ``kernels.linear_attention``) and is ignored here.
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     b, h, n, dk = query.shape
@@ -274,7 +276,7 @@ def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, c
 
 def key_value_gradients_chunked(
     grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, *, store_final=False, linear_attention=None,
-    chunk_size=64,
+    chunk_size=64, out_bnhd=False,
 ):
     """``(dk, dv, dS_0 or None)``: the two gradients that run backward in time, both driven by
     ``dS_t = lam dS_{t+1} + scale q_t^T do_t`` (``dS_{N-1}`` also receiving ``grad_final_state``)::
@@ -291,18 +293,18 @@ def key_value_gradients_chunked(
     gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
     dk, _ = linear_attention(
         v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0,
-        store_final=False,
+        store_final=False, out_bnhd=out_bnhd,
     )
     dv, ds0 = linear_attention(
         k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0,
-        store_final=store_final,
+        store_final=store_final, out_bnhd=out_bnhd,
     )
     return dk, dv, ds0
 
 
 def attention_backward_chunked(
     grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
-    linear_attention=None, key_value_gradients=None,
+    linear_attention=None, key_value_gradients=None, out_bnhd=False,
 ):
     """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
 
@@ -315,16 +317,19 @@ def attention_backward_chunked(
     ``linear_attention`` computes each linear attention (default: :func:`linear_attention_chunked`;
     the op passes the Triton launcher, which takes the same arguments); ``key_value_gradients``
     computes dk and dv (default: :func:`key_value_gradients_chunked` over ``linear_attention``).
-    ``d_initial_state`` is None when ``initial_state`` is None.
+    ``d_initial_state`` is None when ``initial_state`` is None. ``out_bnhd`` asks the kernels for
+    gradients stored as [B, N, H, D] (see ``kernels.linear_attention``); the chunked form ignores it.
     """
     if linear_attention is None:
         linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
     if key_value_gradients is None:
         key_value_gradients = functools.partial(key_value_gradients_chunked, linear_attention=linear_attention)
     init_t = None if initial_state is None else initial_state.transpose(-1, -2)
-    dq, _ = linear_attention(grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False)
+    dq, _ = linear_attention(
+        grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False, out_bnhd=out_bnhd
+    )
     dk, dv, ds0 = key_value_gradients(
-        grad_out, grad_final_state, q, k, v, decay, scale, store_final=initial_state is not None
+        grad_out, grad_final_state, q, k, v, decay, scale, store_final=initial_state is not None, out_bnhd=out_bnhd
     )
     d_init = None
     if initial_state is not None:

@@ -68,6 +68,32 @@ def test_bnhd_views_and_odd_head_dims(cpu_backend, layout):
     _check_against_oracle(q, k, v, torch.tensor([0.1, 2.0]), 0.5, None, with_grad_final=False)
 
 
+def test_gradients_come_back_in_the_inputs_layout(cpu_backend):
+    """[B, N, H, D] leaves seen as [B, H, N, D] views get gradients stored as [B, N, H, D] from the
+    backward op itself (no copy by autograd); its fake agrees (opcheck), in both layouts."""
+    leaves = [torch.randn(2, 70, 3, d, requires_grad=True) for d in (24, 24, 40)]
+    q, k, v = (x.transpose(1, 2) for x in leaves)
+    decay = torch.tensor([0.1, 2.0, 0.0])
+    out = lightning_attn(q, k, v, decay, scale=0.5)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, _ = torch.ops.lightning.attn_bwd(grad_out, None, q, k, v, decay, 0.5, None, bnhd_grads=True)
+    for grad, x in zip((dq, dk, dv), (q, k, v)):
+        assert grad.stride() == x.stride()
+    out.backward(grad_out)
+    for leaf, grad in zip(leaves, (dq, dk, dv)):
+        assert leaf.grad.is_contiguous() and torch.equal(leaf.grad, grad.transpose(1, 2))
+    # what autograd kept is what the op allocated: no copy on the way to the leaves
+    grads = torch.autograd.grad(lightning_attn(q, k, v, decay, scale=0.5), leaves, grad_out)
+    for got in grads:
+        assert got.is_contiguous() and got._base is not None
+    plain = torch.ops.lightning.attn_bwd(grad_out, None, q, k, v, decay, 0.5, None)
+    for grad, bnhd in zip(plain[:3], (dq, dk, dv)):
+        assert grad.is_contiguous() and torch.equal(grad, bnhd)
+    for flag in (False, True):  # attn_bwd has no backward: detached inputs
+        inputs = (grad_out, None, q.detach(), k.detach(), v.detach(), decay, 0.5, None, flag)
+        torch.library.opcheck(torch.ops.lightning.attn_bwd.default, inputs)
+
+
 def test_only_final_state_used(cpu_backend):
     q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, seed=9)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -35,6 +35,7 @@ class LaunchConfig:
     segment_len: int  # rows per segment (a multiple of chunk); segments run in parallel
     num_warps: int
     num_stages: int = 3
+    state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,9 +43,9 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
-_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len")
+_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -55,9 +56,9 @@ def config_override(**changes):
     """Force launch parameters for every kernel call inside the block, to time or test
     configurations other than :func:`choose_config`'s. Not thread-safe.
 
-    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len`` apply to all kernels
-    (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``
-    to the fused key/value backward only, where they win
+    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` apply
+    to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
+    ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -73,8 +74,9 @@ def config_override(**changes):
                 raise ValueError(f"config_override: kv_fused must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config_override: {name} must be a positive int, got {value!r}")
-    if "decode_block_v" in changes and changes["decode_block_v"] & (changes["decode_block_v"] - 1):
-        raise ValueError(f"config_override: decode_block_v must be a power of two, got {changes['decode_block_v']}")
+    for name in ("decode_block_v", "state_split", "kv_state_split"):
+        if name in changes and changes[name] & (changes[name] - 1):
+            raise ValueError(f"config_override: {name} must be a power of two, got {changes[name]}")
     for name in ("chunk", "block_v", "kv_chunk"):
         if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
             raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
@@ -108,6 +110,9 @@ def choose_config(
       occupy most multiprocessors (eight-warp programs run one per multiprocessor: more segments
       only add a pass over k and v); otherwise power-of-two segments of at least 8 chunks until
       the multiprocessors are covered (twice over for four-warp programs, two of which fit);
+    - the segment-state pass has (segments - 1) * programs to run, too few when batch*heads is
+      small: its segments are then cut into ``state_split`` pieces (of at least 4 chunks) until
+      that covers three quarters of the multiprocessors;
     - ``whole_value`` (the fused backward, which holds a Dk x Dv state and four row tiles): all
       value columns in one block, fewer pipeline stages.
 
@@ -131,6 +136,7 @@ def choose_config(
     else:
         num_stages = pick("num_stages", 3)
     forced_segment = _forced("segment_len", whole_value)
+    explicit = segment_len is not None  # a caller's fixed length (N may be symbolic): no split
     if segment_len is None and forced_segment is not None:
         segment_len = triton.cdiv(forced_segment, chunk) * chunk
     if segment_len is None:
@@ -144,7 +150,24 @@ def choose_config(
         segment_len = triton.cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages)
+    state_split = _forced("state_split", whole_value)
+    if state_split is None:
+        state_split = 1
+        if device.type == "cuda" and not explicit and n > segment_len:
+            busy = batch_heads * triton.cdiv(dv, block_v) * (triton.cdiv(n, segment_len) - 1)
+            while 4 * busy * state_split < 3 * _multiprocessors(device.index or 0) and \
+                    segment_len // (2 * state_split) >= 4 * chunk:
+                state_split *= 2
+    while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
+        state_split //= 2
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split)
+
+
+def _empty_bhnd(b, h, n, d, dtype: torch.dtype, device, bnhd: bool = False) -> Tensor:
+    """An uninitialised [B, H, N, D] tensor, stored as [B, N, H, D] when ``bnhd``."""
+    if bnhd:
+        return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(b, h, n, d, dtype=dtype, device=device)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -169,6 +192,7 @@ def linear_attention(
     store_final: bool = True,
     segment_len: Optional[int] = None,
     traceable: bool = False,
+    out_bnhd: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
@@ -176,7 +200,9 @@ def linear_attention(
     bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
     validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
-    :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``.
+    :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
+    ``out_bnhd`` stores ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept
+    in that layout then need no copy.
 
     ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
     torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
@@ -186,7 +212,7 @@ def linear_attention(
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
-    out = torch.empty(b, h, n, dv, dtype=query.dtype, device=device)
+    out = _empty_bhnd(b, h, n, dv, query.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if traceable:
         if segment_len is None:
@@ -211,17 +237,19 @@ def linear_attention(
     init_arg = initial_state if has_init else out
     # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
     seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+    num_slots = 0
     # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
     if traceable or num_segments > 1:
         seg_states = _segment_start_states(
             key, value, decay, initial_state, cfg, num_segments,
             value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
         )
+        num_slots = seg_states.shape[1]
     launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
         query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         *_strides(initial_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, out_scale, value_scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
         HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
         REVERSE=reverse, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
@@ -249,20 +277,24 @@ def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
 ) -> Tensor:
-    """float32 [B*H, segments, Dk, Dv]: slot g holds the state at segment g+1's start (steps 1
-    and 2 of ``chunked.py``; the last slot is unused). The state kernel's grid covers every
-    segment (the last one's programs return at once), so it is never empty, also when N is symbolic."""
+    """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``), with ``cfg.state_split``
+    pieces per segment before the last, plus one: slot g holds the state at piece g+1's start, so
+    segment s starts from slot ``s * state_split - 1``; the last slot is unused. The state kernel's
+    grid covers every piece (the last one's programs return at once), so it is never empty, also
+    when N is symbolic (``state_split`` is then 1)."""
     b, h, n, dk = key.shape
     dv = value.shape[-1]
     num_v_blocks = triton.cdiv(dv, cfg.block_v)
-    seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=key.device)
+    piece_len = cfg.segment_len // cfg.state_split
+    num_pieces = (num_segments - 1) * cfg.state_split + 1
+    seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
-    launch(_segment_state_kernel)[(b * h * num_v_blocks, num_segments)](
+    launch(_segment_state_kernel)[(b * h * num_v_blocks, num_pieces)](
         key, value, decay_arg, seg_states,
         *key.stride(), *value.stride(),
-        n, h, dk, dv, cfg.segment_len, num_segments, value_scale,
+        n, h, dk, dv, piece_len, num_pieces, value_scale,
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], num_warps=cfg.num_warps,
@@ -271,7 +303,7 @@ def _segment_start_states(
     launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         *_strides(initial_state),
-        h, dk, dv, cfg.segment_len, num_segments,
+        h, dk, dv, piece_len, num_pieces,
         HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
         BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
     )
@@ -293,6 +325,7 @@ def key_value_gradients(
     scale: float = 1.0,
     *,
     store_final: bool = False,
+    out_bnhd: bool = False,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``reference.key_value_gradients_chunked`` in one fused pass (``backward.py``) when the head
     dims fit it (both padded to at most ``FUSED_BACKWARD_MAX_BLOCK``, half that for float32
@@ -304,11 +337,11 @@ def key_value_gradients(
     if too_wide or _overrides.get("kv_fused") == 0:
         return reference.key_value_gradients_chunked(
             grad_out, grad_final_state, q, k, v, decay, scale, store_final=store_final,
-            linear_attention=linear_attention,
+            linear_attention=linear_attention, out_bnhd=out_bnhd,
         )
     device = q.device
-    grad_k = torch.empty(b, h, n, dk, dtype=k.dtype, device=device)
-    grad_v = torch.empty(b, h, n, dv, dtype=v.dtype, device=device)
+    grad_k = _empty_bhnd(b, h, n, dk, k.dtype, device, out_bnhd)
+    grad_v = _empty_bhnd(b, h, n, dv, v.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if n == 0:
         if final is not None:
@@ -330,7 +363,8 @@ def key_value_gradients(
         seg_states, final if final is not None else seg_states,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
         *_strides(grad_final_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, scale,
+        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
+        cfg.state_split, scale,
         HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         **_dot_types(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,

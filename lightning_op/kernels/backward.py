@@ -39,7 +39,7 @@ def _key_value_grad_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
-    N, H, D_K, D_V, segment_len, num_segments, scale,
+    N, H, D_K, D_V, segment_len, num_segments, num_slots, split, scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -47,6 +47,7 @@ def _key_value_grad_kernel(
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end."""
     _, bh = _block_and_head(D_V, BLOCK_V)
+    scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -78,7 +79,7 @@ def _key_value_grad_kernel(
         else:
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
-        slot = SEG_STATES + (bh * num_segments + seg - 1) * D_K * D_V
+        slot = SEG_STATES + (bh * num_slots + seg * split - 1) * D_K * D_V
         state = tl.load(slot + cols_k[:, None] * D_V + cols_v[None, :], mask=tile_mask, other=0.0)
     first_shift = tl.where(seg == 0, 0, 1)
 
@@ -99,19 +100,19 @@ def _key_value_grad_kernel(
         if HAS_DECAY:
             kq = kq * intra_mask
             vdo = vdo * intra_mask
-            row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-            k_inter = k * row_weight
-            v_inter = v * row_weight
         else:
             kq = tl.where(causal, kq, 0.0)
             vdo = tl.where(causal, vdo, 0.0)
-            k_inter = k
-            v_inter = v
-        dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale
-        dv += _dot(k_inter, state, STATE_DOT_DTYPE, STATE_PRECISION)
+        # the state's shares carry the row weight lam^(i+shift), applied to the products
+        dv_inter = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
+        dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+        if HAS_DECAY:
+            row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+            dv_inter = dv_inter * row_weight
+            dk_inter = dk_inter * row_weight
+        dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale + dv_inter
         _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-        dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale
-        dk += _dot(v_inter, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+        dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale + dk_inter
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
 
         if HAS_DECAY:

@@ -13,8 +13,11 @@ The sequence is cut into chunks of ``CHUNK`` rows (the paper's blocks) and the c
 segments of ``segment_len`` rows. Within a chunk: masked attention ``((Q K^T) * M) V``; across the
 chunks of one segment: a Dk x BLOCK_V state carried in registers. Segments run in parallel:
 
-1. ``_segment_state_kernel``: the state each segment (but the last) adds on its own, from zero;
-2. ``_segment_scan_kernel``: a scan over segments turns those into the state at each segment start;
+1. ``_segment_state_kernel``: the state each segment (but the last) adds on its own, from zero,
+   optionally in ``split`` pieces per segment, so that this pass, which has all but the last
+   segment to work on, still spreads over the GPU when batch*heads is small;
+2. ``_segment_scan_kernel``: a scan over segments (or pieces) turns those into the state at each
+   segment (piece) start; segment ``seg`` starts from slot ``seg * split - 1``;
 3. ``_chunk_output_kernel``: one program per (value block, segment, batch*head) walks its chunks
    from the segment's start state, writes the output and, in the last segment, the final state.
 
@@ -78,6 +81,7 @@ def _segment_state_kernel(
     if seg == num_segments - 1:
         return
     pid_v, bh = _block_and_head(DV, BLOCK_V)
+    value_scale = tl.cast(value_scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -150,7 +154,7 @@ def _chunk_output_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
-    N, H, DK, DV, segment_len, num_segments, out_scale, value_scale,
+    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -159,6 +163,7 @@ def _chunk_output_kernel(
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
+    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -189,7 +194,7 @@ def _chunk_output_kernel(
         else:
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
-        slot = SEG_STATES + (bh * num_segments + seg - 1) * DK * DV
+        slot = SEG_STATES + (bh * num_slots + seg * split - 1) * DK * DV
         state = tl.load(slot + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
         state = state.to(tl.float32)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
@@ -208,13 +213,15 @@ def _chunk_output_kernel(
         scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
         if HAS_DECAY:
             scores = scores * intra_mask
-            q_inter = q * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
         else:
             scores = tl.where(causal, scores, 0.0)
-            q_inter = q
         out = _dot(scores, v, DOT_DTYPE, PRECISION) * value_scale
-        out += _dot(q_inter, state, STATE_DOT_DTYPE, STATE_PRECISION)
-        out = out * out_scale
+        # the state's share, lam^(i+shift) q_i S: the row weight goes on the product, so q enters
+        # the dot as loaded (no scaled copy of it)
+        inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
+        if HAS_DECAY:
+            inter = inter * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+        out = (out + inter) * out_scale
         if REVERSE:
             positions = N - 1 - rows
         else:

@@ -28,6 +28,7 @@ def _decode_step_kernel(
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_v, bh = _block_and_head(DV, BLOCK_V)
+    scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
     cols_k = tl.arange(0, BLOCK_K)
