@@ -26,7 +26,7 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     tests)   # the GPU suite and the kernel tests (on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py)
              for i in 0 1 2 3 4 5 6 7; do
-               LIGHTNING_TEST_SHARD=$i/8 timeout 240 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
+               LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-300}" python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
                  -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
              done
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
                --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -30 ;;
     msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,8x8192x16x64,1x65536x16x128 \
                2>&1 | tee "$out/msweep.log" | tail -50 ;;
-    probe)   timeout 200 python3 .scratch/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 .scratch/aoti_probe.py load 2>&1 | tail -8
+    probe)   timeout 200 python3 benchmarks/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 benchmarks/aoti_probe.py load 2>&1 | tail -8
              echo "probe load rc=${PIPESTATUS[0]}" ;;
     bench)   timeout 540 python3 benchmarks/bench.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -60 ;;
     quick)   timeout 240 python3 benchmarks/bench.py --quick --out "$out/quick" 2>&1 | tee "$out/quick.log" | tail -12 ;;

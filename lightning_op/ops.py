@@ -133,11 +133,13 @@ def _empty_grad(like: Tensor, bnhd: bool) -> Tensor:
 
 
 def _in_layout(x: Tensor, bnhd: bool) -> Tensor:
-    """``x`` stored as ``_empty_grad`` would store it (a copy only where it is not)."""
-    target = _empty_grad(x, bnhd)
-    if x.stride() == target.stride():
+    """``x`` stored as ``_empty_grad`` would store it (a copy only where it is not; the check
+    allocates nothing, so the backward's peak memory holds no spare gradient-sized buffer)."""
+    b, h, n, d = x.shape
+    wanted = (n * h * d, d, h * d, 1) if bnhd else (h * n * d, n * d, d, 1)
+    if all(size == 1 or stride == want for size, stride, want in zip(x.shape, x.stride(), wanted)):
         return x
-    return target.copy_(x)
+    return _empty_grad(x, bnhd).copy_(x)
 
 
 def _stored_bnhd(x: Tensor) -> bool:

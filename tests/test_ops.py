@@ -94,6 +94,34 @@ def test_gradients_come_back_in_the_inputs_layout(cpu_backend):
         torch.library.opcheck(torch.ops.lightning.attn_bwd.default, inputs)
 
 
+def test_gradient_layout_check_allocates_nothing_when_the_layout_is_right():
+    """attn_bwd's final layout check must not allocate a gradient-sized buffer (it once did: +0.25
+    GiB of peak memory at the main benchmark shape); it copies only a tensor in the wrong layout."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_op import ops
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.new_empty):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    bhnd = torch.randn(2, 3, 5, 4)
+    bnhd = torch.randn(2, 5, 3, 4).transpose(1, 2)
+    for x, flag in ((bhnd, False), (bnhd, True)):
+        with Allocations() as mode:
+            assert ops._in_layout(x, flag) is x
+        assert mode.count == 0
+    with Allocations() as mode:
+        moved = ops._in_layout(bhnd, True)
+    assert mode.count == 1 and moved.stride() == bnhd.stride() and torch.equal(moved, bhnd)
+
+
 def test_only_final_state_used(cpu_backend):
     q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, seed=9)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
