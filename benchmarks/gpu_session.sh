@@ -39,7 +39,7 @@ for stage in "${stages[@]}"; do
     bench-check)  # ours (both layouts) against fla where the last changes act: main, long, B = 1
              timeout 400 python3 benchmarks/bench.py --preset quick,main-long --impls ours,ours_bnhd,fla \
                --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -30 ;;
-    msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,8x8192x16x64,1x65536x16x128 \
+    msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,4x16384x16x128,2x32768x16x128,8x8192x16x64 \
                2>&1 | tee "$out/msweep.log" | tail -50 ;;
     probe)   timeout 200 python3 benchmarks/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 benchmarks/aoti_probe.py load 2>&1 | tail -8
              echo "probe load rc=${PIPESTATUS[0]}" ;;

@@ -18,7 +18,8 @@ from lightning_op.kernels import choose_config, config_override
 
 VARIANTS = [
     {}, dict(kv_fused=0), dict(segment_len=2048), dict(segment_len=4096), dict(segment_len=8192),
-    dict(kv_segment_len=4096), dict(kv_num_stages=3), dict(kv_num_stages=1), dict(kv_chunk=32), dict(block_v=64),
+    dict(segment_len=16384), dict(state_split=1, kv_state_split=1), dict(state_split=4, kv_state_split=4),
+    dict(block_v=64), dict(kv_segment_len=4096), dict(kv_num_stages=3), dict(kv_num_stages=1), dict(kv_chunk=32),
     dict(num_stages=2), dict(chunk=128, num_stages=2, kv_chunk=64),
 ]
 

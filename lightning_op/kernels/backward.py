@@ -17,7 +17,7 @@ heads take the two-pass composition instead. Rows are addressed from the end (po
 import triton
 import triton.language as tl
 
-from .chunked import _block_and_head, _dot, _load_rows
+from .chunked import _block_and_head, _dot, _intra_chunk_decay, _load_rows, _segment_start_state
 
 
 @triton.jit
@@ -65,22 +65,15 @@ def _key_value_grad_kernel(
     idx = tl.arange(0, CHUNK)
     causal = idx[:, None] >= idx[None, :]
     if HAS_DECAY:
-        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
-        distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
-        intra_mask = tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
+        log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
 
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
-    if seg == 0:
-        if HAS_INIT:
-            init_ptr = INIT + b * stride_ib + h * stride_ih
-            state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
-            state = state.to(tl.float32)
-        else:
-            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    else:
-        slot = SEG_STATES + (bh * num_slots + seg * split - 1) * D_K * D_V
-        state = tl.load(slot + cols_k[:, None] * D_V + cols_v[None, :], mask=tile_mask, other=0.0)
+    state = _segment_start_state(
+        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
+        SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask, D_V,
+        HAS_INIT, BLOCK_K, BLOCK_V,
+    )
     first_shift = tl.where(seg == 0, 0, 1)
 
     seg_begin = seg * segment_len

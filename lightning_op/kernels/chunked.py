@@ -61,6 +61,34 @@ def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REV
     return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
 
 
+@triton.jit
+def _intra_chunk_decay(DECAY, h, idx, causal):
+    """log2(lam) of head h and the chunk's mask M[i, s] = lam^(i-s) for i >= s, else 0 (the exponent
+    is clamped so that masked entries stay finite)."""
+    log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+    distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
+    return log2_lam, tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
+
+
+@triton.jit
+def _segment_start_state(
+    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask, DV,
+    HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
+    later one from ``slot`` of the scanned segment states ([Dk, Dv] rows of DV values)."""
+    if seg == 0:
+        if HAS_INIT:
+            ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
+            state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    else:
+        ptrs = SEG_STATES + slot + cols_k[:, None] * DV + cols_v[None, :]
+        state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+    return state
+
+
 # N is not specialised (its value and divisibility change with every sequence length), so one
 # compiled kernel serves all lengths; strides stay specialised for aligned, vectorised loads.
 @triton.jit(do_not_specialize=["N"])
@@ -179,24 +207,15 @@ def _chunk_output_kernel(
     idx = tl.arange(0, CHUNK)
     causal = idx[:, None] >= idx[None, :]
     if HAS_DECAY:
-        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
-        # M[i, s] = lam^(i-s) for i >= s; the exponent is clamped so masked entries stay finite
-        distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
-        intra_mask = tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
+        log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
-    if seg == 0:
-        if HAS_INIT:
-            init_ptr = INIT + b * stride_ib + h * stride_ih
-            state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
-            state = state.to(tl.float32)
-        else:
-            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    else:
-        slot = SEG_STATES + (bh * num_slots + seg * split - 1) * DK * DV
-        state = tl.load(slot + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
-        state = state.to(tl.float32)
+    state = _segment_start_state(
+        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
+        SEG_STATES, (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_k, cols_v, tile_mask, DV,
+        HAS_INIT, BLOCK_K, BLOCK_V,
+    )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
     seg_begin = seg * segment_len
