@@ -23,3 +23,14 @@ def test_bench_smoke(tmp_path):
         assert row.get("fwd_ms") and row["fwd_ms"] > 0
     naive_errors = [row["rel_err_vs_ours"] for row in by_impl["naive"] if row.get("rel_err_vs_ours") is not None]
     assert naive_errors and max(naive_errors) < 1e-5
+
+
+def test_register_report_compiles_every_kernel_for_hopper():
+    """benchmarks/registers.py compiles the three loop kernels for sm_90 without a GPU and reads
+    registers and spills from ptxas."""
+    out = run_script("benchmarks/registers.py", "--dims", "32")
+    lines = [line for line in out.splitlines() if line.startswith("D=32")]
+    assert [line.split()[1] for line in lines] == ["forward", "fused", "segment"]
+    for line in lines:
+        registers = int(line.split(": ")[1].split()[0])
+        assert 0 < registers <= 255 and "spill stores" in line and "shared memory" in line

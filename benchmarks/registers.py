@@ -1,0 +1,111 @@
+"""Registers, spills and shared memory of the kernels for a GPU target, without a GPU.
+
+    python3 benchmarks/registers.py                   # sm_90 (H100/H200), D = 64 and 128, bf16
+    python3 benchmarks/registers.py --dims 128 --arch 90 --warps 8 --stages 2
+
+Triton compiles each kernel to PTX for the target on any machine; ptxas (shipped inside the
+triton wheel) then reports registers per thread and bytes spilled to local memory. Spills are
+the cost to watch in these kernels: every chunk of the loop pays them. On the H200 (RESULTS.md,
+2026-11-28) the forward went from 0.572 to 0.388 ms at the main shape when its spills went from
+188 to 16 bytes. Numbers come from the local triton's code generator, which may differ from the
+GPU machine's version, and with how a launch specialises integer arguments (here: unit strides
+of the last dim are constants, other integers 32-bit); use it to compare variants of a kernel
+under the same settings, then time the winner on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+# compiling for a GPU target needs the real JIT, not the interpreter (which tests switch on)
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
+from lightning_op.kernels.chunked import _chunk_output_kernel, _segment_state_kernel  # noqa: E402
+
+FLOAT_ARGS = ("out_scale", "value_scale", "scale")
+
+
+def ptxas() -> str:
+    """The newest ptxas inside the triton wheel (it must know the PTX version triton emits)."""
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    raise SystemExit(f"no ptxas in {folder}")
+
+
+def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stages: int) -> str:
+    # as a launch on contiguous tensors specialises them: unit strides of the last dim become
+    # constants, other integers are 32-bit
+    constexprs = dict(constexprs)
+    for name in kernel.arg_names:
+        if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
+            constexprs.setdefault(name, 1)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        result = subprocess.run([ptxas(), f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                                capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    lines = (result.stdout + result.stderr).splitlines()
+    regs = next((line.split("Used ")[1].split(" registers")[0] for line in lines if "Used " in line), "?")
+    spills = next((line.strip() for line in lines if "spill stores" in line), "?")
+    return f"{regs:>3} registers, {spills}, shared memory {compiled.metadata.shared} B"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", default="64,128", help="head dims (Dk = Dv), comma-separated")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
+    parser.add_argument("--warps", type=int, default=None, help="default: 4 up to D = 64, else 8 (as choose_config)")
+    parser.add_argument("--stages", type=int, default=None, help="default: as choose_config")
+    args = parser.parse_args()
+    bf16, f32 = "*bf16", "*fp32"
+    print(f"triton {triton.__version__}, sm_{args.arch}, bf16, with decay")
+    for d in (int(x) for x in args.dims.split(",")):
+        warps = args.warps or (4 if d <= 64 else 8)
+        common = dict(CHUNK=64, BLOCK_K=d, BLOCK_V=d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee")
+        state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
+        cases = [
+            ("forward output", _chunk_output_kernel, args.stages or 3,
+             dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
+             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
+            ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
+             dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
+             dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
+                  FINAL=f32)),
+            ("segment state", _segment_state_kernel, args.stages or 3,
+             dict(common, HAS_DECAY=True, REVERSE=False), dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
+        ]
+        for label, kernel, stages, constexprs, pointers in cases:
+            line = report(kernel, constexprs, pointers, args.arch, warps, stages)
+            print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
