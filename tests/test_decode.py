@@ -116,6 +116,32 @@ def test_step_refuses_gradients():
         attn_step(q, k, v, torch.zeros(1, 2, 16, 16))
 
 
+def test_repeated_steps_validate_once_but_still_check_values(monkeypatch):
+    """A decode loop pays the full validation once per argument layout; scale, grad mode and
+    decay signs are still checked on every call, and new layouts are validated afresh."""
+    from lightning_op import ops
+
+    calls = []
+    real = ops.validate
+    monkeypatch.setattr(ops, "validate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops, "_validated_steps", set())
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    state, decay = torch.zeros(1, 2, 16, 16), torch.tensor([0.1, 0.2])
+    for _ in range(3):
+        attn_step(q, k, v, state, decay, scale=0.5)
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        attn_step(q, k, v, state, decay, scale=float("nan"))
+    with pytest.raises(ValueError, match="no backward"):
+        attn_step(q.clone().requires_grad_(), k, v, state, decay)
+    with pytest.raises(ValueError, match="slopes >= 0"):
+        attn_step(q, k, v, state, torch.tensor([0.1, -0.2]))
+    with pytest.raises(TypeError, match="state must be float32"):
+        attn_step(q, k, v, state.double(), decay)
+    with pytest.raises(ValueError, match="decay must have shape"):
+        attn_step(q, k, v, state, torch.tensor([0.1, 0.2, 0.3]))
+
+
 def test_step_is_exported_in_the_api():
     assert lightning_op.attn_step is attn_step
     assert hasattr(torch.ops.lightning, "attn_step")
