@@ -129,21 +129,14 @@ def _use_triton(x: Tensor) -> bool:
     return cpu_backend() == "triton"
 
 
-def _empty_grad(like: Tensor, bnhd: bool) -> Tensor:
-    """An empty [B, H, N, D] tensor of ``like``'s shape and dtype, stored as [B, N, H, D] when ``bnhd``."""
-    if bnhd:
-        return like.new_empty(like.shape[0], like.shape[2], like.shape[1], like.shape[3]).transpose(1, 2)
-    return like.new_empty(like.shape)
-
-
 def _in_layout(x: Tensor, bnhd: bool) -> Tensor:
-    """``x`` stored as ``_empty_grad`` would store it (a copy only where it is not; the check
+    """``x`` stored as ``reference.empty_bhnd`` would store it (a copy only where it is not; the check
     allocates nothing, so the backward's peak memory holds no spare gradient-sized buffer)."""
     b, h, n, d = x.shape
     wanted = (n * h * d, d, h * d, 1) if bnhd else (h * n * d, n * d, d, 1)
     if all(size == 1 or stride == want for size, stride, want in zip(x.shape, x.stride(), wanted)):
         return x
-    return _empty_grad(x, bnhd).copy_(x)
+    return reference.empty_bhnd(x.shape, x.dtype, x.device, bnhd).copy_(x)
 
 
 def _stored_bnhd(x: Tensor) -> bool:
@@ -232,7 +225,7 @@ def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, i
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
-    return tuple(_empty_grad(x, bnhd_grads) for x in (q, k, v)) + (d_init,)
+    return tuple(reference.empty_bhnd(x.shape, x.dtype, x.device, bnhd_grads) for x in (q, k, v)) + (d_init,)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -37,8 +37,18 @@ __all__ = [
     "key_value_gradients_chunked",
     "attention_step",
     "decay_mask",
+    "empty_bhnd",
     "slopes",
 ]
+
+
+def empty_bhnd(shape, dtype: torch.dtype, device, bnhd: bool = False) -> Tensor:
+    """An uninitialised [B, H, N, D] tensor of ``shape``, stored as [B, N, H, D] when ``bnhd`` (the
+    layout the kernels write gradients in for inputs kept that way)."""
+    b, h, n, d = shape
+    if bnhd:
+        return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(b, h, n, d, dtype=dtype, device=device)
 
 
 def slopes(num_heads: int, layer_idx: Optional[int] = None, num_layers: Optional[int] = None) -> Tensor:

@@ -163,13 +163,6 @@ def choose_config(
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split)
 
 
-def _empty_bhnd(b, h, n, d, dtype: torch.dtype, device, bnhd: bool = False) -> Tensor:
-    """An uninitialised [B, H, N, D] tensor, stored as [B, N, H, D] when ``bnhd``."""
-    if bnhd:
-        return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
-    return torch.empty(b, h, n, d, dtype=dtype, device=device)
-
-
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * ndim
 
@@ -212,7 +205,7 @@ def linear_attention(
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
-    out = _empty_bhnd(b, h, n, dv, query.dtype, device, out_bnhd)
+    out = reference.empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if traceable:
         if segment_len is None:
@@ -340,8 +333,8 @@ def key_value_gradients(
             linear_attention=linear_attention, out_bnhd=out_bnhd,
         )
     device = q.device
-    grad_k = _empty_bhnd(b, h, n, dk, k.dtype, device, out_bnhd)
-    grad_v = _empty_bhnd(b, h, n, dv, v.dtype, device, out_bnhd)
+    grad_k = reference.empty_bhnd(k.shape, k.dtype, device, out_bnhd)
+    grad_v = reference.empty_bhnd(v.shape, v.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if n == 0:
         if final is not None:
