@@ -21,6 +21,11 @@ VARIANTS = [
     dict(segment_len=16384), dict(state_split=1, kv_state_split=1), dict(state_split=4, kv_state_split=4),
     dict(block_v=64), dict(kv_segment_len=4096), dict(kv_num_stages=3), dict(kv_num_stages=1), dict(kv_chunk=32),
     dict(num_stages=2), dict(chunk=128, num_stages=2, kv_chunk=64),
+    # 15-23: the fused backward in one segment (D = 64), warps, D = 256 tiles, two state pieces,
+    # the two kernel forms, the widest value block
+    dict(kv_segment_len=8192), dict(segment_len=8192, kv_segment_len=8192), dict(num_warps=8),
+    dict(block_v=64, chunk=64), dict(num_warps=4), dict(state_split=2, kv_state_split=2),
+    dict(accumulate=0), dict(accumulate=1), dict(block_v=128),
 ]
 
 

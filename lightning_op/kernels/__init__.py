@@ -36,6 +36,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int = 3
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
+    accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +44,7 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
 #: the decode step's
@@ -56,8 +57,8 @@ def config_override(**changes):
     """Force launch parameters for every kernel call inside the block, to time or test
     configurations other than :func:`choose_config`'s. Not thread-safe.
 
-    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` apply
-    to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
+    ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
+    ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
     ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
@@ -69,9 +70,9 @@ def config_override(**changes):
             f"tunable: {list(_TUNABLE + _TUNABLE_KV + _TUNABLE_DECODE)}, kv_fused"
         )
     for name, value in changes.items():
-        if name == "kv_fused":
+        if name in ("kv_fused", "accumulate"):
             if value not in (0, 1) or isinstance(value, float):
-                raise ValueError(f"config_override: kv_fused must be 0 or 1, got {value!r}")
+                raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config_override: {name} must be a positive int, got {value!r}")
     for name in ("decode_block_v", "state_split", "kv_state_split"):
@@ -106,10 +107,14 @@ def choose_config(
 
     - the whole value width in one program up to 128 columns for 16-bit inputs (q and k read once,
       not once per value block); 64 for float32, whose tiles would not fit in shared memory;
+      keys wider than 128: chunks and value blocks of 64 (2026-12-02: 5.7x faster forward than
+      chunks and blocks of 32 at D = 256), 32 for float32;
+    - the ``ACCUMULATE`` form of the kernels except for keys padded to 128 (2026-12-02: at
+      D = 128 it made the forward 1.46x slower, at D = 64 about 2x faster);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
-      occupy most multiprocessors (eight-warp programs run one per multiprocessor: more segments
-      only add a pass over k and v); otherwise power-of-two segments of at least 8 chunks until
-      the multiprocessors are covered (twice over for four-warp programs, two of which fit);
+      occupy most multiprocessors (more segments only add a pass over k and v); otherwise
+      power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
+      over for four-warp programs of the other form, two of which fit and gained from it);
     - the segment-state pass has (segments - 1) * programs to run, too few when batch*heads is
       small: its segments are then cut into ``state_split`` pieces (of at least 4 chunks) until
       that covers three quarters of the multiprocessors;
@@ -124,13 +129,15 @@ def choose_config(
         return default if forced is None else forced
 
     block_k = max(16, triton.next_power_of_2(dk))
-    chunk = pick("chunk", 64 if block_k <= 128 else 32)
+    wide_float32 = block_k > 128 and itemsize > 2  # 64-row float32 tiles of such keys overflow shared memory
+    chunk = pick("chunk", 32 if wide_float32 else 64)
     if whole_value:
         block_v = max(16, triton.next_power_of_2(dv))
     else:
-        widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else 32
+        widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else (32 if wide_float32 else 64)
         block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), widest)))
     num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
+    accumulate = bool(pick("accumulate", int(block_k != 128)))
     if whole_value:
         num_stages = pick("num_stages", 2 if max(block_k, block_v) >= 128 else 1)
     else:
@@ -143,7 +150,7 @@ def choose_config(
         segment_len = max(n, chunk)
         if device.type == "cuda" and n > 0:
             programs = batch_heads * triton.cdiv(dv, block_v)
-            wanted = _multiprocessors(device.index or 0) * (1 if num_warps >= 8 else 2)
+            wanted = _multiprocessors(device.index or 0) * (1 if num_warps >= 8 or accumulate else 2)
             if 4 * programs < 3 * wanted:
                 per_segment = max(8 * chunk, triton.cdiv(n, triton.cdiv(wanted, programs)))
                 segment_len = triton.next_power_of_2(per_segment)
@@ -160,7 +167,7 @@ def choose_config(
                 state_split *= 2
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split)
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -245,7 +252,7 @@ def linear_attention(
         n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
         HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
         REVERSE=reverse, STORE_FINAL=store_final,
-        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
         **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, final
@@ -290,7 +297,8 @@ def _segment_start_states(
         n, h, dk, dv, piece_len, num_pieces, value_scale,
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
-        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], num_warps=cfg.num_warps,
+        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.accumulate,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
@@ -359,7 +367,7 @@ def key_value_gradients(
         n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
         cfg.state_split, scale,
         HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
-        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
         **_dot_types(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return grad_k, grad_v, final

@@ -17,7 +17,7 @@ heads take the two-pass composition instead. Rows are addressed from the end (po
 import triton
 import triton.language as tl
 
-from .chunked import _block_and_head, _dot, _intra_chunk_decay, _load_rows, _segment_start_state
+from .chunked import _block_and_head, _dot, _dot_acc, _intra_chunk_decay, _load_rows, _segment_start_state
 
 
 @triton.jit
@@ -43,9 +43,11 @@ def _key_value_grad_kernel(
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """dk and dv of one segment (all value columns), walking its chunks from the sequence's end."""
+    """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
+    ``ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk and dv, with scale folded
+    into the mask)."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)
@@ -66,6 +68,8 @@ def _key_value_grad_kernel(
     causal = idx[:, None] >= idx[None, :]
     if HAS_DECAY:
         log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
+        if ACCUMULATE:
+            intra_mask = intra_mask * scale
 
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
@@ -93,6 +97,9 @@ def _key_value_grad_kernel(
         if HAS_DECAY:
             kq = kq * intra_mask
             vdo = vdo * intra_mask
+        elif ACCUMULATE:
+            kq = tl.where(causal, kq * scale, 0.0)
+            vdo = tl.where(causal, vdo * scale, 0.0)
         else:
             kq = tl.where(causal, kq, 0.0)
             vdo = tl.where(causal, vdo, 0.0)
@@ -103,9 +110,15 @@ def _key_value_grad_kernel(
             row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
             dv_inter = dv_inter * row_weight
             dk_inter = dk_inter * row_weight
-        dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale + dv_inter
+        if ACCUMULATE:
+            dv = _dot_acc(dv_inter, kq, do, DOT_DTYPE, PRECISION)
+        else:
+            dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale + dv_inter
         _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-        dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale + dk_inter
+        if ACCUMULATE:
+            dk = _dot_acc(dk_inter, vdo, q, DOT_DTYPE, PRECISION)
+        else:
+            dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale + dk_inter
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
 
         if HAS_DECAY:

@@ -40,6 +40,12 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(acc, a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``, the product accumulated into ``acc`` (float32) itself."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _block_and_head(DV, BLOCK_V: tl.constexpr):
     """(value block, batch*head) of this program. Both share grid axis 0, value blocks fastest so
     the programs reading the same q and k rows run side by side; axis 0 also allows 2**31 - 1
@@ -99,7 +105,7 @@ def _segment_state_kernel(
     N, H, DK, DV, segment_len, num_segments, value_scale,
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
 
@@ -124,16 +130,26 @@ def _segment_state_kernel(
 
     state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     seg_begin = seg * segment_len
+    seg_last = seg_begin + segment_len - 1
     for start in range(seg_begin, seg_begin + segment_len, CHUNK):
         rows = start + idx
         row_valid = rows < N
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        if HAS_DECAY:
-            # segments other than the last are whole chunks: key weight lam^(CHUNK-1-i)
-            k = k * tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))[:, None]
-            state = state * tl.exp2(log2_lam * CHUNK)
-        state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+        # segments other than the last are whole chunks
+        if ACCUMULATE:
+            # each key carries its whole weight to the segment's end, lam^(last-row) (e >= 0:
+            # it underflows, never overflows), and value_scale: the state is never rescaled
+            if HAS_DECAY:
+                k = k * (tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale)[:, None]
+            else:
+                k = k * value_scale
+            state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
+        else:
+            if HAS_DECAY:  # key weight lam^(CHUNK-1-i), the state decayed by a chunk
+                k = k * tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))[:, None]
+                state = state * tl.exp2(log2_lam * CHUNK)
+            state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
     out = SEG_STATES + (bh * num_segments + seg) * DK * DV
     tl.store(out + cols_k[:, None] * DV + cols_v[None, :], state, mask=valid_k[:, None] & valid_v[None, :])
@@ -187,9 +203,14 @@ def _chunk_output_kernel(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """Outputs of one segment for one block of value columns, walking its chunks in order."""
+    """Outputs of one segment for one block of value columns, walking its chunks in order.
+
+    ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
+    value_scale folded into the mask and the keys, instead of each product in a temporary of its
+    own, scaled and added (fewer float32 tiles live; faster at 64-wide heads, slower at 128 on
+    the H200: ``choose_config``)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
@@ -208,6 +229,8 @@ def _chunk_output_kernel(
     causal = idx[:, None] >= idx[None, :]
     if HAS_DECAY:
         log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
+        if ACCUMULATE:
+            intra_mask = intra_mask * value_scale
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
@@ -232,15 +255,21 @@ def _chunk_output_kernel(
         scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
         if HAS_DECAY:
             scores = scores * intra_mask
+        elif ACCUMULATE:
+            scores = tl.where(causal, scores * value_scale, 0.0)
         else:
             scores = tl.where(causal, scores, 0.0)
-        out = _dot(scores, v, DOT_DTYPE, PRECISION) * value_scale
         # the state's share, lam^(i+shift) q_i S: the row weight goes on the product, so q enters
-        # the dot as loaded (no scaled copy of it)
+        # the dot as loaded (no scaled copy of it); the two forms order their products differently
+        if not ACCUMULATE:
+            out = _dot(scores, v, DOT_DTYPE, PRECISION) * value_scale
         inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
         if HAS_DECAY:
             inter = inter * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-        out = (out + inter) * out_scale
+        if ACCUMULATE:
+            out = _dot_acc(inter, scores, v, DOT_DTYPE, PRECISION) * out_scale
+        else:
+            out = (out + inter) * out_scale
         if REVERSE:
             positions = N - 1 - rows
         else:
@@ -251,9 +280,17 @@ def _chunk_output_kernel(
         if HAS_DECAY:
             # key weight lam^(length-1-i); rows past the end are zero and get exponent 0
             key_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
-            k = k * tl.exp2(log2_lam * key_exponent)[:, None]
+            if ACCUMULATE:
+                k = k * (tl.exp2(log2_lam * key_exponent) * value_scale)[:, None]
+            else:
+                k = k * tl.exp2(log2_lam * key_exponent)[:, None]
             state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+        elif ACCUMULATE:
+            k = k * value_scale
+        if ACCUMULATE:
+            state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
+        else:
+            state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
     if STORE_FINAL:
         if seg == num_segments - 1:
