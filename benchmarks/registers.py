@@ -85,13 +85,13 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=None, help="default: 4 up to D = 64, else 8 (as choose_config)")
     parser.add_argument("--stages", type=int, default=None, help="default: as choose_config")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
-                        help="the kernels' ACCUMULATE form (default: as choose_config, off at D = 128)")
+                        help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
     args = parser.parse_args()
     bf16, f32 = "*bf16", "*fp32"
     print(f"triton {triton.__version__}, sm_{args.arch}, bf16, with decay")
     for d in (int(x) for x in args.dims.split(",")):
         warps = args.warps or (4 if d <= 64 else 8)
-        accumulate = args.accumulate if args.accumulate is not None else d != 128  # as choose_config
+        accumulate = args.accumulate if args.accumulate is not None else d <= 64  # as choose_config
         common = dict(CHUNK=64, BLOCK_K=d, BLOCK_V=d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
                       ACCUMULATE=bool(accumulate))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")

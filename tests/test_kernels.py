@@ -219,7 +219,7 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
     assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)
-    assert (d256.chunk, d256.block_v, d256.accumulate) == (64, 64, True)
+    assert (d256.chunk, d256.block_v, d256.accumulate) == (64, 64, False)
     d256_float32 = kernels.choose_config(128, 8192, 256, 256, gpu, itemsize=4)
     assert (d256_float32.chunk, d256_float32.block_v) == (32, 32)
     # the fused backward: the whole value, fewer stages

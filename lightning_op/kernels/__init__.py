@@ -108,9 +108,9 @@ def choose_config(
     - the whole value width in one program up to 128 columns for 16-bit inputs (q and k read once,
       not once per value block); 64 for float32, whose tiles would not fit in shared memory;
       keys wider than 128: chunks and value blocks of 64 (2026-12-02: 5.7x faster forward than
-      chunks and blocks of 32 at D = 256), 32 for float32;
-    - the ``ACCUMULATE`` form of the kernels except for keys padded to 128 (2026-12-02: at
-      D = 128 it made the forward 1.46x slower, at D = 64 about 2x faster);
+      chunks and blocks of 32 at D = 256, 7.9x in the other kernel form), 32 for float32;
+    - the ``ACCUMULATE`` form of the kernels for keys up to 64 wide (2026-12-02: at D = 64 about
+      2x faster forward, at D = 128 1.46x slower, at D = 256 1.38x slower);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
       power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
@@ -137,7 +137,7 @@ def choose_config(
         widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else (32 if wide_float32 else 64)
         block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), widest)))
     num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
-    accumulate = bool(pick("accumulate", int(block_k != 128)))
+    accumulate = bool(pick("accumulate", int(block_k <= 64)))
     if whole_value:
         num_stages = pick("num_stages", 2 if max(block_k, block_v) >= 128 else 1)
     else:

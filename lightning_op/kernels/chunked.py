@@ -209,8 +209,8 @@ def _chunk_output_kernel(
 
     ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
     value_scale folded into the mask and the keys, instead of each product in a temporary of its
-    own, scaled and added (fewer float32 tiles live; faster at 64-wide heads, slower at 128 on
-    the H200: ``choose_config``)."""
+    own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
+    at 128 and 256: ``choose_config``)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
