@@ -104,20 +104,26 @@ def _key_value_grad_kernel(
             kq = tl.where(causal, kq, 0.0)
             vdo = tl.where(causal, vdo, 0.0)
         # the state's shares carry the row weight lam^(i+shift), applied to the products
-        dv_inter = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
-        dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
-        if HAS_DECAY:
-            row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-            dv_inter = dv_inter * row_weight
-            dk_inter = dk_inter * row_weight
-        if ACCUMULATE:
-            dv = _dot_acc(dv_inter, kq, do, DOT_DTYPE, PRECISION)
+        if ACCUMULATE:  # each gradient's chunk share accumulates onto its state share, one at a time
+            dv = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
+            if HAS_DECAY:
+                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+                dv = dv * row_weight
+            dv = _dot_acc(dv, kq, do, DOT_DTYPE, PRECISION)
+            _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
+            dk = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+            if HAS_DECAY:
+                dk = dk * row_weight
+            dk = _dot_acc(dk, vdo, q, DOT_DTYPE, PRECISION)
         else:
+            dv_inter = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
+            dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+            if HAS_DECAY:
+                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+                dv_inter = dv_inter * row_weight
+                dk_inter = dk_inter * row_weight
             dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale + dv_inter
-        _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-        if ACCUMULATE:
-            dk = _dot_acc(dk_inter, vdo, q, DOT_DTYPE, PRECISION)
-        else:
+            _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
             dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale + dk_inter
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
 
