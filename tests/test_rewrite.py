@@ -177,6 +177,18 @@ class NormalisedLinear(Projected):
         return num / den[..., None]
 
 
+class SlopesFromAListInForward(Projected):
+    """Slopes made in forward from a Python list (exported as a lifted constant, then ``detach_``),
+    the mask from ``masked_fill(-inf)`` and ``exp``, as TransNormer-style code does."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        slopes = torch.tensor([0.25, 0.0625])[:, None, None]
+        distance = _positions(q.shape[2], q.device).float()
+        log_mask = (-slopes * distance).masked_fill(distance < 0, float("-inf"))
+        return (torch.matmul(q, k.transpose(-1, -2)) * torch.exp(log_mask)).matmul(v).transpose(1, 2)
+
+
 POSITIVES = {
     "tril_buffer_masked_fill": (TrilBufferMaskedFill, None, HEAD_DIM ** -0.5),
     "decay_mask_in_forward": (DecayMaskInForward, lightning_op.slopes(HEADS), 1.0),
@@ -186,6 +198,7 @@ POSITIVES = {
     "cumsum_form": (CumsumForm, None, HEAD_DIM ** -0.5),
     "normalised_numerator": (NormalisedLinear, None, 1.0),
     "block_loop": (BlockLoop, lightning_op.slopes(HEADS), 1.0),
+    "slopes_from_a_list": (SlopesFromAListInForward, torch.tensor([0.25, 0.0625]), 1.0),
 }
 
 
@@ -568,3 +581,131 @@ def test_long_static_sequence_is_left_alone_with_advice():
     assert lightning_op.rewrite(ep) is ep
     (record,) = report()
     assert not record.rewritten and "dynamic sequence length" in record.reason
+
+
+# ----------------------------------------------------------------------------- in-place writes
+
+
+class MaskFilledRowByRow(Projected):
+    """A causal mask of ones whose rows are then overwritten in place with decays: read along the
+    graph's edges, without the writes, it looks like a plain causal mask (decay none)."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        n = q.shape[2]
+        mask = torch.ones(HEADS, n, n).tril()
+        for row in range(n):
+            mask[:, row, : row + 1] = torch.exp(-0.3 * torch.arange(row, -1, -1, dtype=torch.float32))
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+class ScoresMaskedInPlace(Projected):
+    """The scores decayed and masked in place (``mul_``, ``masked_fill_``), then times v."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        i = torch.arange(q.shape[2])
+        scores = q @ k.transpose(-1, -2)
+        scores.mul_(_gammas(HEADS)[:, None, None] ** (i[:, None] - i[None, :]).clamp(min=0))
+        scores.masked_fill_(i[:, None] < i[None, :], 0.0)
+        return (scores @ v).transpose(1, 2)
+
+
+class HarmonicRowByRow(Projected):
+    """Causal, filled row by row in place, but 1 / (1 + t - s) is no decay."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        n = q.shape[2]
+        mask = torch.zeros(n, n)
+        for row in range(n):
+            mask[row, : row + 1] = 1.0 / (1.0 + torch.arange(row, -1, -1, dtype=torch.float32))
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
+IN_PLACE = {
+    "mask_filled_row_by_row": (MaskFilledRowByRow, torch.full((HEADS,), 0.3), 1.0),
+    "scores_masked_in_place": (ScoresMaskedInPlace, -torch.log(_gammas(HEADS)), 1.0),
+}
+
+
+@pytest.mark.parametrize("entry", ["dynamo", "export"])
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_in_place_writes_are_functionalized_then_rewritten(name, entry):
+    cls, decay, scale = IN_PLACE[name]
+    model = _model(cls).eval()
+    x = torch.randn(2, 20, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+    (record,) = _rewritten()
+    assert record.stage == f"{entry}, functionalized"
+    assert record.scale == pytest.approx(scale, rel=1e-4)
+    torch.testing.assert_close(torch.tensor(record.decay), decay, rtol=1e-4, atol=1e-6)
+
+
+def test_training_through_a_mask_written_in_place():
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    model = _model(MaskFilledRowByRow)
+    compiled = torch.compile(model, backend=make_backend(aot_autograd(fw_compiler=keep, bw_compiler=keep)),
+                             fullgraph=True)
+    _assert_same_gradients(compiled, model)
+    targets = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert torch.ops.lightning.attn_bwd.default in targets and len(_rewritten()) == 1
+
+
+@pytest.mark.parametrize("entry", ["dynamo", "export"])
+def test_a_row_filled_mask_that_is_no_decay_is_left_alone(entry):
+    model = _model(HarmonicRowByRow).eval()
+    x = torch.randn(2, 20, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+    assert not _rewritten()
+    assert any("not a decay" in r.reason for r in report()), report()
+
+
+@pytest.mark.parametrize("entry", ["dynamo", "export"])
+def test_writes_are_refused_where_the_graph_cannot_be_functionalized(entry, monkeypatch):
+    """Without functionalization the probes would see the mask before its writes (a plain causal
+    mask here) and the rewrite would compute the wrong attention: it must refuse, saying why."""
+    from lightning_op.rewrite import passes
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no functionalization in this test")
+
+    original_trace = passes._trace
+    monkeypatch.setattr(passes, "_trace", lambda gm, fakes, mode, functional: fail() if functional
+                        else original_trace(gm, fakes, mode, functional))
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", fail)
+    model = _model(MaskFilledRowByRow).eval()
+    x = torch.randn(2, 20, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+    assert not _rewritten()
+    assert any("written in place" in r.reason for r in report()), report()
+
+
+def test_written_in_place_finds_the_reads_after_a_write():
+    from lightning_op.rewrite import graph as g
+
+    def f(x):
+        mask = torch.ones(4, 4)
+        row = mask[1]  # a view: writing it writes mask
+        early = mask.sum(0)  # read before the write: what the edges say
+        row.copy_(x[0])
+        y = x.detach_() * 2  # detach_ writes no value
+        return early + mask.sum(1) + y.sum(0)
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f, pre_dispatch=True)(torch.randn(4, 4))
+    written = g.written_in_place(gm.graph)
+    sums = [n for n in gm.graph.nodes if n.target == torch.ops.aten.sum.dim_IntList]
+    early, late = sums[0], sums[1]  # mask.sum(0) before the copy, mask.sum(1) after it
+    assert late in written and early not in written
+    assert any(n.target == torch.ops.aten.copy_.default for n in written)
+    assert not any(n.target in (torch.ops.aten.ones.default, torch.ops.aten.mul.Tensor) for n in written)

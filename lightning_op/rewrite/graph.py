@@ -23,7 +23,7 @@ VIEW_OPS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "reshape_as", "transpose", "permute",
     "t", "mT", "mH", "adjoint", "movedim", "swapaxes", "swapdims", "unsqueeze", "squeeze", "expand",
     "expand_as", "slice", "select", "narrow", "split", "split_with_sizes", "unbind", "chunk", "flatten",
-    "unflatten", "alias", "clone", "contiguous", "detach", "lift_fresh_copy", "repeat", "flip",
+    "unflatten", "alias", "clone", "contiguous", "detach", "detach_", "lift_fresh_copy", "repeat", "flip",
     "view_copy", "permute_copy", "transpose_copy", "unsqueeze_copy", "squeeze_copy", "expand_copy",
     "slice_copy", "select_copy", "t_copy", "alias_copy", "getitem",
 })
@@ -66,20 +66,76 @@ def is_sym_node(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
+# In-place ops that leave values as they are: ``torch.tensor([...])`` in a forward exports as a
+# lifted constant, ``lift_fresh_copy`` and then ``detach_``.
+_VALUE_PRESERVING_INPLACE = frozenset({"detach_"})
+
+
 def _is_nondeterministic(node: fx.Node) -> bool:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable
+        mutates = target._schema.is_mutable and op_name(node) not in _VALUE_PRESERVING_INPLACE
+        return torch.Tag.nondeterministic_seeded in target.tags or mutates
     return False
 
 
+def written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose values an in-place write makes differ from what their arguments compute:
+    every op writing in place (``mask[i, :i+1] = ...``, ``x.mul_(2)``, an ``out=`` argument), and
+    every node reading written storage (through any view of it) after the first write to it.
+
+    A walk along the graph's edges, or an evaluation of them, sees the storage as it was before
+    the writes, so the recogniser must treat these nodes as unknown data, never as constants.
+    Reads before the first write are what the edges say (a functionalized graph's writes back
+    into its inputs come last). Views are found from the ATen schemas (a result that aliases its
+    first argument), writes likewise (an argument marked as written); ``detach_`` writes no value."""
+    root: dict[fx.Node, fx.Node] = {}
+    first_write: dict[fx.Node, int] = {}  # storage root -> position of its first write
+    tainted: set[fx.Node] = set()
+
+    def base(arg):
+        return root.get(arg, arg) if isinstance(arg, fx.Node) else None
+
+    for position, node in enumerate(graph.nodes):
+        for arg in node.all_input_nodes:
+            if base(arg) in first_write:
+                tainted.add(node)
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:  # one result of a multi-result view (unbind, split)
+            parent = node.args[0]
+            if isinstance(parent, fx.Node) and parent in root:
+                root[node] = root[parent]
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        bound = list(node.args) + [node.kwargs.get(a.name) for a in schema.arguments[len(node.args):]]
+        for argument, value in zip(schema.arguments, bound):
+            info = argument.alias_info
+            if info is not None and info.is_write and op_name(node) not in _VALUE_PRESERVING_INPLACE:
+                for item in value if isinstance(value, (list, tuple)) else [value]:
+                    if base(item) is not None:
+                        first_write.setdefault(base(item), position)
+                        tainted.add(node)
+        returns = schema.returns
+        if returns and returns[0].alias_info is not None and node.args and base(node.args[0]) is not None:
+            root[node] = base(node.args[0])  # a view, or an in-place op's result: the same storage
+    return tainted
+
+
 def classify(graph: fx.Graph, placeholder_class: Callable[[fx.Node], str]) -> dict[fx.Node, str]:
-    """The class of every node (see the module docstring), in one pass in graph order."""
+    """The class of every node (see the module docstring), in one pass in graph order. A node that
+    reads storage after an in-place write to it (:func:`written_in_place`) is ``INPUT``: its value
+    is unknown."""
     classes: dict[fx.Node, str] = {}
+    written = written_in_place(graph)
     for node in graph.nodes:
         if node.op == "output":
             continue
-        if is_sym_node(node):
+        if node in written:
+            classes[node] = INPUT
+        elif is_sym_node(node):
             classes[node] = SYM
         elif node.op == "placeholder":
             classes[node] = placeholder_class(node)

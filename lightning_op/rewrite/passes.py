@@ -61,15 +61,32 @@ def rewrite(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram
 
     Buffers, constants and parameters that do not require grad count as constants (their values
     are read from ``ep``); masks built from them or from the sequence length are checked by
-    value. The result runs, saves and loads like any exported program (``torch.export.load``
-    needs ``import lightning_op`` first). Returns ``ep`` itself when nothing was rewritten or on
-    an internal error (logged on ``lightning_op.rewrite``); see :func:`lightning_op.rewrite.report`.
+    value. A program that writes in place (a mask filled row by row, ``scores.masked_fill_``) is
+    analysed as ``ep.run_decompositions({})``, where such writes are functional, and that form is
+    returned if something was rewritten. The result runs, saves and loads like any exported program
+    (``torch.export.load`` needs ``import lightning_op`` first). Returns ``ep`` itself when
+    nothing was rewritten or on an internal error (logged on ``lightning_op.rewrite``); see
+    :func:`lightning_op.rewrite.report`.
     """
     from torch.export import ExportedProgram
-    from torch.export.graph_signature import InputKind, TensorArgument
 
     if not isinstance(ep, ExportedProgram):
         raise TypeError(f"rewrite: ep must be a torch.export.ExportedProgram, got {type(ep).__name__}")
+    source, stage = ep, "export"
+    if g.written_in_place(ep.graph):
+        try:
+            source, stage = ep.run_decompositions({}), "export, functionalized"
+        except Exception as error:  # analyse the program as it is: its writes are then refused
+            logger.info("rewrite: could not functionalize the program (%r); in-place writes stay", error)
+    result, records = _rewrite_program(source, stage)
+    _publish(records)
+    return ep if result is None else result
+
+
+def _rewrite_program(ep, stage: str):
+    """(the rewritten program or None, the records) for one attempt; None also on an internal error."""
+    from torch.export.graph_signature import InputKind, TensorArgument
+
     try:
         gm = copy.deepcopy(ep.graph_module)  # may rename placeholders (`input` -> `input_1`)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -95,20 +112,19 @@ def rewrite(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram
             const_values[node] = value.detach()
             return g.CONST
 
-        records, renamed = rewrite_graph(gm, placeholder_class, const_values, "export")
+        records, renamed = rewrite_graph(gm, placeholder_class, const_values, stage)
     except Exception as error:  # never break the caller's program
         logger.warning("rewrite: left the program unchanged after an internal error: %r", error, exc_info=True)
-        return ep
-    _publish(records)
+        return None, []
     if not renamed:
-        return ep
+        return None, records
     for placeholder, spec in specs.items():
         if isinstance(spec.arg, TensorArgument):
             renamed.setdefault(spec.arg.name, placeholder.name)
     signature = copy.copy(ep.graph_signature)
     signature.input_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.input_specs]
     signature.output_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.output_specs]
-    return _updated_program(ep, gm, signature)
+    return _updated_program(ep, gm, signature), records
 
 
 def _renamed_spec(spec, renamed):
@@ -176,16 +192,19 @@ def _dynamo_placeholder_class(grapharg) -> str:
 
 
 def rewrite_dynamo_graph(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
-    """Trace a dynamo graph to (pre-dispatch) ATen and rewrite it; None when nothing was rewritten."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
+    """Trace a dynamo graph to (pre-dispatch) ATen and rewrite it; None when nothing was rewritten.
+    A graph that writes in place is traced again, functionalized, and that trace is analysed."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value") for n in placeholders]
     modes = [f.fake_mode for f in fakes if isinstance(f, torch.Tensor) and hasattr(f, "fake_mode")]
     if not modes or any(f is None for f in fakes):
         return None
-    with torch.fx.traceback.preserve_node_meta(), modes[0]:
-        aten_gm = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True, _allow_non_fake_inputs=True)(*fakes)
+    aten_gm, stage = _trace(gm, fakes, modes[0], functional=False), "dynamo"
+    if g.written_in_place(aten_gm.graph):
+        try:
+            aten_gm, stage = _trace(gm, fakes, modes[0], functional=True), "dynamo, functionalized"
+        except Exception as error:  # analyse the graph as it is: its writes are then refused
+            logger.info("lightning backend: could not functionalize the graph (%r); in-place writes stay", error)
     aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(aten_placeholders) != len(placeholders):
         return None
@@ -195,9 +214,21 @@ def rewrite_dynamo_graph(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
         kinds[traced] = _dynamo_placeholder_class(grapharg)
         if kinds[traced] == g.CONST:
             const_values[traced] = grapharg.example.detach()
-    records, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, "dynamo")
+    records, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
     _publish(records)
     return aten_gm if renamed else None
+
+
+def _trace(gm: fx.GraphModule, fakes: list, fake_mode, functional: bool) -> fx.GraphModule:
+    """``gm`` traced to ATen: pre-dispatch, or functionalized (writes become new tensors; writes to
+    the graph's inputs are copied back at its end)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    run = torch.fx.Interpreter(gm).run
+    if functional:
+        run = torch.func.functionalize(run, remove="mutations_and_views")
+    with torch.fx.traceback.preserve_node_meta(), fake_mode:
+        return make_fx(run, pre_dispatch=not functional, _allow_non_fake_inputs=True)(*fakes)
 
 
 def _inner_compiler(inner: Union[str, Callable]) -> Callable:

@@ -64,6 +64,15 @@ def _probe_bindings(gm: fx.GraphModule) -> dict:
     return bindings
 
 
+#: the reason given for a region reading storage written in place (the entry points analyse a
+#: functionalized graph instead where the graph writes in place, so this is what is left when
+#: that could not be made)
+WRITTEN_IN_PLACE = (
+    "is written in place (a mask filled row by row, say), which the probes cannot follow, and the "
+    "graph could not be functionalized"
+)
+
+
 class Reject(Exception):
     """The candidate is not causal linear attention with a decay (the message says why).
 
@@ -155,6 +164,7 @@ class Recogniser:
         self.gm, self.classes, self.const_values = gm, classes, const_values
         self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.evaluator = g.Evaluator(gm, classes, const_values, _probe_bindings(gm))
+        self.written = g.written_in_place(gm.graph)
 
     # --- regions
 
@@ -284,6 +294,9 @@ class Recogniser:
         if not leaves:
             return None
         try:
+            written = [n for n in (*order, *leaves) if n in self.written]
+            if written:
+                raise Reject(f"{written[0].name} ({_describe(written[0])}) {WRITTEN_IN_PLACE}", depth=6)
             return self._analyse(output, order, leaves)
         except Exception as error:  # a Reject, or an internal error: both belong to this region
             error.region = frozenset(order)
