@@ -177,6 +177,40 @@ class NormalisedLinear(Projected):
         return num / den[..., None]
 
 
+class CumsumElementwise(Projected):
+    """The cumsum form contracted by an elementwise product and a sum (q and k split from one
+    projection: their shared ancestry is no gating)."""
+
+    def attend(self, q, k, v):
+        kv = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1)  # [B, N, H, D, D]
+        return (q.unsqueeze(-1) * kv).sum(-2)
+
+
+class RecurrentLoopStacked(Projected):
+    """The token-by-token recurrence, unrolled, outputs stacked (an einsum per step)."""
+
+    def attend(self, q, k, v):
+        b, n, h, d = q.shape
+        gamma = _gammas(h)[None, :, None, None]
+        state = torch.zeros(b, h, d, v.shape[-1])
+        outs = []
+        for t in range(n):
+            state = gamma * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+            outs.append(torch.einsum("bhd,bhde->bhe", q[:, t], state))
+        return torch.stack(outs, dim=1)
+
+
+class GroupedKeyValueHeads(Projected):
+    """One key/value head repeated for both query heads (repeat_interleave), a pow decay mask."""
+
+    def attend(self, q, k, v):
+        k, v = (t[:, :, :1].repeat_interleave(HEADS, dim=2) for t in (k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        distance = _positions(q.shape[2], q.device).to(q.dtype)
+        mask = _gammas(HEADS)[:, None, None] ** distance.clamp(min=0) * (distance >= 0)
+        return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
+
+
 class SlopesFromAListInForward(Projected):
     """Slopes made in forward from a Python list (exported as a lifted constant, then ``detach_``),
     the mask from ``masked_fill(-inf)`` and ``exp``, as TransNormer-style code does."""
@@ -199,6 +233,9 @@ POSITIVES = {
     "normalised_numerator": (NormalisedLinear, None, 1.0),
     "block_loop": (BlockLoop, lightning_op.slopes(HEADS), 1.0),
     "slopes_from_a_list": (SlopesFromAListInForward, torch.tensor([0.25, 0.0625]), 1.0),
+    "cumsum_elementwise": (CumsumElementwise, None, 1.0),
+    "recurrent_loop_stacked": (RecurrentLoopStacked, -torch.log(_gammas(HEADS)), 1.0),
+    "grouped_key_value_heads": (GroupedKeyValueHeads, -torch.log(_gammas(HEADS)), 1.0),
 }
 
 
@@ -623,14 +660,35 @@ class HarmonicRowByRow(Projected):
         return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
 
 
+class RecurrentLoopWrittenInPlace(Projected):
+    """The token-by-token recurrence of reference implementations, each output row written in
+    place into a preallocated tensor, contracted by elementwise products and sums."""
+
+    def attend(self, q, k, v):
+        b, n, h, d = q.shape
+        gamma = _gammas(h)[None, :, None, None]
+        state = torch.zeros(b, h, d, v.shape[-1])
+        out = torch.zeros_like(v)
+        for t in range(n):
+            state = gamma * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+            out[:, t] = (q[:, t, :, :, None] * state).sum(-2)
+        return out
+
+
 IN_PLACE = {
     "mask_filled_row_by_row": (MaskFilledRowByRow, torch.full((HEADS,), 0.3), 1.0),
     "scores_masked_in_place": (ScoresMaskedInPlace, -torch.log(_gammas(HEADS)), 1.0),
+    "recurrent_loop_written_in_place": (RecurrentLoopWrittenInPlace, -torch.log(_gammas(HEADS)), 1.0),
 }
 
 
-@pytest.mark.parametrize("entry", ["dynamo", "export"])
-@pytest.mark.parametrize("name", list(IN_PLACE))
+# the backend traces only graphs with a contraction op (matmul, einsum, cumsum, ...) to ATen: an
+# elementwise recurrence goes through export alone
+IN_PLACE_CASES = [(name, entry) for name in IN_PLACE for entry in ("dynamo", "export")
+                  if (name, entry) != ("recurrent_loop_written_in_place", "dynamo")]
+
+
+@pytest.mark.parametrize("name,entry", IN_PLACE_CASES, ids=[f"{n}-{e}" for n, e in IN_PLACE_CASES])
 def test_in_place_writes_are_functionalized_then_rewritten(name, entry):
     cls, decay, scale = IN_PLACE[name]
     model = _model(cls).eval()

@@ -34,7 +34,8 @@ CAST_OPS = frozenset({"_to_copy", "to", "type_as", "convert_element_type", "_aut
 PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "mul", "outer", "mv", "dot", "linear"})
 # Further ops that are linear in their non-constant tensor arguments, under the checks in `is_linear`.
 LINEAR_OPS = frozenset({"add", "sub", "neg", "div", "cumsum", "sum", "mean", "cat", "stack",
-                        "constant_pad_nd", "tril", "triu", "masked_fill", "where"})
+                        "constant_pad_nd", "tril", "triu", "masked_fill", "where", "select_scatter", "slice_scatter",
+                        "copy"})
 # Ops whose value depends on their tensor argument's shape only.
 SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
                             "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
@@ -185,13 +186,21 @@ def is_linear(node: fx.Node, classes: dict) -> bool:
     return True
 
 
+# Views that take a part of their input: two different ones (q and k split from one qkv projection)
+# share no elements, so sharing the tensor beyond them says nothing about gating.
+_PART_VIEWS = frozenset({"select", "slice", "narrow", "getitem", "split", "split_with_sizes", "unbind", "chunk"})
+
+
 def _near_ancestors(node: fx.Node, classes: dict, depth: int = 6) -> dict[fx.Node, bool]:
-    """Ancestors within ``depth`` steps, each with whether the path to it crosses a non-linear op."""
+    """Ancestors within ``depth`` steps, each with whether the path to it crosses a non-linear op;
+    a path ends at a view taking a part of its input."""
     found = {node: False}
     frontier = [(node, op_name(node) not in VIEW_OPS | CAST_OPS | PRODUCT_OPS | LINEAR_OPS)]
     for _ in range(depth):
         nxt = []
         for n, crossed in frontier:
+            if op_name(n) in _PART_VIEWS:
+                continue
             for a in n.all_input_nodes:
                 if classes.get(a) != INPUT or (a in found and found[a] >= crossed):
                     continue
