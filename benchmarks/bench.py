@@ -681,6 +681,9 @@ def parse_args(argv=None):
                         help="skip the quadratic form where its B*H*N*N scores would exceed this")
     parser.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (default 2; 1/16 with --smoke)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no further shape once this many seconds have passed (the results so far "
+                             "are written after every shape, so a run cut off by a time limit keeps them)")
     args = parser.parse_args(argv)
     if args.smoke and args.quick:
         parser.error("--smoke and --quick exclude each other")
@@ -718,16 +721,22 @@ def main(argv=None) -> int:
           f"{len(shapes)} shapes x {len(impls)} implementations; timing: {timer.method}", flush=True)
 
     progress = Progress(2 * len(shapes) * len(impls))
+    meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
     rows = []
-    for shape in shapes:
+    paths = write_results(rows, meta, args.out)
+    started = time.perf_counter()
+    for index, shape in enumerate(shapes):
         try:
             rows += run_shape(shape, impls, args, timer, device, dtype, copy_bytes_per_s, progress)
         except Exception as exc:  # inputs themselves did not fit: note it and go on
             print(f"  {shape.label}: {_one_line(exc)}", flush=True)
             _free(device)
+        paths = write_results(rows, meta, args.out)
+        left = shapes[index + 1:]
+        if left and args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            print(f"time budget of {args.budget_s:g} s spent: not run {', '.join(s.label for s in left)}", flush=True)
+            break
 
-    meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
-    paths = write_results(rows, meta, args.out)
     paths += write_plots(rows, meta, args.out, [n for n in args.impl_names if n in impls])
     print("wrote " + ", ".join(paths), flush=True)
     print_table(rows, meta)

@@ -43,15 +43,15 @@ for stage in "${stages[@]}"; do
     setup)   ;;  # the installs above only
     bench-short|bench-long|bench-dims)
              preset=$([ "$stage" = bench-short ] && echo main-short || ([ "$stage" = bench-long ] && echo main-long,long || echo d64,d256))
-             timeout 560 python3 benchmarks/bench.py --preset "$preset" --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -40 ;;
+             timeout 560 python3 benchmarks/bench.py --preset "$preset" --budget-s 420 --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -40 ;;
     bench-check)  # ours (both layouts) against fla where the last changes act: main, long, B = 1
              timeout 400 python3 benchmarks/bench.py --preset quick,main-long --impls ours,ours_bnhd,fla \
-               --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -30 ;;
+               --budget-s 300 --out "$out/$stage" 2>&1 | tee "$out/$stage.log" | tail -30 ;;
     msweep)  timeout 300 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x128,4x16384x16x128,2x32768x16x128,8x8192x16x64 \
                2>&1 | tee "$out/msweep.log" | tail -50 ;;
     probe)   timeout 200 python3 benchmarks/aoti_probe.py build 2>&1 | tail -3; timeout 60 python3 benchmarks/aoti_probe.py load 2>&1 | tail -8
              echo "probe load rc=${PIPESTATUS[0]}" ;;
-    bench)   timeout 540 python3 benchmarks/bench.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -60 ;;
+    bench)   timeout 540 python3 benchmarks/bench.py --budget-s 420 --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -60 ;;
     quick)   timeout 240 python3 benchmarks/bench.py --quick --out "$out/quick" 2>&1 | tee "$out/quick.log" | tail -12 ;;
     decode)  timeout 150 python3 benchmarks/bench_decode.py --out "$out/decode" 2>&1 | tee "$out/decode.log" | tail -40 ;;
     sweep)   timeout 330 python3 benchmarks/sweep_configs.py --backward --profile 2>&1 | tee "$out/sweep.log" | tail -80 ;;

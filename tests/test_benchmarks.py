@@ -25,6 +25,13 @@ def test_bench_smoke(tmp_path):
     assert naive_errors and max(naive_errors) < 1e-5
 
 
+def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(tmp_path):
+    out = run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--budget-s", "0", "--out", str(tmp_path))
+    assert "time budget of 0 s spent: not run B1 N256 H2 D32" in out
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [row["N"] for row in rows] == [128]
+
+
 def test_register_report_compiles_every_kernel_for_hopper():
     """benchmarks/registers.py compiles the three loop kernels for sm_90 without a GPU and reads
     registers and spills from ptxas."""
