@@ -26,6 +26,9 @@ VARIANTS = [
     dict(kv_segment_len=8192), dict(segment_len=8192, kv_segment_len=8192), dict(num_warps=8),
     dict(block_v=64, chunk=64), dict(num_warps=4), dict(state_split=2, kv_state_split=2),
     dict(accumulate=0), dict(accumulate=1), dict(block_v=128),
+    # 24-27: the D = 64 backward (fused pass stages and warps, eight warps in one segment)
+    dict(kv_num_stages=2), dict(kv_num_warps=8), dict(kv_num_warps=8, kv_num_stages=2),
+    dict(num_warps=8, segment_len=8192, kv_segment_len=8192),
 ]
 
 
