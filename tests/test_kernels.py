@@ -61,13 +61,18 @@ def test_no_decay_no_init_transposed_state(segment_len):
         assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("dk, dv", [(16, 256), (160, 48), (72, 24)])
-def test_head_dims(dk, dv):
-    q, k, v = make_inputs(1, 2, 70, dk, dv, torch.float32, DEVICE, seed=6)
+@pytest.mark.parametrize(
+    "dk, dv, dtype",
+    [(16, 256, torch.float32), (160, 48, torch.float32), (72, 24, torch.float32),
+     # 16-bit keys wider than 128 take chunks and value blocks of 64 (float32 ones 32)
+     (160, 80, torch.bfloat16), (200, 64, torch.float16)],
+)
+def test_head_dims(dk, dv, dtype):
+    q, k, v = make_inputs(1, 2, 70, dk, dv, dtype, DEVICE, seed=6)
     decay = torch.tensor([0.01, 1.0], device=DEVICE)
     (out, final), (out_ref, final_ref) = _run(q, k, v, decay, None, reverse=False, init_shift=1, segment_len=None)
-    assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
-    assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
+    assert rel_error(out, out_ref) < TOLERANCE[dtype]
+    assert rel_error(final, final_ref) < TOLERANCE[dtype]
 
 
 def test_bad_segment_length():
