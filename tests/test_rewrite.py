@@ -211,6 +211,18 @@ class GroupedKeyValueHeads(Projected):
         return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
 
 
+class BaddbmmScaledScores(Projected):
+    """Heads flattened into the batch, the scaled scores from ``baddbmm`` with ``beta=0`` over an
+    uninitialised tensor (as Megatron- and BLOOM-style code writes it), a tril mask, then bmm."""
+
+    def attend(self, q, k, v):
+        b, n, h, d = q.shape
+        qf, kf, vf = (t.permute(0, 2, 1, 3).reshape(b * h, n, d) for t in (q, k, v))
+        scores = torch.baddbmm(torch.empty(b * h, n, n), qf, kf.transpose(1, 2), beta=0.0, alpha=d ** -0.5)
+        out = torch.bmm(scores * torch.tril(torch.ones(n, n)), vf)
+        return out.view(b, h, n, d).permute(0, 2, 1, 3)
+
+
 class SlopesFromAListInForward(Projected):
     """Slopes made in forward from a Python list (exported as a lifted constant, then ``detach_``),
     the mask from ``masked_fill(-inf)`` and ``exp``, as TransNormer-style code does."""
@@ -234,6 +246,7 @@ POSITIVES = {
     "block_loop": (BlockLoop, lightning_op.slopes(HEADS), 1.0),
     "slopes_from_a_list": (SlopesFromAListInForward, torch.tensor([0.25, 0.0625]), 1.0),
     "cumsum_elementwise": (CumsumElementwise, None, 1.0),
+    "baddbmm_scaled_scores": (BaddbmmScaledScores, None, HEAD_DIM ** -0.5),
     "recurrent_loop_stacked": (RecurrentLoopStacked, -torch.log(_gammas(HEADS)), 1.0),
     "grouped_key_value_heads": (GroupedKeyValueHeads, -torch.log(_gammas(HEADS)), 1.0),
 }
@@ -336,6 +349,18 @@ class GrowingMask(Projected):
         return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
 
 
+class BaddbmmWithBias(Projected):
+    """``baddbmm`` adding a constant bias to the scores: ((Q K^T + B) * M) V is no linear attention."""
+
+    def attend(self, q, k, v):
+        b, n, h, d = q.shape
+        qf, kf, vf = (t.permute(0, 2, 1, 3).reshape(b * h, n, d) for t in (q, k, v))
+        bias = 0.1 * torch.ones(b * h, n, n)
+        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), beta=1.0, alpha=1.0)
+        out = torch.bmm(scores * torch.tril(torch.ones(n, n)), vf)
+        return out.view(b, h, n, d).permute(0, 2, 1, 3)
+
+
 class TinyHeads(TrilBufferMaskedFill):
     def __init__(self):
         nn.Module.__init__(self)
@@ -357,6 +382,7 @@ NEGATIVES = {  # model, a phrase the reason must contain (None: not even a candi
     "bias_on_scores": (BiasOnScores, None),
     "growing_mask": (GrowingMask, "lam"),
     "head_dim_8": (TinyHeads, "head dims"),
+    "baddbmm_with_bias": (BaddbmmWithBias, None),
 }
 
 

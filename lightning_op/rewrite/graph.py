@@ -31,7 +31,8 @@ VIEW_OPS = frozenset({
 CAST_OPS = frozenset({"_to_copy", "to", "type_as", "convert_element_type", "_autocast_to_reduced_precision",
                       "_autocast_to_full_precision"})
 # Ops that multiply tensors together: a product of two non-constant operands mixes them.
-PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "mul", "outer", "mv", "dot", "linear"})
+PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "mul", "outer", "mv", "dot", "linear",
+                         "baddbmm", "addbmm", "addmm"})  # input + alpha * a @ b: the probes check the sum
 # Further ops that are linear in their non-constant tensor arguments, under the checks in `is_linear`.
 LINEAR_OPS = frozenset({"add", "sub", "neg", "div", "cumsum", "sum", "mean", "cat", "stack",
                         "constant_pad_nd", "tril", "triu", "masked_fill", "where", "select_scatter", "slice_scatter",
