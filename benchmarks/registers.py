@@ -10,13 +10,17 @@ the cost to watch in these kernels: every chunk of the loop pays them. On the H2
 188 to 16 bytes. Numbers come from the local triton's code generator, which may differ from the
 GPU machine's version, and with how a launch specialises integer arguments (here: unit strides
 of the last dim are constants, other integers 32-bit); use it to compare variants of a kernel
-under the same settings, then time the winner on the GPU.
+under the same settings, then time the winner on the GPU. Each line ends with a digest of the
+kernel's PTX: equal digests in two checkouts mean the same GPU code (used on 2026-12-02 to show
+that a kernel switched off compiles as before).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -75,7 +79,18 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     lines = (result.stdout + result.stderr).splitlines()
     regs = next((line.split("Used ")[1].split(" registers")[0] for line in lines if "Used " in line), "?")
     spills = next((line.strip() for line in lines if "spill stores" in line), "?")
-    return f"{regs:>3} registers, {spills}, shared memory {compiled.metadata.shared} B"
+    return (f"{regs:>3} registers, {spills}, shared memory {compiled.metadata.shared} B, "
+            f"ptx {ptx_digest(compiled.asm['ptx'])}")
+
+
+def ptx_digest(ptx: str) -> str:
+    """A digest of the PTX's code: debug sections, line records and the kernel's mangled name
+    (which encodes its signature) left out, so two checkouts whose kernels compile to the same
+    instructions print the same digest: a refactor shown to be a no-op for the GPU without one."""
+    code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
+    kept = [line for line in code.splitlines() if not line.lstrip().startswith((".loc", ".file", "//"))]
+    text = re.sub(r"_kernel[A-Za-z0-9_]*", "_kernel", "\n".join(kept))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def main() -> None:

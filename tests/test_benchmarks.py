@@ -41,3 +41,4 @@ def test_register_report_compiles_every_kernel_for_hopper():
     for line in lines:
         registers = int(line.split(": ")[1].split()[0])
         assert 0 < registers <= 255 and "spill stores" in line and "shared memory" in line
+        assert len(line.rsplit("ptx ", 1)[1]) == 12  # the PTX digest
