@@ -707,10 +707,34 @@ class RecurrentLoopWrittenInPlace(Projected):
         return out
 
 
+def _row_filled_decay_mask(n, slope):
+    """One head's mask, a row at a time: -inf above the diagonal, -slope * distance on and below
+    it, exponentiated (how TransNormer-style code builds it, with a Python float slope)."""
+    log_mask = torch.full((n, n), float("-inf")).triu(1)
+    for row in range(n):
+        log_mask[row, : row + 1] = -slope * torch.arange(row, -1, -1, dtype=torch.float32)
+    return torch.exp(log_mask)
+
+
+class SlopesReadWithItem(Projected):
+    """Slopes kept in a buffer and read one by one with ``.item()``, masks filled row by row."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", lightning_op.slopes(HEADS))
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = torch.stack([_row_filled_decay_mask(q.shape[2], s.item()) for s in self.slopes])
+        scores = (torch.matmul(q, k.transpose(2, 3)).float() * mask).to(q.dtype)
+        return torch.matmul(scores, v).transpose(1, 2)
+
+
 IN_PLACE = {
     "mask_filled_row_by_row": (MaskFilledRowByRow, torch.full((HEADS,), 0.3), 1.0),
     "scores_masked_in_place": (ScoresMaskedInPlace, -torch.log(_gammas(HEADS)), 1.0),
     "recurrent_loop_written_in_place": (RecurrentLoopWrittenInPlace, -torch.log(_gammas(HEADS)), 1.0),
+    "slopes_read_with_item": (SlopesReadWithItem, lightning_op.slopes(HEADS), 1.0),
 }
 
 
@@ -725,7 +749,8 @@ def test_in_place_writes_are_functionalized_then_rewritten(name, entry):
     cls, decay, scale = IN_PLACE[name]
     model = _model(cls).eval()
     x = torch.randn(2, 20, HIDDEN)
-    with torch.no_grad():
+    # dynamo breaks its graph at .item() unless it captures scalars (the mask would arrive as an input)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
     (record,) = _rewritten()
     assert record.stage == f"{entry}, functionalized"

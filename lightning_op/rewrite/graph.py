@@ -300,6 +300,16 @@ class Evaluator:
 
     def _eval_const(self, node: fx.Node) -> Any:
         cls = self.classes.get(node)
+        if cls == SYM and node.op == "call_function" and node.all_input_nodes and all(
+                self.classes.get(a) in (CONST, SYM) for a in node.all_input_nodes):
+            # a number computed from constants (``slopes[h].item()``): its symbol may be unbacked,
+            # with no hint to read, so compute it, and bind the symbol for the shapes that use it
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.const)
+            value = node.target(*args, **kwargs)
+            expr = getattr(getattr(node.meta.get("val"), "node", None), "expr", None)
+            if getattr(expr, "is_Symbol", False) and isinstance(value, (int, float, bool)):
+                self.bindings.setdefault(expr, value)
+            return value
         if cls == SYM:
             val = node.meta["val"]
             if isinstance(val, torch.SymBool):
