@@ -126,12 +126,13 @@ def written_in_place(graph: fx.Graph) -> set[fx.Node]:
     return tainted
 
 
-def classify(graph: fx.Graph, placeholder_class: Callable[[fx.Node], str]) -> dict[fx.Node, str]:
+def classify(graph: fx.Graph, placeholder_class: Callable[[fx.Node], str],
+             written: Optional[set] = None) -> dict[fx.Node, str]:
     """The class of every node (see the module docstring), in one pass in graph order. A node that
-    reads storage after an in-place write to it (:func:`written_in_place`) is ``INPUT``: its value
-    is unknown."""
+    reads storage after an in-place write to it (``written``, :func:`written_in_place` of the
+    graph when not given) is ``INPUT``: its value is unknown."""
     classes: dict[fx.Node, str] = {}
-    written = written_in_place(graph)
+    written = written_in_place(graph) if written is None else written
     for node in graph.nodes:
         if node.op == "output":
             continue

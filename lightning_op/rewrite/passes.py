@@ -26,7 +26,8 @@ def rewrite_graph(gm: fx.GraphModule, placeholder_class: Callable[[fx.Node], str
     ``const_values`` holds the value of every constant placeholder. Raises on internal errors:
     callers keep an untouched copy to fall back to.
     """
-    classes = g.classify(gm.graph, placeholder_class)
+    written = g.written_in_place(gm.graph)
+    classes = g.classify(gm.graph, placeholder_class, written)
     records, renamed = [], {}
 
     def on_match(match):
@@ -39,7 +40,7 @@ def rewrite_graph(gm: fx.GraphModule, placeholder_class: Callable[[fx.Node], str
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # Inductor runs its passes under a fake mode; the probes need real tensors
-        rejections = find_matches(gm, classes, const_values, on_match)
+        rejections = find_matches(gm, classes, const_values, on_match, written)
     records.extend(RewriteRecord(stage, False, location_of(r.output), reason=r.reason) for r in rejections)
     if renamed:
         gm.graph.eliminate_dead_code()

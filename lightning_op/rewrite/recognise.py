@@ -160,11 +160,11 @@ def _hypotheses(o: fx.Node) -> list[_Hypothesis]:
 
 
 class Recogniser:
-    def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict):
+    def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict, written: set):
         self.gm, self.classes, self.const_values = gm, classes, const_values
         self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.evaluator = g.Evaluator(gm, classes, const_values, _probe_bindings(gm))
-        self.written = g.written_in_place(gm.graph)
+        self.written = written  # g.written_in_place of the graph
 
     # --- regions
 
@@ -521,10 +521,11 @@ def _describe(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_function" else node.op
 
 
-def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match):
+def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match, written: set):
     """Scan ``gm`` from its end for attention regions; ``on_match(match)`` rewrites each at once
-    (so later candidates see the rewritten graph). Returns the rejections worth reporting."""
-    recogniser = Recogniser(gm, classes, const_values)
+    (so later candidates see the rewritten graph). ``written``: ``graph.written_in_place(gm.graph)``.
+    Returns the rejections worth reporting."""
+    recogniser = Recogniser(gm, classes, const_values, written)
     rejections: list[Rejection] = []
     done: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
