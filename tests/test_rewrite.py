@@ -223,6 +223,34 @@ class BaddbmmScaledScores(Projected):
         return out.view(b, h, n, d).permute(0, 2, 1, 3)
 
 
+class ChunksAsATensorDimension(Projected):
+    """The chunked form vectorised over chunks (as naive chunk references write it): the sequence
+    padded and reshaped into [B, H, chunks, L, D], all intra-chunk products at once, per-chunk
+    states, and a loop over chunks for their decayed prefix only."""
+
+    chunk = 8
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        b, h, n, d = q.shape
+        pad = (-n) % self.chunk
+        chunks = (n + pad) // self.chunk
+        q, k, v = (F.pad(t, (0, 0, 0, pad)).reshape(b, h, chunks, self.chunk, d) for t in (q, k, v))
+        log_gamma = torch.log(_gammas(h))[None, :, None, None]
+        idx = torch.arange(self.chunk, dtype=torch.float32)
+        intra = torch.exp(log_gamma[..., None] * (idx[:, None] - idx[None, :])) * (idx[:, None] >= idx[None, :])
+        q_decay = torch.exp(log_gamma * (idx[:, None] + 1))
+        k_decay = torch.exp(log_gamma * (self.chunk - 1 - idx[:, None]))
+        out = ((q @ k.transpose(-1, -2)) * intra) @ v
+        chunk_states = (k * k_decay[:, :, None]).transpose(-1, -2) @ v
+        state, inter = torch.zeros(b, h, d, d), []
+        for c in range(chunks):
+            inter.append((q[:, :, c] * q_decay) @ state)
+            state = state * torch.exp(log_gamma * self.chunk) + chunk_states[:, :, c]
+        out = out + torch.stack(inter, dim=2)
+        return out.reshape(b, h, chunks * self.chunk, d)[:, :, :n].transpose(1, 2)
+
+
 class SlopesFromAListInForward(Projected):
     """Slopes made in forward from a Python list (exported as a lifted constant, then ``detach_``),
     the mask from ``masked_fill(-inf)`` and ``exp``, as TransNormer-style code does."""
@@ -814,3 +842,19 @@ def test_written_in_place_finds_the_reads_after_a_write():
     assert late in written and early not in written
     assert any(n.target == torch.ops.aten.copy_.default for n in written)
     assert not any(n.target in (torch.ops.aten.ones.default, torch.ops.aten.mul.Tensor) for n in written)
+
+
+@pytest.mark.parametrize("entry", ["dynamo", "export"])
+def test_chunks_as_a_tensor_dimension(entry):
+    """Static: rewritten. Traced with a dynamic length, the loop over chunks is unrolled for this
+    length's chunk count while N stays symbolic, so the graph is wrong at other lengths; the
+    second-length probe sees that and the region is left alone (the output stays the model's)."""
+    model = _model(ChunksAsATensorDimension).eval()
+    x = torch.randn(2, 45, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+    (record,) = _rewritten()
+    torch.testing.assert_close(torch.tensor(record.decay), -torch.log(_gammas(HEADS)), rtol=1e-4, atol=1e-6)
+    clear_report()
+    torch._dynamo.reset()
+    _assert_left_alone(ChunksAsATensorDimension, entry, "differs", dynamic=True)

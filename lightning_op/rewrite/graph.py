@@ -35,8 +35,8 @@ PRODUCT_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "mul", "outer", "mv", 
                          "baddbmm", "addbmm", "addmm"})  # input + alpha * a @ b: the probes check the sum
 # Further ops that are linear in their non-constant tensor arguments, under the checks in `is_linear`.
 LINEAR_OPS = frozenset({"add", "sub", "neg", "div", "cumsum", "sum", "mean", "cat", "stack",
-                        "constant_pad_nd", "tril", "triu", "masked_fill", "where", "select_scatter", "slice_scatter",
-                        "copy"})
+                        "constant_pad_nd", "pad", "tril", "triu", "masked_fill", "where", "select_scatter",
+                        "slice_scatter", "copy"})
 # Ops whose value depends on their tensor argument's shape only.
 SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
                             "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
@@ -183,6 +183,9 @@ def is_linear(node: fx.Node, classes: dict) -> bool:
         return getattr(node.target, "_overloadname", "") in ("Tensor", "Scalar") and _is_const(node.args[1], classes)
     if name == "masked_fill":
         return _is_const(node.args[1], classes) and _is_const(node.args[2], classes)
+    if name == "pad":  # aten.pad(input, pad, mode, value): a nonzero fill value is affine, not linear
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return value in (None, 0, 0.0)
     if name == "where":
         return len(node.args) == 3 and _is_const(node.args[0], classes)
     return True
