@@ -251,6 +251,19 @@ class ChunksAsATensorDimension(Projected):
         return out.reshape(b, h, chunks * self.chunk, d)[:, :, :n].transpose(1, 2)
 
 
+class KeyValueHeadsRepeatedByExpand(Projected):
+    """One key/value head shared by the query heads through ``expand`` and ``reshape`` after the
+    transpose (as Llama's ``repeat_kv`` does), a power-of-0.95 decay mask."""
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        b, _, n, d = k.shape
+        k, v = (t[:, :1, None].expand(b, 1, HEADS, n, d).reshape(b, HEADS, n, d) for t in (k, v))
+        i = torch.arange(n)
+        mask = 0.95 ** (i[:, None] - i[None, :]).clamp(min=0).float() * (i[:, None] >= i[None, :])
+        return (((q @ k.transpose(-2, -1)) * mask) @ v).transpose(1, 2)
+
+
 class SlopesFromAListInForward(Projected):
     """Slopes made in forward from a Python list (exported as a lifted constant, then ``detach_``),
     the mask from ``masked_fill(-inf)`` and ``exp``, as TransNormer-style code does."""
@@ -277,6 +290,7 @@ POSITIVES = {
     "baddbmm_scaled_scores": (BaddbmmScaledScores, None, HEAD_DIM ** -0.5),
     "recurrent_loop_stacked": (RecurrentLoopStacked, -torch.log(_gammas(HEADS)), 1.0),
     "grouped_key_value_heads": (GroupedKeyValueHeads, -torch.log(_gammas(HEADS)), 1.0),
+    "key_value_heads_repeated_by_expand": (KeyValueHeadsRepeatedByExpand, torch.full((HEADS,), -math.log(0.95)), 1.0),
 }
 
 

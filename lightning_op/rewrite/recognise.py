@@ -269,17 +269,21 @@ class Recogniser:
         return None
 
     def _descend(self, root: fx.Node, hyp: _Hypothesis, region: set) -> Optional[tuple[fx.Node, str]]:
-        """Follow a single-consumer chain from a role's first node to a tensor in a known layout."""
-        node = root
+        """Follow the single-consumer chain from a role's first node towards its product, to a
+        tensor in a known layout: the first of the chain's last run of such tensors. Usually
+        that is the first one (so that a scale applied after it is recovered); past a head slice
+        and its repetition (a key/value head shared by query heads, as ``repeat_kv`` does with
+        ``expand``) it is the repeated tensor, which is what the product sees."""
+        node, found, in_run = root, None, False
         while True:
             val = g.tensor_val(node)
-            if val is not None:
-                layouts = hyp.layout_of(val.shape)
-                if layouts:
-                    return node, layouts[0]
+            layouts = hyp.layout_of(val.shape) if val is not None else []
+            if layouts and not in_run:
+                found = (node, layouts[0])
+            in_run = bool(layouts)
             users = [u for u in node.users if u in region]
             if len(users) != 1 or g.is_product(users[0], self.classes):
-                return None
+                return found
             node = users[0]
 
     # --- the analysis of one candidate
