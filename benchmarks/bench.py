@@ -722,8 +722,7 @@ def main(argv=None) -> int:
 
     progress = Progress(2 * len(shapes) * len(impls))
     meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
-    rows = []
-    paths = write_results(rows, meta, args.out)
+    rows, paths = [], []
     started = time.perf_counter()
     for index, shape in enumerate(shapes):
         try:
