@@ -64,15 +64,6 @@ def _probe_bindings(gm: fx.GraphModule) -> dict:
     return bindings
 
 
-#: the reason given for a region reading storage written in place (the entry points analyse a
-#: functionalized graph instead where the graph writes in place, so this is what is left when
-#: that could not be made)
-WRITTEN_IN_PLACE = (
-    "is written in place (a mask filled row by row, say), which the probes cannot follow, and the "
-    "graph could not be functionalized"
-)
-
-
 class Reject(Exception):
     """The candidate is not causal linear attention with a decay (the message says why).
 
@@ -300,7 +291,11 @@ class Recogniser:
         try:
             written = [n for n in (*order, *leaves) if n in self.written]
             if written:
-                raise Reject(f"{written[0].name} ({_describe(written[0])}) {WRITTEN_IN_PLACE}", depth=6)
+                # the entry points analyse a functionalized graph where a graph writes in place,
+                # so this is what is left where that could not be made
+                raise Reject(f"{written[0].name} ({_describe(written[0])}) is written in place (a mask filled "
+                             "row by row, say), which the probes cannot follow, and the graph could not be "
+                             "functionalized", depth=6)
             return self._analyse(output, order, leaves)
         except Exception as error:  # a Reject, or an internal error: both belong to this region
             error.region = frozenset(order)
