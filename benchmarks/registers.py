@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     parser.add_argument("--warps", type=int, default=None, help="default: 4 up to D = 64, else 8 (as choose_config)")
     parser.add_argument("--stages", type=int, default=None, help="default: as choose_config")
+    parser.add_argument("--block-v", type=int, default=None, help="value columns per program (default: D)")
+    parser.add_argument("--chunk", type=int, default=64, help="rows per chunk (default 64)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
     args = parser.parse_args()
@@ -107,7 +109,7 @@ def main() -> None:
     for d in (int(x) for x in args.dims.split(",")):
         warps = args.warps or (4 if d <= 64 else 8)
         accumulate = args.accumulate if args.accumulate is not None else d <= 64  # as choose_config
-        common = dict(CHUNK=64, BLOCK_K=d, BLOCK_V=d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
+        common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
                       ACCUMULATE=bool(accumulate))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
@@ -123,6 +125,8 @@ def main() -> None:
         ]
         for label, kernel, stages, constexprs, pointers in cases:
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)
+            if args.block_v and kernel is _key_value_grad_kernel:
+                continue  # the fused pass always takes the whole value width
             print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, accumulate {int(accumulate)}: {line}", flush=True)
 
 

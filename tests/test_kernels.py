@@ -75,6 +75,21 @@ def test_head_dims(dk, dv, dtype):
     assert rel_error(final, final_ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_keys_wider_than_the_value_block(accumulate):
+    """Keys wider than the value block put the state update's row weights on the values instead of
+    the keys (both kernel forms, in the segment-state pass too: several segments and pieces)."""
+    from lightning_op.kernels import config_override
+
+    q, k, v = make_inputs(1, 2, 150, 96, 40, torch.float32, DEVICE, seed=7)
+    decay = torch.tensor([0.05, 2.0], device=DEVICE)
+    with config_override(accumulate=accumulate, chunk=16, block_v=16, segment_len=64, state_split=2):
+        (out, final), (out_ref, final_ref) = _run(q, k, v, decay, None, reverse=False, init_shift=1,
+                                                 segment_len=None)
+    assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
+    assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
+
+
 def test_bad_segment_length():
     from lightning_op.kernels import linear_attention
 

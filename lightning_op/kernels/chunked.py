@@ -141,13 +141,21 @@ def _segment_state_kernel(
             # each key carries its whole weight to the segment's end, lam^(last-row) (e >= 0:
             # it underflows, never overflows), and value_scale: the state is never rescaled
             if HAS_DECAY:
-                k = k * (tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale)[:, None]
+                weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
+                if BLOCK_K > BLOCK_V:  # the weight on the narrower tile (see _chunk_output_kernel)
+                    v = v * weight[:, None]
+                else:
+                    k = k * weight[:, None]
             else:
                 k = k * value_scale
             state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
         else:
-            if HAS_DECAY:  # key weight lam^(CHUNK-1-i), the state decayed by a chunk
-                k = k * tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))[:, None]
+            if HAS_DECAY:  # row weight lam^(CHUNK-1-i), the state decayed by a chunk
+                weight = tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))
+                if BLOCK_K > BLOCK_V:
+                    v = v * weight[:, None]
+                else:
+                    k = k * weight[:, None]
                 state = state * tl.exp2(log2_lam * CHUNK)
             state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
@@ -280,10 +288,15 @@ def _chunk_output_kernel(
         if HAS_DECAY:
             # key weight lam^(length-1-i); rows past the end are zero and get exponent 0
             key_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
+            weight = tl.exp2(log2_lam * key_exponent)
             if ACCUMULATE:
-                k = k * (tl.exp2(log2_lam * key_exponent) * value_scale)[:, None]
+                weight = weight * value_scale
+            # the weight goes on the narrower of the update's two tiles: on v when the keys are
+            # wider than the value block (D = 256: a 64 x 64 float32 temporary, not 64 x 256)
+            if BLOCK_K > BLOCK_V:
+                v = v * weight[:, None]
             else:
-                k = k * tl.exp2(log2_lam * key_exponent)[:, None]
+                k = k * weight[:, None]
             state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
         elif ACCUMULATE:
             k = k * value_scale
