@@ -29,6 +29,11 @@ VARIANTS = [
     # 24-27: the D = 64 backward (fused pass stages and warps, eight warps in one segment)
     dict(kv_num_stages=2), dict(kv_num_warps=8), dict(kv_num_warps=8, kv_num_stages=2),
     dict(num_warps=8, segment_len=8192, kv_segment_len=8192),
+    # 28-33: D = 256 tiles (16 warps, the whole 128-column value block in 2 stages, chunks of 32)
+    dict(num_warps=16), dict(block_v=128, num_stages=2), dict(block_v=128, num_stages=2, num_warps=16),
+    dict(chunk=32, block_v=128), dict(chunk=32), dict(num_stages=2, num_warps=16),
+    # 34-35: long sequences with half-width value blocks (twice the programs, fewer segments)
+    dict(block_v=64, num_warps=4), dict(block_v=64, accumulate=1),
 ]
 
 
