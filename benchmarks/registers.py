@@ -54,6 +54,8 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     # as a launch on contiguous tensors specialises them: unit strides of the last dim become
     # constants, other integers are 32-bit
     constexprs = dict(constexprs)
+    if "WEIGHT_VALUES" not in kernel.arg_names:
+        constexprs.pop("WEIGHT_VALUES", None)
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=None, help="default: as choose_config")
     parser.add_argument("--block-v", type=int, default=None, help="value columns per program (default: D)")
     parser.add_argument("--chunk", type=int, default=64, help="rows per chunk (default 64)")
+    parser.add_argument("--weight-values", type=int, choices=(0, 1), default=0,
+                        help="the state update's row weights on v instead of k (WEIGHT_VALUES)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
     args = parser.parse_args()
@@ -110,7 +114,7 @@ def main() -> None:
         warps = args.warps or (4 if d <= 64 else 8)
         accumulate = args.accumulate if args.accumulate is not None else d <= 64  # as choose_config
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
-                      ACCUMULATE=bool(accumulate))
+                      ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
             ("forward output", _chunk_output_kernel, args.stages or 3,

@@ -106,6 +106,7 @@ def _segment_state_kernel(
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    WEIGHT_VALUES: tl.constexpr = False,
 ):
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
 
@@ -142,7 +143,7 @@ def _segment_state_kernel(
             # it underflows, never overflows), and value_scale: the state is never rescaled
             if HAS_DECAY:
                 weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
-                if BLOCK_K > BLOCK_V:  # the weight on the narrower tile (see _chunk_output_kernel)
+                if WEIGHT_VALUES:  # the weight on the value rows (see _chunk_output_kernel)
                     v = v * weight[:, None]
                 else:
                     k = k * weight[:, None]
@@ -152,7 +153,7 @@ def _segment_state_kernel(
         else:
             if HAS_DECAY:  # row weight lam^(CHUNK-1-i), the state decayed by a chunk
                 weight = tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))
-                if BLOCK_K > BLOCK_V:
+                if WEIGHT_VALUES:
                     v = v * weight[:, None]
                 else:
                     k = k * weight[:, None]
@@ -211,10 +212,11 @@ def _chunk_output_kernel(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
+    ``WEIGHT_VALUES``: the state update ``k^T v`` takes the row weights on v, not k.
     ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
     value_scale folded into the mask and the keys, instead of each product in a temporary of its
     own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
@@ -291,9 +293,10 @@ def _chunk_output_kernel(
             weight = tl.exp2(log2_lam * key_exponent)
             if ACCUMULATE:
                 weight = weight * value_scale
-            # the weight goes on the narrower of the update's two tiles: on v when the keys are
-            # wider than the value block (D = 256: a 64 x 64 float32 temporary, not 64 x 256)
-            if BLOCK_K > BLOCK_V:
+            # WEIGHT_VALUES: the weight goes on the value rows instead of the key rows (a 64 x 64
+            # float32 temporary instead of 64 x 256 at D = 256; it needed 240 KB of shared memory
+            # with 3 stages on triton 3.6, past the H200's 227 KB)
+            if WEIGHT_VALUES:
                 v = v * weight[:, None]
             else:
                 k = k * weight[:, None]
