@@ -34,16 +34,36 @@ VARIANTS = [
     dict(chunk=32, block_v=128), dict(chunk=32), dict(num_stages=2, num_warps=16),
     # 34-35: long sequences with half-width value blocks (twice the programs, fewer segments)
     dict(block_v=64, num_warps=4), dict(block_v=64, accumulate=1),
+    # 36-38: D = 256 with the state update's row weights on the values (WEIGHT_VALUES: more shared
+    # memory, so fewer stages or narrower chunks)
+    dict(weight_values=1, num_stages=2), dict(weight_values=1, chunk=32), dict(weight_values=1, num_stages=2, num_warps=16),
 ]
 
 
-def profile(step, label: str, repeats: int = 5) -> None:
-    """Per-kernel device time of ``step`` (averaged over ``repeats`` calls), largest first."""
-    step()
+def profile(step, label: str, repeats: int = 5, leaves=()) -> None:
+    """Per-kernel device time of ``step`` (averaged over ``repeats`` calls), largest first, and the
+    host time of one call (launches only, no synchronisation): when it exceeds the device time
+    the timings measure the host. ``leaves`` get their gradients cleared before each call, as
+    ``do_bench(grad_to_none=...)`` does (else each backward adds into the previous gradients)."""
+    import time
+
+    def clean_step():
+        for leaf in leaves:
+            leaf.grad = None
+        step()
+
+    clean_step()
     torch.cuda.synchronize()
+    host = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        clean_step()
+        host.append(time.perf_counter() - begin)
+        torch.cuda.synchronize()
+    print(f"  host time of one {label} call: {sorted(host)[len(host) // 2] * 1e6:.0f} us (median)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
-            step()
+            clean_step()
         torch.cuda.synchronize()
     rows = []
     for event in prof.key_averages():
@@ -115,7 +135,8 @@ def main() -> None:
         if args.profile:
             with torch.no_grad():
                 profile(lambda: lightning_op.lightning_attn(q, k, v, decay), "forward")
-            profile(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad), "forward+backward")
+            profile(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad), "forward+backward",
+                    leaves=(q, k, v))
         chosen = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",")]
 
         def results():

@@ -14,7 +14,7 @@ from . import ops  # noqa: F401  (registers the ops)
 from .reference import slopes
 from .rewrite import report as rewrite_report, rewrite
 
-__all__ = ["lightning_attn", "attn_step", "slopes", "rewrite", "rewrite_report"]
+__all__ = ["lightning_attn", "attn_step", "slopes", "rewrite", "rewrite_report", "enable_autotune", "disable_autotune"]
 __version__ = "0.1.0"
 
 
@@ -66,6 +66,33 @@ def attn_step(
     only (no gradients); works under ``torch.compile`` and CUDA graphs.
     """
     return torch.ops.lightning.attn_step(q, k, v, state, decay, scale)
+
+
+def enable_autotune(cache_path=None) -> str:
+    """Time launch configurations on the GPU and keep the fastest, per shape class (off by default).
+
+    The first eager call of each shape class (GPU, Triton version, forward or fused backward, dtype,
+    head dims, batch*heads and N rounded up to powers of two, decay, direction) times the built-in
+    choice — heuristics fitted on one H200 — and a few variations of it, on the call's own inputs,
+    and keeps the fastest; later calls look it up. Choices are also saved to ``cache_path`` (else
+    ``$LIGHTNING_OP_CACHE_DIR/autotune.json``, else ``~/.cache/lightning_op/autotune.json``), so
+    later processes time nothing. ``LIGHTNING_OP_AUTOTUNE=1`` enables it too (read when the
+    kernels are first imported: the first GPU call, or this function).
+
+    Nothing is timed under ``torch.compile`` / ``torch.export`` tracing, during CUDA-graph capture,
+    or off CUDA (cached choices still apply); ``kernels.config_override`` disables it inside its
+    block. The decode step is never tuned. Returns the cache file's path.
+    """
+    from .kernels import autotune
+
+    return autotune.enable(cache_path)
+
+
+def disable_autotune() -> None:
+    """Turn autotuning off: every launch takes the built-in heuristics again (the file is kept)."""
+    from .kernels import autotune
+
+    autotune.disable()
 
 
 from . import nn  # noqa: E402  (needs lightning_attn and attn_step defined above)

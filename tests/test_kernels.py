@@ -75,15 +75,18 @@ def test_head_dims(dk, dv, dtype):
     assert rel_error(final, final_ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("weight_values", [0, 1])
 @pytest.mark.parametrize("accumulate", [0, 1])
-def test_keys_wider_than_the_value_block(accumulate):
-    """Keys wider than the value block put the state update's row weights on the values instead of
-    the keys (both kernel forms, in the segment-state pass too: several segments and pieces)."""
+def test_keys_wider_than_the_value_block(accumulate, weight_values):
+    """Keys wider than the value block, with the state update's row weights on the keys or
+    (``weight_values``) on the values: both kernel forms, in the segment-state pass too (several
+    segments and pieces)."""
     from lightning_op.kernels import config_override
 
     q, k, v = make_inputs(1, 2, 150, 96, 40, torch.float32, DEVICE, seed=7)
     decay = torch.tensor([0.05, 2.0], device=DEVICE)
-    with config_override(accumulate=accumulate, chunk=16, block_v=16, segment_len=64, state_split=2):
+    with config_override(accumulate=accumulate, weight_values=weight_values, chunk=16, block_v=16, segment_len=64,
+                         state_split=2):
         (out, final), (out_ref, final_ref) = _run(q, k, v, decay, None, reverse=False, init_shift=1,
                                                  segment_len=None)
     assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
@@ -105,7 +108,8 @@ def test_bad_segment_length():
      dict(kv_fused=0, segment_len=64), dict(kv_chunk=16, kv_segment_len=48, segment_len=128),
      dict(chunk=16, segment_len=64, state_split=2), dict(chunk=16, segment_len=64, state_split=4, kv_state_split=2),
      dict(accumulate=0, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
-     dict(accumulate=1, chunk=16, segment_len=64, kv_segment_len=48, state_split=2)],
+     dict(accumulate=1, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
+     dict(weight_values=1, chunk=16, segment_len=64, state_split=2)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):

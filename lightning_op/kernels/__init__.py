@@ -37,6 +37,7 @@ class LaunchConfig:
     num_stages: int = 3
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
+    weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,7 +45,7 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
 #: the decode step's
@@ -58,11 +59,25 @@ def config_override(**changes):
     configurations other than :func:`choose_config`'s. Not thread-safe.
 
     ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
-    ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward); ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
+    ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward),
+    ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels; ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
     ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
+    _check_overrides(changes)
+    saved = dict(_overrides)
+    _overrides.update(changes)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def _check_overrides(changes: dict) -> None:
+    """Raise ``ValueError`` naming the parameter unless ``changes`` are valid :func:`config_override`
+    arguments (also the check of the autotuner's cached choices)."""
     unknown = set(changes) - set(_TUNABLE) - set(_TUNABLE_KV) - set(_TUNABLE_DECODE) - {"kv_fused"}
     if unknown:
         raise ValueError(
@@ -70,7 +85,7 @@ def config_override(**changes):
             f"tunable: {list(_TUNABLE + _TUNABLE_KV + _TUNABLE_DECODE)}, kv_fused"
         )
     for name, value in changes.items():
-        if name in ("kv_fused", "accumulate"):
+        if name in ("kv_fused", "accumulate", "weight_values"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -81,13 +96,6 @@ def config_override(**changes):
     for name in ("chunk", "block_v", "kv_chunk"):
         if name in changes and (changes[name] < 16 or changes[name] & (changes[name] - 1)):
             raise ValueError(f"config_override: {name} must be a power of two >= 16, got {changes[name]}")
-    saved = dict(_overrides)
-    _overrides.update(changes)
-    try:
-        yield
-    finally:
-        _overrides.clear()
-        _overrides.update(saved)
 
 
 def _forced(name: str, whole_value: bool):
@@ -167,7 +175,9 @@ def choose_config(
                 state_split *= 2
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
-    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate)
+    weight_values = False if whole_value else bool(pick("weight_values", 0))
+    return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
+                        weight_values)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -200,7 +210,7 @@ def linear_attention(
     bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
     [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
     validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
-    :func:`config_override`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
+    :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
     ``out_bnhd`` stores ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept
     in that layout then need no copy.
 
@@ -227,34 +237,42 @@ def linear_attention(
             return out, final
         n_at_least_1 = n
 
-    cfg = choose_config(b * h, n, dk, dv, device, segment_len, itemsize=query.element_size())
-    num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
-    num_v_blocks = triton.cdiv(dv, cfg.block_v)
     types = _dot_types(query.dtype)
     has_decay = decay is not None
     has_init = initial_state is not None
     decay_arg = decay if has_decay else out
     init_arg = initial_state if has_init else out
-    # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
-    seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
-    num_slots = 0
-    # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
-    if traceable or num_segments > 1:
-        seg_states = _segment_start_states(
-            key, value, decay, initial_state, cfg, num_segments,
-            value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
+
+    def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
+        num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
+        num_v_blocks = triton.cdiv(dv, cfg.block_v)
+        # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
+        seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+        num_slots = 0
+        # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
+        if traceable or num_segments > 1:
+            seg_states = _segment_start_states(
+                key, value, decay, initial_state, cfg, num_segments,
+                value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
+            )
+            num_slots = seg_states.shape[1]
+        launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
+            query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            *_strides(initial_state), *_strides(final),
+            n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
+            HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
+            REVERSE=reverse, STORE_FINAL=store_final,
+            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
+            WEIGHT_VALUES=cfg.weight_values, **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        num_slots = seg_states.shape[1]
-    launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
-        query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        *_strides(initial_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
-        HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
-        REVERSE=reverse, STORE_FINAL=store_final,
-        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-        **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+
+    itemsize = query.element_size()
+    cfg = _autotune.select(
+        "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize), launch_with,
+        device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None,
     )
+    launch_with(cfg)
     return out, final
 
 
@@ -298,6 +316,7 @@ def _segment_start_states(
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.accumulate,
+        WEIGHT_VALUES=cfg.weight_values,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -349,27 +368,36 @@ def key_value_gradients(
             final.copy_(grad_final_state) if grad_final_state is not None else final.zero_()
         return grad_k, grad_v, final
 
-    cfg = choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=q.element_size())
-    num_segments = triton.cdiv(n, cfg.segment_len)
-    seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
-    if num_segments > 1:
-        # dS's own contributions: key q, value scale * do, walked from the end
-        seg_states = _segment_start_states(
-            q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
-        )
     has_init = grad_final_state is not None
-    _key_value_grad_kernel[(b * h, num_segments)](
-        q, k, v, grad_out, grad_k, grad_v,
-        decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
-        seg_states, final if final is not None else seg_states,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
-        *_strides(grad_final_state), *_strides(final),
-        n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-        cfg.state_split, scale,
-        HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
-        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-        **_dot_types(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    types = _dot_types(q.dtype)
+
+    def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
+        num_segments = triton.cdiv(n, cfg.segment_len)
+        seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+        if num_segments > 1:
+            # dS's own contributions: key q, value scale * do, walked from the end
+            seg_states = _segment_start_states(
+                q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
+            )
+        _key_value_grad_kernel[(b * h, num_segments)](
+            q, k, v, grad_out, grad_k, grad_v,
+            decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
+            seg_states, final if final is not None else seg_states,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
+            *_strides(grad_final_state), *_strides(final),
+            n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
+            cfg.state_split, scale,
+            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
+            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
+            **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    itemsize = q.element_size()
+    cfg = _autotune.select(
+        "key_value", lambda: choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=itemsize),
+        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, True,
     )
+    launch_with(cfg)
     return grad_k, grad_v, final
 
 
@@ -396,3 +424,6 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[
         HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=num_warps,
     )
     return out
+
+
+from . import autotune as _autotune  # noqa: E402  (uses choose_config and the override table above)
