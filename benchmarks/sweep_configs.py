@@ -9,6 +9,7 @@ forward+backward ms. Not part of the test suite: an experiment log for benchmark
 """
 
 import argparse
+import os
 
 import torch
 from triton.testing import do_bench
@@ -108,6 +109,33 @@ def sweep_decode(device, batches=(1, 16, 256), heads=16, head_dim=128, steps=16)
         print(line, flush=True)
 
 
+def tuned_line(q, k, v, grad, decay, nbytes: float, copy_bps: float) -> None:
+    """Autotuning on a fresh cache: the time its first forward+backward took (the tuning), what it
+    chose per kind, and the tuned forward and forward+backward times (to set beside the default's)."""
+    import json
+    import tempfile
+    import time
+
+    path = lightning_op.enable_autotune(os.path.join(tempfile.mkdtemp(), "autotune.json"))
+    try:
+        begin = time.perf_counter()
+        lightning_op.lightning_attn(q, k, v, decay).backward(grad)
+        torch.cuda.synchronize()
+        tuning_s = time.perf_counter() - begin
+        with torch.no_grad():
+            fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
+        both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
+                        grad_to_none=[q, k, v], return_mode="median")
+    finally:
+        lightning_op.disable_autotune()
+    print(f"  {'autotuned':<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy  fwd+bwd {both:.3f} ms"
+          f"  (tuning took {tuning_s:.1f} s)", flush=True)
+    with open(path) as f:
+        for key, record in json.load(f)["entries"].items():
+            kind = next(part for part in key.split(";") if part.startswith("kind="))
+            print(f"    {kind} reverse={key.rsplit('reverse=', 1)[-1][:5]}: {record}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="8x8192x16x128,1x65536x16x128,8x8192x16x64")
@@ -115,6 +143,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the default config first")
     parser.add_argument("--variants", default=None, help="indices into VARIANTS to run, comma-separated (default all)")
     parser.add_argument("--decode", action="store_true", help="only the decode-step configurations")
+    parser.add_argument("--autotune", action="store_true", help="also autotune each shape (fresh cache) and time that")
     args = parser.parse_args()
     device = torch.device("cuda")
     src = torch.empty(2**31, dtype=torch.uint8, device=device)
@@ -165,6 +194,8 @@ def main() -> None:
                 print(f"{line}  rel. diff {error:.0e}", flush=True)
             except Exception as exc:  # an infeasible tile (shared memory, registers) is a data point too
                 print(f"  {label:<34} failed: {str(exc).splitlines()[0][:100]}", flush=True)
+        if args.autotune:
+            tuned_line(q, k, v, grad, decay, nbytes, copy_bps)
         del q, k, v, grad
 
 
