@@ -1,7 +1,8 @@
 """torch.library registration of ``lightning::attn`` and ``lightning::attn_bwd``.
 
 Each op sits with its fake directly beneath it; the autograd glue calls only ops, so compiled
-forward and backward graphs hold two opaque nodes. CUDA tensors run the Triton kernels; CPU
+forward and backward graphs hold two opaque nodes. Plain eager calls of ``lightning_attn`` run the
+same bodies without the dispatcher (``attn_eager``: host time, see "eager path" below). CUDA tensors run the Triton kernels; CPU
 tensors run the chunked PyTorch form of ``reference.py`` (or, with ``LIGHTNING_OP_BACKEND=triton``
 and ``TRITON_INTERPRET=1``, the same Triton kernels through the interpreter).
 """
@@ -18,7 +19,7 @@ from torch import Tensor
 from . import reference
 from ._gates import HAS_TRITON, cpu_backend
 
-__all__ = ["attn", "attn_bwd", "attn_step", "validate", "validate_step"]
+__all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_step"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -165,6 +166,11 @@ def attn(
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay: returns ``(out [B,H,N,Dv], final_state fp32)``."""
     validate(q, k, v, decay, scale, initial_state)
+    return _attn_impl(q, k, v, decay, scale, initial_state)
+
+
+def _attn_impl(q, k, v, decay, scale, initial_state):
+    """``lightning::attn`` on validated inputs (the op's body, also run by the eager path)."""
     _check_decay_values(decay)
     decay, initial_state = _float32(decay), _float32(initial_state)
     if _use_triton(q):
@@ -207,6 +213,11 @@ def attn_bwd(
 
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
     """
+    return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
+
+
+def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads):
+    """``lightning::attn_bwd``'s body (also run by the eager path)."""
     decay, initial_state, grad_final_state = _float32(decay), _float32(initial_state), _float32(grad_final_state)
     kernels = {}
     if _use_triton(q):
@@ -243,9 +254,11 @@ def _setup_context(ctx, inputs, output):
     ctx.has_initial_state = initial_state is not None
 
 
-def _backward(ctx, grad_out, grad_final_state):
+def _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=None):
     q, k, v, decay, initial_state = ctx.saved_tensors
-    dq, dk, dv, d_init = torch.ops.lightning.attn_bwd(
+    if grad_out is None:  # the eager path leaves unused outputs' gradients unmaterialised
+        grad_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    dq, dk, dv, d_init = (attn_bwd_fn or torch.ops.lightning.attn_bwd)(
         grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
         q, k, v, decay, ctx.scale, initial_state, bnhd_grads=_stored_bnhd(q),
     )
@@ -257,6 +270,70 @@ def _backward(ctx, grad_out, grad_final_state):
 
 
 attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- eager path
+#
+# In eager mode, the dispatcher's way into a custom op (its autograd wrapper, redispatch and the
+# dynamo-disabling shims, for the forward and again for the backward op) costs several times our
+# own host work: about 45 us of the 68 us an eager forward took on this project's CPU, and far more
+# on the H200 machine's host, where a B8 N8K D64 forward+backward took 1.5 ms of host time for
+# 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02). ``lightning_attn`` therefore calls the
+# op's own bodies through a plain autograd.Function when nothing observes the dispatcher; whenever
+# something might (compilation, export, tracing, a dispatch or function mode, tensor subclasses,
+# functorch transforms) it calls the op, so graphs still hold ``lightning::attn``.
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``lightning::attn`` with its registered autograd, without the dispatcher."""
+
+    # the ctx-in-forward style: a separate setup_context costs about 12 us more per call (CPU)
+    @staticmethod
+    def forward(ctx, q, k, v, decay, scale, initial_state):
+        output = _attn_impl(q, k, v, decay, scale, initial_state)
+        _setup_context(ctx, (q, k, v, decay, scale, initial_state), output)
+        ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros to fill and read
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state):
+        return _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_attn_bwd_impl)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _dispatcher_observed(*tensors) -> bool:
+    """Whether the call must go through the op: something may trace, transform or intercept it."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return True
+    if torch._C._is_torch_function_mode_enabled():
+        return True
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    if is_in_torch_dispatch_mode():
+        return True
+    for x in tensors:
+        if x is not None and (type(x) not in _PLAIN_TENSOR_TYPES or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return True
+    return False
+
+
+def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None):
+    """``lightning::attn`` for callers that validated the inputs: the op's bodies directly in plain
+    eager mode (with its autograd), else the op itself. Same values, gradients and errors."""
+    if _dispatcher_observed(q, k, v, decay, initial_state):
+        return attn(q, k, v, decay, scale, initial_state)
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function("lightning::attn"):
+            return _attn_eager_call(q, k, v, decay, scale, initial_state)
+    return _attn_eager_call(q, k, v, decay, scale, initial_state)
+
+
+def _attn_eager_call(q, k, v, decay, scale, initial_state):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
+        return _EagerAttention.apply(q, k, v, decay, scale, initial_state)
+    return _attn_impl(q, k, v, decay, scale, initial_state)
 
 
 # ----------------------------------------------------------------------------- decode step

@@ -224,6 +224,25 @@ def test_kv_fused_0_takes_the_composed_backward(monkeypatch):
     assert composed == [1]
 
 
+def test_choose_config_is_remembered_per_argument_set(monkeypatch):
+    """Known argument sets cost a lookup; the GPU's size and forced parameters are part of the
+    choice, so neither may be answered from the memory of another."""
+    from lightning_op import kernels
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    first = kernels.choose_config(16, 65536, 128, 128, gpu)
+    assert kernels.choose_config(16, 65536, 128, 128, gpu) is first
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 16)  # a smaller GPU: fewer segments
+    assert kernels.choose_config(16, 65536, 128, 128, gpu).segment_len > first.segment_len
+    with kernels.config_override(segment_len=1024):
+        assert kernels.choose_config(16, 65536, 128, 128, gpu).segment_len == 1024
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    assert kernels.choose_config(16, 65536, 128, 128, gpu) == first
+    with pytest.raises(ValueError, match="segment_len"):
+        kernels.choose_config(1, 100, 16, 16, torch.device("cpu"), 100)
+
+
 def test_choose_config_follows_the_measured_rules(monkeypatch):
     """The defaults the H200 sweeps chose (benchmarks/RESULTS.md), on a 132-multiprocessor GPU."""
     from lightning_op import kernels

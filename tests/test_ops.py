@@ -279,3 +279,131 @@ def test_backend_variable_is_checked(monkeypatch):
 def test_public_api():
     assert set(lightning_op.__all__) >= {"lightning_attn", "slopes"}
     assert hasattr(torch.ops.lightning, "attn") and hasattr(torch.ops.lightning, "attn_bwd")
+
+
+# ----------------------------------------------------------------------------- the eager path
+
+
+class _CountingOp:
+    """Stands in for ``ops.attn`` (the custom op) and counts the calls that reach it."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.op(*args, **kwargs)
+
+
+def _eager_and_op(q, k, v, decay, init, use_out, use_final):
+    """Outputs and gradients of lightning_attn (the eager path) and of the op itself."""
+    from lightning_op import ops
+
+    results = []
+    for call in (lambda *a: lightning_attn(*a[:4], scale=0.7, initial_state=a[4], output_final_state=True),
+                 lambda *a: ops.attn(*a[:4], 0.7, a[4])):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        init_leaf = None if init is None else init.detach().clone().requires_grad_()
+        out, final = call(*leaves, decay, init_leaf)
+        loss = 0
+        if use_out:
+            loss = loss + (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+        if use_final:
+            loss = loss + (final * torch.linspace(1, -2, final.numel()).view(final.shape)).sum()
+        inputs = leaves + ([init_leaf] if init_leaf is not None else [])
+        results.append((out, final, torch.autograd.grad(loss, inputs)))
+    return results
+
+
+@pytest.mark.parametrize("use_out, use_final", [(True, False), (False, True), (True, True)],
+                         ids=["out", "final", "both"])
+@pytest.mark.parametrize("with_decay, with_init", [(True, True), (False, False)], ids=["decay+init", "plain"])
+def test_eager_path_matches_the_op(cpu_backend, use_out, use_final, with_decay, with_init, monkeypatch):
+    """Plain eager calls skip the dispatcher (the op's bodies under their own autograd), with the
+    op's values and gradients, whichever outputs the loss uses (an unused one's gradient is None
+    there, zeros through the op)."""
+    from lightning_op import ops
+
+    q, k, v = make_inputs(1, 2, 75, 16, 24, torch.float32, seed=3)
+    decay = torch.tensor([0.1, 2.0]) if with_decay else None
+    init = torch.randn(1, 2, 16, 24) if with_init else None
+    counting = _CountingOp(ops.attn)
+    monkeypatch.setattr(ops, "attn", counting)
+    (out, final, grads), (out_op, final_op, grads_op) = _eager_and_op(q, k, v, decay, init, use_out, use_final)
+    assert counting.calls == 1  # the op's own call in the comparison only
+    torch.testing.assert_close(out, out_op, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(final, final_op, rtol=1e-6, atol=1e-6)
+    for g, g_op in zip(grads, grads_op):
+        torch.testing.assert_close(g, g_op, rtol=1e-5, atol=1e-6)
+    # and both against the oracle, for the loss that used the final state only
+    if not use_out:
+        grad_final = torch.linspace(1, -2, final.numel()).view(final.shape)
+        _, _, grads_ref = oracle(q, k, v, decay, 0.7, init, torch.zeros_like(out), grad_final)
+        for g, g_ref in zip(grads, grads_ref):
+            assert rel_error(g, g_ref) < TOLERANCE[torch.float32]
+
+
+def test_eager_path_without_grad_records_nothing(monkeypatch):
+    from lightning_op import ops
+
+    counting = _CountingOp(ops.attn)
+    monkeypatch.setattr(ops, "attn", counting)
+    q, k, v = (x.requires_grad_() for x in make_inputs(1, 2, 20, 16, 16, torch.float32))
+    with torch.no_grad():
+        out = lightning_attn(q, k, v)
+    assert out.grad_fn is None and counting.calls == 0
+    out = lightning_attn(q.detach(), k.detach(), v.detach())
+    assert out.grad_fn is None and counting.calls == 0
+
+
+def test_observed_calls_go_through_the_op(monkeypatch):
+    """A dispatch mode, a function mode or a tensor subclass may trace or intercept the call: it
+    must see ``lightning::attn``, so those calls take the op."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_op import ops
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Marked(torch.Tensor):
+        pass
+
+    q, k, v = make_inputs(1, 2, 20, 16, 16, torch.float32)
+    with Recorder() as recorder:
+        lightning_attn(q, k, v)
+    assert any(name.startswith("lightning.attn") for name in recorder.names), recorder.names[:5]
+
+    counting = _CountingOp(ops.attn)
+    monkeypatch.setattr(ops, "attn", counting)
+    with PassThrough():
+        lightning_attn(q, k, v)
+    assert counting.calls == 1
+    lightning_attn(q.as_subclass(Marked), k, v)
+    assert counting.calls == 2
+    lightning_attn(q, k, v)
+    assert counting.calls == 2
+
+
+def test_eager_path_is_named_in_profiles():
+    q, k, v = make_inputs(1, 2, 20, 16, 16, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        lightning_attn(q, k, v)
+    assert any(event.key == "lightning::attn" for event in prof.key_averages())
+
+
+def test_eager_path_rejects_a_learnable_decay():
+    q, k, v = (x.requires_grad_() for x in make_inputs(1, 2, 20, 16, 16, torch.float32))
+    with pytest.raises(ValueError, match="decay requires grad"):
+        lightning_attn(q, k, v, torch.tensor([0.1, 0.2], requires_grad=True))
