@@ -512,8 +512,14 @@ def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailab
 
 
 def _git_commit() -> Optional[str]:
+    """The checkout's commit, or None when the code is not a checkout of its own (a copy of the
+    tree, perhaps inside another checkout whose HEAD says nothing about this code)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        if os.path.realpath(top) != os.path.realpath(os.path.dirname(here)):
+            return None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
