@@ -302,18 +302,24 @@ def linear_attention(
 
 
 def _dot_types(dtype: torch.dtype) -> dict:
-    """The kernels' DOT_DTYPE / STATE_DOT_DTYPE / PRECISION / STATE_PRECISION for inputs of ``dtype``."""
+    """The kernels' DOT_DTYPE / STATE_DOT_DTYPE / PRECISION / STATE_PRECISION for inputs of ``dtype``
+    (a fresh dict: callers may add to it)."""
+    return dict(_dot_types_of(dtype, torch.backends.cuda.matmul.allow_tf32))
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_types_of(dtype: torch.dtype, allow_tf32: bool) -> tuple:
     tl_dtype = _TL_DTYPES[dtype]
     # the interpreter's numpy has no bfloat16 matrix product
     dot_dtype = tl.float32 if (TRITON_INTERPRETING and tl_dtype == tl.bfloat16) else tl_dtype
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return dict(
+    precision = "tf32" if allow_tf32 else "ieee"
+    return tuple(dict(
         DOT_DTYPE=dot_dtype,
         # float16 cannot hold a long undecayed state: its products with the state run in tf32
         STATE_DOT_DTYPE=dot_dtype if tl_dtype == tl.bfloat16 else tl.float32,
         PRECISION=precision,
         STATE_PRECISION="tf32" if tl_dtype == tl.float16 else precision,
-    )
+    ).items())
 
 
 def _segment_start_states(
