@@ -297,7 +297,34 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_final_state):
-        return _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_attn_bwd_impl)
+        grads = _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_attn_bwd_impl)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: the kernels' gradients have no history, so a loss built from them
+        # would silently miss their dependence on the inputs; tie them to the graph through a
+        # node that refuses to be differentiated (the op's path raises at the same point)
+        dq, dk, dv, _, _, d_init = grads
+        anchor = next(x for x in ctx.saved_tensors if x is not None and x.requires_grad)
+        if d_init is None:
+            dq, dk, dv = _NotTwiceDifferentiable.apply(anchor, dq, dk, dv)
+        else:
+            dq, dk, dv, d_init = _NotTwiceDifferentiable.apply(anchor, dq, dk, dv, d_init)
+        return dq, dk, dv, None, None, d_init
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Passes gradients through unchanged, attached to ``anchor``'s graph; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        raise RuntimeError(
+            "lightning attn: the gradients of lightning_attn are not differentiable (double backward, "
+            "e.g. a gradient penalty through create_graph=True, is not supported)"
+        )
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
