@@ -22,7 +22,9 @@ def test_bench_smoke(tmp_path):
     for row in by_impl["ours"]:
         assert row.get("fwd_ms") and row["fwd_ms"] > 0
     naive_errors = [row["rel_err_vs_ours"] for row in by_impl["naive"] if row.get("rel_err_vs_ours") is not None]
-    assert naive_errors and max(naive_errors) < 1e-5
+    # the same function in float32 (a wrong decay or scale gives errors ~1e-1); the bound leaves
+    # room for summation order: 2e-7 is usual, one clean-clone CI run saw 2.3e-5 at N = 128
+    assert naive_errors and max(naive_errors) < 1e-4
 
 
 def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(tmp_path):
