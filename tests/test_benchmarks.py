@@ -44,3 +44,17 @@ def test_register_report_compiles_every_kernel_for_hopper():
         registers = int(line.split(": ")[1].split()[0])
         assert 0 < registers <= 255 and "spill stores" in line and "shared memory" in line
         assert len(line.rsplit("ptx ", 1)[1]) == 12  # the PTX digest
+
+
+def test_host_time_stubbed_shows_the_eager_path_cheaper():
+    """benchmarks/host_time.py --stub times both paths with the kernels replaced by no-ops; the
+    eager path skips the dispatcher's wrappers, so its forward+backward costs less host time."""
+    lines = []
+    for _ in range(3):  # a timing on a shared 2-core machine: one of three runs must show it
+        out = run_script("benchmarks/host_time.py", "--stub", "--dims", "32", "--calls", "300")
+        lines.append(next(line for line in out.splitlines() if line.startswith("D32:")))
+        eager, op = (float(part.split("fwd+bwd ")[1].split(" us")[0]) for part in lines[-1].split(";")[:2])
+        assert eager > 0 and op > 0, lines[-1]
+        if eager < op:
+            return
+    raise AssertionError("the eager path was not cheaper in any run:\n" + "\n".join(lines))

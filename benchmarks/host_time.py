@@ -1,0 +1,91 @@
+"""Host time of one eager call: the eager path of ``lightning_attn`` against the registered op.
+
+    python3 benchmarks/host_time.py                       # CUDA: B8 N8K H16, D = 64 and 128, bf16
+    python3 benchmarks/host_time.py --stub                # CPU: the kernels replaced by no-ops
+
+Host time is the wall time of the Python call with nothing synchronised inside it (the GPU is
+synchronised between calls, outside the timed region): what the host spends on validation,
+dispatch, autograd and launches. When it exceeds the GPU time of the call, the host sets the pace
+(benchmarks/RESULTS.md, 2026-12-02: D = 64 forward+backward on the H200 machine). ``--stub`` runs
+CPU tensors through the Triton launchers with every kernel replaced by a no-op, so what is left is
+this project's and PyTorch's own host work, comparable across machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stub", action="store_true", help="CPU tensors, kernels replaced by no-ops")
+    parser.add_argument("--shape", default=None, help="BxNxH (default 8x8192x16 on CUDA, 1x64x2 with --stub)")
+    parser.add_argument("--dims", default="64,128", help="head dims, comma-separated")
+    parser.add_argument("--calls", type=int, default=None, help="timed calls per case (default 20 on CUDA, 2000 stubbed)")
+    args = parser.parse_args(argv)
+    if args.stub:  # before the kernels module is imported: the launchers then take CPU tensors
+        os.environ["LIGHTNING_OP_BACKEND"] = "triton"
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    import lightning_op
+    from lightning_op import ops
+
+    if args.stub:
+        from lightning_op import kernels
+
+        class NoOp:
+            def __getitem__(self, grid):
+                return lambda *a, **k: None
+
+        for name in ("_chunk_output_kernel", "_key_value_grad_kernel", "_segment_state_kernel", "_segment_scan_kernel"):
+            setattr(kernels, name, NoOp())
+        device, sync = torch.device("cpu"), (lambda: None)
+    else:
+        if not torch.cuda.is_available():
+            print("host_time.py: no CUDA device (use --stub on CPU)", file=sys.stderr)
+            return 2
+        device, sync = torch.device("cuda"), torch.cuda.synchronize
+    b, n, h = (int(x) for x in (args.shape or ("1x64x2" if args.stub else "8x8192x16")).split("x"))
+    calls = args.calls or (2000 if args.stub else 20)
+    decay = lightning_op.slopes(h).to(device)
+    print(f"{'stubbed kernels, CPU' if args.stub else torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"B{b} N{n} H{h} bf16, median of {calls} calls", flush=True)
+
+    def host_us(step) -> float:
+        step()
+        sync()
+        times = []
+        for _ in range(calls):
+            begin = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - begin)
+            sync()
+        return statistics.median(times) * 1e6
+
+    for d in (int(x) for x in args.dims.split(",")):
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+        paths = (("eager path", lambda *a: lightning_op.lightning_attn(*a)), ("through the op", lambda *a: ops.attn(*a)[0]))
+        line = f"D{d}:"
+        for label, call in paths:
+            def forward():
+                with torch.no_grad():
+                    call(q, k, v, decay)
+
+            def forward_backward():
+                for x in (q, k, v):
+                    x.grad = None
+                call(q, k, v, decay).backward(grad)
+
+            line += f"  {label} fwd {host_us(forward):.0f} us, fwd+bwd {host_us(forward_backward):.0f} us;"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
