@@ -277,8 +277,8 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 # In eager mode, the dispatcher's way into a custom op (its autograd wrapper, redispatch and the
 # dynamo-disabling shims, for the forward and again for the backward op) costs several times our
 # own host work: about 45 us of the 68 us an eager forward took on this project's CPU, and more
-# on the H200 machine's host, where a B8 N8K D64 forward+backward took 1.5 ms of host time for
-# 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02). ``lightning_attn`` therefore calls the
+# on the H200 machine's host, where a B8 N8K D64 forward+backward took 1.25–1.5 ms of host time
+# through the op for 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02; 1.0 ms this way). ``lightning_attn`` therefore calls the
 # op's own bodies through a plain autograd.Function when nothing observes the dispatcher; whenever
 # something might (compilation, export, tracing, a dispatch or function mode, tensor subclasses,
 # functorch transforms) it calls the op, so graphs still hold ``lightning::attn``.
