@@ -15,6 +15,7 @@ unsupported head dim) is recorded with its error and the run goes on.
   python3 benchmarks/bench.py                          # presets main, d64, d256, long on CUDA
   python3 benchmarks/bench.py --quick                  # main shape at N = 8K, ours and fla
   python benchmarks/bench.py --smoke --out /tmp/smoke  # tiny fp32 shapes on CPU (checks the runner)
+  python3 benchmarks/bench.py --autotune ...           # ours autotuned (tuned in each class's first call)
 
 Writes results.csv, results.json and PNG plots under --out, and prints a table last.
 """
@@ -502,6 +503,7 @@ def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailab
         "rep_ms": args.rep_ms,
         "copy_bytes": copy_bytes,
         "copy_bytes_per_s": copy_bytes_per_s,
+        "autotune": getattr(args, "autotune_cache", None),  # the cache file when ours ran autotuned
         "notes": [
             "ms are medians; tokens_per_s = B*N / time",
             "mem_gib: peak allocated above inputs and grad tensor, includes outputs and grads",
@@ -675,6 +677,9 @@ def parse_args(argv=None):
                         help="comma-separated presets: main (or main-short + main-long), d64, d256, long, quick, smoke "
                              "(default main,d64,d256,long)")
     parser.add_argument("--impls", default=None, help=f"comma-separated, from {', '.join(IMPLS)} (default all)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="run ours autotuned (lightning_op.enable_autotune, cache in --out/autotune.json): "
+                             "each shape class is tuned in its first call, before its timings")
     parser.add_argument("--quick", action="store_true", help="main shape at N=8K only, ours and fla")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny fp32 shapes on CPU with perf_counter timing: checks the runner works")
@@ -716,6 +721,7 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 2
 
+    args.autotune_cache = lightning_op.enable_autotune(os.path.join(args.out, "autotune.json")) if args.autotune else None
     impls, unavailable, versions = load_impls(args.impl_names)
     for name, reason in unavailable.items():
         print(f"unavailable: {name}: {reason}", flush=True)

@@ -27,6 +27,16 @@ def test_bench_smoke(tmp_path):
     assert naive_errors and max(naive_errors) < 1e-4
 
 
+def test_bench_autotune_flag_is_recorded(tmp_path):
+    """--autotune enables the autotuner with its cache beside the results (on CPU nothing is timed:
+    the heuristic runs), and the metadata says so."""
+    run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--autotune", "--out", str(tmp_path))
+    meta = json.loads((tmp_path / "results.json").read_text())["metadata"]
+    assert meta["autotune"] == str(tmp_path / "autotune.json")
+    run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--out", str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["metadata"]["autotune"] is None
+
+
 def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(tmp_path):
     out = run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--budget-s", "0", "--out", str(tmp_path))
     assert "time budget of 0 s spent: not run B1 N256 H2 D32" in out
