@@ -110,16 +110,27 @@ def _check_decay_values(decay: Optional[Tensor]) -> None:
     read again; nothing is read during CUDA-graph capture."""
     if decay is None:
         return
+    if decay.is_inference():
+        # inference tensors keep no version counter (in-place writes could not be seen): read
+        # every call, except during capture
+        if decay.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        _require_nonnegative(decay)
+        return
     seen = _checked_decays.get(id(decay))
     if seen is not None and seen[0]() is decay and seen[1] == decay._version:
         return
     if decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if not bool((decay >= 0).all()):
-        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
+    _require_nonnegative(decay)
     if len(_checked_decays) > 1024:
         _checked_decays.clear()
     _checked_decays[id(decay)] = (weakref.ref(decay), decay._version)
+
+
+def _require_nonnegative(decay: Tensor) -> None:
+    if not bool((decay >= 0).all()):
+        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
 
 
 def _use_triton(x: Tensor) -> bool:

@@ -269,6 +269,27 @@ def test_decay_check_sees_in_place_changes():
         lightning_attn(args["q"], args["k"], args["v"], decay)
 
 
+def test_inference_mode_decays(cpu_backend):
+    """Tensors made under torch.inference_mode keep no version counter: the decay check reads
+    them on every call (an in-place change is still seen) instead of failing on the counter."""
+    from lightning_op import ops
+
+    args = _good()
+    q, k, v = args["q"], args["k"], args["v"]
+    with torch.inference_mode():
+        decay = lightning_op.slopes(3)
+        out = lightning_attn(q, k, v, decay)
+        op_out, _ = ops.attn(q, k, v, decay, 1.0, None)
+        state = torch.zeros(q.shape[0], 3, q.shape[3], v.shape[3])
+        step = lightning_op.attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state, decay)
+        assert torch.equal(out, op_out) and step.shape == (q.shape[0], 3, 1, v.shape[3])
+        decay[1] = -1.0
+        for call in (lambda: lightning_attn(q, k, v, decay), lambda: ops.attn(q, k, v, decay, 1.0, None),
+                     lambda: lightning_op.attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state, decay)):
+            with pytest.raises(ValueError, match="slopes >= 0"):
+                call()
+
+
 def test_backend_variable_is_checked(monkeypatch):
     args = _good()
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", "cuda")
