@@ -56,7 +56,7 @@ def attn_inference(
     tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
     ops.validate(q, k, v, decay, scale, initial_state)
-    decay = None if decay is None else decay.to(torch.float32)
+    decay = None if decay is None else decay.to(torch.float32).contiguous()  # the kernels index DECAY + h
     initial_state = None if initial_state is None else initial_state.to(torch.float32)
     if q.device.type == "cuda":
         return linear_attention(

@@ -163,6 +163,12 @@ def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.to(torch.float32)
 
 
+def _decay_float32(decay: Optional[Tensor]) -> Optional[Tensor]:
+    """The decays as the kernels read them: float32 and contiguous (they index ``DECAY + h``; a
+    strided view such as ``slopes(8)[::2]`` would otherwise be read as its neighbours)."""
+    return None if decay is None else decay.to(torch.float32).contiguous()
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -183,7 +189,7 @@ def attn(
 def _attn_impl(q, k, v, decay, scale, initial_state):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path)."""
     _check_decay_values(decay)
-    decay, initial_state = _float32(decay), _float32(initial_state)
+    decay, initial_state = _decay_float32(decay), _float32(initial_state)
     if _use_triton(q):
         from .kernels import linear_attention
 
@@ -229,7 +235,7 @@ def attn_bwd(
 
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads):
     """``lightning::attn_bwd``'s body (also run by the eager path)."""
-    decay, initial_state, grad_final_state = _float32(decay), _float32(initial_state), _float32(grad_final_state)
+    decay, initial_state, grad_final_state = _decay_float32(decay), _float32(initial_state), _float32(grad_final_state)
     kernels = {}
     if _use_triton(q):
         from .kernels import key_value_gradients, linear_attention
@@ -420,7 +426,7 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
             _validated_steps.clear()
         _validated_steps.add(signature)
     _check_decay_values(decay)
-    decay = _float32(decay)
+    decay = _decay_float32(decay)
     if _use_triton(q):
         from .kernels import decode_step
 

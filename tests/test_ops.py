@@ -269,6 +269,20 @@ def test_decay_check_sees_in_place_changes():
         lightning_attn(args["q"], args["k"], args["v"], decay)
 
 
+def test_strided_decay_views(cpu_backend):
+    """A decay given as a strided view (every other slope) means its own values, forward, backward
+    and in the decode step (the kernels index the decays densely: they get a contiguous copy)."""
+    q, k, v = make_inputs(1, 4, 70, 16, 16, torch.float32, seed=8)
+    decay = torch.tensor([0.1, 5.0, 0.5, 3.0, 1.0, 0.2, 2.0, 0.05])[::2]
+    assert decay.stride() == (2,)
+    _check_against_oracle(q, k, v, decay, 0.8, None)
+    state = torch.zeros(1, 4, 16, 16)
+    steps = torch.cat([lightning_op.attn_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, decay)
+                       for t in range(5)], dim=2)
+    expected = lightning_attn(q[:, :, :5], k[:, :, :5], v[:, :, :5], decay.contiguous())
+    assert rel_error(steps, expected) < TOLERANCE[torch.float32]
+
+
 def test_inference_mode_decays(cpu_backend):
     """Tensors made under torch.inference_mode keep no version counter: the decay check reads
     them on every call (an in-place change is still seen) instead of failing on the counter."""
