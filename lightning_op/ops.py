@@ -397,7 +397,23 @@ def validate_step(q, k, v, state, decay=None, scale=1.0) -> None:
     validate(q, k, v, decay, scale, state)
     if state.dtype != torch.float32:
         raise TypeError(f"lightning attn_step: state must be float32 (it is updated in place), got {state.dtype}")
+    if _overlaps_itself(state):
+        raise ValueError(
+            f"lightning attn_step: state (strides {tuple(state.stride())}) has elements sharing memory, e.g. an "
+            "expanded tensor; it is updated in place, so each (batch, head) needs its own: pass state.clone()"
+        )
     _check_step_grad(q, k, v, state)
+
+
+def _overlaps_itself(x: Tensor) -> bool:
+    """Whether two elements of ``x`` share memory (an in-place update would race): torch's own
+    check where it can tell, else any stride 0 over a dimension longer than one."""
+    if any(isinstance(d, torch.SymInt) for d in (*x.shape, *x.stride())):
+        return False  # traced: the real call checks
+    verdict = torch._debug_has_internal_overlap(x)  # 0 no, 1 yes, 2 too hard to tell
+    if verdict == 2:
+        return any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride()))
+    return verdict == 1
 
 
 def _check_step_grad(q, k, v, state) -> None:
@@ -408,7 +424,7 @@ def _check_step_grad(q, k, v, state) -> None:
         )
 
 
-#: Shapes, dtypes and devices of decode-step arguments that passed ``validate_step``. A decode loop
+#: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed ``validate_step``. A decode loop
 #: calls the step with the same ones every token: it then pays a set lookup (≈ 1 µs) instead of the
 #: full validation (≈ 10 µs); what depends on values (scale, grad mode, decay signs) is still
 #: checked on every call.
@@ -416,7 +432,9 @@ _validated_steps: set = set()
 
 
 def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
-    signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay))
+    # the state's strides too: whether it overlaps itself depends on them
+    signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay)) + (
+        state.stride(),)
     if signature in _validated_steps:
         _check_scale(scale)
         _check_step_grad(q, k, v, state)

@@ -100,12 +100,23 @@ def test_opcheck_step():
         (torch.zeros(1, 2, 16, 32).half(), TypeError, "state must be float32"),
         (torch.zeros(1, 2, 32, 16), ValueError, r"initial_state must have shape \[B, H, Dk, Dv\]"),
         (torch.zeros(1, 3, 16, 32), ValueError, r"initial_state must have shape"),
+        # one state shared by the heads: each head's in-place update would overwrite the others'
+        (torch.zeros(1, 1, 16, 32).expand(1, 2, 16, 32), ValueError, r"state \(strides \(512, 0, 32, 1\)\) has elements sharing memory"),
     ],
 )
 def test_step_bad_state(state, error, message):
     q, k, v = make_inputs(1, 2, 1, 16, 32, torch.float32)
     with pytest.raises(error, match=message):
         attn_step(q, k, v, state)
+
+
+def test_step_checks_overlap_per_layout():
+    """The validation cache is keyed by the state's strides too: a shared (expanded) state with the
+    shape of one seen before is still refused."""
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    attn_step(q, k, v, torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="sharing memory"):
+        attn_step(q, k, v, torch.zeros(1, 1, 16, 16).expand(1, 2, 16, 16))
 
 
 def test_step_refuses_gradients():
