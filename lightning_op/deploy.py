@@ -56,8 +56,7 @@ def attn_inference(
     tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
     ops.validate(q, k, v, decay, scale, initial_state)
-    decay = None if decay is None else decay.to(torch.float32).contiguous()  # the kernels index DECAY + h
-    initial_state = None if initial_state is None else initial_state.to(torch.float32)
+    decay, initial_state = ops._decay_float32(decay), ops._float32(initial_state)
     if q.device.type == "cuda":
         return linear_attention(
             q, k, v, decay, out_scale=scale, initial_state=initial_state, segment_len=SEGMENT_LEN, traceable=True

@@ -2,9 +2,10 @@
 
 Each op sits with its fake directly beneath it; the autograd glue calls only ops, so compiled
 forward and backward graphs hold two opaque nodes. Plain eager calls of ``lightning_attn`` run the
-same bodies without the dispatcher (``attn_eager``: host time, see "eager path" below). CUDA tensors run the Triton kernels; CPU
-tensors run the chunked PyTorch form of ``reference.py`` (or, with ``LIGHTNING_OP_BACKEND=triton``
-and ``TRITON_INTERPRET=1``, the same Triton kernels through the interpreter).
+same bodies without the dispatcher (``attn_eager``: host time, see "eager path" below). CUDA
+tensors run the Triton kernels; CPU tensors run the chunked PyTorch form of ``reference.py`` (or,
+with ``LIGHTNING_OP_BACKEND=triton`` and ``TRITON_INTERPRET=1``, the same Triton kernels through
+the interpreter).
 """
 
 from __future__ import annotations
@@ -110,27 +111,22 @@ def _check_decay_values(decay: Optional[Tensor]) -> None:
     read again; nothing is read during CUDA-graph capture."""
     if decay is None:
         return
-    if decay.is_inference():
-        # inference tensors keep no version counter (in-place writes could not be seen): read
-        # every call, except during capture
-        if decay.is_cuda and torch.cuda.is_current_stream_capturing():
+    # inference tensors keep no version counter (an in-place write could not be seen): they are
+    # read on every call, never remembered
+    remembered = not decay.is_inference()
+    if remembered:
+        seen = _checked_decays.get(id(decay))
+        if seen is not None and seen[0]() is decay and seen[1] == decay._version:
             return
-        _require_nonnegative(decay)
-        return
-    seen = _checked_decays.get(id(decay))
-    if seen is not None and seen[0]() is decay and seen[1] == decay._version:
-        return
     if decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    _require_nonnegative(decay)
+    if not bool((decay >= 0).all()):
+        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
+    if not remembered:
+        return
     if len(_checked_decays) > 1024:
         _checked_decays.clear()
     _checked_decays[id(decay)] = (weakref.ref(decay), decay._version)
-
-
-def _require_nonnegative(decay: Tensor) -> None:
-    if not bool((decay >= 0).all()):
-        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -295,10 +291,11 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 # dynamo-disabling shims, for the forward and again for the backward op) costs several times our
 # own host work: about 45 us of the 68 us an eager forward took on this project's CPU, and more
 # on the H200 machine's host, where a B8 N8K D64 forward+backward took 1.25–1.5 ms of host time
-# through the op for 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02; 1.0 ms this way). ``lightning_attn`` therefore calls the
-# op's own bodies through a plain autograd.Function when nothing observes the dispatcher; whenever
-# something might (compilation, export, tracing, a dispatch or function mode, tensor subclasses,
-# functorch transforms) it calls the op, so graphs still hold ``lightning::attn``.
+# through the op for 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02; 1.0 ms this way).
+# ``lightning_attn`` therefore calls the op's own bodies through a plain autograd.Function when
+# nothing observes the dispatcher; whenever something might (compilation, export, tracing, a
+# dispatch or function mode, tensor subclasses, functorch transforms) it calls the op, so graphs
+# still hold ``lightning::attn``.
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -424,8 +421,8 @@ def _check_step_grad(q, k, v, state) -> None:
         )
 
 
-#: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed ``validate_step``. A decode loop
-#: calls the step with the same ones every token: it then pays a set lookup (≈ 1 µs) instead of the
+#: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed
+#: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup (≈ 1 µs) instead of the
 #: full validation (≈ 10 µs); what depends on values (scale, grad mode, decay signs) is still
 #: checked on every call.
 _validated_steps: set = set()
