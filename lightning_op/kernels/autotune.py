@@ -142,10 +142,6 @@ def _device_tag(device: torch.device) -> str:
     return f"gpu={device.type};cc=none"
 
 
-def _power_of_two(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
-
-
 def _key_string(key: tuple) -> str:
     """The cache file's readable form of a key."""
     tag, version, kind, dtype, dk, dv, batch_heads, n, has_decay, reverse = key
@@ -176,8 +172,8 @@ def select(
         return choose()
     if not (isinstance(n, int) and isinstance(batch_heads, int) and isinstance(dk, int) and isinstance(dv, int)):
         return choose()  # symbolic sizes (a traced launch): no class to look up
-    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, _power_of_two(batch_heads),
-           _power_of_two(n), has_decay, reverse)
+    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, triton.next_power_of_2(batch_heads),
+           triton.next_power_of_2(n), has_decay, reverse)
     changes = state.choices.get(key)
     if changes is None:
         changes = _from_file(state, key, kind)
