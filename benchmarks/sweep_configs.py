@@ -109,6 +109,19 @@ def sweep_decode(device, batches=(1, 16, 256), heads=16, head_dim=128, steps=16)
         print(line, flush=True)
 
 
+def timed_line(label: str, q, k, v, grad, decay, nbytes: float, copy_bps: float, backward: bool = True) -> str:
+    """``label``, the median forward ms and its fraction of copy bandwidth and, with ``backward``,
+    the median forward+backward ms, under whatever configuration is in force."""
+    with torch.no_grad():
+        fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
+    line = f"  {label:<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy"
+    if backward:
+        both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
+                        grad_to_none=[q, k, v], return_mode="median")
+        line += f"  fwd+bwd {both:.3f} ms"
+    return line
+
+
 def tuned_line(q, k, v, grad, decay, nbytes: float, copy_bps: float) -> None:
     """Autotuning on a fresh cache: the time its first forward+backward took (the tuning), what it
     chose per kind, and the tuned forward and forward+backward times (to set beside the default's)."""
@@ -122,14 +135,10 @@ def tuned_line(q, k, v, grad, decay, nbytes: float, copy_bps: float) -> None:
         lightning_op.lightning_attn(q, k, v, decay).backward(grad)
         torch.cuda.synchronize()
         tuning_s = time.perf_counter() - begin
-        with torch.no_grad():
-            fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
-        both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
-                        grad_to_none=[q, k, v], return_mode="median")
+        line = timed_line("autotuned", q, k, v, grad, decay, nbytes, copy_bps)
     finally:
         lightning_op.disable_autotune()
-    print(f"  {'autotuned':<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy  fwd+bwd {both:.3f} ms"
-          f"  (tuning took {tuning_s:.1f} s)", flush=True)
+    print(f"{line}  (tuning took {tuning_s:.1f} s)", flush=True)
     with open(path) as f:
         for key, record in json.load(f)["entries"].items():
             kind = next(part for part in key.split(";") if part.startswith("kind="))
@@ -183,14 +192,8 @@ def main() -> None:
                 with config_override(**changes):
                     error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                                 for a, b in zip(results(), baseline))
-                with config_override(**changes), torch.no_grad():
-                    fwd = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay), return_mode="median")
-                line = f"  {label:<34} fwd {fwd:.3f} ms {nbytes / (fwd * 1e-3) / copy_bps:4.0%} of copy"
-                if args.backward:
-                    with config_override(**changes):
-                        both = do_bench(lambda: lightning_op.lightning_attn(q, k, v, decay).backward(grad),
-                                        grad_to_none=[q, k, v], return_mode="median")
-                    line += f"  fwd+bwd {both:.3f} ms"
+                with config_override(**changes):
+                    line = timed_line(label, q, k, v, grad, decay, nbytes, copy_bps, args.backward)
                 print(f"{line}  rel. diff {error:.0e}", flush=True)
             except Exception as exc:  # an infeasible tile (shared memory, registers) is a data point too
                 print(f"  {label:<34} failed: {str(exc).splitlines()[0][:100]}", flush=True)
