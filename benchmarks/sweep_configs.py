@@ -38,6 +38,9 @@ VARIANTS = [
     # 36-38: D = 256 with the state update's row weights on the values (WEIGHT_VALUES: more shared
     # memory, so fewer stages or narrower chunks)
     dict(weight_values=1, num_stages=2), dict(weight_values=1, chunk=32), dict(weight_values=1, num_stages=2, num_warps=16),
+    # 39-41: the segment-state pass in the ACCUMULATE form alone (its products accumulated in
+    # place, no rescaled state), in one or two pieces per segment; the other form in two pieces
+    dict(state_accumulate=1), dict(state_accumulate=1, state_split=2), dict(state_accumulate=0, state_split=2),
 ]
 
 

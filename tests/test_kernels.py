@@ -109,7 +109,10 @@ def test_bad_segment_length():
      dict(chunk=16, segment_len=64, state_split=2), dict(chunk=16, segment_len=64, state_split=4, kv_state_split=2),
      dict(accumulate=0, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
      dict(accumulate=1, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
-     dict(weight_values=1, chunk=16, segment_len=64, state_split=2)],
+     dict(weight_values=1, chunk=16, segment_len=64, state_split=2),
+     dict(accumulate=0, state_accumulate=1, kv_state_accumulate=0, chunk=16, segment_len=64, kv_segment_len=48,
+          state_split=2),
+     dict(accumulate=1, state_accumulate=0, kv_state_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -193,6 +196,9 @@ def test_config_override_validates_and_restores():
             pass
     with pytest.raises(ValueError, match="accumulate must be 0 or 1"):
         with config_override(accumulate=2):
+            pass
+    with pytest.raises(ValueError, match="kv_state_accumulate must be 0 or 1"):
+        with config_override(kv_state_accumulate=-1):
             pass
     with pytest.raises(ValueError, match="num_warps must be a positive int"):
         with config_override(kv_num_warps=0):

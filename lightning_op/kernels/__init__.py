@@ -38,6 +38,7 @@ class LaunchConfig:
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
+    state_accumulate: bool = False  # the segment-state pass's own ACCUMULATE form
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,9 +46,10 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values")
+_TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
+            "state_accumulate")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
-_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split")
+_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -60,8 +62,10 @@ def config_override(**changes):
 
     ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
     ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward),
-    ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels; ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``,
-    ``kv_segment_len``, ``kv_state_split`` to the fused key/value backward only, where they win
+    ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form, which otherwise follows
+    ``accumulate``), ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
+    ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
+    ``kv_state_accumulate`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -85,7 +89,7 @@ def _check_overrides(changes: dict) -> None:
             f"tunable: {list(_TUNABLE + _TUNABLE_KV + _TUNABLE_DECODE)}, kv_fused"
         )
     for name, value in changes.items():
-        if name in ("kv_fused", "accumulate", "weight_values"):
+        if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -201,8 +205,9 @@ def _choose_config(
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
     weight_values = False if whole_value else bool(pick("weight_values", 0))
+    state_accumulate = bool(pick("state_accumulate", int(accumulate)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values)
+                        weight_values, state_accumulate)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -346,7 +351,7 @@ def _segment_start_states(
         n, h, dk, dv, piece_len, num_pieces, value_scale,
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
-        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.accumulate,
+        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.state_accumulate,
         WEIGHT_VALUES=cfg.weight_values,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

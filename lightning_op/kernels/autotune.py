@@ -240,6 +240,7 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
         changes.append({prefix + "state_split": 2 * cfg.state_split})
         if cfg.state_split > 1:
             changes.append({prefix + "state_split": cfg.state_split // 2})
+        changes.append({prefix + "state_accumulate": int(not cfg.state_accumulate)})  # the state pass's form
     return changes
 
 
