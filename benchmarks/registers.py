@@ -9,7 +9,8 @@ the cost to watch in these kernels: every chunk of the loop pays them. On the H2
 2026-11-28) the forward went from 0.572 to 0.388 ms at the main shape when its spills went from
 188 to 16 bytes. Numbers come from the local triton's code generator, which may differ from the
 GPU machine's version, and with how a launch specialises integer arguments (here: unit strides
-of the last dim are constants, other integers 32-bit); use it to compare variants of a kernel
+of the last dim are constants, pointers and the other integers but N and the segment counts
+divisible by 16, as for contiguous bf16 inputs of the benchmarked shapes); use it to compare variants of a kernel
 under the same settings, then time the winner on the GPU. Each line ends with a digest of the
 kernel's PTX: equal digests in two checkouts mean the same GPU code (used on 2026-12-02 to show
 that a kernel switched off compiles as before).
@@ -38,6 +39,8 @@ from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
 from lightning_op.kernels.chunked import _chunk_output_kernel, _segment_state_kernel  # noqa: E402
 
 FLOAT_ARGS = ("out_scale", "value_scale", "scale")
+#: integer arguments a launch does not mark as divisible by 16
+UNALIGNED_ARGS = ("N", "num_segments", "num_slots", "split")
 
 
 def ptxas() -> str:
@@ -59,16 +62,22 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = pointers[name]
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+        # A launch marks pointers and integers divisible by 16 (every tensor base, stride and head
+        # dim of the benchmarked shapes) as such: without the hint the loads compile to scalar
+        # 16-bit loads with no cp.async pipelining, and the counts below describe another kernel.
+        # Sequence-dependent sizes carry no hint (N is never specialised).
+        if signature[name].startswith("*") or (signature[name] == "i32" and name not in UNALIGNED_ARGS):
+            attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+        ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
         options={"num_warps": warps, "num_stages": stages},
     )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -81,8 +90,11 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     lines = (result.stdout + result.stderr).splitlines()
     regs = next((line.split("Used ")[1].split(" registers")[0] for line in lines if "Used " in line), "?")
     spills = next((line.strip() for line in lines if "spill stores" in line), "?")
+    # asynchronous global-to-shared copies: the software pipelining of the loads (none without
+    # the alignment hints above)
+    async_copies = len(re.findall(r"^\s*cp\.async\.c[ag]", compiled.asm["ptx"], re.MULTILINE))
     return (f"{regs:>3} registers, {spills}, shared memory {compiled.metadata.shared} B, "
-            f"ptx {ptx_digest(compiled.asm['ptx'])}")
+            f"{async_copies} cp.async, ptx {ptx_digest(compiled.asm['ptx'])}")
 
 
 def ptx_digest(ptx: str) -> str:

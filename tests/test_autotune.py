@@ -166,12 +166,12 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
 
 
-@pytest.mark.parametrize("edit", [None, ("kernels=1", "kernels=0"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
+@pytest.mark.parametrize("edit", [None, ("kernels=2", "kernels=1"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
                                   ("n=256", "n=512"), ("kind=forward", "kind=key_value")],
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
     key = _forward_key(autotune)
-    assert "kernels=1;" in key and autotune.KERNEL_VERSION == 1
+    assert "kernels=2;" in key and autotune.KERNEL_VERSION == 2
     if edit is not None:
         assert edit[0] in key
         key = key.replace(*edit)
@@ -186,7 +186,7 @@ def test_kernel_version_bump_ignores_old_choices(autotune, monkeypatch, tmp_path
     with autotune._fake_timing(Timer(fast=[({"block_v": 16}, 0.5)])):
         _forward_checked(*_inputs())
     assert _used(spy)["BLOCK_V"] == 16
-    monkeypatch.setattr(autotune, "KERNEL_VERSION", 2)
+    monkeypatch.setattr(autotune, "KERNEL_VERSION", autotune.KERNEL_VERSION + 1)
     lightning_op.enable_autotune(tmp_path / "autotune.json")
     _forward_checked(*_inputs())
     assert _used(spy) == DEFAULT

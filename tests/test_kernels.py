@@ -275,12 +275,17 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     fused = kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True)
     assert (fused.block_v, fused.num_stages) == (128, 2)
     assert kernels.choose_config(128, 8192, 64, 64, gpu, whole_value=True).num_stages == 1
-    # the segment-state pass of few programs is split: B4 N16K H16 has 64 programs in one segment
-    # of two (under half the GPU); B2 N32K's 32 x 3 and B1 N64K's 16 x 7 are not split
+    # the segment-state pass of few programs is split until it covers 90% of the GPU: B4 N16K H16
+    # has 64 programs in one segment of two, B2 N32K 32 x 3, B1 N64K 16 x 7: two pieces each
     assert (kernels.choose_config(64, 16384, 128, 128, gpu).segment_len,
             kernels.choose_config(64, 16384, 128, 128, gpu).state_split) == (8192, 2)
-    assert kernels.choose_config(32, 32768, 128, 128, gpu).state_split == 1
-    assert kernels.choose_config(16, 65536, 128, 128, gpu).state_split == 1
+    assert kernels.choose_config(32, 32768, 128, 128, gpu).state_split == 2
+    assert kernels.choose_config(16, 65536, 128, 128, gpu).state_split == 2
+    assert kernels.choose_config(16, 131072, 128, 128, gpu).state_split == 2  # 16 x 7 of 16384 rows
+    # B3 N16K: 48 programs in one segment of two: four pieces
+    assert kernels.choose_config(48, 16384, 128, 128, gpu).state_split == 4
+    # the segment-state pass in the accumulating form at every head dim, the output pass not at 128
+    assert main.state_accumulate and d64.state_accumulate and d256.state_accumulate and fused.state_accumulate
     assert main.state_split == 1 and kernels.choose_config(64, 16384, 128, 128, gpu, 2048).state_split == 1
     # segments never shorter than 8 chunks
     assert kernels.choose_config(1, 1000, 128, 128, gpu).segment_len == 512

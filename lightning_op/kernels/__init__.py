@@ -38,7 +38,7 @@ class LaunchConfig:
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
-    state_accumulate: bool = False  # the segment-state pass's own ACCUMULATE form
+    state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +62,7 @@ def config_override(**changes):
 
     ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
     ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward),
-    ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form, which otherwise follows
-    ``accumulate``), ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
+    ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default), ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
@@ -153,8 +152,12 @@ def _choose_config(
       over for four-warp programs of the other form, two of which fit and gained from it);
     - the segment-state pass has (segments - 1) * programs to run, too few when batch*heads is
       small: its segments are then cut into ``state_split`` pieces (of at least 4 chunks) while
-      it would leave more than half of the multiprocessors idle (2026-12-02: at B2 N32K, 96
-      programs, one piece ran 0.524 / 2.048 ms against two pieces' 0.534 / 2.097);
+      it would leave more than a tenth of the multiprocessors idle, and it runs in the
+      ``ACCUMULATE`` form whatever the output pass's (its products accumulate in place; no
+      rescaled state). 2026-12-02 (session 4), forward / forward+backward ms: B2 N32K (96
+      programs) 0.521 / 2.061 in one piece of the other form, 0.510 / 1.951 in two accumulating;
+      B1 N128K (112) 1.063 / 4.112 against 1.045 / 3.995; B1 N64K (112) 0.527 / 2.094 against
+      0.533 / 2.028;
     - ``whole_value`` (the fused backward, which holds a Dk x Dv state and four row tiles): all
       value columns in one block, fewer pipeline stages.
 
@@ -199,13 +202,13 @@ def _choose_config(
         state_split = 1
         if device.type == "cuda" and not explicit and n > segment_len:
             busy = batch_heads * triton.cdiv(dv, block_v) * (triton.cdiv(n, segment_len) - 1)
-            while 2 * busy * state_split < _multiprocessors(device.index or 0) and \
+            while 10 * busy * state_split < 9 * _multiprocessors(device.index or 0) and \
                     segment_len // (2 * state_split) >= 4 * chunk:
                 state_split *= 2
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
     weight_values = False if whole_value else bool(pick("weight_values", 0))
-    state_accumulate = bool(pick("state_accumulate", int(accumulate)))
+    state_accumulate = bool(pick("state_accumulate", 1))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
                         weight_values, state_accumulate)
 

@@ -48,7 +48,7 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2  # 2: the segment-state pass accumulating and split to 90% of the GPU by default
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
