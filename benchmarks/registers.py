@@ -119,6 +119,8 @@ def main() -> None:
                         help="the state update's row weights on v instead of k (WEIGHT_VALUES)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
+    parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=0,
+                        help="the output pass's state update alone accumulating (UPDATE_ACCUMULATE)")
     args = parser.parse_args()
     bf16, f32 = "*bf16", "*fp32"
     print(f"triton {triton.__version__}, sm_{args.arch}, bf16, with decay")
@@ -130,7 +132,8 @@ def main() -> None:
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
             ("forward output", _chunk_output_kernel, args.stages or 3,
-             dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
+             dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True,
+                  UPDATE_ACCUMULATE=bool(args.update_accumulate), **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),

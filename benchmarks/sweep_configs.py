@@ -41,6 +41,9 @@ VARIANTS = [
     # 39-41: the segment-state pass in the ACCUMULATE form alone (its products accumulated in
     # place, no rescaled state), in one or two pieces per segment; the other form in two pieces
     dict(state_accumulate=1), dict(state_accumulate=1, state_split=2), dict(state_accumulate=0, state_split=2),
+    # 42-44: the output pass's state update alone accumulating (UPDATE_ACCUMULATE), also with 16
+    # warps; 16 warps in the default form
+    dict(update_accumulate=1), dict(update_accumulate=1, num_warps=16), dict(num_warps=16, num_stages=2),
 ]
 
 

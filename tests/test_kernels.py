@@ -112,7 +112,9 @@ def test_bad_segment_length():
      dict(weight_values=1, chunk=16, segment_len=64, state_split=2),
      dict(accumulate=0, state_accumulate=1, kv_state_accumulate=0, chunk=16, segment_len=64, kv_segment_len=48,
           state_split=2),
-     dict(accumulate=1, state_accumulate=0, kv_state_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48)],
+     dict(accumulate=1, state_accumulate=0, kv_state_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48),
+     dict(accumulate=0, update_accumulate=1, chunk=16, segment_len=64, state_split=2),
+     dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -293,10 +295,11 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert kernels.choose_config(1, 100_000, 128, 128, torch.device("cpu")).segment_len == 100_032
 
 
-@pytest.mark.parametrize("accumulate", [0, 1])
+@pytest.mark.parametrize("accumulate", [0, 1, "update"])
 def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
-    """The ``ACCUMULATE`` form and the other, without decay (the paths where value_scale and
-    scale are not folded into a mask), with segments and a split state pass: forward and all
+    """The ``ACCUMULATE`` form, the other, and the other with the state update accumulating
+    (``update_accumulate``), without decay (the paths where value_scale and scale are not folded
+    into a mask), with segments and a split state pass: forward and all
     gradients against the float64 oracle."""
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
     from lightning_op import lightning_attn
@@ -308,7 +311,8 @@ def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
     q, k, v = make_inputs(2, 1, 137, 48, 24, dtype, DEVICE, seed=5)
     init = torch.randn(2, 1, 48, 24, device=DEVICE)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, init)]
-    with config_override(accumulate=accumulate, chunk=16, segment_len=64, kv_segment_len=32, state_split=2):
+    form = dict(accumulate=0, update_accumulate=1) if accumulate == "update" else dict(accumulate=accumulate)
+    with config_override(**form, chunk=16, segment_len=64, kv_segment_len=32, state_split=2):
         out, final = lightning_attn(*leaves[:3], None, scale=0.3, initial_state=leaves[3], output_final_state=True)
         grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)
         grads = torch.autograd.grad((out * grad_out).sum() + (final * grad_final).sum(), leaves)

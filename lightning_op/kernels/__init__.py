@@ -39,6 +39,7 @@ class LaunchConfig:
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
+    update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +48,7 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate")
+            "state_accumulate", "update_accumulate")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate")
 #: the decode step's
@@ -62,7 +63,8 @@ def config_override(**changes):
 
     ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
     ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward),
-    ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default), ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
+    ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default),
+    ``update_accumulate`` (0 or 1: ``UPDATE_ACCUMULATE``) to the forward-type output kernels, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
@@ -88,7 +90,8 @@ def _check_overrides(changes: dict) -> None:
             f"tunable: {list(_TUNABLE + _TUNABLE_KV + _TUNABLE_DECODE)}, kv_fused"
         )
     for name, value in changes.items():
-        if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate"):
+        if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
+                    "update_accumulate"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -209,8 +212,9 @@ def _choose_config(
         state_split //= 2
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
+    update_accumulate = False if whole_value else bool(pick("update_accumulate", 0))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate)
+                        weight_values, state_accumulate, update_accumulate)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -297,7 +301,8 @@ def linear_attention(
             HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
             REVERSE=reverse, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            WEIGHT_VALUES=cfg.weight_values, **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, **types,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     itemsize = query.element_size()

@@ -213,6 +213,7 @@ def _chunk_output_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
+    UPDATE_ACCUMULATE: tl.constexpr = False,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -220,7 +221,10 @@ def _chunk_output_kernel(
     ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
     value_scale folded into the mask and the keys, instead of each product in a temporary of its
     own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
-    at 128 and 256: ``choose_config``)."""
+    at 128 and 256: ``choose_config``). ``UPDATE_ACCUMULATE``: only the state update accumulates in
+    place (the output's products as in the other form): at D = 128 on sm_90 that loop has fewer
+    instructions than either form and no spills (``benchmarks/registers.py``); the output's
+    accumulated product is what spills there."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
@@ -291,7 +295,7 @@ def _chunk_output_kernel(
             # key weight lam^(length-1-i); rows past the end are zero and get exponent 0
             key_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
             weight = tl.exp2(log2_lam * key_exponent)
-            if ACCUMULATE:
+            if ACCUMULATE or UPDATE_ACCUMULATE:
                 weight = weight * value_scale
             # WEIGHT_VALUES: the weight goes on the value rows instead of the key rows (a 64 x 64
             # float32 temporary instead of 64 x 256 at D = 256; it needed 240 KB of shared memory
@@ -301,9 +305,9 @@ def _chunk_output_kernel(
             else:
                 k = k * weight[:, None]
             state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        elif ACCUMULATE:
+        elif ACCUMULATE or UPDATE_ACCUMULATE:
             k = k * value_scale
-        if ACCUMULATE:
+        if ACCUMULATE or UPDATE_ACCUMULATE:
             state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
         else:
             state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
