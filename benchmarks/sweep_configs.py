@@ -44,6 +44,8 @@ VARIANTS = [
     # 42-44: the output pass's state update alone accumulating (UPDATE_ACCUMULATE), also with 16
     # warps; 16 warps in the default form
     dict(update_accumulate=1), dict(update_accumulate=1, num_warps=16), dict(num_warps=16, num_stages=2),
+    # 45-47: experiment: the output combined by one fused multiply-add, scales folded (FMA_COMBINE)
+    dict(fma_combine=1), dict(fma_combine=1, update_accumulate=0), dict(update_accumulate=0),
 ]
 
 
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="indices into VARIANTS to run, comma-separated (default all)")
     parser.add_argument("--decode", action="store_true", help="only the decode-step configurations")
     parser.add_argument("--autotune", action="store_true", help="also autotune each shape (fresh cache) and time that")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="input dtype")
     args = parser.parse_args()
     device = torch.device("cuda")
     src = torch.empty(2**31, dtype=torch.uint8, device=device)
@@ -171,11 +174,13 @@ def main() -> None:
         return
     for shape in args.shapes.split(","):
         b, n, h, d = (int(x) for x in shape.split("x"))
-        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dtype = getattr(torch, args.dtype)
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         decay = lightning_op.slopes(h).to(device)
         nbytes = 4 * q.numel() * q.element_size()
-        print(f"B{b} N{n} H{h} D{d}: default {choose_config(b * h, n, d, d, device)}", flush=True)
+        default = choose_config(b * h, n, d, d, device, itemsize=q.element_size())
+        print(f"B{b} N{n} H{h} D{d} {args.dtype}: default {default}", flush=True)
         if args.profile:
             with torch.no_grad():
                 profile(lambda: lightning_op.lightning_attn(q, k, v, decay), "forward")

@@ -166,12 +166,12 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
 
 
-@pytest.mark.parametrize("edit", [None, ("kernels=2", "kernels=1"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
+@pytest.mark.parametrize("edit", [None, ("kernels=3", "kernels=2"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
                                   ("n=256", "n=512"), ("kind=forward", "kind=key_value")],
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
     key = _forward_key(autotune)
-    assert "kernels=2;" in key and autotune.KERNEL_VERSION == 2
+    assert "kernels=3;" in key and autotune.KERNEL_VERSION == 3
     if edit is not None:
         assert edit[0] in key
         key = key.replace(*edit)
@@ -293,7 +293,8 @@ def test_candidates_of_a_segmented_launch():
     cfg = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=2048, num_warps=8, num_stages=3,
                        state_split=2, accumulate=False)
     assert _candidates("forward", cfg, 8000, 8192) == [
-        {"accumulate": 1}, {"block_v": 64}, {"num_warps": 4}, {"num_stages": 2}, {"segment_len": 4096},
+        {"accumulate": 1}, {"update_accumulate": 1}, {"block_v": 64}, {"num_warps": 4}, {"num_stages": 2},
+        {"segment_len": 4096},
         {"segment_len": 1024}, {"segment_len": 8192}, {"state_split": 4}, {"state_split": 1},
         {"state_accumulate": 1}]
     whole = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=1024, num_warps=8, num_stages=2,

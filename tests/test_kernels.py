@@ -267,6 +267,13 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     d64 = kernels.choose_config(128, 8192, 64, 64, gpu)
     assert (d64.block_v, d64.num_warps, d64.segment_len, d64.accumulate) == (64, 4, 8192, True)
     assert not main.accumulate and kernels.choose_config(128, 8192, 96, 80, gpu).accumulate is False
+    # D = 128 (keys 65-128 wide) in 16-bit inputs: the state update alone accumulating; not in
+    # float32, not at D = 256, and implied by the accumulating form at D = 64
+    assert main.update_accumulate and kernels.choose_config(128, 8192, 96, 80, gpu).update_accumulate
+    assert not kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).update_accumulate
+    assert not kernels.choose_config(128, 8192, 256, 256, gpu).update_accumulate
+    assert not kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
+    assert not kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate
     # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
     assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)

@@ -40,6 +40,7 @@ class LaunchConfig:
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
+    fma_combine: bool = False  # FMA_COMBINE (experiment)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +49,7 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate", "update_accumulate")
+            "state_accumulate", "update_accumulate", "fma_combine")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate")
 #: the decode step's
@@ -91,7 +92,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate"):
+                    "update_accumulate", "fma_combine"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -148,7 +149,10 @@ def _choose_config(
       keys wider than 128: chunks and value blocks of 64 (2026-12-02: 5.7x faster forward than
       chunks and blocks of 32 at D = 256, 7.9x in the other kernel form), 32 for float32;
     - the ``ACCUMULATE`` form of the kernels for keys up to 64 wide (2026-12-02: at D = 64 about
-      2x faster forward, at D = 128 1.46x slower, at D = 256 1.38x slower);
+      2x faster forward, at D = 128 1.46x slower, at D = 256 1.38x slower); for wider keys up to
+      128 in 16-bit inputs the state update alone in that form (``update_accumulate``; 2026-12-02,
+      session 4: main shape 0.388 -> 0.365 ms forward, B2 N32K 0.511 -> 0.486, B64 N1K 0.426 ->
+      0.404; at D = 256 1.811 -> 2.183, slower);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
       power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
@@ -212,9 +216,10 @@ def _choose_config(
         state_split //= 2
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
-    update_accumulate = False if whole_value else bool(pick("update_accumulate", 0))
+    update_accumulate = False if whole_value else bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
+    fma_combine = False if whole_value else bool(pick("fma_combine", 0))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate)
+                        weight_values, state_accumulate, update_accumulate, fma_combine)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -301,7 +306,8 @@ def linear_attention(
             HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
             REVERSE=reverse, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, **types,
+            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, FMA_COMBINE=cfg.fma_combine,
+            **types,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
