@@ -44,8 +44,11 @@ VARIANTS = [
     # 42-44: the output pass's state update alone accumulating (UPDATE_ACCUMULATE), also with 16
     # warps; 16 warps in the default form
     dict(update_accumulate=1), dict(update_accumulate=1, num_warps=16), dict(num_warps=16, num_stages=2),
-    # 45-47: experiment: the output combined by one fused multiply-add, scales folded (FMA_COMBINE)
-    dict(fma_combine=1), dict(fma_combine=1, update_accumulate=0), dict(update_accumulate=0),
+    # 45: the output pass's state update in the other form (the default until 2026-12-02, session 4)
+    # (45-47 at 51adac3 timed the fused multiply-add combination, since the only form)
+    dict(update_accumulate=0),
+    # 46: the fused backward's state update in the other form (its default until 2026-12-02, session 4)
+    dict(kv_update_accumulate=0),
 ]
 
 

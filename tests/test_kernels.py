@@ -114,7 +114,9 @@ def test_bad_segment_length():
           state_split=2),
      dict(accumulate=1, state_accumulate=0, kv_state_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48),
      dict(accumulate=0, update_accumulate=1, chunk=16, segment_len=64, state_split=2),
-     dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64)],
+     dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64),
+     dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
+          state_split=2)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -273,7 +275,7 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert not kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).update_accumulate
     assert not kernels.choose_config(128, 8192, 256, 256, gpu).update_accumulate
     assert not kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
-    assert not kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate
+    assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate  # the fused backward too
     # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
     assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)

@@ -40,7 +40,6 @@ class LaunchConfig:
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
-    fma_combine: bool = False  # FMA_COMBINE (experiment)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,9 +48,10 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate", "update_accumulate", "fma_combine")
+            "state_accumulate", "update_accumulate")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
-_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate")
+_TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
+               "kv_update_accumulate")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -67,7 +67,7 @@ def config_override(**changes):
     ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default),
     ``update_accumulate`` (0 or 1: ``UPDATE_ACCUMULATE``) to the forward-type output kernels, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
-    ``kv_state_accumulate`` to the fused key/value backward only, where they win
+    ``kv_state_accumulate``, ``kv_update_accumulate`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -92,7 +92,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "fma_combine"):
+                    "update_accumulate", "kv_update_accumulate"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -216,10 +216,9 @@ def _choose_config(
         state_split //= 2
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
-    update_accumulate = False if whole_value else bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
-    fma_combine = False if whole_value else bool(pick("fma_combine", 0))
+    update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate, fma_combine)
+                        weight_values, state_accumulate, update_accumulate)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -306,8 +305,7 @@ def linear_attention(
             HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
             REVERSE=reverse, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, FMA_COMBINE=cfg.fma_combine,
-            **types,
+            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, **types,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -439,7 +437,7 @@ def key_value_gradients(
             cfg.state_split, scale,
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     itemsize = q.element_size()

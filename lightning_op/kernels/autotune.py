@@ -48,7 +48,8 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 3  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate at D = 128
+KERNEL_VERSION = 3  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
+#: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
@@ -220,8 +221,8 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
     serves the whole class."""
     prefix = "kv_" if kind == "key_value" else ""
     changes = [{"accumulate": int(not cfg.accumulate)}]
-    if kind == "forward" and not cfg.accumulate:  # the other form with its state update accumulating, or not
-        changes.append({"update_accumulate": int(not cfg.update_accumulate)})
+    if not cfg.accumulate:  # the other form with its state update accumulating, or not
+        changes.append({prefix + "update_accumulate": int(not cfg.update_accumulate)})
     if kind == "forward" and cfg.block_v >= 32:  # fewer registers per program, more programs
         changes.append({"block_v": cfg.block_v // 2})
     if kind == "forward" and cfg.block_k > cfg.block_v and not cfg.weight_values:

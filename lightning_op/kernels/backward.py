@@ -43,11 +43,11 @@ def _key_value_grad_kernel(
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr = False,
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
-    ``ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk and dv, with scale folded
-    into the mask)."""
+    ``ACCUMULATE`` and ``UPDATE_ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk
+    and dv; scale is folded into the mask in both forms)."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)
@@ -68,8 +68,7 @@ def _key_value_grad_kernel(
     causal = idx[:, None] >= idx[None, :]
     if HAS_DECAY:
         log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
-        if ACCUMULATE:
-            intra_mask = intra_mask * scale
+        intra_mask = intra_mask * scale
 
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
@@ -97,12 +96,9 @@ def _key_value_grad_kernel(
         if HAS_DECAY:
             kq = kq * intra_mask
             vdo = vdo * intra_mask
-        elif ACCUMULATE:
+        else:
             kq = tl.where(causal, kq * scale, 0.0)
             vdo = tl.where(causal, vdo * scale, 0.0)
-        else:
-            kq = tl.where(causal, kq, 0.0)
-            vdo = tl.where(causal, vdo, 0.0)
         # the state's shares carry the row weight lam^(i+shift), applied to the products
         if ACCUMULATE:  # each gradient's chunk share accumulates onto its state share, one at a time
             dv = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
@@ -116,22 +112,35 @@ def _key_value_grad_kernel(
                 dk = dk * row_weight
             dk = _dot_acc(dk, vdo, q, DOT_DTYPE, PRECISION)
         else:
+            # each gradient's two shares combined by one fused multiply-add (the forward's reason:
+            # a plain sum becomes an accumulating dot, which spills)
+            dv_intra = _dot(kq, do, DOT_DTYPE, PRECISION)
             dv_inter = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
             if HAS_DECAY:
-                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-                dv_inter = dv_inter * row_weight
-                dk_inter = dk_inter * row_weight
-            dv = _dot(kq, do, DOT_DTYPE, PRECISION) * scale + dv_inter
+                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))
+            else:
+                row_weight = tl.full([CHUNK], 1.0, tl.float32)
+            dv = tl.fma(dv_inter, row_weight[:, None], dv_intra)
             _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-            dk = _dot(vdo, q, DOT_DTYPE, PRECISION) * scale + dk_inter
+            dk_intra = _dot(vdo, q, DOT_DTYPE, PRECISION)
+            dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
+            dk = tl.fma(dk_inter, row_weight[:, None], dk_intra)
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
 
-        if HAS_DECAY:
-            q_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
-            q = q * tl.exp2(log2_lam * q_exponent)[:, None]
-            state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        state += _dot(tl.trans(q), do, DOT_DTYPE, PRECISION) * scale
+        if UPDATE_ACCUMULATE:  # the update accumulates in place, scale on the rows of q
+            if HAS_DECAY:
+                q_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
+                q = q * (tl.exp2(log2_lam * q_exponent) * scale)[:, None]
+                state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
+            else:
+                q = q * scale
+            state = _dot_acc(state, tl.trans(q), do, DOT_DTYPE, PRECISION)
+        else:
+            if HAS_DECAY:
+                q_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
+                q = q * tl.exp2(log2_lam * q_exponent)[:, None]
+                state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
+            state += _dot(tl.trans(q), do, DOT_DTYPE, PRECISION) * scale
 
     if STORE_FINAL:
         if seg == num_segments - 1:

@@ -213,7 +213,7 @@ def _chunk_output_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
-    UPDATE_ACCUMULATE: tl.constexpr = False, FMA_COMBINE: tl.constexpr = False,
+    UPDATE_ACCUMULATE: tl.constexpr = False,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -245,7 +245,7 @@ def _chunk_output_kernel(
         log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
         if ACCUMULATE:
             intra_mask = intra_mask * value_scale
-        elif FMA_COMBINE:
+        else:
             intra_mask = intra_mask * (value_scale * out_scale)
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
@@ -273,30 +273,28 @@ def _chunk_output_kernel(
             scores = scores * intra_mask
         elif ACCUMULATE:
             scores = tl.where(causal, scores * value_scale, 0.0)
-        elif FMA_COMBINE:
-            scores = tl.where(causal, scores * (value_scale * out_scale), 0.0)
         else:
-            scores = tl.where(causal, scores, 0.0)
+            scores = tl.where(causal, scores * (value_scale * out_scale), 0.0)
         # the state's share, lam^(i+shift) q_i S: the row weight goes on the product, so q enters
         # the dot as loaded (no scaled copy of it); the two forms order their products differently
-        if FMA_COMBINE and not ACCUMULATE:
+        if ACCUMULATE:
+            inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
+            if HAS_DECAY:
+                inter = inter * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
+            out = _dot_acc(inter, scores, v, DOT_DTYPE, PRECISION) * out_scale
+        else:
             intra = _dot(scores, v, DOT_DTYPE, PRECISION)
             inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
+            # both scales sit in the scores, out_scale also in the state's row weights: one fused
+            # multiply-add per element combines the two shares. Written as a sum, the compiler
+            # would accumulate the scores' product onto the state's share, as the other form
+            # does, which spills at D = 128 (registers.py); measured 0-4% faster forward than
+            # three scaling passes (2026-12-02, session 4)
             if HAS_DECAY:
                 row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32)) * out_scale
             else:
                 row_weight = tl.full([CHUNK], 1.0, tl.float32) * out_scale
             out = tl.fma(inter, row_weight[:, None], intra)
-        else:
-            if not ACCUMULATE:
-                out = _dot(scores, v, DOT_DTYPE, PRECISION) * value_scale
-            inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            if HAS_DECAY:
-                inter = inter * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-            if ACCUMULATE:
-                out = _dot_acc(inter, scores, v, DOT_DTYPE, PRECISION) * out_scale
-            else:
-                out = (out + inter) * out_scale
         if REVERSE:
             positions = N - 1 - rows
         else:
