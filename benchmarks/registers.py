@@ -56,9 +56,12 @@ def ptxas() -> str:
 def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stages: int) -> str:
     # as a launch on contiguous tensors specialises them: unit strides of the last dim become
     # constants, other integers are 32-bit
-    constexprs = dict(constexprs)
-    if "WEIGHT_VALUES" not in kernel.arg_names:
-        constexprs.pop("WEIGHT_VALUES", None)
+    # the options a kernel does not have are dropped; every one it has must be given, or it would
+    # compile as a runtime integer
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
+    missing = [param.name for param in kernel.params if param.is_constexpr and param.name not in constexprs]
+    if missing:
+        raise SystemExit(f"registers.py: {kernel.__name__} needs its options {missing}")
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
@@ -119,34 +122,40 @@ def main() -> None:
                         help="the state update's row weights on v instead of k (WEIGHT_VALUES)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
-    parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=0,
-                        help="the output pass's state update alone accumulating (UPDATE_ACCUMULATE)")
+    parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=None,
+                        help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
     args = parser.parse_args()
     bf16, f32 = "*bf16", "*fp32"
     print(f"triton {triton.__version__}, sm_{args.arch}, bf16, with decay")
     for d in (int(x) for x in args.dims.split(",")):
         warps = args.warps or (4 if d <= 64 else 8)
         accumulate = args.accumulate if args.accumulate is not None else d <= 64  # as choose_config
+        # update_accumulate as choose_config: on at D = 65-128 (bf16) unless given
+        update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
-                      ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values))
+                      ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
+                      UPDATE_ACCUMULATE=bool(update))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
             ("forward output", _chunk_output_kernel, args.stages or 3,
-             dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True,
-                  UPDATE_ACCUMULATE=bool(args.update_accumulate), **state_dots),
+             dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
                   FINAL=f32)),
             ("segment state", _segment_state_kernel, args.stages or 3,
-             dict(common, HAS_DECAY=True, REVERSE=False), dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
+             # accumulating at every head dim, as choose_config's state_accumulate
+             dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True), dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
         ]
         for label, kernel, stages, constexprs, pointers in cases:
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)
             if args.block_v and kernel is _key_value_grad_kernel:
                 continue  # the fused pass always takes the whole value width
-            print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, accumulate {int(accumulate)}: {line}", flush=True)
+            form = f"accumulate {int(constexprs['ACCUMULATE'])}"
+            if "UPDATE_ACCUMULATE" in kernel.arg_names:
+                form += f", update {int(update)}"
+            print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, {form}: {line}", flush=True)
 
 
 if __name__ == "__main__":

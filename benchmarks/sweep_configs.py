@@ -49,6 +49,9 @@ VARIANTS = [
     dict(update_accumulate=0),
     # 46: the fused backward's state update in the other form (its default until 2026-12-02, session 4)
     dict(kv_update_accumulate=0),
+    # 47: D = 256 with the state update accumulating and its weights on the value rows (fewest
+    # loop instructions on sm_90; three stages would need 245,760 B of shared memory)
+    dict(update_accumulate=1, weight_values=1, num_stages=2),
 ]
 
 
