@@ -146,7 +146,8 @@ def main() -> None:
                   FINAL=f32)),
             ("segment state", _segment_state_kernel, args.stages or 3,
              # accumulating at every head dim, as choose_config's state_accumulate
-             dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True), dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
+             dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),
+             dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
         ]
         for label, kernel, stages, constexprs, pointers in cases:
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)

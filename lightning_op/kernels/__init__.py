@@ -65,7 +65,9 @@ def config_override(**changes):
     ``chunk``, ``block_v``, ``num_warps``, ``num_stages``, ``segment_len``, ``state_split`` and
     ``accumulate`` (0 or 1: the kernels' ``ACCUMULATE`` form) apply to all kernels (forward and backward),
     ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default),
-    ``update_accumulate`` (0 or 1: ``UPDATE_ACCUMULATE``) to the forward-type output kernels, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the forward-type kernels;
+    ``update_accumulate`` (0 or 1: ``UPDATE_ACCUMULATE``, the state update alone accumulating) to
+    the output kernels and the fused backward, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the
+    forward-type kernels;
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate``, ``kv_update_accumulate`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
@@ -152,7 +154,8 @@ def _choose_config(
       2x faster forward, at D = 128 1.46x slower, at D = 256 1.38x slower); for wider keys up to
       128 in 16-bit inputs the state update alone in that form (``update_accumulate``; 2026-12-02,
       session 4: main shape 0.388 -> 0.365 ms forward, B2 N32K 0.511 -> 0.486, B64 N1K 0.426 ->
-      0.404; at D = 256 1.811 -> 2.183, slower);
+      0.404; at D = 256 1.811 -> 2.183, slower), the fused backward's too (main shape
+      forward+backward 1.507 -> 1.486 ms, B2 N32K 1.899 -> 1.861);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
       power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
