@@ -53,6 +53,35 @@ def ptxas() -> str:
     raise SystemExit(f"no ptxas in {folder}")
 
 
+def loop_profile(cubin: bytes) -> str:
+    """The kernel's largest loop in SASS (``nvdisasm`` from the triton wheel): its instructions per
+    iteration and, of those, local-memory loads and stores (spills paid on every chunk). Counted
+    per warp; on 2026-12-02 three of three variants with fewer loop instructions and no more
+    spills also ran faster on the H200 (benchmarks/NOTES.md, session 4)."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return "loop ? (no nvdisasm)"
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    finally:
+        os.unlink(f.name)
+    labels = {line.strip()[:-1]: i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
+    loop = None  # (first line, last line) of the longest backward branch's body
+    for i, line in enumerate(sass):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if target and labels.get(target.group(1), i) < i:
+            if loop is None or i - labels[target.group(1)] > loop[1] - loop[0]:
+                loop = (labels[target.group(1)], i)
+    if loop is None:
+        return "no loop"
+    ops = [m.group(1) for line in sass[loop[0]:loop[1] + 1]
+           if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+    local = sum(op.startswith(("LDL", "STL")) for op in ops)
+    return f"loop {len(ops)} instructions ({local} local)"
+
+
 def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stages: int) -> str:
     # as a launch on contiguous tensors specialises them: unit strides of the last dim become
     # constants, other integers are 32-bit
@@ -97,7 +126,7 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     # the alignment hints above)
     async_copies = len(re.findall(r"^\s*cp\.async\.c[ag]", compiled.asm["ptx"], re.MULTILINE))
     return (f"{regs:>3} registers, {spills}, shared memory {compiled.metadata.shared} B, "
-            f"{async_copies} cp.async, ptx {ptx_digest(compiled.asm['ptx'])}")
+            f"{async_copies} cp.async, {loop_profile(compiled.asm['cubin'])}, ptx {ptx_digest(compiled.asm['ptx'])}")
 
 
 def ptx_digest(ptx: str) -> str:

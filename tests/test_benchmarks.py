@@ -56,6 +56,10 @@ def test_register_report_compiles_every_kernel_for_hopper():
         assert len(line.rsplit("ptx ", 1)[1]) == 12  # the PTX digest
     # compiled as a launch specialises aligned arguments: pipelined loads (asynchronous copies)
     assert int(lines[0].split(" cp.async")[0].rsplit(", ", 1)[1]) > 0, lines[0]
+    # the loop kernels' hot loop, disassembled: instructions per iteration, of them local memory
+    for line in lines:
+        loop = line.split(", loop ")[1].split(" instructions (")
+        assert int(loop[0]) > 50 and int(loop[1].split(" local)")[0]) >= 0, line
 
 
 def test_host_time_stubbed_shows_the_eager_path_cheaper():
