@@ -151,6 +151,8 @@ def main() -> None:
                         help="the state update's row weights on v instead of k (WEIGHT_VALUES)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
+    parser.add_argument("--late-dk-scores", type=int, choices=(0, 1), default=0,
+                        help="the fused backward's dk scores after dv's store (LATE_DK_SCORES)")
     parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=None,
                         help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
     args = parser.parse_args()
@@ -163,7 +165,7 @@ def main() -> None:
         update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
-                      UPDATE_ACCUMULATE=bool(update))
+                      UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
             ("forward output", _chunk_output_kernel, args.stages or 3,

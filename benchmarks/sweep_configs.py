@@ -52,6 +52,8 @@ VARIANTS = [
     # 47: D = 256 with the state update accumulating and its weights on the value rows (fewest
     # loop instructions on sm_90; three stages would need 245,760 B of shared memory)
     dict(update_accumulate=1, weight_values=1, num_stages=2),
+    # 48: the fused backward's dk scores after dv's store (LATE_DK_SCORES: half the loop's spills on sm_90)
+    dict(kv_late_dk_scores=1),
 ]
 
 

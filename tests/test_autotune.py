@@ -300,7 +300,8 @@ def test_candidates_of_a_segmented_launch():
     whole = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=1024, num_warps=8, num_stages=2,
                          state_split=1, accumulate=False)
     assert _candidates("key_value", whole, 3000, 4096) == [
-        {"accumulate": 1}, {"kv_update_accumulate": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4}, {"kv_num_stages": 1},
+        {"accumulate": 1}, {"kv_update_accumulate": 1}, {"kv_late_dk_scores": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4},
+        {"kv_num_stages": 1},
         {"kv_num_stages": 3}, {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096}, {"kv_state_split": 2},
         {"kv_state_accumulate": 1}]
     one_segment = LaunchConfig(64, 64, 64, 4096, 4, 3, 1, True)

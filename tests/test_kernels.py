@@ -116,7 +116,8 @@ def test_bad_segment_length():
      dict(accumulate=0, update_accumulate=1, chunk=16, segment_len=64, state_split=2),
      dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64),
      dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
-          state_split=2)],
+          state_split=2),
+     dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -304,7 +305,7 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert kernels.choose_config(1, 100_000, 128, 128, torch.device("cpu")).segment_len == 100_032
 
 
-@pytest.mark.parametrize("accumulate", [0, 1, "update"])
+@pytest.mark.parametrize("accumulate", [0, 1, "update", "late"])
 def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
     """The ``ACCUMULATE`` form, the other, and the other with the state update accumulating
     (``update_accumulate``), without decay (the paths where value_scale and scale are not folded
@@ -320,7 +321,8 @@ def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
     q, k, v = make_inputs(2, 1, 137, 48, 24, dtype, DEVICE, seed=5)
     init = torch.randn(2, 1, 48, 24, device=DEVICE)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, init)]
-    form = dict(accumulate=0, update_accumulate=1) if accumulate == "update" else dict(accumulate=accumulate)
+    form = {"update": dict(accumulate=0, update_accumulate=1),
+            "late": dict(accumulate=0, kv_late_dk_scores=1)}.get(accumulate, dict(accumulate=accumulate))
     with config_override(**form, chunk=16, segment_len=64, kv_segment_len=32, state_split=2):
         out, final = lightning_attn(*leaves[:3], None, scale=0.3, initial_state=leaves[3], output_final_state=True)
         grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)

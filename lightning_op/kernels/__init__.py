@@ -40,6 +40,7 @@ class LaunchConfig:
     weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
+    late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +52,7 @@ _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state
             "state_accumulate", "update_accumulate")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
-               "kv_update_accumulate")
+               "kv_update_accumulate", "kv_late_dk_scores")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -69,7 +70,8 @@ def config_override(**changes):
     the output kernels and the fused backward, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the
     forward-type kernels;
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
-    ``kv_state_accumulate``, ``kv_update_accumulate`` to the fused key/value backward only, where they win
+    ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores`` (0 or 1:
+    ``LATE_DK_SCORES``) to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -94,7 +96,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "kv_update_accumulate"):
+                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -220,8 +222,9 @@ def _choose_config(
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
+    late_dk_scores = whole_value and bool(_forced("late_dk_scores", whole_value) or 0)
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate)
+                        weight_values, state_accumulate, update_accumulate, late_dk_scores)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -440,7 +443,8 @@ def key_value_gradients(
             cfg.state_split, scale,
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            UPDATE_ACCUMULATE=cfg.update_accumulate, **types, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     itemsize = q.element_size()

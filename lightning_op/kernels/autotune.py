@@ -223,6 +223,8 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
     changes = [{"accumulate": int(not cfg.accumulate)}]
     if not cfg.accumulate:  # the other form with its state update accumulating, or not
         changes.append({prefix + "update_accumulate": int(not cfg.update_accumulate)})
+        if kind == "key_value":  # and the fused backward's order of its two score tiles
+            changes.append({"kv_late_dk_scores": int(not cfg.late_dk_scores)})
     if kind == "forward" and cfg.block_v >= 32:  # fewer registers per program, more programs
         changes.append({"block_v": cfg.block_v // 2})
     if kind == "forward" and cfg.block_k > cfg.block_v and not cfg.weight_values:
