@@ -54,6 +54,9 @@ VARIANTS = [
     dict(update_accumulate=1, weight_values=1, num_stages=2),
     # 48: the fused backward's dk scores after dv's store (LATE_DK_SCORES: half the loop's spills on sm_90)
     dict(kv_late_dk_scores=1),
+    # 49: D = 256 in small programs, two per multiprocessor (value blocks and chunks of 32, four
+    # warps, 86 KB of shared memory; registers.py: 771 loop instructions per 32 rows, 19 local)
+    dict(block_v=32, chunk=32, num_warps=4, update_accumulate=1, weight_values=1),
 ]
 
 

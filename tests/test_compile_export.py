@@ -107,7 +107,10 @@ def test_export_dynamic_length_save_load_in_fresh_process(tmp_path):
         ep = torch.export.load({str(path)!r})
         io = torch.load({str(tmp_path / "io.pt")!r})
         y, final = ep.module()(io["x"], io["state"])
-        torch.testing.assert_close(y, io["expected"][0])
+        # another process may take other CPU matmul kernels: y (|y| <= 1.3) came out 2.1e-5 off
+        # in two of six fresh processes (2026-12-02) while the final state matched exactly, so y
+        # gets fp32 noise room: a decay or initial state 1% off moves it by 5e-3 and more
+        torch.testing.assert_close(y, io["expected"][0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(final, io["expected"][1])
         print("loaded-and-matched")
         """
