@@ -648,6 +648,33 @@ def print_table(rows: list[dict], meta: dict) -> None:
                 shown_errors.setdefault((r["impl"], r[key][:100]), r["shape"])
     for (impl, error), shape in list(shown_errors.items())[:8]:
         print(f"error {impl} (first at {shape}): {error}")
+    for line in flatness_lines(rows):
+        print(line)
+
+
+def flatness_lines(rows: list[dict]) -> list[str]:
+    """Per implementation and (H, D), over the N sweep's shapes: the spread of time per token, as
+    ``±x%`` about the middle of its range (the performance issue's "flat within ±10%" reads this
+    way) and the slowest over the fastest."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("sweep"):
+            groups.setdefault((r["impl"], r["H"], r["D"]), []).append(r)
+    lines = []
+    for (impl, heads, head_dim), group in groups.items():
+        parts = []
+        for key, label in (("fwd_tokens_per_s", "fwd"), ("fwdbwd_tokens_per_s", "fwd+bwd")):
+            # ms per 64K tokens, from the shapes that ran
+            per_token = [65536 / r[key] * 1e3 for r in group if math.isfinite(r[key]) and r[key] > 0]
+            if len(per_token) >= 2:
+                low, high = min(per_token), max(per_token)
+                parts.append(f"{label} {low:.3f}-{high:.3f} ms (±{100 * (high - low) / (high + low):.0f}%, "
+                             f"{high / low:.2f}x)")
+        if parts:
+            n_values = sorted(r["N"] for r in group)
+            lines.append(f"time per 64K tokens, {impl} H{heads} D{head_dim}, N {_short(n_values[0])}-"
+                         f"{_short(n_values[-1])}: " + "; ".join(parts))
+    return lines
 
 
 # ----------------------------------------------------------------------------- main

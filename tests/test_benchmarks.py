@@ -10,7 +10,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke(tmp_path):
-    run_script("benchmarks/bench.py", "--smoke", "--out", str(tmp_path))
+    out = run_script("benchmarks/bench.py", "--smoke", "--out", str(tmp_path))
+    # the N sweep's time-per-token spread, read off the summary
+    assert "time per 64K tokens, ours H2 D32, N 128-256: fwd " in out, out[-2000:]
     assert (tmp_path / "results.csv").exists()
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"metadata", "results"} <= set(data)
