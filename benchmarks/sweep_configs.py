@@ -183,9 +183,9 @@ def main() -> None:
     if args.decode:
         sweep_decode(device)
         return
+    dtype = getattr(torch, args.dtype)
     for shape in args.shapes.split(","):
         b, n, h, d = (int(x) for x in shape.split("x"))
-        dtype = getattr(torch, args.dtype)
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         decay = lightning_op.slopes(h).to(device)

@@ -222,7 +222,7 @@ def _choose_config(
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
-    late_dk_scores = whole_value and bool(_forced("late_dk_scores", whole_value) or 0)
+    late_dk_scores = whole_value and bool(pick("late_dk_scores", 0))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
                         weight_values, state_accumulate, update_accumulate, late_dk_scores)
 
