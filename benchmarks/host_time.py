@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default=None, help="BxNxH (default 8x8192x16 on CUDA, 1x64x2 with --stub)")
     parser.add_argument("--dims", default="64,128", help="head dims, comma-separated")
     parser.add_argument("--calls", type=int, default=None, help="timed calls per case (default 20 on CUDA, 2000 stubbed)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also the Python functions where one eager forward+backward spends its host time "
+                             "(cProfile, largest own time first), and the bare kernel launchers' host time")
     args = parser.parse_args(argv)
     if args.stub:  # before the kernels module is imported: the launchers then take CPU tensors
         os.environ["LIGHTNING_OP_BACKEND"] = "triton"
@@ -84,7 +87,44 @@ def main(argv=None) -> int:
 
             line += f"  {label} fwd {host_us(forward):.0f} us, fwd+bwd {host_us(forward_backward):.0f} us;"
         print(line, flush=True)
+        if args.profile:
+            profile_host(q, k, v, decay, grad, host_us, calls)
     return 0
+
+
+def profile_host(q, k, v, decay, grad, host_us, calls: int) -> None:
+    """Where an eager forward+backward's host time goes: the bare launchers of ``lightning_op.kernels``
+    (no validation, dispatch or autograd) and cProfile's largest own times over ``calls`` calls."""
+    import cProfile
+    import pstats
+
+    import lightning_op
+    from lightning_op import kernels
+
+    with_grad = [x.detach() for x in (q, k, v)]
+
+    def bare_forward():
+        kernels.linear_attention(*with_grad, decay)
+
+    print(f"  bare forward launcher (kernels.linear_attention): {host_us(bare_forward):.0f} us", flush=True)
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        lightning_op.lightning_attn(q, k, v, decay).backward(grad)
+
+    step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:18]
+    print(f"  cProfile of {calls} eager forward+backward calls, own time per call (us), calls per call:")
+    for (file, line, name), (_, ncalls, own, cumulative, _) in rows:
+        where = f"{os.path.basename(file)}:{line}({name})"
+        print(f"    {own / calls * 1e6:8.1f} own {cumulative / calls * 1e6:8.1f} cum  x{ncalls / calls:<5.1f} {where[:90]}")
 
 
 if __name__ == "__main__":

@@ -277,6 +277,10 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert not kernels.choose_config(128, 8192, 256, 256, gpu).update_accumulate
     assert not kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
     assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate  # the fused backward too
+    # the fused backward's dk scores after dv's store, for keys up to 128 wide (2026-12-02,
+    # session 5: 1.470 -> 1.399 ms forward+backward); only that pass has the option
+    assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).late_dk_scores
+    assert not main.late_dk_scores and not kernels.choose_config(128, 8192, 256, 256, gpu, whole_value=True).late_dk_scores
     # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
     assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)

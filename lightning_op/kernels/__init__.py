@@ -44,6 +44,18 @@ class LaunchConfig:
 
 
 @functools.lru_cache(maxsize=None)
+def _cdiv(a, b):
+    """``ceil(a / b)`` for positive ``b``, in plain integer arithmetic (SymInts too). The host
+    code's stand-in for ``triton.cdiv``, which is a ``ConstexprFunction`` and costs 3-5 us per call
+    on this project's CPU against 0.1 us (a forward+backward made seven such calls)."""
+    return (a + b - 1) // b
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as ``triton.next_power_of_2`` (see _cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -157,7 +169,9 @@ def _choose_config(
       128 in 16-bit inputs the state update alone in that form (``update_accumulate``; 2026-12-02,
       session 4: main shape 0.388 -> 0.365 ms forward, B2 N32K 0.511 -> 0.486, B64 N1K 0.426 ->
       0.404; at D = 256 1.811 -> 2.183, slower), the fused backward's too (main shape
-      forward+backward 1.507 -> 1.486 ms, B2 N32K 1.899 -> 1.861);
+      forward+backward 1.507 -> 1.486 ms, B2 N32K 1.899 -> 1.861); there, for keys up to 128 wide,
+      the fused backward's dk scores after dv's store (``late_dk_scores``; 2026-12-02, session 5:
+      forward+backward 1.470 -> 1.399 ms at the main shape, 1.836 -> 1.778 at B2 N32K);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
       power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
@@ -180,14 +194,14 @@ def _choose_config(
         forced = _forced(name, whole_value)
         return default if forced is None else forced
 
-    block_k = max(16, triton.next_power_of_2(dk))
+    block_k = max(16, _next_power_of_2(dk))
     wide_float32 = block_k > 128 and itemsize > 2  # 64-row float32 tiles of such keys overflow shared memory
     chunk = pick("chunk", 32 if wide_float32 else 64)
     if whole_value:
-        block_v = max(16, triton.next_power_of_2(dv))
+        block_v = max(16, _next_power_of_2(dv))
     else:
         widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else (32 if wide_float32 else 64)
-        block_v = pick("block_v", max(16, min(triton.next_power_of_2(dv), widest)))
+        block_v = pick("block_v", max(16, min(_next_power_of_2(dv), widest)))
     num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
     accumulate = bool(pick("accumulate", int(block_k <= 64)))
     if whole_value:
@@ -197,23 +211,23 @@ def _choose_config(
     forced_segment = _forced("segment_len", whole_value)
     explicit = segment_len is not None  # a caller's fixed length (N may be symbolic): no split
     if segment_len is None and forced_segment is not None:
-        segment_len = triton.cdiv(forced_segment, chunk) * chunk
+        segment_len = _cdiv(forced_segment, chunk) * chunk
     if segment_len is None:
         segment_len = max(n, chunk)
         if device.type == "cuda" and n > 0:
-            programs = batch_heads * triton.cdiv(dv, block_v)
+            programs = batch_heads * _cdiv(dv, block_v)
             wanted = _multiprocessors(device.index or 0) * (1 if num_warps >= 8 or accumulate else 2)
             if 4 * programs < 3 * wanted:
-                per_segment = max(8 * chunk, triton.cdiv(n, triton.cdiv(wanted, programs)))
-                segment_len = triton.next_power_of_2(per_segment)
-        segment_len = triton.cdiv(segment_len, chunk) * chunk
+                per_segment = max(8 * chunk, _cdiv(n, _cdiv(wanted, programs)))
+                segment_len = _next_power_of_2(per_segment)
+        segment_len = _cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
     state_split = _forced("state_split", whole_value)
     if state_split is None:
         state_split = 1
         if device.type == "cuda" and not explicit and n > segment_len:
-            busy = batch_heads * triton.cdiv(dv, block_v) * (triton.cdiv(n, segment_len) - 1)
+            busy = batch_heads * _cdiv(dv, block_v) * (_cdiv(n, segment_len) - 1)
             while 10 * busy * state_split < 9 * _multiprocessors(device.index or 0) and \
                     segment_len // (2 * state_split) >= 4 * chunk:
                 state_split *= 2
@@ -222,7 +236,7 @@ def _choose_config(
     weight_values = False if whole_value else bool(pick("weight_values", 0))
     state_accumulate = bool(pick("state_accumulate", 1))
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
-    late_dk_scores = whole_value and bool(pick("late_dk_scores", 0))
+    late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
                         weight_values, state_accumulate, update_accumulate, late_dk_scores)
 
@@ -291,8 +305,8 @@ def linear_attention(
     init_arg = initial_state if has_init else out
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
-        num_segments = triton.cdiv(n_at_least_1, cfg.segment_len)
-        num_v_blocks = triton.cdiv(dv, cfg.block_v)
+        num_segments = _cdiv(n_at_least_1, cfg.segment_len)
+        num_v_blocks = _cdiv(dv, cfg.block_v)
         # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
         seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
         num_slots = 0
@@ -356,7 +370,7 @@ def _segment_start_states(
     when N is symbolic (``state_split`` is then 1)."""
     b, h, n, dk = key.shape
     dv = value.shape[-1]
-    num_v_blocks = triton.cdiv(dv, cfg.block_v)
+    num_v_blocks = _cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
     num_pieces = (num_segments - 1) * cfg.state_split + 1
     seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
@@ -407,7 +421,7 @@ def key_value_gradients(
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     widest = FUSED_BACKWARD_MAX_BLOCK if q.element_size() <= 2 else FUSED_BACKWARD_MAX_BLOCK // 2
-    too_wide = max(triton.next_power_of_2(dk), triton.next_power_of_2(dv)) > widest
+    too_wide = max(_next_power_of_2(dk), _next_power_of_2(dv)) > widest
     if too_wide or _overrides.get("kv_fused") == 0:
         return reference.key_value_gradients_chunked(
             grad_out, grad_final_state, q, k, v, decay, scale, store_final=store_final,
@@ -426,7 +440,7 @@ def key_value_gradients(
     types = _dot_types(q.dtype)
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
-        num_segments = triton.cdiv(n, cfg.segment_len)
+        num_segments = _cdiv(n, cfg.segment_len)
         seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
         if num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
@@ -464,15 +478,15 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[
     out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    block_k = max(16, triton.next_power_of_2(dk))
+    block_k = max(16, _next_power_of_2(dk))
     # Value blocks of 32 columns; 16 where that gives too few programs to spread a small batch
     # over the GPU (the step is a read and a write of the state: latency, not bandwidth, at B = 1).
-    block_v = max(16, min(triton.next_power_of_2(dv), 32))
-    if q.is_cuda and b * h * triton.cdiv(dv, block_v) < _multiprocessors(q.device.index or 0):
+    block_v = max(16, min(_next_power_of_2(dv), 32))
+    if q.is_cuda and b * h * _cdiv(dv, block_v) < _multiprocessors(q.device.index or 0):
         block_v = 16
     block_v = _overrides.get("decode_block_v", block_v)
     num_warps = _overrides.get("decode_num_warps", 4)
-    _decode_step_kernel[(b * h * triton.cdiv(dv, block_v),)](
+    _decode_step_kernel[(b * h * _cdiv(dv, block_v),)](
         q, k, v, out, state, decay if decay is not None else state,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
         t, h, dk, dv, scale,

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import _TUNABLE, _TUNABLE_KV, LaunchConfig, _check_overrides, _overrides
+from . import _TUNABLE, _TUNABLE_KV, LaunchConfig, _check_overrides, _next_power_of_2, _overrides
 
 __all__ = ["enable", "disable", "enabled", "cache_path", "select", "KERNEL_VERSION"]
 
@@ -48,8 +48,9 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 3  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
-#: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add
+KERNEL_VERSION = 4  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
+#: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add; 4: the
+#: fused backward's late dk scores by default up to D = 128
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
@@ -173,8 +174,8 @@ def select(
         return choose()
     if not (isinstance(n, int) and isinstance(batch_heads, int) and isinstance(dk, int) and isinstance(dv, int)):
         return choose()  # symbolic sizes (a traced launch): no class to look up
-    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, triton.next_power_of_2(batch_heads),
-           triton.next_power_of_2(n), has_decay, reverse)
+    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, _next_power_of_2(batch_heads),
+           _next_power_of_2(n), has_decay, reverse)
     changes = state.choices.get(key)
     if changes is None:
         changes = _from_file(state, key, kind)
