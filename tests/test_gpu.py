@@ -183,3 +183,29 @@ def test_cuda_package_runs_without_lightning_op(tmp_path):
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff| vs eager" in line]
     assert len(diffs) == 4 and max(diffs) < 1e-3, out
     assert "lightning_op imported: False" in out
+
+
+def test_cuda_remembered_launches_follow_alignment():
+    """Repeated eager calls skip Triton's dispatch (kernels/_launch.py); a misaligned view after an
+    aligned one of the same shape must still get the kernel compiled for it (a remembered
+    vectorised kernel would read wrong or fault), and every call matches the oracle."""
+    from lightning_op import reference
+    from lightning_op.kernels import _launch
+    from lightning_op.kernels.chunked import _chunk_output_kernel
+
+    decay = torch.tensor([0.05, 2.0], device="cuda")
+    forward = _launch.launcher(_chunk_output_kernel)
+    assert isinstance(forward, _launch.FastLauncher)
+    fast = []
+    for offset in (0, 0, 1, 1, 0):
+        base = torch.randn(3 * 2 * 300 * 64 + offset, device="cuda", dtype=torch.bfloat16)
+        q, k, v = base[offset:].view(3, 1, 2, 300, 64).unbind(0)
+        assert (q.data_ptr() % 16 == 0) == (offset == 0)
+        before = forward.fast_launches
+        out = lightning_attn(q, k, v, decay)
+        fast.append(forward.fast_launches - before)
+        out_ref = reference.attention_quadratic(q.double(), k.double(), v.double(), decay.double(), 1.0, None)[0]
+        assert rel_error(out, out_ref) < GPU_TOLERANCE[torch.bfloat16], offset
+    # the first misaligned call goes through Triton (as the first aligned one, unless an earlier
+    # test launched this shape), the repeats do not
+    assert fast[1:] == [1, 0, 1, 1] and fast[0] in (0, 1)

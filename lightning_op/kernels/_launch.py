@@ -1,0 +1,143 @@
+"""Eager launches of compiled Triton kernels with Triton's per-call dispatch remembered.
+
+``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run`` on every call: it binds and
+specialises each of the ~45 arguments of our kernels (alignment, value classes, dtypes), builds a
+cache key string, looks the compiled kernel up and only then launches. On the lent H200 machine's
+host that came to ≈ 130 us per launch, ≈ 400 us of a D = 64 forward+backward's 990 us of host time
+against 660 us of GPU time (benchmarks/RESULTS.md, 2026-12-02, session 5): the host set the pace.
+
+:func:`launcher` remembers, per kernel, the compiled kernel Triton chose for each *launch key*: the
+current device, every integer argument's exact value (except those the kernel does not
+specialise, like ``N``, which only contribute their integer width), each tensor's dtype and
+whether its address is 16-byte aligned, the type of each float, and every keyword argument. That
+key is finer than Triton's own specialisation (which only keeps classes of integers: 1,
+divisible by 16, 32- or 64-bit), so a remembered kernel is always the one Triton would have picked;
+a new key costs one ordinary launch, which also compiles if needed. Remembered launches call the
+compiled kernel's launcher directly, as ``JITFunction.run`` does last.
+
+The slow path (plain ``kernel[grid](...)``) is taken for anything the key does not describe: an
+argument of another type, launch hooks registered with ``triton.knobs`` (profilers such as proton
+read the launch metadata), a kernel's pre-run hooks, the interpreter, or
+``LIGHTNING_OP_FAST_LAUNCH=0`` in the environment (read when this module is imported).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+
+from .._gates import TRITON_INTERPRETING
+
+ENABLED = os.environ.get("LIGHTNING_OP_FAST_LAUNCH", "1") != "0" and not TRITON_INTERPRETING
+#: remembered launch keys per kernel before the table starts over (each distinct shape, stride
+#: pattern and configuration is one key)
+MAX_KEYS = 1024
+
+_UNSUPPORTED = object()
+
+
+def _hooks_idle() -> bool:
+    """True when no launch hook is registered (an empty ``HookChain`` counts as none)."""
+    try:
+        from triton import knobs
+    except ImportError:  # older triton: no knobs module, no hooks to honour this way
+        return True
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class FastLauncher:
+    """``launcher(kernel)[grid](*args, **kwargs)``: the same launch as ``kernel[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = kernel.params
+        self.names = [p.name for p in params]
+        # each parameter's default (constexpr options left out of a call), or the marker
+        self.defaults = [p.default if p.default is not inspect.Parameter.empty else _UNSUPPORTED for p in params]
+        not_specialised = getattr(kernel, "do_not_specialize", None) or ()
+        self.unspecialised = frozenset(
+            i for i, p in enumerate(params) if p.name in not_specialised or i in not_specialised
+        )
+        self.compiled: dict = {}
+        self.fast_launches = 0  # for tests: launches that skipped JITFunction.run
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _key(self, args, kwargs):
+        key = [torch.cuda.current_device(), tuple(kwargs.items())]
+        append = key.append
+        unspecialised = self.unspecialised
+        for index, arg in enumerate(args):
+            kind = type(arg)
+            if kind is int:
+                append(-2**31 <= arg < 2**31 if index in unspecialised else arg)
+            elif kind is float:
+                append(float)
+            elif kind is bool:
+                append((bool, arg))
+            elif isinstance(arg, torch.Tensor):
+                append((arg.dtype, arg.data_ptr() % 16 == 0))
+            else:  # None, SymInt, numpy scalars, ...: Triton's own dispatch decides
+                return None
+        return tuple(key)
+
+    def _all_args(self, args, kwargs):
+        """Every parameter's value in order, as ``JITFunction.run`` hands them to the launcher."""
+        values = list(args)
+        for name, default in zip(self.names[len(args):], self.defaults[len(args):]):
+            value = kwargs.get(name, default)
+            if value is _UNSUPPORTED:
+                return None
+            values.append(value)
+        return values
+
+    def launch(self, grid, args, kwargs):
+        kernel = self.kernel
+        if not ENABLED or kernel.pre_run_hooks or not _hooks_idle():
+            return kernel[grid](*args, **kwargs)
+        try:
+            key = self._key(args, kwargs)
+            compiled = None if key is None else self.compiled.get(key)
+        except TypeError:  # an unhashable keyword argument
+            key = compiled = None
+        values = None if compiled is None else self._all_args(args, kwargs)
+        if values is None:
+            compiled = kernel[grid](*args, **kwargs)
+            if key is not None and compiled is not None and hasattr(compiled, "run"):
+                if len(self.compiled) >= MAX_KEYS:
+                    self.compiled.clear()
+                self.compiled[key] = compiled
+            return compiled
+        grid_x = grid[0]
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        stream = _raw_stream(key[0])
+        compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)
+        self.fast_launches += 1
+        return compiled
+
+
+def _raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on ``device``, as Triton's driver reads it."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+_launchers: dict = {}
+
+
+def launcher(kernel):
+    """The remembering launcher of ``kernel`` (a ``triton.jit`` function); anything else (an
+    interpreted kernel, a test's stand-in) is returned as it is."""
+    if not ENABLED or not hasattr(kernel, "params") or not hasattr(kernel, "pre_run_hooks"):
+        return kernel
+    found = _launchers.get(kernel)
+    if found is None:
+        found = _launchers[kernel] = FastLauncher(kernel)
+    return found

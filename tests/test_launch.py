@@ -1,0 +1,158 @@
+"""The remembering launcher (lightning_op/kernels/_launch.py) against a stand-in for a Triton kernel.
+
+On CPU the real kernels run interpreted and never take the fast path; these tests drive its key
+and its launch with a stand-in that records which path each launch took. The GPU suite runs the
+real kernels through it (tests/test_gpu.py::test_cuda_remembered_launches_follow_alignment).
+"""
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_op.kernels import _launch
+
+
+class _Compiled:
+    function = "function-handle"
+    packed_metadata = "packed"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _Kernel:
+    """Parameters X (pointer), stride (int), N (not specialised), scale (float), BLOCK (constexpr
+    given at the call), FLAG (constexpr with a default)."""
+
+    do_not_specialize = ["N"]
+
+    def __init__(self):
+        empty = inspect.Parameter.empty
+        self.params = [SimpleNamespace(name=name, default=default) for name, default in
+                       (("X", empty), ("stride", empty), ("N", empty), ("scale", empty), ("BLOCK", empty),
+                        ("FLAG", False))]
+        self.pre_run_hooks = []
+        self.slow = []  # (grid, args, kwargs) of each launch through kernel[grid](...)
+        self.compiled = _Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return self.compiled
+        return run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_raw_stream", lambda device: 1234)
+    kernel = _Kernel()
+    return kernel, _launch.FastLauncher(kernel)
+
+
+def _aligned(dtype=torch.float32):
+    return torch.zeros(64, dtype=dtype)
+
+
+def test_second_launch_with_the_same_key_skips_triton_dispatch(fake):
+    kernel, launch = fake
+    x = _aligned()
+    launch[(4, 2)](x, 64, 1000, 0.5, BLOCK=16, num_warps=4)
+    assert len(kernel.slow) == 1 and not kernel.compiled.runs
+    launch[(4, 2)](x, 64, 1000, 0.5, BLOCK=16, num_warps=4)
+    assert len(kernel.slow) == 1 and launch.fast_launches == 1
+    # the launcher gets what JITFunction.run hands it: grid, stream, handles, no launch metadata or
+    # hooks, then every parameter in order, the constexpr given and the defaulted one included
+    assert kernel.compiled.runs[0] == (4, 2, 1, 1234, "function-handle", "packed", None, None, None,
+                                       x, 64, 1000, 0.5, 16, False)
+
+
+def test_unspecialised_integers_only_key_their_width(fake):
+    kernel, launch = fake
+    x = _aligned()
+    for n in (1000, 1001, 17, 1):  # N is not specialised: one compiled kernel serves all
+        launch[(1,)](x, 64, n, 0.5, BLOCK=16)
+    assert len(kernel.slow) == 1 and launch.fast_launches == 3
+    launch[(1,)](x, 64, 2**31, 0.5, BLOCK=16)  # a 64-bit N is another kernel
+    assert len(kernel.slow) == 2
+
+
+@pytest.mark.parametrize("change", ["stride", "dtype", "misaligned", "constexpr", "option", "device"])
+def test_anything_triton_specialises_on_is_a_new_key(fake, monkeypatch, change):
+    kernel, launch = fake
+    x = _aligned()
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16, num_warps=4)
+    args, kwargs = [x, 64, 100, 0.5], dict(BLOCK=16, num_warps=4)
+    if change == "stride":
+        args[1] = 65  # not divisible by 16 (and any other value is a key of its own)
+    elif change == "dtype":
+        args[0] = _aligned(torch.float16)
+    elif change == "misaligned":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary: vector loads would fault or read wrong
+        assert args[0].data_ptr() % 16
+    elif change == "constexpr":
+        kwargs["FLAG"] = True
+    elif change == "option":
+        kwargs["num_warps"] = 8
+    else:
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    launch[(1,)](*args, **kwargs)
+    assert len(kernel.slow) == 2 and launch.fast_launches == 0
+    launch[(1,)](*args, **kwargs)  # and that key is remembered in turn
+    assert len(kernel.slow) == 2 and launch.fast_launches == 1
+
+
+def test_arguments_the_key_cannot_describe_always_go_through_triton(fake):
+    kernel, launch = fake
+    for _ in range(3):
+        launch[(1,)](None, 64, 100, 0.5, BLOCK=16)
+    assert len(kernel.slow) == 3 and launch.fast_launches == 0
+
+
+def test_registered_launch_hooks_and_pre_run_hooks_get_every_launch(fake):
+    from triton import knobs
+
+    kernel, launch = fake
+    x = _aligned()
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    seen = []
+    hook = seen.append
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.slow) == 2 and launch.fast_launches == 0
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    assert len(kernel.slow) == 3 and launch.fast_launches == 0
+    kernel.pre_run_hooks.clear()
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    assert launch.fast_launches == 1
+
+
+def test_disabled_or_interpreted_kernels_launch_as_they_are(monkeypatch):
+    from lightning_op.kernels.chunked import _chunk_output_kernel
+
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    assert _launch.launcher(_chunk_output_kernel) is _chunk_output_kernel
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    stand_in = object()  # host_time.py --stub's no-op kernels, say
+    assert _launch.launcher(stand_in) is stand_in
+
+
+def test_the_table_starts_over_when_full(fake, monkeypatch):
+    kernel, launch = fake
+    monkeypatch.setattr(_launch, "MAX_KEYS", 2)
+    x = _aligned()
+    for stride in (16, 32, 48):
+        launch[(1,)](x, stride, 100, 0.5, BLOCK=16)
+    assert len(launch.compiled) == 1  # cleared at the third key, which is then remembered
+    launch[(1,)](x, 48, 100, 0.5, BLOCK=16)
+    assert launch.fast_launches == 1
