@@ -44,7 +44,6 @@ class LaunchConfig:
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
 
 
-@functools.lru_cache(maxsize=None)
 def _cdiv(a, b):
     """``ceil(a / b)`` for positive ``b``, in plain integer arithmetic (SymInts too). The host
     code's stand-in for ``triton.cdiv``, which is a ``ConstexprFunction`` and costs 3-5 us per call
@@ -57,6 +56,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
