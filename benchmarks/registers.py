@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
-from lightning_op.kernels.chunked import _chunk_output_kernel, _segment_state_kernel  # noqa: E402
+from lightning_op.kernels.chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_state_kernel  # noqa: E402
 
 FLOAT_ARGS = ("out_scale", "value_scale", "scale")
 #: integer arguments a launch does not mark as divisible by 16
@@ -155,6 +155,8 @@ def main() -> None:
                         help="the fused backward's dk scores after dv's store (LATE_DK_SCORES)")
     parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=None,
                         help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
+    parser.add_argument("--transposed", action="store_true",
+                        help="the forward output pass as _chunk_output_t_kernel (config transposed=1)")
     args = parser.parse_args()
     bf16, f32 = "*bf16", "*fp32"
     print(f"triton {triton.__version__}, sm_{args.arch}, bf16, with decay")
@@ -165,10 +167,11 @@ def main() -> None:
         update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=tl.bfloat16, PRECISION="ieee",
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
-                      UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores))
+                      UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
+                      KEY_PARTS=d // min(d, 64), PART=min(d, 64))
         state_dots = dict(STATE_DOT_DTYPE=tl.bfloat16, STATE_PRECISION="ieee")
         cases = [
-            ("forward output", _chunk_output_kernel, args.stages or 3,
+            ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
              dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
@@ -184,7 +187,7 @@ def main() -> None:
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)
             if args.block_v and kernel is _key_value_grad_kernel:
                 continue  # the fused pass always takes the whole value width
-            form = f"accumulate {int(constexprs['ACCUMULATE'])}"
+            form = "transposed" if kernel is _chunk_output_t_kernel else f"accumulate {int(constexprs['ACCUMULATE'])}"
             if "UPDATE_ACCUMULATE" in kernel.arg_names:
                 form += f", update {int(update)}"
             print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, {form}: {line}", flush=True)

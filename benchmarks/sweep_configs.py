@@ -57,6 +57,10 @@ VARIANTS = [
     # 49: D = 256 in small programs, two per multiprocessor (value blocks and chunks of 32, four
     # warps, 86 KB of shared memory; registers.py: 771 loop instructions per 32 rows, 19 local)
     dict(block_v=32, chunk=32, num_warps=4, update_accumulate=1, weight_values=1),
+    # 50-52: the transposed output kernel (state S^T in parts of 64 key columns; prototype at D =
+    # 256: 1.45 ms forward against 1.78), at D = 256 in value blocks of 128 (2 stages: 3 do not fit)
+    # or 64, and at D = 128 as the default tiles
+    dict(transposed=1, block_v=128, num_stages=2), dict(transposed=1, num_stages=2), dict(transposed=1),
 ]
 
 

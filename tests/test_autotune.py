@@ -310,6 +310,11 @@ def test_candidates_of_a_segmented_launch():
     wide = LaunchConfig(64, 256, 64, 8192, 8, 3, 1, False)
     assert {"weight_values": 1, "num_stages": 2} in _candidates("forward", wide, 8192, 8192)
     assert not any("weight_values" in c for c in _candidates("forward", cfg, 8000, 8192))
+    # and (16-bit tiles of keys wider than 128) the transposed output kernel in value blocks of 128
+    assert {"transposed": 1, "block_v": 128, "num_stages": 2} in _candidates("forward", wide, 8192, 8192)
+    assert not any("transposed" in c for c in _candidates("forward", cfg, 8000, 8192))
+    assert not any("transposed" in c for c in _candidates("forward", LaunchConfig(32, 256, 32, 8192, 8, 3, 1, False),
+                                                          8192, 8192))  # float32 tiles would not fit
 
 
 def test_unwritable_cache_warns_once_and_keeps_choices(autotune, monkeypatch, tmp_path):

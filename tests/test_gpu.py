@@ -209,3 +209,16 @@ def test_cuda_remembered_launches_follow_alignment():
     # the first misaligned call goes through Triton (as the first aligned one, unless an earlier
     # test launched this shape), the repeats do not
     assert fast[1:] == [1, 0, 1, 1] and fast[0] in (0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dk, dv", [(256, 256), (128, 128), (200, 40)])
+def test_cuda_transposed_output_kernel(dtype, dk, dv):
+    """The opt-in transposed output kernel (forward and the dq pass) against the oracle, in the
+    tiles the sweeps time: value blocks of 128 in two stages (float32: chunks of 32, blocks of 64)."""
+    from lightning_op.kernels import config_override
+
+    wide = dict(chunk=32, block_v=64) if dtype == torch.float32 else dict(block_v=128)
+    with config_override(transposed=1, num_stages=2, **wide):
+        _check(1, 2, 300, dk, dv, dtype, torch.tensor([0.05, 2.0], device="cuda"), True)
+        _check(1, 2, 4100, dk, dv, dtype, torch.tensor([1e-4, 0.5], device="cuda"), False)

@@ -93,6 +93,32 @@ def test_keys_wider_than_the_value_block(accumulate, weight_values):
     assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize(
+    "dk, dv, block_v, decay_kind, with_init, reverse, segment_len",
+    [(256, 256, 128, "mixed", True, False, None), (256, 40, 32, "mixed", True, True, 48),
+     (96, 80, 64, "mixed", False, True, None), (128, 128, 128, "none", True, False, 64),
+     (32, 24, 16, "none", False, False, None), (200, 40, 64, "mixed", True, False, 32)],
+    ids=lambda x: str(x),
+)
+def test_transposed_output_kernel(dk, dv, block_v, decay_kind, with_init, reverse, segment_len):
+    """``_chunk_output_t_kernel`` (``transposed=1``: the state held transposed in one, two or four
+    parts of key columns) against the float64 chunked form: key widths that are not a multiple of
+    the part, value blocks narrower than Dv, initial state, both directions, several segments."""
+    from lightning_op.kernels import config_override
+
+    q, k, v = make_inputs(2, 2, 75, dk, dv, torch.float32, DEVICE, seed=dk + dv)
+    decay = torch.tensor([0.05, 2.0], device=DEVICE) if decay_kind == "mixed" else None
+    init = torch.randn(2, 2, dk, dv, device=DEVICE) if with_init else None
+    changes = dict(transposed=1, block_v=block_v, chunk=16)
+    if segment_len is not None:
+        changes.update(segment_len=segment_len, state_split=2)
+    with config_override(**changes):
+        (out, final), (out_ref, final_ref) = _run(q, k, v, decay, init, reverse=reverse,
+                                                 init_shift=0 if reverse else 1, segment_len=None)
+    assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
+    assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
+
+
 def test_bad_segment_length():
     from lightning_op.kernels import linear_attention
 
@@ -117,7 +143,8 @@ def test_bad_segment_length():
      dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64),
      dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
           state_split=2),
-     dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48)],
+     dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48),
+     dict(transposed=1, chunk=16, segment_len=64, state_split=2), dict(transposed=1, block_v=32, chunk=32)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -281,6 +308,8 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     # session 5: 1.470 -> 1.399 ms forward+backward); only that pass has the option
     assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).late_dk_scores
     assert not main.late_dk_scores and not kernels.choose_config(128, 8192, 256, 256, gpu, whole_value=True).late_dk_scores
+    # the transposed output kernel is opt-in until the GPU has timed the library's version
+    assert not main.transposed and not kernels.choose_config(128, 8192, 256, 256, gpu).transposed
     # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
     assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)

@@ -20,7 +20,7 @@ from .._gates import TRITON_INTERPRETING
 from ._launch import launcher as _launcher
 from .. import reference
 from .backward import _key_value_grad_kernel
-from .chunked import _chunk_output_kernel, _segment_scan_kernel, _segment_state_kernel
+from .chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_scan_kernel, _segment_state_kernel
 from .decode import _decode_step_kernel
 
 __all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "choose_config", "config_override"]
@@ -42,6 +42,7 @@ class LaunchConfig:
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
+    transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
 
 
 def _cdiv(a, b):
@@ -62,7 +63,7 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate", "update_accumulate")
+            "state_accumulate", "update_accumulate", "transposed")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
                "kv_update_accumulate", "kv_late_dk_scores")
@@ -81,7 +82,9 @@ def config_override(**changes):
     ``state_accumulate`` (0 or 1) to the segment-state pass alone (its form; on by default),
     ``update_accumulate`` (0 or 1: ``UPDATE_ACCUMULATE``, the state update alone accumulating) to
     the output kernels and the fused backward, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the
-    forward-type kernels;
+    forward-type kernels, ``transposed`` (0 or 1) runs the forward-type output passes as
+    ``_chunk_output_t_kernel`` (one form of its own: ``accumulate``, ``weight_values`` and
+    ``update_accumulate`` do not apply to it);
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores`` (0 or 1:
     ``LATE_DK_SCORES``) to the fused key/value backward only, where they win
@@ -109,7 +112,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores"):
+                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -238,8 +241,9 @@ def _choose_config(
     state_accumulate = bool(pick("state_accumulate", 1))
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
+    transposed = not whole_value and bool(pick("transposed", 0))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate, late_dk_scores)
+                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
 
 
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
@@ -320,17 +324,25 @@ def linear_attention(
                 value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
             )
             num_slots = seg_states.shape[1]
-        launch(_chunk_output_kernel)[(b * h * num_v_blocks, num_segments)](
+        args = (
             query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             *_strides(initial_state), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
-            HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift,
-            REVERSE=reverse, STORE_FINAL=store_final,
-            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            WEIGHT_VALUES=cfg.weight_values, UPDATE_ACCUMULATE=cfg.update_accumulate, **types,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,
+                     STORE_FINAL=store_final, CHUNK=cfg.chunk, BLOCK_V=cfg.block_v, **types,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (b * h * num_v_blocks, num_segments)
+        if cfg.transposed:
+            # key columns in parts of at most 64 (head dims up to 256: at most four parts)
+            part = min(cfg.block_k, 64)
+            launch(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+        else:
+            launch(_chunk_output_kernel)[grid](
+                *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
+                UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
+            )
 
     itemsize = query.element_size()
     cfg = _autotune.select(
