@@ -246,6 +246,19 @@ def _choose_config(
                         weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
 
 
+_placeholders: dict = {}
+
+
+def _placeholder(device: torch.device) -> Tensor:
+    """A float32 tensor of one element on ``device``, kept: the pointer argument of a kernel option
+    that is off (it fixes the argument's type and is never read or written). Eager calls only; a
+    traced call allocates its own (a kept tensor would enter the graph as a constant)."""
+    found = _placeholders.get(device)
+    if found is None:
+        found = _placeholders[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return found
+
+
 def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * ndim
 
@@ -315,7 +328,10 @@ def linear_attention(
         num_segments = _cdiv(n_at_least_1, cfg.segment_len)
         num_v_blocks = _cdiv(dv, cfg.block_v)
         # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
-        seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+        if final is not None:
+            seg_states = final
+        else:
+            seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
         num_slots = 0
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
@@ -456,7 +472,7 @@ def key_value_gradients(
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
         num_segments = _cdiv(n, cfg.segment_len)
-        seg_states = final if final is not None else torch.empty(1, dtype=torch.float32, device=device)
+        seg_states = final if final is not None else _placeholder(device)
         if num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
