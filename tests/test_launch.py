@@ -137,14 +137,49 @@ def test_registered_launch_hooks_and_pre_run_hooks_get_every_launch(fake):
     assert launch.fast_launches == 1
 
 
-def test_disabled_or_interpreted_kernels_launch_as_they_are(monkeypatch):
+def test_interpreted_kernels_and_stand_ins_launch_as_they_are():
     from lightning_op.kernels.chunked import _chunk_output_kernel
 
-    monkeypatch.setattr(_launch, "ENABLED", False)
+    assert _launch.TRITON_INTERPRETING  # the CPU suite runs the kernels interpreted
     assert _launch.launcher(_chunk_output_kernel) is _chunk_output_kernel
-    monkeypatch.setattr(_launch, "ENABLED", True)
     stand_in = object()  # host_time.py --stub's no-op kernels, say
     assert _launch.launcher(stand_in) is stand_in
+
+
+def test_switched_off_every_launch_goes_through_triton(fake, monkeypatch):
+    kernel, launch = fake
+    monkeypatch.setattr(_launch, "ENABLED", False)  # LIGHTNING_OP_FAST_LAUNCH=0
+    x = _aligned()
+    for _ in range(3):
+        launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    assert len(kernel.slow) == 3 and launch.fast_launches == 0
+
+
+def test_launches_run_on_the_device_of_their_tensors(fake, monkeypatch):
+    """Tensors on another GPU than the current one: the launch (Triton's, then the remembered one)
+    happens under that device's guard, with that device's stream and its own launch key."""
+    import contextlib
+
+    kernel, launch = fake
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(index):
+        entered.append(index)
+        yield
+
+    streams = []
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    monkeypatch.setattr(_launch, "_raw_stream", lambda device: streams.append(device) or 99)
+    x = _aligned()
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)  # current device (0): no guard
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    assert entered == [] and streams == [0]
+    monkeypatch.setattr(_launch, "_device_of", lambda args: 1)
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)  # another key: through Triton, under the guard
+    assert entered == [1] and len(kernel.slow) == 2
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16)
+    assert entered == [1, 1] and streams == [0, 1] and launch.fast_launches == 2
 
 
 def test_the_table_starts_over_when_full(fake, monkeypatch):

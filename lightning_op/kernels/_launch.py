@@ -19,6 +19,9 @@ The slow path (plain ``kernel[grid](...)``) is taken for anything the key does n
 argument of another type, launch hooks registered with ``triton.knobs`` (profilers such as proton
 read the launch metadata), a kernel's pre-run hooks, the interpreter, or
 ``LIGHTNING_OP_FAST_LAUNCH=0`` in the environment (read when this module is imported).
+
+Every launch, remembered or not, runs on the device of its first CUDA tensor argument (a device
+guard is entered only when that is not the current device).
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ class FastLauncher:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _key(self, args, kwargs):
-        key = [torch.cuda.current_device(), tuple(kwargs.items())]
+    def _key(self, device: int, args, kwargs):
+        key = [device, tuple(kwargs.items())]
         append = key.append
         unspecialised = self.unspecialised
         for index, arg in enumerate(args):
@@ -98,11 +101,22 @@ class FastLauncher:
         return values
 
     def launch(self, grid, args, kwargs):
+        """On the device of the first CUDA tensor argument: Triton launches on the current device,
+        which for tensors on another GPU is the wrong one (an error, or another device's memory
+        read through peer access)."""
+        device = _device_of(args)
+        current = torch.cuda.current_device()
+        if device is not None and device != current:
+            with torch.cuda.device(device):
+                return self._launch(grid, args, kwargs, device)
+        return self._launch(grid, args, kwargs, current)
+
+    def _launch(self, grid, args, kwargs, device: int):
         kernel = self.kernel
         if not ENABLED or kernel.pre_run_hooks or not _hooks_idle():
             return kernel[grid](*args, **kwargs)
         try:
-            key = self._key(args, kwargs)
+            key = self._key(device, args, kwargs)
             compiled = None if key is None else self.compiled.get(key)
         except TypeError:  # an unhashable keyword argument
             key = compiled = None
@@ -124,6 +138,14 @@ class FastLauncher:
         return compiled
 
 
+def _device_of(args):
+    """The device index of the first CUDA tensor among ``args``, or None."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.is_cuda:
+            return arg.device.index
+    return None
+
+
 def _raw_stream(device: int) -> int:
     """The current CUDA stream's handle on ``device``, as Triton's driver reads it."""
     return torch._C._cuda_getCurrentRawStream(device)
@@ -133,9 +155,10 @@ _launchers: dict = {}
 
 
 def launcher(kernel):
-    """The remembering launcher of ``kernel`` (a ``triton.jit`` function); anything else (an
-    interpreted kernel, a test's stand-in) is returned as it is."""
-    if not ENABLED or not hasattr(kernel, "params") or not hasattr(kernel, "pre_run_hooks"):
+    """The remembering launcher of ``kernel`` (a ``triton.jit`` function; with
+    ``LIGHTNING_OP_FAST_LAUNCH=0`` it only adds the device guard); anything else (an interpreted
+    kernel, a test's stand-in) is returned as it is."""
+    if TRITON_INTERPRETING or not hasattr(kernel, "params") or not hasattr(kernel, "pre_run_hooks"):
         return kernel
     found = _launchers.get(kernel)
     if found is None:
