@@ -7,7 +7,7 @@ host that came to ≈ 130 us per launch, ≈ 400 us of a D = 64 forward+backward
 against 660 us of GPU time (benchmarks/RESULTS.md, 2026-12-02, session 5): the host set the pace.
 
 :func:`launcher` remembers, per kernel, the compiled kernel Triton chose for each *launch key*: the
-current device, every integer argument's exact value (except those the kernel does not
+device of the launch's tensors, every integer argument's exact value (except those the kernel does not
 specialise, like ``N``, which only contribute their integer width), each tensor's dtype and
 whether its address is 16-byte aligned, the type of each float, and every keyword argument. That
 key is finer than Triton's own specialisation (which only keeps classes of integers: 1,
@@ -40,13 +40,18 @@ MAX_KEYS = 1024
 
 _UNSUPPORTED = object()
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older triton: no knobs module, no hooks to honour this way
+    _knobs = None
+
 
 def _hooks_idle() -> bool:
-    """True when no launch hook is registered (an empty ``HookChain`` counts as none)."""
-    try:
-        from triton import knobs
-    except ImportError:  # older triton: no knobs module, no hooks to honour this way
+    """True when no launch hook is registered (an empty ``HookChain`` counts as none). Read on
+    every launch: a profiler may register its hooks at any time."""
+    if _knobs is None:
         return True
+    knobs = _knobs
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return False
