@@ -55,11 +55,10 @@ for stage in "${stages[@]}"; do
     quick)   timeout 240 python3 benchmarks/bench.py --quick --out "$out/quick" 2>&1 | tee "$out/quick.log" | tail -12 ;;
     decode)  timeout 150 python3 benchmarks/bench_decode.py --out "$out/decode" 2>&1 | tee "$out/decode.log" | tail -40 ;;
     sweep)   timeout 330 python3 benchmarks/sweep_configs.py --backward --profile 2>&1 | tee "$out/sweep.log" | tail -80 ;;
-    tsweep)  # the transposed output kernel (benchmarks/NOTES.md, session 5): its GPU tests, the sweep lines, the prototype
+    tsweep)  # the two output kernels (transposed, the default at D = 128 and bf16 D = 256, and the other): GPU tests, sweep
              timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k transposed 2>&1 | tail -3
              timeout 240 python3 benchmarks/sweep_configs.py --backward --shapes 8x8192x16x256,8x8192x16x128,2x32768x16x128 \
-               --variants 0,50,51,52 2>&1 | grep -v -i warn | tee "$out/tsweep.log"
-             timeout 90 python3 benchmarks/proto_transposed_state.py 2>&1 | grep -v -i warn | tee -a "$out/tsweep.log" ;;
+               --variants 0,54 2>&1 | grep -v -i warn | tee "$out/tsweep.log" ;;
     dsweep)  timeout 120 python3 benchmarks/sweep_configs.py --decode 2>&1 | tee "$out/dsweep.log" | tail -6 ;;
     rewrite) timeout 200 python3 examples/rewrite_existing_model.py --device cuda --dtype bfloat16 --hidden 1024 \
                --heads 16 --layers 4 --lengths 4096 16384 2>&1 | tee "$out/rewrite.log" | tail -20 ;;

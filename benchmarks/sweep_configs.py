@@ -15,7 +15,7 @@ import torch
 from triton.testing import do_bench
 
 import lightning_op
-from lightning_op.kernels import choose_config, config_override
+from lightning_op.kernels import choose_config, config_override, state_itemsize_of
 
 VARIANTS = [
     {}, dict(kv_fused=0), dict(segment_len=2048), dict(segment_len=4096), dict(segment_len=8192),
@@ -57,10 +57,15 @@ VARIANTS = [
     # 49: D = 256 in small programs, two per multiprocessor (value blocks and chunks of 32, four
     # warps, 86 KB of shared memory; registers.py: 771 loop instructions per 32 rows, 19 local)
     dict(block_v=32, chunk=32, num_warps=4, update_accumulate=1, weight_values=1),
-    # 50-52: the transposed output kernel (state S^T in parts of 64 key columns; prototype at D =
-    # 256: 1.45 ms forward against 1.78), at D = 256 in value blocks of 128 (2 stages: 3 do not fit)
-    # or 64, and at D = 128 as the default tiles
+    # 50-52: the transposed output kernel (state S^T in parts of 64 key columns; the default since
+    # session 6 at D = 128 and bf16 D = 256), at D = 256 in value blocks of 128 (2 stages: 3 do not
+    # fit) or 64, and at D = 128 in the default tiles
     dict(transposed=1, block_v=128, num_stages=2), dict(transposed=1, num_stages=2), dict(transposed=1),
+    # 53-54: the transposed kernel with eight warps (D = 64 defaults to four), and the other output
+    # kernel (the default before session 6 at every D)
+    dict(transposed=1, num_warps=8), dict(transposed=0),
+    # 55: the transposed kernel in chunks of 32 (float16 at D = 256: chunks of 64 overflow shared memory)
+    dict(transposed=1, chunk=32, block_v=128, num_stages=2),
 ]
 
 
@@ -194,7 +199,8 @@ def main() -> None:
         grad = torch.randn_like(q)
         decay = lightning_op.slopes(h).to(device)
         nbytes = 4 * q.numel() * q.element_size()
-        default = choose_config(b * h, n, d, d, device, itemsize=q.element_size())
+        default = choose_config(b * h, n, d, d, device, itemsize=q.element_size(),
+                                state_itemsize=state_itemsize_of(q.dtype))
         print(f"B{b} N{n} H{h} D{d} {args.dtype}: default {default}", flush=True)
         if args.profile:
             with torch.no_grad():

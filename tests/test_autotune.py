@@ -5,6 +5,7 @@ On CPU the kernels run in Triton's interpreter and candidates are "timed" by a f
 module's test hook), so the choice is deterministic; every candidate is still launched for real.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -166,12 +167,12 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
 
 
-@pytest.mark.parametrize("edit", [None, ("kernels=4", "kernels=3"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
+@pytest.mark.parametrize("edit", [None, ("kernels=5", "kernels=4"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
                                   ("n=256", "n=512"), ("kind=forward", "kind=key_value")],
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
     key = _forward_key(autotune)
-    assert "kernels=4;" in key and autotune.KERNEL_VERSION == 4
+    assert "kernels=5;" in key and autotune.KERNEL_VERSION == 5
     if edit is not None:
         assert edit[0] in key
         key = key.replace(*edit)
@@ -293,8 +294,8 @@ def test_candidates_of_a_segmented_launch():
     cfg = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=2048, num_warps=8, num_stages=3,
                        state_split=2, accumulate=False)
     assert _candidates("forward", cfg, 8000, 8192) == [
-        {"accumulate": 1}, {"update_accumulate": 1}, {"block_v": 64}, {"num_warps": 4}, {"num_stages": 2},
-        {"segment_len": 4096},
+        {"accumulate": 1}, {"update_accumulate": 1}, {"block_v": 64}, {"transposed": 1}, {"num_warps": 4},
+        {"num_stages": 2}, {"segment_len": 4096},
         {"segment_len": 1024}, {"segment_len": 8192}, {"state_split": 4}, {"state_split": 1},
         {"state_accumulate": 1}]
     whole = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=1024, num_warps=8, num_stages=2,
@@ -310,11 +311,16 @@ def test_candidates_of_a_segmented_launch():
     wide = LaunchConfig(64, 256, 64, 8192, 8, 3, 1, False)
     assert {"weight_values": 1, "num_stages": 2} in _candidates("forward", wide, 8192, 8192)
     assert not any("weight_values" in c for c in _candidates("forward", cfg, 8000, 8192))
-    # and (16-bit tiles of keys wider than 128) the transposed output kernel in value blocks of 128
-    assert {"transposed": 1, "block_v": 128, "num_stages": 2} in _candidates("forward", wide, 8192, 8192)
-    assert not any("transposed" in c for c in _candidates("forward", cfg, 8000, 8192))
-    assert not any("transposed" in c for c in _candidates("forward", LaunchConfig(32, 256, 32, 8192, 8, 3, 1, False),
-                                                          8192, 8192))  # float32 tiles would not fit
+    # keys of 128: the other output kernel, either way round
+    assert {"transposed": 0} in _candidates("forward", dataclasses.replace(cfg, transposed=True), 8000, 8192)
+    # keys wider than 128, transposed (bfloat16's default): the other kernel in its own tiles;
+    # not transposed (float16, float32: a float32 state operand, whose transposed tiles overflow
+    # shared memory): the transposed kernel is no candidate
+    wide_t = LaunchConfig(64, 256, 128, 8192, 8, 2, 1, False, transposed=True)
+    assert {"transposed": 0, "block_v": 64, "num_stages": 3} in _candidates("forward", wide_t, 8192, 8192)
+    assert not any("transposed" in c for c in _candidates("forward", wide, 8192, 8192))
+    assert not any("transposed" in c for c in _candidates("forward", one_segment, 4000, 4096))  # D = 64
+    assert not any("transposed" in c for c in _candidates("key_value", whole, 3000, 4096))
 
 
 def test_unwritable_cache_warns_once_and_keeps_choices(autotune, monkeypatch, tmp_path):

@@ -308,12 +308,26 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     # session 5: 1.470 -> 1.399 ms forward+backward); only that pass has the option
     assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).late_dk_scores
     assert not main.late_dk_scores and not kernels.choose_config(128, 8192, 256, 256, gpu, whole_value=True).late_dk_scores
-    # the transposed output kernel is opt-in until the GPU has timed the library's version
-    assert not main.transposed and not kernels.choose_config(128, 8192, 256, 256, gpu).transposed
-    # float32 tiles: half the value width; D = 256: chunks and value blocks of 64 (32 in float32)
-    assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
+    # the transposed output kernel (2026-12-02, session 6) for 16-bit keys of 65-128 columns, and
+    # wider ones with a 16-bit state operand (bfloat16), there in value blocks of 128 and two
+    # stages; not float32, not float16 above 128 (its float32 state operand overflows shared
+    # memory), not D = 64, not the fused backward (which has no such form)
+    assert main.transposed and kernels.choose_config(128, 8192, 96, 80, gpu).transposed
     d256 = kernels.choose_config(128, 8192, 256, 256, gpu)
-    assert (d256.chunk, d256.block_v, d256.accumulate) == (64, 64, False)
+    assert (d256.transposed, d256.chunk, d256.block_v, d256.num_stages, d256.accumulate) == (True, 64, 128, 2, False)
+    assert kernels.choose_config(128, 8192, 128, 128, gpu, state_itemsize=4).transposed  # float16 at D = 128
+    d256_float16 = kernels.choose_config(128, 8192, 256, 256, gpu, state_itemsize=4)
+    assert (d256_float16.transposed, d256_float16.block_v, d256_float16.num_stages) == (False, 64, 3)
+    assert not kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).transposed
+    assert not d64.transposed and not kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).transposed
+    assert kernels.state_itemsize_of(torch.bfloat16) == 2
+    assert kernels.state_itemsize_of(torch.float16) == kernels.state_itemsize_of(torch.float32) == 4
+    # forcing the other output kernel at D = 256 brings back its own tiles
+    with kernels.config_override(transposed=0):
+        other = kernels.choose_config(128, 8192, 256, 256, gpu)
+    assert (other.transposed, other.block_v, other.num_stages) == (False, 64, 3)
+    # float32 tiles: half the value width; D = 256: chunks of 64 (32 and value blocks of 32 in float32)
+    assert kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).block_v == 64
     d256_float32 = kernels.choose_config(128, 8192, 256, 256, gpu, itemsize=4)
     assert (d256_float32.chunk, d256_float32.block_v) == (32, 32)
     # the fused backward: the whole value, fewer stages

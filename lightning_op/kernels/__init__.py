@@ -23,7 +23,8 @@ from .backward import _key_value_grad_kernel
 from .chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_scan_kernel, _segment_state_kernel
 from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "choose_config", "config_override"]
+__all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "choose_config", "config_override",
+           "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -137,19 +138,21 @@ _chosen: dict = {}
 
 def choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
-    *, whole_value: bool = False, itemsize: int = 2,
+    *, whole_value: bool = False, itemsize: int = 2, state_itemsize: Optional[int] = None,
 ) -> LaunchConfig:
     """:func:`_choose_config`, remembered per argument set (it runs for every launch: ≈ 9 us of host
     time each on this project's CPU, a dictionary lookup once known). Not remembered while
     :func:`config_override` forces parameters, or for symbolic sizes."""
     if _overrides or not all(type(x) is int for x in (batch_heads, n, dk, dv)) or \
             (segment_len is not None and type(segment_len) is not int):
-        return _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize)
+        return _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize,
+                              state_itemsize=state_itemsize)
     multiprocessors = _multiprocessors(device.index or 0) if device.type == "cuda" else 0
-    key = (batch_heads, n, dk, dv, device, segment_len, whole_value, itemsize, multiprocessors)
+    key = (batch_heads, n, dk, dv, device, segment_len, whole_value, itemsize, state_itemsize, multiprocessors)
     cfg = _chosen.get(key)
     if cfg is None:
-        cfg = _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize)
+        cfg = _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize,
+                             state_itemsize=state_itemsize)
         if len(_chosen) >= 4096:
             _chosen.clear()
         _chosen[key] = cfg
@@ -158,9 +161,11 @@ def choose_config(
 
 def _choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
-    *, whole_value: bool = False, itemsize: int = 2,
+    *, whole_value: bool = False, itemsize: int = 2, state_itemsize: Optional[int] = None,
 ) -> LaunchConfig:
-    """Tile sizes and the segment length for one call (``itemsize``: bytes per input element).
+    """Tile sizes and the segment length for one call (``itemsize``: bytes per input element;
+    ``state_itemsize``: bytes per element of the state's operand in its products, by default
+    ``itemsize``; float16 inputs have 4, see :func:`state_itemsize_of`).
 
     Chosen from the H200 sweeps in benchmarks/RESULTS.md:
 
@@ -188,6 +193,13 @@ def _choose_config(
       programs) 0.521 / 2.061 in one piece of the other form, 0.510 / 1.951 in two accumulating;
       B1 N128K (112) 1.063 / 4.112 against 1.045 / 3.995; B1 N64K (112) 0.527 / 2.094 against
       0.533 / 2.028;
+    - the output passes as ``_chunk_output_t_kernel`` (``transposed``: the state held as S^T, in
+      parts of 64 key columns) for 16-bit keys of 65-128 columns, and wider ones whose state
+      operand is 16-bit too (bfloat16), there in value blocks of 128 and two stages. 2026-12-02,
+      session 6, forward / forward+backward ms: B8 N8K D256 1.804 / 7.212 -> 1.355 / 5.585, main
+      shape 0.372 / 1.448 -> 0.339 / 1.372, B2 N32K 0.487 / 1.840 -> 0.456 / 1.772. Float16's
+      float32 state operand makes the D = 256 tiles need 256 KiB of shared memory (the H200
+      has 227);
     - ``whole_value`` (the fused backward, which holds a Dk x Dv state and four row tiles): all
       value columns in one block, fewer pipeline stages.
 
@@ -201,17 +213,21 @@ def _choose_config(
     block_k = max(16, _next_power_of_2(dk))
     wide_float32 = block_k > 128 and itemsize > 2  # 64-row float32 tiles of such keys overflow shared memory
     chunk = pick("chunk", 32 if wide_float32 else 64)
+    state_itemsize = itemsize if state_itemsize is None else state_itemsize
+    transposed = not whole_value and bool(pick("transposed", int(
+        itemsize <= 2 and (block_k == 128 or (block_k > 128 and state_itemsize <= 2)))))
+    wide_transposed = transposed and block_k > 128  # S^T in parts: value blocks of 128 in two stages
     if whole_value:
         block_v = max(16, _next_power_of_2(dv))
     else:
-        widest = (128 if itemsize <= 2 else 64) if block_k <= 128 else (32 if wide_float32 else 64)
+        widest = (128 if itemsize <= 2 else 64) if block_k <= 128 or wide_transposed else (32 if wide_float32 else 64)
         block_v = pick("block_v", max(16, min(_next_power_of_2(dv), widest)))
     num_warps = pick("num_warps", 4 if block_k <= 64 else 8)
     accumulate = bool(pick("accumulate", int(block_k <= 64)))
     if whole_value:
         num_stages = pick("num_stages", 2 if max(block_k, block_v) >= 128 else 1)
     else:
-        num_stages = pick("num_stages", 3)
+        num_stages = pick("num_stages", 2 if wide_transposed else 3)
     forced_segment = _forced("segment_len", whole_value)
     explicit = segment_len is not None  # a caller's fixed length (N may be symbolic): no split
     if segment_len is None and forced_segment is not None:
@@ -241,7 +257,6 @@ def _choose_config(
     state_accumulate = bool(pick("state_accumulate", 1))
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
-    transposed = not whole_value and bool(pick("transposed", 0))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
                         weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
 
@@ -360,13 +375,21 @@ def linear_attention(
                 UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
             )
 
-    itemsize = query.element_size()
+    itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = _autotune.select(
-        "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize), launch_with,
+        "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize,
+                                         state_itemsize=state_itemsize), launch_with,
         device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None,
     )
     launch_with(cfg)
     return out, final
+
+
+def state_itemsize_of(dtype: torch.dtype) -> int:
+    """Bytes per element of the state's operand in the kernels' products with the state, on the
+    GPU (as :func:`_dot_types_of`): 2 for bfloat16, 4 for float32 and float16 (tf32: float16
+    cannot hold a long undecayed state)."""
+    return 2 if dtype == torch.bfloat16 else 4
 
 
 def _dot_types(dtype: torch.dtype) -> dict:

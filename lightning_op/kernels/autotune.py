@@ -48,9 +48,10 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 4  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
+KERNEL_VERSION = 5  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
 #: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add; 4: the
-#: fused backward's late dk scores by default up to D = 128, and the transposed output kernel among the candidates
+#: fused backward's late dk scores by default up to D = 128, and the transposed output kernel among the
+#: candidates; 5: the transposed output kernel by default for 16-bit keys of 65-128 and bfloat16's wider ones
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
@@ -232,10 +233,14 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
         # wide keys: the state update's row weights on the narrower value tile (more shared
         # memory, hence one stage fewer)
         changes.append({"weight_values": 1, "num_stages": max(1, cfg.num_stages - 1)})
-    if kind == "forward" and cfg.block_k > 128 and cfg.chunk >= 64 and not cfg.transposed:
-        # keys wider than 128 in 16-bit tiles: the transposed output kernel in value blocks of
-        # 128 (two stages fit; prototype at D = 256 on the H200: 1.45 ms against 1.78)
-        changes.append({"transposed": 1, "block_v": 128, "num_stages": 2})
+    if kind == "forward" and cfg.transposed and cfg.block_k > 128:
+        # wide keys: the other output kernel in its own tiles (value blocks of 64, three stages;
+        # on the H200 at D = 256 1.80 ms forward against the transposed kernel's 1.36)
+        changes.append({"transposed": 0, "block_v": 64, "num_stages": 3})
+    elif kind == "forward" and cfg.block_k == 128 and cfg.chunk >= 64:
+        # the other output kernel (keys wider than 128 that are not transposed by default have a
+        # float32 state operand, whose transposed tiles overflow shared memory: not a candidate)
+        changes.append({"transposed": int(not cfg.transposed)})
     if kind == "key_value" and cfg.chunk >= 32:  # its block_v is the whole value width: smaller chunks instead
         changes.append({"kv_chunk": cfg.chunk // 2})
     changes.append({prefix + "num_warps": 8 if cfg.num_warps == 4 else 4})
