@@ -35,6 +35,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+from lightning_op.kernels import _dot_types_of  # noqa: E402
 from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
 from lightning_op.kernels.chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_state_kernel  # noqa: E402
 
@@ -160,20 +163,19 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
-    dot_dtype = tl.bfloat16 if args.dtype == "bf16" else tl.float16
+    # the launcher's dot types (float16's products with the state in tf32), tf32 off
+    dots = dict(_dot_types_of(torch.bfloat16 if args.dtype == "bf16" else torch.float16, False))
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, with decay")
     for d in (int(x) for x in args.dims.split(",")):
         warps = args.warps or (4 if d <= 64 else 8)
         accumulate = args.accumulate if args.accumulate is not None else d <= 64  # as choose_config
         # update_accumulate as choose_config: on at D = 65-128 (bf16) unless given
         update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
-        common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dot_dtype, PRECISION="ieee",
+        common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"],
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
                       UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
                       KEY_PARTS=d // min(d, 64), PART=min(d, 64))
-        # as the launcher: float16's products with the state in tf32 (a long state overflows float16)
-        state_dots = dict(STATE_DOT_DTYPE=dot_dtype, STATE_PRECISION="ieee") if args.dtype == "bf16" else \
-            dict(STATE_DOT_DTYPE=tl.float32, STATE_PRECISION="tf32")
+        state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
              dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
