@@ -51,8 +51,8 @@ def _hooks_idle() -> bool:
     every launch: a profiler may register its hooks at any time."""
     if _knobs is None:
         return True
-    knobs = _knobs
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    runtime = _knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
