@@ -413,6 +413,11 @@ def _dot_types_of(dtype: torch.dtype, allow_tf32: bool) -> tuple:
     ).items())
 
 
+#: the segment scan's state columns per program and its pipelined loads (``_segment_scan_kernel``):
+#: a Dk x 32 float32 tile is 16 KiB at Dk = 128, four of them in flight
+SCAN_BLOCK_V, SCAN_STAGES = 32, 4
+
+
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
@@ -442,12 +447,13 @@ def _segment_start_states(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    launch(_segment_scan_kernel)[(b * h * num_v_blocks,)](
+    scan_block_v = min(SCAN_BLOCK_V, max(16, _next_power_of_2(dv)))
+    launch(_segment_scan_kernel)[(b * h * _cdiv(dv, scan_block_v),)](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         *_strides(initial_state),
         h, dk, dv, piece_len, num_pieces,
         HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
-        BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
     )
     return seg_states
 

@@ -170,9 +170,14 @@ def _segment_scan_kernel(
     stride_ib, stride_ih, stride_ik, stride_iv,
     H, DK, DV, segment_len, num_segments,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
-    """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start."""
+    """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start.
+
+    One program per block of ``BLOCK_V`` state columns and batch*head: the columns are independent,
+    so narrow blocks spread the scan's sequential chain over many programs. ``STAGES`` > 1
+    pipelines the slots' loads (asynchronous copies that many slots ahead), so that each step of
+    the chain waits for one multiply-add, not for a round trip to memory."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
@@ -190,7 +195,7 @@ def _segment_scan_kernel(
         first_decay = tl.exp2(log2_lam * (segment_len - 1 + INIT_SHIFT))
         later_decay = tl.exp2(log2_lam * segment_len)
     slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
-    for g in range(0, num_segments - 1):
+    for g in tl.range(0, num_segments - 1, num_stages=STAGES):
         own = tl.load(slot_ptr + g * DK * DV, mask=tile_mask, other=0.0)
         if HAS_DECAY:
             state = state * tl.where(g == 0, first_decay, later_decay)
