@@ -10,6 +10,7 @@ the interpreter).
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Callable, Optional
@@ -185,14 +186,16 @@ def attn(
     return _attn_impl(q, k, v, decay, scale, initial_state)
 
 
-def _attn_impl(q, k, v, decay, scale, initial_state):
-    """``lightning::attn`` on validated inputs (the op's body, also run by the eager path)."""
+def _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=None):
+    """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
+    passes ``keep_start_states``: see ``kernels.linear_attention``)."""
     _check_decay_values(decay)
     decay, initial_state = _decay_float32(decay), _float32(initial_state)
     if _use_triton(q):
         from .kernels import linear_attention
 
-        return linear_attention(q, k, v, decay, out_scale=scale, initial_state=initial_state)
+        return linear_attention(q, k, v, decay, out_scale=scale, initial_state=initial_state,
+                                keep_start_states=keep_start_states)
     out, final = reference.attention_forward_chunked(q, k, v, decay, scale, initial_state)
     return out, final.to(torch.float32)
 
@@ -232,8 +235,9 @@ def attn_bwd(
     return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
 
 
-def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads):
-    """``lightning::attn_bwd``'s body (also run by the eager path)."""
+def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, forward_states=None):
+    """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
+    segment states: ``reference.attention_backward_chunked``)."""
     decay, initial_state, grad_final_state = _decay_float32(decay), _float32(initial_state), _float32(grad_final_state)
     kernels = {}
     if _use_triton(q):
@@ -241,7 +245,8 @@ def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_st
 
         kernels = dict(linear_attention=linear_attention, key_value_gradients=key_value_gradients)
     dq, dk, dv, d_init = reference.attention_backward_chunked(
-        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads, **kernels
+        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
+        forward_states=forward_states if kernels else None, **kernels
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else _float32(d_init)
     return _in_layout(dq, bnhd_grads), _in_layout(dk, bnhd_grads), _in_layout(dv, bnhd_grads), d_init
@@ -307,14 +312,19 @@ class _EagerAttention(torch.autograd.Function):
     # the ctx-in-forward style: a separate setup_context costs about 12 us more per call (CPU)
     @staticmethod
     def forward(ctx, q, k, v, decay, scale, initial_state):
-        output = _attn_impl(q, k, v, decay, scale, initial_state)
+        # the forward's segment start states (B*H*segments float32 states, none when one segment
+        # covers N): the backward's dq pass starts from them instead of a pass of its own over k, v
+        kept = []
+        output = _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=kept)
         _setup_context(ctx, (q, k, v, decay, scale, initial_state), output)
+        ctx.forward_states = kept[0] if kept else None
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros to fill and read
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_final_state):
-        grads = _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_attn_bwd_impl)
+        grads = _backward(ctx, grad_out, grad_final_state,
+                          attn_bwd_fn=functools.partial(_attn_bwd_impl, forward_states=ctx.forward_states))
         if not torch.is_grad_enabled():
             return grads
         # create_graph=True: the kernels' gradients have no history, so a loss built from them

@@ -314,7 +314,7 @@ def key_value_gradients_chunked(
 
 def attention_backward_chunked(
     grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
-    linear_attention=None, key_value_gradients=None, out_bnhd=False,
+    linear_attention=None, key_value_gradients=None, out_bnhd=False, forward_states=None,
 ):
     """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
 
@@ -329,14 +329,17 @@ def attention_backward_chunked(
     computes dk and dv (default: :func:`key_value_gradients_chunked` over ``linear_attention``).
     ``d_initial_state`` is None when ``initial_state`` is None. ``out_bnhd`` asks the kernels for
     gradients stored as [B, N, H, D] (see ``kernels.linear_attention``); the chunked form ignores it.
+    ``forward_states``: the forward's ``kernels.SegmentStates`` (kernels only): dq's state is the
+    transpose of the forward's, so its pass may start its segments from them.
     """
     if linear_attention is None:
         linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
     if key_value_gradients is None:
         key_value_gradients = functools.partial(key_value_gradients_chunked, linear_attention=linear_attention)
     init_t = None if initial_state is None else initial_state.transpose(-1, -2)
+    reuse = {} if forward_states is None else dict(start_states=forward_states.t())
     dq, _ = linear_attention(
-        grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False, out_bnhd=out_bnhd
+        grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False, out_bnhd=out_bnhd, **reuse
     )
     dk, dv, ds0 = key_value_gradients(
         grad_out, grad_final_state, q, k, v, decay, scale, store_final=initial_state is not None, out_bnhd=out_bnhd

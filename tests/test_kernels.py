@@ -11,7 +11,7 @@ import torch
 
 from lightning_op import reference
 
-from _helpers import TOLERANCE, make_inputs, rel_error
+from _helpers import TOLERANCE, make_inputs, oracle, rel_error
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -377,3 +377,57 @@ def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
     out_ref, final_ref, grads_ref = oracle(q, k, v, None, 0.3, init, grad_out, grad_final)
     for got, want in zip((out, final, *grads), (out_ref, final_ref, *grads_ref)):
         assert rel_error(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dk, dv, with_init", [(32, 32, True), (32, 32, False), (16, 40, True)])
+def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, monkeypatch):
+    """The eager path keeps the forward's segment start states and dq's pass starts from them,
+    read transposed: a segmented forward+backward runs two segment-state passes instead of three
+    (the forward's and dk/dv's, both of their own kind), with the oracle's gradients; the op's
+    path through the dispatcher computes all three, to the same values."""
+    from lightning_op import kernels, ops
+    from lightning_op.kernels import config_override
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    passes = []
+    real = kernels._segment_start_states
+
+    def counted(key, value, *args, **kwargs):
+        passes.append((tuple(key.shape), tuple(value.shape), kwargs["reverse"]))
+        return real(key, value, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_segment_start_states", counted)
+    q, k, v = make_inputs(2, 2, 300, dk, dv, torch.float32, DEVICE, seed=11)
+    decay = torch.tensor([0.01, 0.3], device=DEVICE)
+    init = torch.randn(2, 2, dk, dv, device=DEVICE) if with_init else None
+    grad_out = torch.randn(2, 2, 300, dv, device=DEVICE)
+    grad_final = torch.randn(2, 2, dk, dv, device=DEVICE)
+    expected_out, expected_final, expected_grads = oracle(q, k, v, decay, 0.7, init, grad_out, grad_final)
+
+    cut = dict(segment_len=64, state_split=2, kv_segment_len=64, kv_state_split=2)
+
+    def run(attn, backward_cut=cut):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([init.clone().requires_grad_()] if with_init else [])
+        with config_override(**cut):
+            out, final = attn(*leaves[:3], decay, 0.7, leaves[3] if with_init else None)
+        with config_override(**backward_cut):
+            torch.autograd.backward((out, final), (grad_out, grad_final))
+        found = list(passes)
+        passes.clear()
+        return (out, final, [x.grad for x in leaves]), found
+
+    eager, eager_passes = run(ops.attn_eager)
+    op, op_passes = run(torch.ops.lightning.attn)
+    # where the backward cuts the sequence otherwise, dq's pass cannot use the forward's states
+    recut, recut_passes = run(ops.attn_eager, dict(cut, segment_len=128))
+    # forward (keys k), dk/dv (keys q, reverse); the op's path adds dq's own (keys v)
+    assert [p[2] for p in eager_passes] == [False, True], eager_passes
+    for found in (op_passes, recut_passes):
+        assert [p[0][-1] for p in found] == [dk, dv, dk] and [p[2] for p in found] == [False, False, True], found
+    for got in (eager, op, recut):
+        assert rel_error(got[0], expected_out) < TOLERANCE[torch.float32]
+        assert rel_error(got[1], expected_final) < TOLERANCE[torch.float32]
+        for grad, want in zip(got[2], expected_grads):
+            assert rel_error(grad, want) < TOLERANCE[torch.float32]
+    for a, b in zip(eager[2], op[2]):
+        assert rel_error(a, b) < 1e-5

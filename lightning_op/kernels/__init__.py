@@ -23,8 +23,8 @@ from .backward import _key_value_grad_kernel
 from .chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_scan_kernel, _segment_state_kernel
 from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "choose_config", "config_override",
-           "state_itemsize_of"]
+__all__ = ["linear_attention", "key_value_gradients", "decode_step", "LaunchConfig", "SegmentStates", "choose_config",
+           "config_override", "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -44,6 +44,37 @@ class LaunchConfig:
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
     transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentStates:
+    """The segment start states one :func:`linear_attention` call computed (float32
+    ``[B*H, slots, Dk, Dv]``, see :func:`_segment_start_states`) and the cut they belong to.
+
+    The gradient of the op's query is a linear attention whose state is the transpose of the
+    forward's (query do, key v, value k: ``sum lam^(t-s) v_s k_s^T``), so the backward can start
+    its segments from these instead of a second segment-state pass over k and v: ``transposed()``
+    describes them read that way. A call takes them only where its own configuration cuts the
+    sequence the same way (else it computes its own)."""
+
+    states: Tensor
+    segment_len: int
+    state_split: int
+    transposed: bool = False
+
+    def t(self) -> "SegmentStates":
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+    def strides(self) -> tuple[int, int]:
+        """(key, value) element strides of a slot, as the reading pass indexes it."""
+        inner = self.states.shape[-1]
+        return (1, inner) if self.transposed else (inner, 1)
+
+    def fits(self, cfg: "LaunchConfig", num_slots: int, dk: int, dv: int, device: torch.device) -> bool:
+        tile = (dv, dk) if self.transposed else (dk, dv)
+        return (self.segment_len == cfg.segment_len and self.state_split == cfg.state_split
+                and self.states.dtype == torch.float32 and self.states.device == device
+                and tuple(self.states.shape[1:]) == (num_slots, *tile) and self.states.is_contiguous())
 
 
 def _cdiv(a, b):
@@ -299,6 +330,8 @@ def linear_attention(
     segment_len: Optional[int] = None,
     traceable: bool = False,
     out_bnhd: bool = False,
+    start_states: Optional[SegmentStates] = None,
+    keep_start_states: Optional[list] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``reference.linear_attention_chunked`` on the Triton kernels.
 
@@ -309,6 +342,12 @@ def linear_attention(
     :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
     ``out_bnhd`` stores ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept
     in that layout then need no copy.
+
+    ``keep_start_states``: a list to which the call appends the :class:`SegmentStates` it computed
+    (nothing when one segment covers N). ``start_states``: such states of an earlier call with the
+    same key, value (or, ``transposed``, the two swapped), decay and initial state (the same
+    ``value_scale`` and ``init_shift``), used instead of the segment-state pass where they fit
+    (:meth:`SegmentStates.fits`); the caller vouches for that sameness. Eager calls only.
 
     ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
     torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
@@ -341,24 +380,31 @@ def linear_attention(
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
         num_segments = _cdiv(n_at_least_1, cfg.segment_len)
+        if keep_start_states is not None:
+            keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
         num_v_blocks = _cdiv(dv, cfg.block_v)
         # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
         if final is not None:
             seg_states = final
         else:
             seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
-        num_slots = 0
+        num_slots, state_strides = 0, (dv, 1)
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
-            seg_states = _segment_start_states(
-                key, value, decay, initial_state, cfg, num_segments,
-                value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
-            )
-            num_slots = seg_states.shape[1]
+            num_slots = (num_segments - 1) * cfg.state_split + 1
+            if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
+                seg_states, state_strides = start_states.states, start_states.strides()
+            else:
+                seg_states = _segment_start_states(
+                    key, value, decay, initial_state, cfg, num_segments,
+                    value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
+                )
+                if keep_start_states is not None:
+                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split))
         args = (
             query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            *_strides(initial_state), *_strides(final),
+            *_strides(initial_state), *_strides(final), *state_strides,
             n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
         )
         flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,

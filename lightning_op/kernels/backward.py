@@ -89,8 +89,8 @@ def _key_value_grad_kernel(
     # init_shift 0); later segments start from the scan's state, one step further on.
     state = _segment_start_state(
         INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
-        SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask, D_V,
-        HAS_INIT, BLOCK_K, BLOCK_V,
+        SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask,
+        D_V, 1, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, 0, 1)
 

@@ -78,11 +78,13 @@ def _intra_chunk_decay(DECAY, h, idx, causal):
 
 @triton.jit
 def _segment_start_state(
-    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask, DV,
-    HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
+    stride_sk, stride_sv, HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
-    later one from ``slot`` of the scanned segment states ([Dk, Dv] rows of DV values)."""
+    later one from ``slot`` of the scanned segment states (element (i, j) of a slot at
+    ``i * stride_sk + j * stride_sv``: (DV, 1) for the states of this pass, (1, DK) for those of
+    the transposed pass, see ``kernels.SegmentStates``)."""
     if seg == 0:
         if HAS_INIT:
             ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
@@ -90,7 +92,7 @@ def _segment_start_state(
         else:
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
-        ptrs = SEG_STATES + slot + cols_k[:, None] * DV + cols_v[None, :]
+        ptrs = SEG_STATES + slot + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
         state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     return state
 
@@ -212,6 +214,7 @@ def _chunk_output_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
+    stride_sk, stride_sv,
     N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -257,8 +260,8 @@ def _chunk_output_kernel(
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
     state = _segment_start_state(
         INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
-        SEG_STATES, (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_k, cols_v, tile_mask, DV,
-        HAS_INIT, BLOCK_K, BLOCK_V,
+        SEG_STATES, (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_k, cols_v, tile_mask,
+        stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
@@ -352,7 +355,7 @@ def _state_part_t(ptr, stride_k, stride_v, part, cols_v, valid_v, DK, PART: tl.c
 
 @triton.jit
 def _start_part_t(
-    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, part, cols_v, valid_v, DK, DV,
+    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, part, cols_v, valid_v, DK, stride_sk, stride_sv,
     HAS_INIT: tl.constexpr, BLOCK_V: tl.constexpr, PART: tl.constexpr,
 ):
     """One transposed part of the state a segment starts from (see _segment_start_state)."""
@@ -362,7 +365,7 @@ def _start_part_t(
         else:
             state_t = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
     else:
-        state_t = _state_part_t(SEG_STATES + slot, DV, 1, part, cols_v, valid_v, DK, PART)
+        state_t = _state_part_t(SEG_STATES + slot, stride_sk, stride_sv, part, cols_v, valid_v, DK, PART)
     return state_t
 
 
@@ -382,6 +385,7 @@ def _chunk_output_t_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
+    stride_sk, stride_sv,
     N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -424,16 +428,16 @@ def _chunk_output_t_kernel(
     # the state before the segment's first row, part by part (as _segment_start_state)
     init_offset = b * stride_ib + h * stride_ih
     slot = (bh * num_slots + seg * split - 1) * DK * DV
-    s0 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 0, cols_v, valid_v, DK, DV,
-                       HAS_INIT, BLOCK_V, PART)
+    s0 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 0, cols_v, valid_v, DK,
+                       stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     if KEY_PARTS >= 2:
-        s1 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 1, cols_v, valid_v, DK, DV,
-                           HAS_INIT, BLOCK_V, PART)
+        s1 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 1, cols_v, valid_v, DK,
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     if KEY_PARTS >= 4:
-        s2 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 2, cols_v, valid_v, DK, DV,
-                           HAS_INIT, BLOCK_V, PART)
-        s3 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 3, cols_v, valid_v, DK, DV,
-                           HAS_INIT, BLOCK_V, PART)
+        s2 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 2, cols_v, valid_v, DK,
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
+        s3 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 3, cols_v, valid_v, DK,
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
     seg_begin = seg * segment_len
