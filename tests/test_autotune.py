@@ -172,7 +172,7 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
     key = _forward_key(autotune)
-    assert "kernels=5;" in key and autotune.KERNEL_VERSION == 5
+    assert "kernels=6;" in key and autotune.KERNEL_VERSION == 6
     if edit is not None:
         assert edit[0] in key
         key = key.replace(*edit)

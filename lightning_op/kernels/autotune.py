@@ -48,10 +48,11 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 5  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
+KERNEL_VERSION = 6  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
 #: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add; 4: the
 #: fused backward's late dk scores by default up to D = 128, and the transposed output kernel among the
-#: candidates; 5: the transposed output kernel by default for 16-bit keys of 65-128 and bfloat16's wider ones
+#: candidates; 5: the transposed output kernel by default for 16-bit keys of 65-128 and bfloat16's wider ones;
+#: 6: the segment scan pipelined in narrow column blocks (segmented calls cost less, which moves the cut's balance)
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
