@@ -167,7 +167,7 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
 
 
-@pytest.mark.parametrize("edit", [None, ("kernels=5", "kernels=4"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
+@pytest.mark.parametrize("edit", [None, ("kernels=6", "kernels=5"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
                                   ("n=256", "n=512"), ("kind=forward", "kind=key_value")],
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
