@@ -53,7 +53,7 @@ class SegmentStates:
 
     The gradient of the op's query is a linear attention whose state is the transpose of the
     forward's (query do, key v, value k: ``sum lam^(t-s) v_s k_s^T``), so the backward can start
-    its segments from these instead of a second segment-state pass over k and v: ``transposed()``
+    its segments from these instead of a second segment-state pass over k and v: ``t()``
     describes them read that way. A call takes them only where its own configuration cuts the
     sequence the same way (else it computes its own)."""
 
