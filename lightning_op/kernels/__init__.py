@@ -391,7 +391,7 @@ def linear_attention(
         num_slots, state_strides = 0, (dv, 1)
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
-            num_slots = (num_segments - 1) * cfg.state_split + 1
+            num_slots = _num_slots(num_segments, cfg.state_split)
             if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
                 seg_states, state_strides = start_states.states, start_states.strides()
             else:
@@ -464,6 +464,12 @@ def _dot_types_of(dtype: torch.dtype, allow_tf32: bool) -> tuple:
 SCAN_BLOCK_V, SCAN_STAGES = 32, 4
 
 
+def _num_slots(num_segments, state_split: int):
+    """Slots of the segment states: ``state_split`` pieces per segment before the last, plus one
+    (see :func:`_segment_start_states`)."""
+    return (num_segments - 1) * state_split + 1
+
+
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
@@ -477,7 +483,7 @@ def _segment_start_states(
     dv = value.shape[-1]
     num_v_blocks = _cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
-    num_pieces = (num_segments - 1) * cfg.state_split + 1
+    num_pieces = _num_slots(num_segments, cfg.state_split)
     seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
