@@ -44,6 +44,7 @@ class LaunchConfig:
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
     transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
+    lookback: bool = False  # transposed only: segment states chained inside the output pass (LOOKBACK), one launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate", "update_accumulate", "transposed")
+            "state_accumulate", "update_accumulate", "transposed", "lookback")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
                "kv_update_accumulate", "kv_late_dk_scores")
@@ -116,7 +117,9 @@ def config_override(**changes):
     the output kernels and the fused backward, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the
     forward-type kernels, ``transposed`` (0 or 1) runs the forward-type output passes as
     ``_chunk_output_t_kernel`` (one form of its own: ``accumulate``, ``weight_values`` and
-    ``update_accumulate`` do not apply to it);
+    ``update_accumulate`` do not apply to it), ``lookback`` (0 or 1) runs a segmented transposed
+    output pass as one launch that chains the segment states itself (``LOOKBACK`` in
+    ``_chunk_output_t_kernel``; ``state_split`` and ``state_accumulate`` do not apply to it);
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores`` (0 or 1:
     ``LATE_DK_SCORES``) to the fused key/value backward only, where they win
@@ -144,7 +147,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed"):
+                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed", "lookback"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -274,7 +277,8 @@ def _choose_config(
         segment_len = _cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    state_split = _forced("state_split", whole_value)
+    lookback = transposed and bool(pick("lookback", 0))
+    state_split = 1 if lookback else _forced("state_split", whole_value)
     if state_split is None:
         state_split = 1
         if device.type == "cuda" and not explicit and n > segment_len:
@@ -289,7 +293,7 @@ def _choose_config(
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
+                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed, lookback)
 
 
 _placeholders: dict = {}
@@ -389,11 +393,19 @@ def linear_attention(
         else:
             seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
         num_slots, state_strides = 0, (dv, 1)
+        sync = seg_states  # the lookback's tickets and flags (LOOKBACK off: never read)
+        lookback = False
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
             num_slots = _num_slots(num_segments, cfg.state_split)
             if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
                 seg_states, state_strides = start_states.states, start_states.strides()
+            elif cfg.lookback and not traceable:
+                lookback = True  # the output kernel chains the states itself (split is 1: a slot per segment)
+                seg_states = torch.empty(b * h, num_slots, dk, dv, dtype=torch.float32, device=device)
+                sync = torch.zeros(1 + b * h * num_v_blocks * num_segments, dtype=torch.int32, device=device)
+                if keep_start_states is not None:
+                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split))
             else:
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments,
@@ -414,7 +426,9 @@ def linear_attention(
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
             part = min(cfg.block_k, 64)
-            launch(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+            if lookback:  # one axis: the programs take (segment, batch*head, value block) from a ticket
+                grid, flags["LOOKBACK"] = (b * h * num_v_blocks * num_segments,), True
+            launch(_chunk_output_t_kernel)[grid](*args, sync, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
         else:
             launch(_chunk_output_kernel)[grid](
                 *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
