@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--transposed", action="store_true",
                         help="the forward output pass as _chunk_output_t_kernel (config transposed=1)")
     parser.add_argument("--lookback", action="store_true",
-                        help="the transposed output pass chaining its segment states itself (config lookback=1)")
+                        help="the transposed output pass and the fused backward chaining their segment states "
+                             "themselves (config lookback=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
@@ -187,7 +188,7 @@ def main() -> None:
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
-                  FINAL=f32)),
+                  FINAL=f32, SYNC="*i32" if args.lookback else f32)),
             ("segment state", _segment_state_kernel, args.stages or 3,
              # accumulating at every head dim, as choose_config's state_accumulate
              dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),
@@ -202,6 +203,8 @@ def main() -> None:
                 form += ", lookback"
             if "UPDATE_ACCUMULATE" in kernel.arg_names:
                 form += f", update {int(update)}"
+            if kernel is _key_value_grad_kernel and args.lookback:
+                form += ", lookback"
             print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, {form}: {line}", flush=True)
 
 

@@ -211,7 +211,8 @@ def test_bad_segment_length():
           state_split=2),
      dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48),
      dict(transposed=1, chunk=16, segment_len=64, state_split=2), dict(transposed=1, block_v=32, chunk=32),
-     dict(transposed=1, lookback=1, chunk=16, segment_len=32, kv_segment_len=48)],
+     dict(transposed=1, lookback=1, chunk=16, segment_len=32, kv_segment_len=48),
+     dict(kv_lookback=1, chunk=16, segment_len=64, kv_segment_len=32)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -269,6 +270,36 @@ def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, d
         decay, 0.8, store_final=True,
     )
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert rel_error(a, b) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, dk, dv, segment_len, with_decay, with_grad_final",
+                         [(150, 32, 64, 32, True, True), (203, 128, 128, 64, False, False), (97, 24, 40, 16, True, False)])
+def test_key_value_gradients_lookback(n, dk, dv, segment_len, with_decay, with_grad_final, dtype):
+    """The fused dk/dv pass chaining dS's segment states itself (``kv_lookback=1``) equals the
+    float64 composition, dS_0 included, and launches no segment-state pass of its own."""
+    from lightning_op import kernels
+    from lightning_op.kernels import config_override
+
+    q, k, v = make_inputs(1, 3, n, dk, dv, dtype, DEVICE, seed=n)
+    grad_out = torch.randn(1, 3, n, dv, device=DEVICE).to(dtype)
+    decay = torch.tensor([0.005, 0.4, 4.0], device=DEVICE) if with_decay else None
+    grad_final = torch.randn(1, 3, dk, dv, device=DEVICE) if with_grad_final else None
+    passes = []
+    real = kernels._segment_start_states
+    kernels._segment_start_states = lambda *a, **kw: passes.append(1) or real(*a, **kw)
+    try:
+        with config_override(kv_lookback=1, kv_chunk=16, kv_segment_len=segment_len):
+            got = kernels.key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
+    finally:
+        kernels._segment_start_states = real
+    assert not passes
+    want = reference.key_value_gradients_chunked(
+        grad_out.double(), None if grad_final is None else grad_final.double(), q.double(), k.double(), v.double(),
+        None if decay is None else decay.double(), 0.8, store_final=True,
+    )
     for a, b in zip(got, want):
         assert rel_error(a, b) < TOLERANCE[dtype]
 

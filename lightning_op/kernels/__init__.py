@@ -44,7 +44,7 @@ class LaunchConfig:
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
     transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
-    lookback: bool = False  # transposed only: segment states chained inside the output pass (LOOKBACK), one launch
+    lookback: bool = False  # segment states chained inside the pass (LOOKBACK; transposed or fused backward), one launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state
             "state_accumulate", "update_accumulate", "transposed", "lookback")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
-               "kv_update_accumulate", "kv_late_dk_scores")
+               "kv_update_accumulate", "kv_late_dk_scores", "kv_lookback")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -122,7 +122,7 @@ def config_override(**changes):
     ``_chunk_output_t_kernel``; ``state_split`` and ``state_accumulate`` do not apply to it);
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores`` (0 or 1:
-    ``LATE_DK_SCORES``) to the fused key/value backward only, where they win
+    ``LATE_DK_SCORES``), ``kv_lookback`` to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -147,7 +147,8 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed", "lookback"):
+                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed", "lookback",
+                    "kv_lookback"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -277,7 +278,7 @@ def _choose_config(
         segment_len = _cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    lookback = transposed and bool(pick("lookback", 0))
+    lookback = (transposed or whole_value) and bool(pick("lookback", 0))
     state_split = 1 if lookback else _forced("state_split", whole_value)
     if state_split is None:
         state_split = 1
@@ -568,20 +569,25 @@ def key_value_gradients(
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
         num_segments = _cdiv(n, cfg.segment_len)
         seg_states = final if final is not None else _placeholder(device)
-        if num_segments > 1:
+        sync, grid, lookback = seg_states, (b * h, num_segments), cfg.lookback and num_segments > 1
+        if lookback:  # the kernel chains dS's segment states itself (a slot per segment)
+            seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
+            sync = torch.zeros(1 + b * h * num_segments, dtype=torch.int32, device=device)
+            grid = (b * h * num_segments,)
+        elif num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
                 q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
             )
-        _direct(_key_value_grad_kernel)[(b * h, num_segments)](
+        _direct(_key_value_grad_kernel)[grid](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
             seg_states, final if final is not None else seg_states,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
             *_strides(grad_final_state), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-            cfg.state_split, scale,
-            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
+            cfg.state_split, scale, sync,
+            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final, LOOKBACK=lookback,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
             UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

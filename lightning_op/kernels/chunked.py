@@ -80,11 +80,12 @@ def _intra_chunk_decay(DECAY, h, idx, causal):
 def _segment_start_state(
     INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
     stride_sk, stride_sv, HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    CACHE: tl.constexpr = "",
 ):
     """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
     later one from ``slot`` of the scanned segment states (element (i, j) of a slot at
     ``i * stride_sk + j * stride_sv``: (DV, 1) for the states of this pass, (1, DK) for those of
-    the transposed pass, see ``kernels.SegmentStates``)."""
+    the transposed pass, see ``kernels.SegmentStates``); ``CACHE`` as ``_state_part_t``'s."""
     if seg == 0:
         if HAS_INIT:
             ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
@@ -93,7 +94,7 @@ def _segment_start_state(
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
         ptrs = SEG_STATES + slot + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
-        state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        state = tl.load(ptrs, mask=tile_mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
     return state
 
 
