@@ -160,9 +160,6 @@ def main() -> None:
                         help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
     parser.add_argument("--transposed", action="store_true",
                         help="the forward output pass as _chunk_output_t_kernel (config transposed=1)")
-    parser.add_argument("--lookback", action="store_true",
-                        help="the transposed output pass and the fused backward chaining their segment states "
-                             "themselves (config lookback=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
@@ -177,18 +174,16 @@ def main() -> None:
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"],
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
                       UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
-                      KEY_PARTS=d // min(d, 64), PART=min(d, 64), LOOKBACK=args.lookback)
+                      KEY_PARTS=d // min(d, 64), PART=min(d, 64))
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
              dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
-             # SYNC: the lookback's tickets and flags (int32); a placeholder of the states' type without it
-             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32,
-                  SYNC="*i32" if args.lookback else f32)),
+             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
-                  FINAL=f32, SYNC="*i32" if args.lookback else f32)),
+                  FINAL=f32)),
             ("segment state", _segment_state_kernel, args.stages or 3,
              # accumulating at every head dim, as choose_config's state_accumulate
              dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),
@@ -199,12 +194,8 @@ def main() -> None:
             if args.block_v and kernel is _key_value_grad_kernel:
                 continue  # the fused pass always takes the whole value width
             form = "transposed" if kernel is _chunk_output_t_kernel else f"accumulate {int(constexprs['ACCUMULATE'])}"
-            if kernel is _chunk_output_t_kernel and args.lookback:
-                form += ", lookback"
             if "UPDATE_ACCUMULATE" in kernel.arg_names:
                 form += f", update {int(update)}"
-            if kernel is _key_value_grad_kernel and args.lookback:
-                form += ", lookback"
             print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, {form}: {line}", flush=True)
 
 

@@ -66,16 +66,6 @@ VARIANTS = [
     dict(transposed=1, num_warps=8), dict(transposed=0),
     # 55: the transposed kernel in chunks of 32 (float16 at D = 256: chunks of 64 overflow shared memory)
     dict(transposed=1, chunk=32, block_v=128, num_stages=2),
-    # 56-60: the lookback (the transposed output pass chaining its segment states itself: one
-    # launch, k and v read once) in segments of 512-4096 rows and the default's; the fused
-    # backward as by default, in segments of 8192 (its length at N = 16K-64K) whatever the forward's
-    dict(lookback=1, kv_lookback=0, segment_len=512, kv_segment_len=8192),
-    dict(lookback=1, kv_lookback=0, segment_len=1024, kv_segment_len=8192),
-    dict(lookback=1, kv_lookback=0, segment_len=2048, kv_segment_len=8192),
-    dict(lookback=1, kv_lookback=0, segment_len=4096, kv_segment_len=8192), dict(lookback=1, kv_lookback=0),
-    # 61-63: the lookback in the fused backward too (dS's segment states chained in its own launch)
-    dict(lookback=1, segment_len=1024), dict(lookback=1, segment_len=1024, kv_segment_len=2048),
-    dict(lookback=1, segment_len=2048, kv_segment_len=512),
 ]
 
 

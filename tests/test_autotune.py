@@ -304,7 +304,7 @@ def test_candidates_of_a_segmented_launch():
         {"accumulate": 1}, {"kv_update_accumulate": 1}, {"kv_late_dk_scores": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4},
         {"kv_num_stages": 1},
         {"kv_num_stages": 3}, {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096}, {"kv_state_split": 2},
-        {"kv_state_accumulate": 1}, {"kv_lookback": 1}]
+        {"kv_state_accumulate": 1}]
     one_segment = LaunchConfig(64, 64, 64, 4096, 4, 3, 1, True)
     assert len(_candidates("forward", one_segment, 4000, 4096)) == 4
     # keys wider than the value block: also the value-row weighting, one stage fewer
@@ -321,14 +321,6 @@ def test_candidates_of_a_segmented_launch():
     assert not any("transposed" in c for c in _candidates("forward", wide, 8192, 8192))
     assert not any("transposed" in c for c in _candidates("forward", one_segment, 4000, 4096))  # D = 64
     assert not any("transposed" in c for c in _candidates("key_value", whole, 3000, 4096))
-    # segment states chained inside the pass (lookback), either way round, where the pass has the
-    # form (the transposed output kernel, the fused backward) and the sequence is cut
-    segmented_t = dataclasses.replace(cfg, transposed=True)
-    assert {"lookback": 1} in _candidates("forward", segmented_t, 8000, 8192)
-    assert {"lookback": 0} in _candidates("forward", dataclasses.replace(segmented_t, lookback=True), 8000, 8192)
-    assert not any("lookback" in c for c in _candidates("forward", cfg, 8000, 8192))
-    assert not any("lookback" in c for c in _candidates("forward", dataclasses.replace(segmented_t, segment_len=8192),
-                                                         8000, 8192))
 
 
 def test_unwritable_cache_warns_once_and_keeps_choices(autotune, monkeypatch, tmp_path):

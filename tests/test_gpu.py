@@ -231,34 +231,3 @@ def test_cuda_transposed_output_kernel(dtype, dk, dv):
     with config_override(transposed=1, num_stages=2, **wide):
         _check(1, 2, 300, dk, dv, dtype, torch.tensor([0.05, 2.0], device="cuda"), True)
         _check(1, 2, 4100, dk, dv, dtype, torch.tensor([1e-4, 0.5], device="cuda"), False)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dk, dv", [(128, 128), (96, 80), (256, 256)])
-def test_cuda_lookback_output_kernel(dtype, dk, dv):
-    """The opt-in lookback (``lookback=1``: the transposed output pass chaining its segment states
-    itself, programs waiting on their predecessors' flags) against the oracle, forward and every
-    gradient, with short segments so that hundreds of programs chain across several waves; and
-    the same output and final state, bit for bit, over repeated runs (a race would move them)."""
-    from lightning_op.kernels import config_override, linear_attention
-
-    if dtype == torch.float32:
-        tiles = dict(chunk=32, block_v=64)
-    elif dtype == torch.float16 and dk > 128:
-        tiles = dict(chunk=32, block_v=128)
-    else:
-        tiles = dict(block_v=128)
-    stages = 2 if dk > 128 or dtype == torch.float32 else 3
-    with config_override(transposed=1, lookback=1, segment_len=256, num_stages=stages, **tiles):
-        _check(1, 2, 300, dk, dv, dtype, torch.tensor([0.05, 2.0], device="cuda"), True)
-        _check(2, 3, 5000, dk, dv, dtype, torch.tensor([1e-4, 0.01, 0.5], device="cuda"), False)
-        q, k, v = make_inputs(2, 8, 20000, dk, dv, dtype, "cuda", seed=3)
-        decay = torch.tensor([1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1.0, 5.0], device="cuda")
-        init = torch.randn(2, 8, dk, dv, device="cuda")
-        runs = [linear_attention(q, k, v, decay, out_scale=0.1, initial_state=init) for _ in range(10)]
-    with config_override(transposed=1, lookback=0, segment_len=256, num_stages=stages, **tiles):
-        scanned = linear_attention(q, k, v, decay, out_scale=0.1, initial_state=init)
-    for out, final in runs[1:]:
-        assert torch.equal(out, runs[0][0]) and torch.equal(final, runs[0][1])
-    assert rel_error(runs[0][0], scanned[0]) < GPU_TOLERANCE[dtype]
-    assert rel_error(runs[0][1], scanned[1]) < GPU_TOLERANCE[dtype]

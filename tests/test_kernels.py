@@ -119,72 +119,6 @@ def test_transposed_output_kernel(dk, dv, block_v, decay_kind, with_init, revers
     assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize(
-    "dk, dv, block_v, decay_kind, with_init, reverse, segment_len",
-    [(128, 128, 128, "mixed", True, False, 32), (96, 80, 64, "mixed", False, True, 48),
-     (256, 40, 32, "none", True, False, 16), (200, 48, 32, "mixed", True, True, 32),
-     (32, 24, 16, "mixed", False, False, 64)],
-    ids=lambda x: str(x),
-)
-def test_lookback_output_kernel(dk, dv, block_v, decay_kind, with_init, reverse, segment_len):
-    """``lookback=1`` (the transposed output pass chaining its segment states itself, one launch)
-    against the float64 chunked form: one, two and four key parts, value blocks narrower than Dv
-    (a chain each), initial state, both directions, a last segment shorter than the rest. The
-    states it keeps for the backward equal those of the segment-state pass and its scan."""
-    from lightning_op import kernels
-    from lightning_op.kernels import config_override
-
-    q, k, v = make_inputs(2, 2, 75, dk, dv, torch.float32, DEVICE, seed=dk + dv + 1)
-    decay = torch.tensor([0.05, 2.0], device=DEVICE) if decay_kind == "mixed" else None
-    init = torch.randn(2, 2, dk, dv, device=DEVICE) if with_init else None
-    init_shift = 0 if reverse else 1
-    kept = {}
-    for lookback in (1, 0):
-        kept[lookback] = []
-        with config_override(transposed=1, lookback=lookback, block_v=block_v, chunk=16, segment_len=segment_len):
-            out, final = kernels.linear_attention(
-                q, k, v, decay, out_scale=0.6, value_scale=1.3, initial_state=init, reverse=reverse,
-                init_shift=init_shift, keep_start_states=kept[lookback])
-        if lookback:
-            (out_ref, final_ref) = reference.linear_attention_chunked(
-                q.double(), k.double(), v.double(), None if decay is None else decay.double(), out_scale=0.6,
-                value_scale=1.3, initial_state=None if init is None else init.double(), reverse=reverse,
-                init_shift=init_shift)
-            assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
-            assert rel_error(final, final_ref) < TOLERANCE[torch.float32]
-    (chained,), (scanned,) = kept[1], kept[0]
-    assert (chained.segment_len, chained.state_split) == (scanned.segment_len, scanned.state_split) == (segment_len, 1)
-    # the last slot is never written (nothing starts after the last segment)
-    assert rel_error(chained.states[:, :-1], scanned.states[:, :-1]) < TOLERANCE[torch.float32]
-
-
-def test_lookback_programs_take_their_segments_in_order(monkeypatch):
-    """Each lookback program takes its (segment, batch*head, value block) from a ticket, segment by
-    segment, and waits only for an earlier ticket; the launch's tickets and flags (a zeroed int32
-    buffer) end with every ticket taken and every segment but the last flagged, per chain."""
-    from lightning_op import kernels
-    from lightning_op.kernels import config_override
-
-    buffers = []
-    real_zeros = torch.zeros
-
-    def recording_zeros(*size, **kwargs):
-        tensor = real_zeros(*size, **kwargs)
-        if kwargs.get("dtype") == torch.int32:
-            buffers.append(tensor)
-        return tensor
-
-    monkeypatch.setattr(kernels.torch, "zeros", recording_zeros)
-    q, k, v = make_inputs(1, 3, 70, 32, 40, torch.float32, DEVICE, seed=2)
-    with config_override(transposed=1, lookback=1, block_v=16, chunk=16, segment_len=16):
-        kernels.linear_attention(q, k, v, torch.tensor([0.1, 0.2, 0.3], device=DEVICE))
-    (sync,) = buffers
-    chains, segments = 3 * 3, 5  # batch*heads x value blocks of 16 in 40 columns; 70 rows in 16s
-    assert int(sync[0]) == chains * segments
-    flags = sync[1:].view(chains, segments)
-    assert flags[:, :-1].eq(1).all() and flags[:, -1].eq(0).all()
-
-
 def test_bad_segment_length():
     from lightning_op.kernels import linear_attention
 
@@ -210,9 +144,7 @@ def test_bad_segment_length():
      dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
           state_split=2),
      dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48),
-     dict(transposed=1, chunk=16, segment_len=64, state_split=2), dict(transposed=1, block_v=32, chunk=32),
-     dict(transposed=1, lookback=1, chunk=16, segment_len=32, kv_segment_len=48),
-     dict(kv_lookback=1, chunk=16, segment_len=64, kv_segment_len=32)],
+     dict(transposed=1, chunk=16, segment_len=64, state_split=2), dict(transposed=1, block_v=32, chunk=32)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_forced_configs_compute_the_same_function(changes, monkeypatch):
@@ -270,36 +202,6 @@ def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, d
         decay, 0.8, store_final=True,
     )
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
-    for a, b in zip(got, want):
-        assert rel_error(a, b) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n, dk, dv, segment_len, with_decay, with_grad_final",
-                         [(150, 32, 64, 32, True, True), (203, 128, 128, 64, False, False), (97, 24, 40, 16, True, False)])
-def test_key_value_gradients_lookback(n, dk, dv, segment_len, with_decay, with_grad_final, dtype):
-    """The fused dk/dv pass chaining dS's segment states itself (``kv_lookback=1``) equals the
-    float64 composition, dS_0 included, and launches no segment-state pass of its own."""
-    from lightning_op import kernels
-    from lightning_op.kernels import config_override
-
-    q, k, v = make_inputs(1, 3, n, dk, dv, dtype, DEVICE, seed=n)
-    grad_out = torch.randn(1, 3, n, dv, device=DEVICE).to(dtype)
-    decay = torch.tensor([0.005, 0.4, 4.0], device=DEVICE) if with_decay else None
-    grad_final = torch.randn(1, 3, dk, dv, device=DEVICE) if with_grad_final else None
-    passes = []
-    real = kernels._segment_start_states
-    kernels._segment_start_states = lambda *a, **kw: passes.append(1) or real(*a, **kw)
-    try:
-        with config_override(kv_lookback=1, kv_chunk=16, kv_segment_len=segment_len):
-            got = kernels.key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
-    finally:
-        kernels._segment_start_states = real
-    assert not passes
-    want = reference.key_value_gradients_chunked(
-        grad_out.double(), None if grad_final is None else grad_final.double(), q.double(), k.double(), v.double(),
-        None if decay is None else decay.double(), 0.8, store_final=True,
-    )
     for a, b in zip(got, want):
         assert rel_error(a, b) < TOLERANCE[dtype]
 

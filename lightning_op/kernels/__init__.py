@@ -44,7 +44,6 @@ class LaunchConfig:
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
     transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
-    lookback: bool = False  # segment states chained inside the pass (LOOKBACK; transposed or fused backward), one launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +95,10 @@ def _multiprocessors(device_index: int) -> int:
 
 
 _TUNABLE = ("chunk", "block_v", "num_warps", "num_stages", "segment_len", "state_split", "accumulate", "weight_values",
-            "state_accumulate", "update_accumulate", "transposed", "lookback")
+            "state_accumulate", "update_accumulate", "transposed")
 #: the fused key/value backward's own parameters (its block_v is always the whole value width)
 _TUNABLE_KV = ("kv_chunk", "kv_num_warps", "kv_num_stages", "kv_segment_len", "kv_state_split", "kv_state_accumulate",
-               "kv_update_accumulate", "kv_late_dk_scores", "kv_lookback")
+               "kv_update_accumulate", "kv_late_dk_scores")
 #: the decode step's
 _TUNABLE_DECODE = ("decode_block_v", "decode_num_warps")
 _overrides: dict = {}
@@ -117,12 +116,10 @@ def config_override(**changes):
     the output kernels and the fused backward, ``weight_values`` (0 or 1: ``WEIGHT_VALUES``) to the
     forward-type kernels, ``transposed`` (0 or 1) runs the forward-type output passes as
     ``_chunk_output_t_kernel`` (one form of its own: ``accumulate``, ``weight_values`` and
-    ``update_accumulate`` do not apply to it), ``lookback`` (0 or 1) runs a segmented transposed
-    output pass as one launch that chains the segment states itself (``LOOKBACK`` in
-    ``_chunk_output_t_kernel``; ``state_split`` and ``state_accumulate`` do not apply to it);
+    ``update_accumulate`` do not apply to it);
     ``kv_chunk``, ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
     ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores`` (0 or 1:
-    ``LATE_DK_SCORES``), ``kv_lookback`` to the fused key/value backward only, where they win
+    ``LATE_DK_SCORES``) to the fused key/value backward only, where they win
     over the general ones; ``kv_fused=0`` replaces that fused pass with its two-pass composition
     (for comparisons); ``decode_block_v``, ``decode_num_warps`` to the decode step.
     """
@@ -147,8 +144,7 @@ def _check_overrides(changes: dict) -> None:
         )
     for name, value in changes.items():
         if name in ("kv_fused", "accumulate", "weight_values", "state_accumulate", "kv_state_accumulate",
-                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed", "lookback",
-                    "kv_lookback"):
+                    "update_accumulate", "kv_update_accumulate", "kv_late_dk_scores", "transposed"):
             if value not in (0, 1) or isinstance(value, float):
                 raise ValueError(f"config_override: {name} must be 0 or 1, got {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -278,8 +274,7 @@ def _choose_config(
         segment_len = _cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    lookback = (transposed or whole_value) and bool(pick("lookback", 0))
-    state_split = 1 if lookback else _forced("state_split", whole_value)
+    state_split = _forced("state_split", whole_value)
     if state_split is None:
         state_split = 1
         if device.type == "cuda" and not explicit and n > segment_len:
@@ -294,7 +289,7 @@ def _choose_config(
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed, lookback)
+                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
 
 
 _placeholders: dict = {}
@@ -394,19 +389,11 @@ def linear_attention(
         else:
             seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
         num_slots, state_strides = 0, (dv, 1)
-        sync = seg_states  # the lookback's tickets and flags (LOOKBACK off: never read)
-        lookback = False
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
             num_slots = _num_slots(num_segments, cfg.state_split)
             if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
                 seg_states, state_strides = start_states.states, start_states.strides()
-            elif cfg.lookback and not traceable:
-                lookback = True  # the output kernel chains the states itself (split is 1: a slot per segment)
-                seg_states = torch.empty(b * h, num_slots, dk, dv, dtype=torch.float32, device=device)
-                sync = torch.zeros(1 + b * h * num_v_blocks * num_segments, dtype=torch.int32, device=device)
-                if keep_start_states is not None:
-                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split))
             else:
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments,
@@ -427,9 +414,7 @@ def linear_attention(
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
             part = min(cfg.block_k, 64)
-            if lookback:  # one axis: the programs take (segment, batch*head, value block) from a ticket
-                grid, flags["LOOKBACK"] = (b * h * num_v_blocks * num_segments,), True
-            launch(_chunk_output_t_kernel)[grid](*args, sync, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+            launch(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
         else:
             launch(_chunk_output_kernel)[grid](
                 *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
@@ -569,25 +554,20 @@ def key_value_gradients(
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
         num_segments = _cdiv(n, cfg.segment_len)
         seg_states = final if final is not None else _placeholder(device)
-        sync, grid, lookback = seg_states, (b * h, num_segments), cfg.lookback and num_segments > 1
-        if lookback:  # the kernel chains dS's segment states itself (a slot per segment)
-            seg_states = torch.empty(b * h, num_segments, dk, dv, dtype=torch.float32, device=device)
-            sync = torch.zeros(1 + b * h * num_segments, dtype=torch.int32, device=device)
-            grid = (b * h * num_segments,)
-        elif num_segments > 1:
+        if num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
                 q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
             )
-        _direct(_key_value_grad_kernel)[grid](
+        _direct(_key_value_grad_kernel)[(b * h, num_segments)](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
             seg_states, final if final is not None else seg_states,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
             *_strides(grad_final_state), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-            cfg.state_split, scale, sync,
-            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final, LOOKBACK=lookback,
+            cfg.state_split, scale,
+            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
             UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -257,8 +257,6 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
         if cfg.state_split > 1:
             changes.append({prefix + "state_split": cfg.state_split // 2})
         changes.append({prefix + "state_accumulate": int(not cfg.state_accumulate)})  # the state pass's form
-        if kind == "key_value" or cfg.transposed:  # segment states chained inside the pass, or a pass of their own
-            changes.append({prefix + "lookback": int(not cfg.lookback)})
     return changes
 
 

@@ -49,12 +49,12 @@ def _key_value_grad_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
-    N, H, D_K, D_V, segment_len, num_segments, num_slots, split, scale, SYNC,
+    N, H, D_K, D_V, segment_len, num_segments, num_slots, split, scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr = False,
-    LATE_DK_SCORES: tl.constexpr = False, LOOKBACK: tl.constexpr = False,
+    LATE_DK_SCORES: tl.constexpr = False,
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
     ``ACCUMULATE`` and ``UPDATE_ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk
@@ -62,20 +62,10 @@ def _key_value_grad_kernel(
     dk's chunk scores ``(v do^T) * M`` are computed after dv is stored instead of beside dv's; on
     sm_90 at D = 128 that halves the loop's spills (``benchmarks/registers.py``: 1169 -> 1075
     instructions, 102 -> 50 local accesses); on the H200 4.8% faster forward+backward at the main
-    shape (2026-12-02, session 5), the default for keys up to 128 wide. ``LOOKBACK``: the segment
-    states chained inside this launch, as ``chunked._chunk_output_t_kernel``'s (one axis of
-    segments x batch*heads programs taking their work from the ticket ``SYNC[0]``; each segment
-    but the last sums its own ``scale q^T do``, waits for its predecessor's flag, publishes)."""
+    shape (2026-12-02, session 5), the default for keys up to 128 wide."""
+    _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
-    if LOOKBACK:
-        ticket = tl.atomic_add(SYNC, 1, sem="relaxed", scope="gpu").to(tl.int64)
-        per_segment = tl.num_programs(0) // num_segments
-        seg = (ticket // per_segment).to(tl.int32)
-        bh = ticket % per_segment
-        chain = SYNC + 1 + bh * num_segments
-    else:
-        _, bh = _block_and_head(D_V, BLOCK_V)
-        seg = tl.program_id(1)
+    seg = tl.program_id(1)
     b = bh // H
     h = bh % H
     q_ptr = Q + b * stride_qb + h * stride_qh
@@ -95,48 +85,14 @@ def _key_value_grad_kernel(
         log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
         intra_mask = intra_mask * scale
 
-    if LOOKBACK:
-        # the segment's own sum_s lam^(last-s) scale q_s^T do_s (none in the last), walked from its
-        # end so that the walk below finds its first rows in L2
-        own = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-        seg_last = seg * segment_len + segment_len - 1
-        own_len = tl.where(seg < num_segments - 1, segment_len, 0)
-        for back in range(0, own_len, CHUNK):
-            rows = seg_last + 1 - CHUNK - back + idx
-            row_valid = rows < N
-            q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, True)
-            do = _load_rows(do_ptr, stride_on, stride_od, rows, row_valid, cols_v, valid_v, N, True)
-            if HAS_DECAY:
-                q = q * (tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * scale)[:, None]
-            else:
-                q = q * scale
-            own = _dot_acc(own, tl.trans(q), do, DOT_DTYPE, PRECISION)
-        if seg > 0:
-            ready = tl.atomic_add(chain + seg - 1, 0, sem="acquire", scope="gpu")
-            while ready == 0:
-                ready = tl.atomic_add(chain + seg - 1, 0, sem="acquire", scope="gpu")
-        CACHE: tl.constexpr = ".cg"  # written by another program of this launch
-    else:
-        CACHE: tl.constexpr = ""
-
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
     state = _segment_start_state(
         INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
         SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask,
-        D_V, 1, HAS_INIT, BLOCK_K, BLOCK_V, CACHE,
+        D_V, 1, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, 0, 1)
-    if LOOKBACK:
-        if seg < num_segments - 1:
-            if HAS_DECAY:
-                carried = tl.exp2(log2_lam * (segment_len - 1 + first_shift).to(tl.float32))
-            else:
-                carried = 1.0
-            own_slot = SEG_STATES + (bh * num_slots + seg) * D_K * D_V
-            tl.store(own_slot + cols_k[:, None] * D_V + cols_v[None, :], state * carried + own, mask=tile_mask)
-            tl.debug_barrier()  # every thread's share of the state is written before the flag
-            tl.atomic_xchg(chain + seg, 1, sem="release", scope="gpu")
 
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)

@@ -80,12 +80,11 @@ def _intra_chunk_decay(DECAY, h, idx, causal):
 def _segment_start_state(
     INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
     stride_sk, stride_sv, HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    CACHE: tl.constexpr = "",
 ):
     """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
     later one from ``slot`` of the scanned segment states (element (i, j) of a slot at
     ``i * stride_sk + j * stride_sv``: (DV, 1) for the states of this pass, (1, DK) for those of
-    the transposed pass, see ``kernels.SegmentStates``); ``CACHE`` as ``_state_part_t``'s."""
+    the transposed pass, see ``kernels.SegmentStates``)."""
     if seg == 0:
         if HAS_INIT:
             ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
@@ -94,7 +93,7 @@ def _segment_start_state(
             state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     else:
         ptrs = SEG_STATES + slot + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
-        state = tl.load(ptrs, mask=tile_mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+        state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     return state
 
 
@@ -347,19 +346,17 @@ def _key_part(ptr, stride_n, stride_d, rows, row_valid, part, DK, N,
 
 
 @triton.jit
-def _state_part_t(ptr, stride_k, stride_v, part, cols_v, valid_v, DK, PART: tl.constexpr, CACHE: tl.constexpr = ""):
-    """A float32 [BLOCK_V, PART] tile of a [Dk, Dv] state read transposed (key columns of ``part``);
-    ``CACHE=".cg"`` reads it past the multiprocessor's own cache (a state another program of the
-    same launch wrote)."""
+def _state_part_t(ptr, stride_k, stride_v, part, cols_v, valid_v, DK, PART: tl.constexpr):
+    """A float32 [BLOCK_V, PART] tile of a [Dk, Dv] state read transposed (key columns of ``part``)."""
     cols_k = part * PART + tl.arange(0, PART)
     ptrs = ptr + cols_v[:, None] * stride_v + cols_k[None, :] * stride_k
-    return tl.load(ptrs, mask=valid_v[:, None] & (cols_k < DK)[None, :], other=0.0, cache_modifier=CACHE).to(tl.float32)
+    return tl.load(ptrs, mask=valid_v[:, None] & (cols_k < DK)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _start_part_t(
     INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, part, cols_v, valid_v, DK, stride_sk, stride_sv,
-    HAS_INIT: tl.constexpr, BLOCK_V: tl.constexpr, PART: tl.constexpr, CACHE: tl.constexpr = "",
+    HAS_INIT: tl.constexpr, BLOCK_V: tl.constexpr, PART: tl.constexpr,
 ):
     """One transposed part of the state a segment starts from (see _segment_start_state)."""
     if seg == 0:
@@ -368,7 +365,7 @@ def _start_part_t(
         else:
             state_t = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
     else:
-        state_t = _state_part_t(SEG_STATES + slot, stride_sk, stride_sv, part, cols_v, valid_v, DK, PART, CACHE)
+        state_t = _state_part_t(SEG_STATES + slot, stride_sk, stride_sv, part, cols_v, valid_v, DK, PART)
     return state_t
 
 
@@ -389,12 +386,12 @@ def _chunk_output_t_kernel(
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
     stride_sk, stride_sv,
-    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale, SYNC,
+    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, LOOKBACK: tl.constexpr = False,
+    STATE_PRECISION: tl.constexpr,
 ):
     """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
 
@@ -409,30 +406,10 @@ def _chunk_output_t_kernel(
     On the H200 (2026-12-02, session 6; the default since then for 16-bit keys of 65-128 columns
     and bfloat16's wider ones): forward 1.355 ms against 1.804 for ``_chunk_output_kernel`` at B8
     N8K H16 D256 (value blocks of 128, two stages), 0.339 against 0.372 at D = 128. The segment
-    states and the initial and final states keep their [Dk, Dv] layout in memory.
-
-    ``LOOKBACK``: one launch does the work of all three segment kernels (a chained scan). The grid
-    is one axis of (segments x batch*heads x value blocks) programs, which take their work from a
-    ticket (``SYNC[0]``, zero at launch) in segment-major order, so a segment's predecessor always
-    holds an earlier ticket: it is running or done, and waiting for it cannot deadlock. Each
-    program but a sequence's last first sums its own segment's state, walking k and v from the
-    segment's end back to its start (so that the output walk finds its first rows, the ones read
-    last, still in L2), waits for the predecessor's flag (``SYNC[1 + (bh * value blocks + block) *
-    segments + seg]``, zero at launch), reads the predecessor's inclusive state from its slot,
-    publishes its own (slot ``seg``: the state at its last row) and sets its flag, then walks its
-    outputs. k and v of all but the last segment are then read from memory once, not twice, for
-    one float32 state written and read per segment, so segments can be short."""
+    states and the initial and final states keep their [Dk, Dv] layout in memory."""
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    if LOOKBACK:
-        ticket = tl.atomic_add(SYNC, 1, sem="relaxed", scope="gpu").to(tl.int64)
-        per_segment = tl.num_programs(0) // num_segments
-        seg = (ticket // per_segment).to(tl.int32)
-        pid_v = ticket % per_segment % tl.cdiv(DV, BLOCK_V)
-        bh = ticket % per_segment // tl.cdiv(DV, BLOCK_V)
-        chain = SYNC + 1 + (bh * tl.cdiv(DV, BLOCK_V) + pid_v) * num_segments
-    else:
-        pid_v, bh = _block_and_head(DV, BLOCK_V)
-        seg = tl.program_id(1)
+    seg = tl.program_id(1)
     b = bh // H
     h = bh % H
     q_ptr = Q + b * stride_qb + h * stride_qh
@@ -448,74 +425,20 @@ def _chunk_output_t_kernel(
         distance = tl.maximum(idx[None, :] - idx[:, None], 0).to(tl.float32)
         mask_t = tl.where(causal_t, tl.exp2(log2_lam * distance), 0.0) * (value_scale * out_scale)
 
-    if LOOKBACK:
-        # the segment's own state sum_s lam^(last-s) (value_scale v_s)^T k_s (none in the last
-        # segment: nothing follows it), as the ACCUMULATE form of _segment_state_kernel
-        own0 = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
-        if KEY_PARTS >= 2:
-            own1 = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
-        if KEY_PARTS >= 4:
-            own2 = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
-            own3 = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
-        seg_last = seg * segment_len + segment_len - 1
-        own_len = tl.where(seg < num_segments - 1, segment_len, 0)  # segments but the last are whole chunks
-        for back in range(0, own_len, CHUNK):
-            rows = seg_last + 1 - CHUNK - back + idx
-            row_valid = rows < N
-            v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-            if HAS_DECAY:
-                weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
-                weighted_t = tl.trans(v * weight[:, None])
-            else:
-                weighted_t = tl.trans(v * value_scale)
-            k0 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 0, DK, N, REVERSE, PART)
-            own0 = _dot_acc(own0, weighted_t, k0, DOT_DTYPE, PRECISION)
-            if KEY_PARTS >= 2:
-                k1 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 1, DK, N, REVERSE, PART)
-                own1 = _dot_acc(own1, weighted_t, k1, DOT_DTYPE, PRECISION)
-            if KEY_PARTS >= 4:
-                k2 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 2, DK, N, REVERSE, PART)
-                own2 = _dot_acc(own2, weighted_t, k2, DOT_DTYPE, PRECISION)
-                k3 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 3, DK, N, REVERSE, PART)
-                own3 = _dot_acc(own3, weighted_t, k3, DOT_DTYPE, PRECISION)
-        if seg > 0:  # the predecessor's inclusive state: wait for its flag
-            ready = tl.atomic_add(chain + seg - 1, 0, sem="acquire", scope="gpu")
-            while ready == 0:
-                ready = tl.atomic_add(chain + seg - 1, 0, sem="acquire", scope="gpu")
-        CACHE: tl.constexpr = ".cg"  # written by another program of this launch
-    else:
-        CACHE: tl.constexpr = ""
-
     # the state before the segment's first row, part by part (as _segment_start_state)
     init_offset = b * stride_ib + h * stride_ih
     slot = (bh * num_slots + seg * split - 1) * DK * DV
     s0 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 0, cols_v, valid_v, DK,
-                       stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART, CACHE)
+                       stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     if KEY_PARTS >= 2:
         s1 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 1, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART, CACHE)
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     if KEY_PARTS >= 4:
         s2 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 2, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART, CACHE)
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
         s3 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 3, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART, CACHE)
+                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
-
-    if LOOKBACK:
-        if seg < num_segments - 1:  # publish the state at this segment's last row, then the flag
-            if HAS_DECAY:
-                carried = tl.exp2(log2_lam * (segment_len - 1 + first_shift).to(tl.float32))
-            else:
-                carried = 1.0
-            own_slot = SEG_STATES + (bh * num_slots + seg) * DK * DV
-            _store_state_part_t(own_slot, stride_sk, stride_sv, 0, s0 * carried + own0, cols_v, valid_v, DK, PART)
-            if KEY_PARTS >= 2:
-                _store_state_part_t(own_slot, stride_sk, stride_sv, 1, s1 * carried + own1, cols_v, valid_v, DK, PART)
-            if KEY_PARTS >= 4:
-                _store_state_part_t(own_slot, stride_sk, stride_sv, 2, s2 * carried + own2, cols_v, valid_v, DK, PART)
-                _store_state_part_t(own_slot, stride_sk, stride_sv, 3, s3 * carried + own3, cols_v, valid_v, DK, PART)
-            tl.debug_barrier()  # every thread's share of the state is written before the flag
-            tl.atomic_xchg(chain + seg, 1, sem="release", scope="gpu")
 
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
