@@ -17,7 +17,8 @@ heads take the two-pass composition instead. Rows are addressed from the end (po
 import triton
 import triton.language as tl
 
-from .chunked import _block_and_head, _dot, _dot_acc, _intra_chunk_decay, _load_rows, _segment_start_state
+from .chunked import (_block_and_head, _dot, _dot_acc, _intra_chunk_decay, _load_rows, _segment_chunk,
+                      _segment_start_state)
 
 
 @triton.jit
@@ -97,10 +98,7 @@ def _key_value_grad_kernel(
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
     for start in range(seg_begin, seg_end, CHUNK):
-        rows = start + idx
-        row_valid = rows < seg_end
-        length = tl.minimum(seg_end - start, CHUNK)
-        shift = tl.where(start == seg_begin, first_shift, 1)
+        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
         q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, True)
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, True)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, True)

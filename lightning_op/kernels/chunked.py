@@ -68,6 +68,15 @@ def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REV
 
 
 @triton.jit
+def _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK: tl.constexpr):
+    """The chunk of a segment's walk that begins at row ``start``: its rows, which of them lie in
+    the segment, how many do, and the exponent its first row's state share carries (the
+    segment's ``first_shift`` in its first chunk, else 1)."""
+    rows = start + idx
+    return rows, rows < seg_end, tl.minimum(seg_end - start, CHUNK), tl.where(start == seg_begin, first_shift, 1)
+
+
+@triton.jit
 def _intra_chunk_decay(DECAY, h, idx, causal):
     """log2(lam) of head h and the chunk's mask M[i, s] = lam^(i-s) for i >= s, else 0 (the exponent
     is clamped so that masked entries stay finite)."""
@@ -268,10 +277,7 @@ def _chunk_output_kernel(
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
     for start in range(seg_begin, seg_end, CHUNK):
-        rows = start + idx
-        row_valid = rows < seg_end
-        length = tl.minimum(seg_end - start, CHUNK)
-        shift = tl.where(start == seg_begin, first_shift, 1)
+        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
         q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
@@ -443,10 +449,7 @@ def _chunk_output_t_kernel(
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
     for start in range(seg_begin, seg_end, CHUNK):
-        rows = start + idx
-        row_valid = rows < seg_end
-        length = tl.minimum(seg_end - start, CHUNK)
-        shift = tl.where(start == seg_begin, first_shift, 1)
+        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
         q0 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 0, DK, N, REVERSE, PART)
         if KEY_PARTS >= 2:
             q1 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 1, DK, N, REVERSE, PART)
