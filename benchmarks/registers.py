@@ -134,12 +134,14 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
 
 def ptx_digest(ptx: str) -> str:
     """A digest of the PTX's code: debug sections, line records, debug labels and the kernel's
-    mangled name (which encodes its signature) left out, so two checkouts whose kernels compile to the same
-    instructions print the same digest: a refactor shown to be a no-op for the GPU without one."""
+    mangled name (which encodes its signature) left out, so two checkouts whose kernels compile to
+    the same instructions print the same digest: a refactor shown to be a no-op for the GPU
+    without one."""
     code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
     # $L__tmp labels only mark source positions for the debug sections (inlined helpers add some)
     kept = [line for line in code.splitlines()
-            if not line.lstrip().startswith((".loc", ".file", "//")) and not re.fullmatch(r"\$L__tmp\d+:", line.strip())]
+            if not line.lstrip().startswith((".loc", ".file", "//"))
+            and not re.fullmatch(r"\$L__tmp\d+:", line.strip())]
     text = re.sub(r"_kernel[A-Za-z0-9_]*", "_kernel", "\n".join(kept))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
