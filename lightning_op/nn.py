@@ -58,6 +58,9 @@ class LightningAttention(nn.Module):
     states float32 ``[B, H, head_dim, head_dim]``. ``state`` continues a sequence; with a
     :class:`StateCache` the layer reads and stores its own state there, and short inputs (decode
     steps, up to ``STEP_MAX_TOKENS`` tokens, no gradients) update the cached state in place.
+    ``new_state`` is always the caller's own tensor: with a cache it is a copy of the cached state,
+    which later steps do not change (one state-sized copy per call); a ``state`` passed beside a
+    cache is read, never updated in place.
     """
 
     def __init__(
@@ -99,11 +102,12 @@ class LightningAttention(nn.Module):
         self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
     ) -> tuple[Tensor, Tensor]:
         b, n, _ = x.shape
-        if state is None and cache is not None:
-            state = cache.get(self.layer_idx)
+        cached = None if cache is None else cache.get(self.layer_idx)
+        if state is None:
+            state = cached
         q, k, v = F.silu(self.qkv_proj(x)).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
-        in_place = cache is not None and state is not None and n <= STEP_MAX_TOKENS and not (
+        in_place = state is not None and state is cached and n <= STEP_MAX_TOKENS and not (
             torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         )
         if in_place:
@@ -115,6 +119,8 @@ class LightningAttention(nn.Module):
             )
         if cache is not None:
             cache.set(self.layer_idx, new_state)
+            # the cached tensor changes in place at later decode steps: the caller gets a snapshot
+            new_state = new_state.clone()
         o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         y = self.out_proj(torch.sigmoid(self.gate_proj(x)) * self.norm(o))
         return y, new_state

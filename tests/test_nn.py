@@ -24,7 +24,7 @@ def test_chunked_prefill_then_step_decode_equals_one_pass(cpu_backend):
         for t in range(130, 150):
             y, state = block(x[:, t : t + 1], cache=cache)
             pieces.append(y)
-        assert state is state_after_prefill  # decode steps update the cached state in place
+        assert cache.get(block.layer_idx) is state_after_prefill  # decode steps update the cached state in place
     assert rel_error(torch.cat(pieces, 1), full) < 1e-5
     assert rel_error(cache.get(block.layer_idx), full_state) < 1e-5
 
@@ -47,9 +47,10 @@ def test_training_with_cache_uses_the_differentiable_op():
     cache.set(block.layer_idx, original)
     snapshot = original.clone()
     y, state = block(x, cache=cache)
-    y.sum().backward()
+    (y.sum() + state.sum()).backward()  # the returned state is differentiable too
     assert x.grad is not None and block.qkv_proj.weight.grad is not None
-    assert cache.get(block.layer_idx) is state and state is not original
+    assert cache.get(block.layer_idx) is not original
+    torch.testing.assert_close(cache.get(block.layer_idx), state)
     torch.testing.assert_close(original, snapshot)  # the old state was not mutated
 
 
@@ -86,3 +87,31 @@ def test_bad_configuration():
         LightningAttention(60, 7)
     with pytest.raises(ValueError, match="head_dim must be between 16 and 256"):
         LightningAttention(32, 4)
+
+
+def test_returned_states_belong_to_the_caller():
+    block = _block()
+    x = torch.randn(1, 40, 64)
+    cache = StateCache()
+    with torch.no_grad():
+        _, expected = block(x[:, :30])
+        _, prefill_state = block(x[:, :30], cache=cache)
+        _, step_state = block(x[:, 30:31], cache=cache)
+        kept_step = step_state.clone()
+        torch.testing.assert_close(cache.get(block.layer_idx), step_state, rtol=0, atol=0)
+        for t in range(31, 40):
+            block(x[:, t : t + 1], cache=cache)
+        # later in-place steps changed neither state handed out
+        torch.testing.assert_close(prefill_state, expected, rtol=0, atol=0)
+        torch.testing.assert_close(step_state, kept_step, rtol=0, atol=0)
+        # and what the caller does with them does not reach the cache
+        before = cache.get(block.layer_idx).clone()
+        prefill_state.zero_()
+        step_state.zero_()
+        torch.testing.assert_close(cache.get(block.layer_idx), before, rtol=0, atol=0)
+        # an explicit state given beside a cache is the caller's too: it is read, not stepped in place
+        mine = torch.randn(1, 4, 16, 16)
+        kept_mine = mine.clone()
+        _, continued = block(x[:, :1], mine, cache=cache)
+        torch.testing.assert_close(mine, kept_mine, rtol=0, atol=0)
+        torch.testing.assert_close(continued, block(x[:, :1], kept_mine)[1])
