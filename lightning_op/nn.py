@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import Optional
 
 import torch
@@ -20,27 +22,65 @@ STEP_MAX_TOKENS = 8
 
 class StateCache:
     """The decode states of a model's attention layers: one float32 ``[B, H, Dk, Dv]`` tensor per
-    layer index, whatever the context length. Layers update their entry in place while decoding."""
+    layer index, whatever the context length. Layers update their entry in place while decoding.
+
+    Each entry belongs to the layer that stored it (``owner``): another live layer reading or
+    writing that index raises ``ValueError``, since two layers sharing one state compute wrong
+    results without any error (stacked layers all left at ``layer_idx=0`` would). Calls without an
+    owner (code inspecting or restoring states) are not checked, and setting a state without one
+    keeps the entry's owner. :meth:`reset` frees every index, and so does the owner being garbage
+    collected: a layer built in its place (a model rebuilt or reloaded) takes the entry over and
+    continues its state; call :meth:`reset` between sequences.
+    """
 
     def __init__(self) -> None:
         self._states: dict[int, Tensor] = {}
+        # weak, so that a cache outliving its model does not keep the model alive
+        self._owners: dict[int, weakref.ref] = {}
 
-    def get(self, layer_idx: int) -> Optional[Tensor]:
+    def get(self, layer_idx: int, *, owner: Optional[nn.Module] = None) -> Optional[Tensor]:
+        if owner is not None:
+            self._check_owner(layer_idx, owner)
         return self._states.get(layer_idx)
 
-    def set(self, layer_idx: int, state: Tensor) -> None:
+    def set(self, layer_idx: int, state: Tensor, *, owner: Optional[nn.Module] = None) -> None:
         if not isinstance(state, Tensor) or state.dim() != 4 or state.dtype != torch.float32:
             raise TypeError(f"StateCache.set: state must be a float32 [B, H, Dk, Dv] tensor, got {state!r:.80}")
+        if owner is not None:
+            self._check_owner(layer_idx, owner)
+            self._owners[layer_idx] = weakref.ref(owner)
         self._states[layer_idx] = state
+
+    def _check_owner(self, layer_idx: int, owner: nn.Module) -> None:
+        ref = self._owners.get(layer_idx)
+        holder = None if ref is None else ref()
+        if holder is not None and holder is not owner:
+            raise ValueError(
+                f"StateCache: layer_idx {layer_idx} holds the state of another layer ({type(holder).__name__} at "
+                f"{id(holder):#x}, this one at {id(owner):#x}); layers sharing a state give wrong results. Give each "
+                "layer a distinct layer_idx (layer_idx=i for the i-th of stacked layers), or each its own cache"
+            )
 
     def reset(self) -> None:
         self._states.clear()
+        self._owners.clear()
 
     def __len__(self) -> int:
         return len(self._states)
 
     def __contains__(self, layer_idx: int) -> bool:
         return layer_idx in self._states
+
+    def __getstate__(self) -> dict:
+        # weak references do not pickle, and the layers they name do not travel with the states
+        return {"_states": self._states, "_owners": {}}
+
+    def __deepcopy__(self, memo: dict) -> "StateCache":
+        # a copy is for the same layers (a branch of the same decode, as in beam search)
+        other = StateCache()
+        other._states = copy.deepcopy(self._states, memo)
+        other._owners = dict(self._owners)
+        return other
 
     @property
     def nbytes(self) -> int:
@@ -56,11 +96,12 @@ class LightningAttention(nn.Module):
 
     ``forward(x, state=None, *, cache=None) -> (y, new_state)`` with x ``[B, N, hidden_size]`` and
     states float32 ``[B, H, head_dim, head_dim]``. ``state`` continues a sequence; with a
-    :class:`StateCache` the layer reads and stores its own state there, and short inputs (decode
-    steps, up to ``STEP_MAX_TOKENS`` tokens, no gradients) update the cached state in place.
-    ``new_state`` is always the caller's own tensor: with a cache it is a copy of the cached state,
-    which later steps do not change (one state-sized copy per call); a ``state`` passed beside a
-    cache is read, never updated in place.
+    :class:`StateCache` the layer reads and stores its own state there under ``layer_idx`` (so
+    stacked layers need distinct indices; the cache refuses two layers at one index), and short
+    inputs (decode steps, up to ``STEP_MAX_TOKENS`` tokens, no gradients) update the cached state in
+    place. ``new_state`` is always the caller's own tensor: with a cache it is a copy of the cached
+    state, which later steps do not change (one state-sized copy per call); a ``state`` passed
+    beside a cache is read, never updated in place.
     """
 
     def __init__(
@@ -102,7 +143,7 @@ class LightningAttention(nn.Module):
         self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
     ) -> tuple[Tensor, Tensor]:
         b, n, _ = x.shape
-        cached = None if cache is None else cache.get(self.layer_idx)
+        cached = None if cache is None else cache.get(self.layer_idx, owner=self)
         if state is None:
             state = cached
         q, k, v = F.silu(self.qkv_proj(x)).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
@@ -118,7 +159,7 @@ class LightningAttention(nn.Module):
                 q, k, v, self.decay, scale=self.scale, initial_state=state, output_final_state=True
             )
         if cache is not None:
-            cache.set(self.layer_idx, new_state)
+            cache.set(self.layer_idx, new_state, owner=self)
             # the cached tensor changes in place at later decode steps: the caller gets a snapshot
             new_state = new_state.clone()
         o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)

@@ -1,5 +1,9 @@
 """``lightning_op.nn``: the attention block and its state cache."""
 
+import copy
+import gc
+import pickle
+
 import pytest
 import torch
 
@@ -87,6 +91,77 @@ def test_bad_configuration():
         LightningAttention(60, 7)
     with pytest.raises(ValueError, match="head_dim must be between 16 and 256"):
         LightningAttention(32, 4)
+
+
+def _run_stack(layers, x, cache=None):
+    for layer in layers:
+        x = layer(x, cache=cache)[0]
+    return x
+
+
+def test_stacked_layers_with_distinct_indices_prefill_and_decode_as_one_pass():
+    torch.manual_seed(0)
+    layers = [LightningAttention(64, 4, layer_idx=i, num_layers=3).eval() for i in range(3)]
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        full = _run_stack(layers, x)
+        cache = StateCache()
+        pieces = [_run_stack(layers, x[:, :30], cache)]
+        pieces += [_run_stack(layers, x[:, t : t + 1], cache) for t in range(30, 40)]
+    assert len(cache) == 3
+    assert rel_error(torch.cat(pieces, 1), full) < 1e-5
+
+
+def test_layers_sharing_a_layer_idx_are_refused():
+    first, second = (LightningAttention(64, 4) for _ in range(2))  # both at the default layer_idx=0
+    x = torch.randn(1, 20, 64)
+    cache = StateCache()
+    with torch.no_grad():
+        _, state = first(x, cache=cache)
+        for piece in (x, x[:, :1]):  # a prefill would overwrite the entry, a decode step read and update it
+            with pytest.raises(ValueError, match="layer_idx 0 .*another layer.*distinct layer_idx"):
+                second(piece, cache=cache)
+        with pytest.raises(ValueError, match="layer_idx 0"):
+            second(x, state, cache=cache)  # an explicit state too: the result would be stored there
+        torch.testing.assert_close(cache.get(0), state, rtol=0, atol=0)  # left as the first layer stored it
+        # the index's own layer, and code that holds no layer, still use the entry
+        first(x[:, :1], cache=cache)
+        cache.set(0, torch.zeros_like(state))
+        assert cache.get(0).abs().sum() == 0
+        with pytest.raises(ValueError, match="layer_idx 0"):
+            second(x[:, :1], cache=cache)  # setting a state by hand does not hand the entry over
+        cache.reset()  # a reset frees every index
+        second(x, cache=cache)
+        with pytest.raises(ValueError, match="layer_idx 0"):
+            first(x[:, :1], cache=cache)
+
+
+def test_an_index_whose_layer_was_collected_is_free_again():
+    cache = StateCache()
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        old = LightningAttention(64, 4)
+        _, state = old(x, cache=cache)
+        del old
+        gc.collect()
+        # e.g. a model rebuilt or reloaded: the new layer at this index continues the cached state
+        new = LightningAttention(64, 4)
+        _, continued = new(x[:, :1], cache=cache)
+        torch.testing.assert_close(continued, new(x[:, :1], state)[1])
+
+
+def test_cache_copies_keep_their_states():
+    layer = LightningAttention(64, 4)
+    cache = StateCache()
+    with torch.no_grad():
+        layer(torch.randn(1, 12, 64), cache=cache)
+    copied = copy.deepcopy(cache)  # same owners: the copy is for the same layers
+    with pytest.raises(ValueError, match="layer_idx 0"):
+        copied.set(0, copied.get(0), owner=LightningAttention(64, 4))
+    loaded = pickle.loads(pickle.dumps(cache))  # the layers do not travel, so no owners
+    for other in (copied, loaded):
+        assert other.get(0) is not cache.get(0) and torch.equal(other.get(0), cache.get(0))
+    loaded.set(0, loaded.get(0), owner=LightningAttention(64, 4))
 
 
 def test_returned_states_belong_to_the_caller():
