@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_op.nn import STEP_MAX_TOKENS, LightningAttention, StateCache
 
@@ -190,3 +191,87 @@ def test_returned_states_belong_to_the_caller():
         _, continued = block(x[:, :1], mine, cache=cache)
         torch.testing.assert_close(mine, kept_mine, rtol=0, atol=0)
         torch.testing.assert_close(continued, block(x[:, :1], kept_mine)[1])
+
+
+# --- the block against a plain transcription of its formula --------------------------------------
+
+
+def _alibi_slopes(num_heads, layer_idx, num_layers):
+    """ALiBi's slopes ``(2^(-8/H))^(h+1)`` for a power-of-two H, scaled per layer by
+    ``1 - layer_idx/(num_layers-1) + 1e-5`` (TransNormerLLM / MiniMax), written out independently."""
+    ratio = 2.0 ** (-8.0 / num_heads)
+    factor = 1.0 - layer_idx / (num_layers - 1) + 1e-5
+    return torch.tensor([ratio ** (h + 1) * factor for h in range(num_heads)], dtype=torch.float64)
+
+
+def _transcription(block, x, slopes, scale):
+    """The block's docstring in float64 with the block's own weights, run on the whole prefix x:
+    ``q, k, v = silu(x W_qkv)`` per head, ``o = scale ((Q K^T) * M) V`` with
+    ``M[t, s] = lam_h^(t-s) [t >= s]``, ``y = out_proj(sigmoid(x W_gate) * rmsnorm(o))``.
+    Returns o ``[B, N, H, D]`` (the norm's input), the final state ``[B, H, D, D]`` and y."""
+    x = x.double()
+    weights = {name: p.detach().double() for name, p in block.named_parameters()}
+
+    def linear(name, inputs):
+        out = inputs @ weights[f"{name}.weight"].T
+        return out + weights[f"{name}.bias"] if f"{name}.bias" in weights else out
+
+    b, n, _ = x.shape
+    heads, dim = block.num_heads, block.head_dim
+    qkv = F.silu(linear("qkv_proj", x)).view(b, n, 3, heads, dim)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, N, D]
+    lam = torch.exp(-slopes)[:, None, None]
+    t = torch.arange(n, dtype=torch.float64)
+    gap = t[:, None] - t[None, :]
+    mask = torch.where(gap >= 0, lam ** gap.clamp(min=0), 0.0)  # [H, N, N]
+    o = scale * ((q @ k.transpose(-1, -2)) * mask) @ v
+    state = torch.einsum("hs,bhsk,bhsv->bhkv", lam[:, 0] ** (n - 1 - t), k, v)
+    flat = o.transpose(1, 2).reshape(b, n, heads * dim)
+    normed = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + block.norm.eps) * weights["norm.weight"]
+    y = linear("out_proj", torch.sigmoid(linear("gate_proj", x)) * normed)
+    return o.transpose(1, 2), state, y
+
+
+def _assert_close_per_slice(actual, expected, dims, tol, what):
+    """Relative error of every slice (the norm over ``dims``), so one bad head or position shows."""
+    error = (actual.double() - expected).norm(dim=dims) / expected.norm(dim=dims)
+    worst = error.argmax()
+    where = tuple(int(i) for i in torch.unravel_index(worst, error.shape))
+    assert error.flatten()[worst] < tol, f"{what}: relative error {error.flatten()[worst]:.2e} at {where}"
+
+
+def test_block_matches_a_transcription_of_its_formula(cpu_backend):
+    heads, dim, layer_idx, num_layers, scale = 4, 16, 1, 3, 0.3  # lam_h = exp(-slope_h / 2): 0.88 .. 0.998
+    torch.manual_seed(0)
+    block = LightningAttention(
+        40, heads, head_dim=dim, layer_idx=layer_idx, num_layers=num_layers, scale=scale, bias=True
+    ).eval()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)  # not ones, so a norm weight applied wrongly shows
+    slopes = _alibi_slopes(heads, layer_idx, num_layers)
+    # rmsnorm takes `scale` out of y, so the attention output is read where it enters the norm
+    seen = []
+    block.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    prefill, steps = 40, [1, 1, 1, 3, STEP_MAX_TOKENS]
+    x = torch.randn(2, prefill + sum(steps), 40)
+
+    def check(start, end, y, state, how):
+        o_ref, state_ref, y_ref = _transcription(block, x[:, :end], slopes, scale)
+        o = seen.pop().view(2, end - start, heads, dim)
+        # worst errors measured of the float32 block (reference / triton backend): o 7.7e-7 / 9.0e-7,
+        # y 4.6e-7 / 7.3e-7, state 2.9e-7 / 7.7e-7
+        _assert_close_per_slice(o, o_ref[:, start:], -1, 3e-6, f"{how}: o per (batch, position, head)")
+        _assert_close_per_slice(y, y_ref[:, start:], -1, 3e-6, f"{how}: y per (batch, position)")
+        _assert_close_per_slice(state, state_ref, (-2, -1), 3e-6, f"{how}: state per (batch, head)")
+
+    with torch.no_grad():
+        check(0, prefill, *block(x[:, :prefill]), "prefill")
+        cache = StateCache()
+        check(0, prefill, *block(x[:, :prefill], cache=cache), "prefill with a cache")
+        cached = cache.get(block.layer_idx)
+        start = prefill
+        for count in steps:
+            y, state = block(x[:, start : start + count], cache=cache)
+            assert cache.get(block.layer_idx) is cached  # the in-place decode step was taken
+            check(start, start + count, y, state, f"decode step of {count} at {start}")
+            start += count
