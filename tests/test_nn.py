@@ -193,6 +193,18 @@ def test_returned_states_belong_to_the_caller():
         torch.testing.assert_close(continued, block(x[:, :1], kept_mine)[1])
 
 
+def test_meta_device():
+    block = LightningAttention(64, 4, layer_idx=1, num_layers=4, device="meta")
+    y, state = block(torch.empty(2, 10, 64, device="meta"))
+    assert y.shape == (2, 10, 64) and y.device.type == "meta"
+    assert state.shape == (2, 4, 16, 16) and state.dtype == torch.float32 and state.device.type == "meta"
+    cache = StateCache()
+    with torch.no_grad():
+        block(torch.empty(2, 10, 64, device="meta"), cache=cache)
+        y, state = block(torch.empty(2, 1, 64, device="meta"), cache=cache)
+    assert y.shape == (2, 1, 64) and state.shape == (2, 4, 16, 16) and cache.get(1).device.type == "meta"
+
+
 # --- the block against a plain transcription of its formula --------------------------------------
 
 
