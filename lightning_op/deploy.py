@@ -47,7 +47,7 @@ def attn_inference(
     """``lightning::attn``'s forward (same arguments and results), traceable into a package.
 
     This function is also the op's fake, so it must run on fake tensors with a symbolic N: no
-    branch on N and no reads of values (decays are not checked for sign, unlike ``lightning::attn``).
+    branch on N and no reads of values where tracing (real calls check the decays as ``lightning::attn`` does).
     CPU tensors never reach ``wrap_triton`` (it cannot trace interpreted kernels).
 
     Reach it through :func:`for_package` after export. Exporting a direct call with a dynamic
@@ -56,7 +56,7 @@ def attn_inference(
     tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
     ops.validate(q, k, v, decay, scale, initial_state)
-    decay, initial_state = ops._decay_float32(decay), ops._float32(initial_state)
+    decay, initial_state = ops._prepare_decay(decay), ops._float32(initial_state)
     if q.device.type == "cuda":
         return linear_attention(
             q, k, v, decay, out_scale=scale, initial_state=initial_state, segment_len=SEGMENT_LEN, traceable=True

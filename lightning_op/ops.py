@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import reference
 from ._gates import HAS_TRITON, cpu_backend
 
-__all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_step"]
+__all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -41,13 +41,13 @@ def _require_equal(actual, expected, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
-def _check_tensor(name: str, x, ndim: int) -> None:
+def _check_tensor(name: str, x, ndim: int, op: str = "attn") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"lightning attn: {name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"lightning {op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"lightning attn: {name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"lightning {op}: {name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != ndim:
-        raise ValueError(f"lightning attn: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(f"lightning {op}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
 def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
@@ -103,31 +103,47 @@ def _check_scale(scale) -> None:
         raise TypeError(f"lightning attn: scale must be a finite float, got {scale!r}")
 
 
-_checked_decays: dict[int, tuple[weakref.ref, int]] = {}
+#: Decays at or above this are lam = exp(-decay) = 0 in float32 and float64 alike (exp(-104) is
+#: already below float32's smallest subnormal). Larger ones, inf included, are clamped to it:
+#: every decay factor is lam^e = exp(-decay * e), and ``inf * 0`` at e = 0 would be NaN where
+#: lam^0 = 1 is meant; the kernels' ``-decay * log2(e)`` overflows from about 2.4e38 the same way.
+DECAY_SATURATION = 1.0e4
 
 
-def _check_decay_values(decay: Optional[Tensor]) -> None:
-    """Decays must be >= 0 (a negative slope grows without bound). Reading them syncs a GPU, so a
-    tensor seen before and unchanged since (the same live object, the same version counter) is not
-    read again; nothing is read during CUDA-graph capture."""
+def _prepare_decay(decay: Optional[Tensor]) -> Optional[Tensor]:
+    """The decays as the kernels and the chunked path read them, after checking their values.
+
+    Values are read on every call (one small device-to-host copy of H numbers): a check that
+    remembered a tensor by its version counter would miss writes through ``.data`` or a NumPy /
+    DLPack view, and a negative or NaN slope silently turns the head to NaN. Not read where they
+    cannot be: during CUDA-graph capture (the warm-up calls before it are checked) and for meta
+    or fake tensors. The result is float32, contiguous (the kernels index ``DECAY + h``; a strided
+    view such as ``slopes(8)[::2]`` would otherwise be read as its neighbours) and at most
+    ``DECAY_SATURATION``.
+    """
     if decay is None:
-        return
-    # inference tensors keep no version counter (an in-place write could not be seen): they are
-    # read on every call, never remembered
-    remembered = not decay.is_inference()
-    if remembered:
-        seen = _checked_decays.get(id(decay))
-        if seen is not None and seen[0]() is decay and seen[1] == decay._version:
-            return
-    if decay.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if not bool((decay >= 0).all()):
-        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {decay.tolist()}")
-    if not remembered:
-        return
-    if len(_checked_decays) > 1024:
-        _checked_decays.clear()
-    _checked_decays[id(decay)] = (weakref.ref(decay), decay._version)
+        return None
+    if _has_values(decay) and not (decay.is_cuda and torch.cuda.is_current_stream_capturing()):
+        values = decay.detach().tolist()
+        if not all(x >= 0 for x in values):  # NaN fails this too
+            raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {values}")
+        saturate = max(values, default=0.0) > DECAY_SATURATION
+    else:
+        saturate = True  # unknown values: the clamp is one captured or traced elementwise op
+    if saturate:
+        decay = decay.to(torch.float32).clamp(max=DECAY_SATURATION)
+    if decay.dtype == torch.float32 and decay.is_contiguous():
+        return decay
+    return decay.to(torch.float32).contiguous()
+
+
+def _has_values(x: Tensor) -> bool:
+    """Whether ``x``'s elements can be read: not a meta tensor, nor a fake one of tracing."""
+    if x.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(x)
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -161,12 +177,24 @@ def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.dtype == torch.float32 else x.to(torch.float32)
 
 
-def _decay_float32(decay: Optional[Tensor]) -> Optional[Tensor]:
-    """The decays as the kernels read them: float32 and contiguous (they index ``DECAY + h``; a
-    strided view such as ``slopes(8)[::2]`` would otherwise be read as its neighbours)."""
-    if decay is None or (decay.dtype == torch.float32 and decay.is_contiguous()):
-        return decay
-    return decay.to(torch.float32).contiguous()
+def _tangent_of(x: Tensor) -> Optional[Tensor]:
+    try:
+        return forward_ad.unpack_dual(x).tangent
+    except RuntimeError:  # below autograd inside a tracer (torch.func.linearize's make_fx): no dual to see
+        return None
+
+
+def _refuse_forward_ad(*tensors) -> None:
+    """The op has no forward-mode formula of its own (``custom_op`` cannot register one): a dual
+    input would silently get a zero tangent. ``lightning_attn`` has one (``_TransformableAttention``)."""
+    if forward_ad._current_level < 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return  # under a functorch transform lightning_attn took _TransformableAttention already
+    if any(x is not None and _has_values(x) and _tangent_of(x) is not None for x in tensors):
+        raise RuntimeError(
+            "lightning attn: torch.ops.lightning.attn has no forward-mode derivative of its own; call "
+            "lightning_op.lightning_attn, which supports torch.autograd.forward_ad and torch.func.jvp / "
+            "jacfwd / linearize"
+        )
 
 
 # ----------------------------------------------------------------------------- forward
@@ -189,8 +217,8 @@ def attn(
 def _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=None):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
     passes ``keep_start_states``: see ``kernels.linear_attention``)."""
-    _check_decay_values(decay)
-    decay, initial_state = _decay_float32(decay), _float32(initial_state)
+    _refuse_forward_ad(q, k, v, decay, initial_state)
+    decay, initial_state = _prepare_decay(decay), _float32(initial_state)
     if _use_triton(q):
         from .kernels import linear_attention
 
@@ -232,13 +260,50 @@ def attn_bwd(
 
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
     """
+    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
     return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
+
+
+def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None,
+                      bnhd_grads=False) -> None:
+    """``validate`` for ``lightning::attn_bwd``: the forward's arguments, plus ``grad_out``
+    ``[B, H, N, Dv]`` in q's dtype and ``grad_final_state`` ``[B, H, Dk, Dv]`` (any float dtype)."""
+    validate(q, k, v, decay, scale, initial_state)
+    b, h, n, dk = q.shape
+    dv = v.shape[3]
+    _check_tensor("grad_out", grad_out, 4, op="attn_bwd")
+    for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, n, "N"), (3, dv, "Dv")):
+        _require_equal(
+            grad_out.shape[dim], size,
+            lambda: f"lightning attn_bwd: grad_out must have the output's shape [B, H, N, Dv] = [{b}, {h}, {n}, {dv}], "
+            f"got {tuple(grad_out.shape)} ({what} differs)",
+        )
+    if grad_out.dtype != q.dtype:
+        raise TypeError(f"lightning attn_bwd: grad_out must have the output's dtype {q.dtype}, got {grad_out.dtype}")
+    if grad_out.device != q.device:
+        raise ValueError(f"lightning attn_bwd: grad_out is on {grad_out.device} but q is on {q.device}")
+    if grad_final_state is not None:
+        _check_tensor("grad_final_state", grad_final_state, 4, op="attn_bwd")
+        if grad_final_state.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"lightning attn_bwd: grad_final_state must be float16, bfloat16 or float32, got {grad_final_state.dtype}"
+            )
+        for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, dk, "Dk"), (3, dv, "Dv")):
+            _require_equal(
+                grad_final_state.shape[dim], size,
+                lambda: f"lightning attn_bwd: grad_final_state must have the final state's shape [B, H, Dk, Dv] = "
+                f"[{b}, {h}, {dk}, {dv}], got {tuple(grad_final_state.shape)} ({what} differs)",
+            )
+        if grad_final_state.device != q.device:
+            raise ValueError(f"lightning attn_bwd: grad_final_state is on {grad_final_state.device} but q is on {q.device}")
+    if not isinstance(bnhd_grads, bool):
+        raise TypeError(f"lightning attn_bwd: bnhd_grads must be a bool, got {bnhd_grads!r}")
 
 
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, forward_states=None):
     """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
     segment states: ``reference.attention_backward_chunked``)."""
-    decay, initial_state, grad_final_state = _decay_float32(decay), _float32(initial_state), _float32(grad_final_state)
+    decay, initial_state, grad_final_state = _prepare_decay(decay), _float32(initial_state), _float32(grad_final_state)
     kernels = {}
     if _use_triton(q):
         from .kernels import key_value_gradients, linear_attention
@@ -254,6 +319,7 @@ def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_st
 
 @attn_bwd.register_fake
 def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False):
+    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
@@ -354,6 +420,98 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
         )
 
 
+class _TransformableAttention(torch.autograd.Function):
+    """``lightning::attn`` with a forward-mode derivative and functorch support, for calls under
+    ``torch.autograd.forward_ad`` or a ``torch.func`` transform (``grad``, ``jacrev``, ``jvp``,
+    ``jacfwd``, ``linearize``, ``vmap``); the op's own autograd (a ``custom_op``'s) has neither.
+
+    The output is linear in each of q, k and v separately and in the initial state, so with
+    ``attn(q, k, v, S)`` the op's output and final state (final state independent of q)::
+
+        d out   = attn(dq, k, v, S).out + attn(q, dk, v, 0).out + attn(q, k, dv, dS).out
+        d final =                         attn(q, dk, v, 0).final + attn(q, k, dv, dS).final
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, decay, scale, initial_state):
+        return torch.ops.lightning.attn(q, k, v, decay, scale, initial_state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        q, k, v, decay, _, initial_state = inputs
+        ctx.save_for_forward(q, k, v, decay, initial_state)
+        ctx.set_materialize_grads(False)  # inputs without a tangent get None, not zeros to run through
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state):
+        return _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_TransformableBackward.apply)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, d_decay, d_scale, d_init):
+        if d_decay is not None and bool((d_decay != 0).any()):
+            raise ValueError(
+                "lightning attn: decay has a tangent, but the decay is not differentiable yet; pass decay.detach()"
+            )
+        q, k, v, decay, initial_state = ctx.saved_tensors
+        attn_op, scale = torch.ops.lightning.attn, ctx.scale
+        d_out = d_final = None
+
+        def add(total, term):
+            return term if total is None else total + term
+
+        if dq is not None:
+            d_out = attn_op(dq, k, v, decay, scale, initial_state)[0]
+        if dk is not None:
+            out, final = attn_op(q, dk, v, decay, scale, None)
+            d_out, d_final = add(d_out, out), add(d_final, final)
+        if dv is not None or d_init is not None:
+            out, final = attn_op(q, k, torch.zeros_like(v) if dv is None else dv, decay, scale,
+                                 None if d_init is None else d_init)
+            d_out, d_final = add(d_out, out), add(d_final, final)
+        if d_out is None:
+            d_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+        if d_final is None:
+            d_final = q.new_zeros(q.shape[0], q.shape[1], q.shape[3], v.shape[3], dtype=torch.float32)
+        return d_out, d_final
+
+
+class _TransformableBackward(torch.autograd.Function):
+    """``lightning::attn_bwd`` under a transform: ``torch.func.grad`` differentiates with
+    ``create_graph``, so the backward op would see inputs that require grad (and a ``custom_op``
+    without autograd cannot run then). Its results are not differentiable again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads=False):
+        return torch.ops.lightning.attn_bwd(grad_out, grad_final_state, q, k, v, decay, scale, initial_state,
+                                            bnhd_grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _NotTwiceDifferentiable.backward(ctx)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _NotTwiceDifferentiable.backward(ctx)
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a functorch transform wraps an input or a forward-mode dual tensor is among them."""
+    if any(x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in tensors):
+        return True
+    return forward_ad._current_level >= 0 and any(
+        x is not None and forward_ad.unpack_dual(x).tangent is not None for x in tensors
+    )
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
@@ -361,7 +519,7 @@ def _dispatcher_observed(*tensors) -> bool:
     """Whether the call must go through the op: something may trace, transform or intercept it."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return True
-    if torch._C._is_torch_function_mode_enabled():
+    if torch._C._is_torch_function_mode_enabled() or forward_ad._current_level >= 0:
         return True
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -377,6 +535,8 @@ def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None):
     """``lightning::attn`` for callers that validated the inputs: the op's bodies directly in plain
     eager mode (with its autograd), else the op itself. Same values, gradients and errors."""
     if _dispatcher_observed(q, k, v, decay, initial_state):
+        if not torch.compiler.is_compiling() and _transformed(q, k, v, decay, initial_state):
+            return _TransformableAttention.apply(q, k, v, decay, scale, initial_state)
         return attn(q, k, v, decay, scale, initial_state)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function("lightning::attn"):
@@ -412,7 +572,38 @@ def validate_step(q, k, v, state, decay=None, scale=1.0) -> None:
             f"lightning attn_step: state (strides {tuple(state.stride())}) has elements sharing memory, e.g. an "
             "expanded tensor; it is updated in place, so each (batch, head) needs its own: pass state.clone()"
         )
-    _check_step_grad(q, k, v, state)
+    _check_step_grad(q, k, v, state, decay)
+    _check_step_aliasing(q, k, v, state, decay)
+
+
+def _check_step_aliasing(q, k, v, state, decay) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("decay", decay)):
+        if x is not None and _may_share_memory(x, state):
+            raise ValueError(
+                f"lightning attn_step: {name} shares memory with state, which the step updates in place while "
+                f"reading {name}; pass a copy ({name}.clone())"
+            )
+
+
+def _may_share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether the bytes ``a`` and ``b`` span intersect (conservative for interleaved strides, as
+    PyTorch's own in-place overlap check is). Traced tensors are not checked: the real call is."""
+    if not (_has_values(a) and _has_values(b)) or any(
+        isinstance(d, torch.SymInt) for x in (a, b) for d in (*x.shape, *x.stride())
+    ):
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(x):
+        first = x.storage_offset() * x.element_size()
+        last = first + (sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1) * x.element_size()
+        return first, last
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _overlaps_itself(x: Tensor) -> bool:
@@ -426,18 +617,20 @@ def _overlaps_itself(x: Tensor) -> bool:
     return verdict == 1
 
 
-def _check_step_grad(q, k, v, state) -> None:
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, state)):
+def _check_step_grad(q, k, v, state, decay) -> None:
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, state, decay)):
+        names = [n for n, x in (("q", q), ("k", k), ("v", v), ("state", state), ("decay", decay))
+                 if x is not None and x.requires_grad]
         raise ValueError(
-            "lightning attn_step: inputs require grad, but the decode step updates the state in place and "
-            "has no backward; use lightning_attn(..., initial_state=state) to train, or torch.no_grad()"
+            f"lightning attn_step: {', '.join(names)} require(s) grad, but the decode step updates the state in "
+            "place and has no backward; use lightning_attn(..., initial_state=state) to train, or torch.no_grad()"
         )
 
 
 #: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed
 #: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup (≈ 1 µs) instead of the
-#: full validation (≈ 10 µs); what depends on values (scale, grad mode, decay signs) is still
-#: checked on every call.
+#: full validation; what depends on values or addresses (scale, grad mode, decay signs, aliasing
+#: of the state) is still checked on every call.
 _validated_steps: set = set()
 
 
@@ -447,14 +640,14 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
         state.stride(),)
     if signature in _validated_steps:
         _check_scale(scale)
-        _check_step_grad(q, k, v, state)
+        _check_step_grad(q, k, v, state, decay)
+        _check_step_aliasing(q, k, v, state, decay)  # where the tensors are, not their shapes
     else:
         validate_step(q, k, v, state, decay, scale)
         if len(_validated_steps) > 1024:
             _validated_steps.clear()
         _validated_steps.add(signature)
-    _check_decay_values(decay)
-    decay = _decay_float32(decay)
+    decay = _prepare_decay(decay)
     if _use_triton(q):
         from .kernels import decode_step
 

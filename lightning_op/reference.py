@@ -88,10 +88,14 @@ def slopes(num_heads: int, layer_idx: Optional[int] = None, num_layers: Optional
 
 
 def _decay_powers(decay: Optional[Tensor], exponent: Tensor, like: Tensor) -> Tensor:
-    """``lam_h ** exponent`` per head, shape ``[H, *exponent.shape]``; exponents must be >= 0."""
+    """``lam_h ** exponent`` per head, shape ``[H, *exponent.shape]``; exponents must be >= 0.
+
+    ``lam^0 = 1`` also for an infinite decay (lam = 0), where ``-decay * 0`` is NaN."""
     if decay is None:
         return torch.ones((1,) * (exponent.dim() + 1), dtype=like.dtype, device=like.device)
-    return torch.exp(-decay.to(like.dtype).reshape(-1, *([1] * exponent.dim())) * exponent.to(like.dtype))
+    exponent = exponent.to(like.dtype)
+    log_power = -decay.to(like.dtype).reshape(-1, *([1] * exponent.dim())) * exponent
+    return torch.exp(torch.where(exponent == 0, 0.0, log_power))
 
 
 def decay_mask(decay: Optional[Tensor], n: int, *, dtype=torch.float64, device=None) -> Tensor:

@@ -127,6 +127,42 @@ def test_step_refuses_gradients():
         attn_step(q, k, v, torch.zeros(1, 2, 16, 16))
 
 
+def test_step_refuses_a_decay_that_requires_grad(cpu_backend):
+    """The step has no backward: a learnable decay would silently get no gradient (and on the CPU
+    path the state would pick up autograd history)."""
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    state = torch.zeros(1, 2, 16, 16)
+    decay = torch.nn.Parameter(torch.tensor([0.1, 0.2]))
+    for _ in range(2):  # the second call takes the validated-layout shortcut
+        with pytest.raises(ValueError, match="decay require"):
+            attn_step(q, k, v, state, decay)
+    assert not state.requires_grad and torch.equal(state, torch.zeros(1, 2, 16, 16))
+    with torch.no_grad():
+        attn_step(q, k, v, state, decay)
+
+
+def test_step_refuses_inputs_aliasing_the_state(cpu_backend):
+    """The state is written while q, k, v and decay are read: inputs that overlap it would give
+    results that depend on the order of the kernel's reads. Refused, as PyTorch's in-place ops do,
+    also for layouts validated before."""
+    state = torch.randn(1, 2, 16, 16)
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    attn_step(q, k, v, state.clone())  # this layout is now validated
+    flat = state.view(1, 2, 16, 16)
+    view = flat[:, :, :1, :]  # [1, 2, 1, 16]: the first row of each head's state
+    for name, args in (("q", (view, k, v, state)), ("k", (q, view, v, state)), ("v", (q, k, view, state)),
+                       ("decay", (q, k, v, state, state.view(-1)[:2]))):
+        before = state.clone()
+        with pytest.raises(ValueError, match=f"{name} shares memory with state"):
+            attn_step(*args)
+        assert torch.equal(state, before)  # refused before anything was written
+    # disjoint parts of one buffer are fine
+    buffer = torch.randn(2 * 16 * 16 + 16)
+    own_state = buffer[:512].view(1, 2, 16, 16)
+    own_q = buffer[512:].view(1, 1, 1, 16).expand(1, 2, 1, 16)
+    attn_step(own_q, k, v, own_state)
+
+
 def test_repeated_steps_validate_once_but_still_check_values(monkeypatch):
     """A decode loop pays the full validation once per argument layout; scale, grad mode and
     decay signs are still checked on every call, and new layouts are validated afresh."""

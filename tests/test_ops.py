@@ -466,3 +466,198 @@ def test_gradients_are_not_silently_differentiated(cpu_backend, path):
         assert rel_error(a, b) < 1e-5 and a.requires_grad
     with pytest.raises(RuntimeError, match="not differentiable|no autograd formula"):
         (graphed[0].pow(2).sum() + graphed[1].sum()).backward()
+
+
+# ----------------------------------------------------------------------------- hostile values
+
+
+def test_decay_check_sees_writes_that_bypass_the_version_counter(cpu_backend):
+    """Writes through ``.data`` or a NumPy view leave the version counter alone: a negative slope
+    written that way after a first call must still be refused, never turned into NaN."""
+    args = _good()
+    q, k, v = args["q"], args["k"], args["v"]
+    for write in (lambda d: d.data.__setitem__(1, -1.0), lambda d: d.numpy().__setitem__(1, -1.0),
+                  lambda d: d.data.__setitem__(2, float("nan"))):
+        decay = torch.ones(3)
+        lightning_attn(q, k, v, decay)
+        write(decay)
+        with pytest.raises(ValueError, match="slopes >= 0"):
+            lightning_attn(q, k, v, decay)
+        with pytest.raises(ValueError, match="slopes >= 0"):
+            lightning_op.attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.zeros(2, 3, 16, 32), decay)
+
+
+@pytest.mark.parametrize("decay_values, decay_dtype", [
+    ([float("inf"), 0.5, 30.0], torch.float32),        # -log(sigmoid(g)) underflowing
+    ([1e300, 2.0, 1e-5], torch.float64),              # above float32's max: inf after the cast
+    ([3.0e38, 1e5, 2.5e38], torch.float32),           # finite, but -decay * log2(e) overflows
+], ids=["inf", "float64-huge", "float32-huge"])
+def test_vanishing_memory_heads_are_finite(cpu_backend, decay_values, decay_dtype):
+    """lam = exp(-decay) = 0: each token sees only itself, ``o_t = scale (q_t . k_t) v_t``, and the
+    final state is the last token's ``k^T v`` (plus nothing of the initial state)."""
+    q, k, v = make_inputs(1, 3, 70, 16, 24, torch.float32, seed=11)
+    init = torch.randn(1, 3, 16, 24)
+    decay = torch.tensor(decay_values, dtype=decay_dtype)
+    out, final = lightning_attn(q, k, v, decay, scale=0.5, initial_state=init, output_final_state=True)
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    # the first head by the closed form, written independently of the reference module
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    expected_out = 0.5 * (q64[:, 0] * k64[:, 0]).sum(-1, keepdim=True) * v64[:, 0]
+    expected_final = k64[:, 0, -1, :, None] * v64[:, 0, -1, None, :]
+    assert rel_error(out[:, 0], expected_out) < TOLERANCE[torch.float32]
+    assert rel_error(final[:, 0], expected_final) < TOLERANCE[torch.float32]
+    # every head, values and gradients, against the float64 oracle
+    _check_against_oracle(q, k, v, decay, 0.5, init)
+    state = init.clone()
+    step = lightning_op.attn_step(q[:, :, :3], k[:, :, :3], v[:, :, :3], state, decay, scale=0.5)
+    expected_step = lightning_attn(q[:, :, :3], k[:, :, :3], v[:, :, :3], decay, scale=0.5, initial_state=init)
+    assert rel_error(step, expected_step) < TOLERANCE[torch.float32]
+
+
+def test_float16_state_beyond_float16_range(cpu_backend):
+    """States are float32 whatever the inputs: here the state's entries pass float16's largest
+    value (65504) while every input and output stays inside its range."""
+    gen = torch.Generator().manual_seed(5)
+    n = 1100
+    q = (torch.rand(1, 2, n, 16, generator=gen) + 0.5).half()
+    k = (torch.rand(1, 2, n, 16, generator=gen) * 2 + 7).half()
+    v = (torch.rand(1, 2, n, 16, generator=gen) * 2 + 7).half()
+    init = torch.full((1, 2, 16, 16), 6.0e4)
+    out, final = lightning_attn(q, k, v, torch.tensor([0.0, 1e-4]), scale=2e-6, initial_state=init,
+                                output_final_state=True)
+    assert final.min() > 65504 * 1.5
+    assert out.abs().max() < 65504
+    _check_against_oracle(q, k, v, torch.tensor([0.0, 1e-4]), 2e-6, init, with_grad_final=False)
+
+
+def test_backward_op_validates_its_inputs():
+    """``attn_bwd`` is a documented op: wrong gradients are refused, naming the argument, instead
+    of being read out of bounds."""
+    args = _good()
+    q, k, v, decay, init = args["q"], args["k"], args["v"], args["decay"], args["initial_state"]
+    good_out, good_final = torch.randn(2, 3, 10, 32), torch.randn(2, 3, 16, 32)
+    cases = [
+        (dict(grad_out=torch.randn(2, 3, 12, 32)), ValueError, r"grad_out must have the output's shape .* \(N differs\)"),
+        (dict(grad_out=torch.randn(2, 3, 10, 16)), ValueError, r"grad_out must have .* \(Dv differs\)"),
+        (dict(grad_out=torch.randn(2, 3, 10)), ValueError, r"grad_out must have 4 dimensions"),
+        (dict(grad_out=torch.randn(2, 3, 10, 32, dtype=torch.float64)), TypeError, r"grad_out must have the output's dtype"),
+        (dict(grad_out=torch.ones(2, 3, 10, 32, dtype=torch.int32)), TypeError, r"grad_out must be a floating-point"),
+        (dict(grad_final_state=torch.randn(2, 3, 32, 16)), ValueError, r"grad_final_state must have the final state's shape"),
+        (dict(grad_final_state=torch.randn(2, 3, 16, 32, dtype=torch.float64)), TypeError,
+         r"grad_final_state must be float16, bfloat16 or float32"),
+        (dict(q=torch.randn(2, 3, 11, 16)), ValueError, r"k has sequence length 10"),
+        (dict(decay=torch.tensor([0.1, -1.0, 0.1])), ValueError, r"slopes >= 0"),
+    ]
+    for override, error, message in cases:
+        call = dict(grad_out=good_out, grad_final_state=good_final, q=q, k=k, v=v, decay=decay, initial_state=init)
+        call.update(override)
+        with pytest.raises(error, match=message):
+            torch.ops.lightning.attn_bwd(call["grad_out"], call["grad_final_state"], call["q"], call["k"], call["v"],
+                                         call["decay"], 1.0, call["initial_state"])
+
+
+def test_meta_tensors():
+    """Shapes only: nothing reads values (the decay check skips meta tensors)."""
+    q, k, v = (torch.empty(2, 3, 100, 16, device="meta") for _ in range(3))
+    decay = lightning_op.slopes(3).to("meta")
+    out, final = lightning_attn(q, k, v, decay, initial_state=torch.empty(2, 3, 16, 16, device="meta"),
+                                output_final_state=True)
+    assert out.shape == (2, 3, 100, 16) and out.device.type == "meta"
+    assert final.shape == (2, 3, 16, 16) and final.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- function transforms
+
+
+def _transform_inputs():
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=gen) * 0.5 for _ in range(3))
+    init = torch.randn(1, 2, 16, 16, generator=gen) * 0.3
+    tangents = tuple(torch.randn(x.shape, generator=gen) for x in (q, k, v, init))
+    return (q, k, v, init), tangents
+
+
+_TRANSFORM_DECAY = torch.tensor([0.05, 1.5])
+
+
+def _ours(q, k, v, init):
+    return lightning_attn(q, k, v, _TRANSFORM_DECAY, scale=0.7, initial_state=init, output_final_state=True)
+
+
+def _spec(q, k, v, init):  # the float64 quadratic form, which PyTorch differentiates itself
+    return lightning_op.reference.attention_quadratic(q, k, v, _TRANSFORM_DECAY.double(), 0.7, init)
+
+
+def test_forward_mode_derivatives(cpu_backend):
+    """jvp (torch.func and torch.autograd.forward_ad), jacfwd and linearize through lightning_attn
+    equal PyTorch's own derivatives of the float64 quadratic form: every input's tangent at once,
+    and each alone (a dropped term would show in one of them)."""
+    primals, tangents = _transform_inputs()
+    primals64, tangents64 = [x.double() for x in primals], [t.double() for t in tangents]
+    for keep in [(0, 1, 2, 3), (0,), (1,), (2,), (3,)]:
+        tan = tuple(t if i in keep else torch.zeros_like(t) for i, t in enumerate(tangents))
+        tan64 = tuple(t.double() for t in tan)
+        _, (d_out, d_final) = torch.func.jvp(_ours, primals, tan)
+        _, (ref_out, ref_final) = torch.func.jvp(_spec, tuple(primals64), tan64)
+        assert rel_error(d_out, ref_out) < TOLERANCE[torch.float32], keep
+        assert rel_error(d_final, ref_final) < TOLERANCE[torch.float32], keep
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        out, final = _ours(*duals)
+        d_out, d_final = fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(final).tangent
+    _, (ref_out, ref_final) = torch.func.jvp(_spec, tuple(primals64), tuple(tangents64))
+    assert d_out is not None and rel_error(d_out, ref_out) < TOLERANCE[torch.float32]
+    assert d_final is not None and rel_error(d_final, ref_final) < TOLERANCE[torch.float32]
+    _, linear = torch.func.linearize(lambda q: _ours(q, *primals[1:])[0], primals[0])
+    ref = torch.func.jvp(lambda q: _spec(q, *primals64[1:])[0], (primals64[0],), (tangents64[0],))[1]
+    assert rel_error(linear(tangents[0]), ref) < TOLERANCE[torch.float32]
+    small = tuple(x[:, :, :5] for x in primals[:3])
+    jac = torch.func.jacfwd(lambda v: _ours(small[0], small[1], v, primals[3])[0])(small[2])
+    jac_ref = torch.func.jacfwd(lambda v: _spec(small[0].double(), small[1].double(), v, primals64[3])[0])(
+        small[2].double())
+    assert rel_error(jac, jac_ref) < TOLERANCE[torch.float32]
+
+
+def test_reverse_mode_function_transforms(cpu_backend):
+    """torch.func.grad, vjp and jacrev through lightning_attn equal the float64 quadratic form's."""
+    primals, _ = _transform_inputs()
+    primals64 = tuple(x.double() for x in primals)
+    weight = torch.linspace(-1, 1, 37 * 16).view(37, 16)
+
+    def loss(fn):
+        return lambda *xs: (fn(*xs)[0] * weight.to(xs[0].dtype)).sum() + fn(*xs)[1].square().sum()
+
+    grads = torch.func.grad(loss(_ours), argnums=(0, 1, 2, 3))(*primals)
+    grads_ref = torch.func.grad(loss(_spec), argnums=(0, 1, 2, 3))(*primals64)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_error(g, g_ref) < TOLERANCE[torch.float32]
+    small = tuple(x[:, :, :5] for x in primals[:3])
+    jac = torch.func.jacrev(lambda q: _ours(q, small[1], small[2], primals[3])[0])(small[0])
+    jac_ref = torch.func.jacrev(lambda q: _spec(q, small[1].double(), small[2].double(), primals64[3])[0])(
+        small[0].double())
+    assert rel_error(jac, jac_ref) < TOLERANCE[torch.float32]
+    with pytest.raises(RuntimeError, match="not differentiable"):  # no silent wrong second derivative
+        torch.func.grad(lambda q: torch.func.grad(loss(_ours))(q, *primals[1:]).sum())(primals[0])
+
+
+def test_raw_op_refuses_dual_inputs():
+    """The registered op cannot carry a tangent (custom_op has no forward-mode formula): a dual
+    input is refused rather than given a zero tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    (q, k, v, _), (tq, *_) = _transform_inputs()
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="no forward-mode derivative of its own; call lightning_op.lightning_attn"):
+            torch.ops.lightning.attn(fwAD.make_dual(q, tq), k, v, None, 1.0, None)
+
+
+def test_decay_tangent_is_refused():
+    import torch.autograd.forward_ad as fwAD
+
+    (q, k, v, _), _ = _transform_inputs()
+    with fwAD.dual_level():
+        decay = fwAD.make_dual(_TRANSFORM_DECAY.clone(), torch.ones(2))
+        with pytest.raises(ValueError, match="decay has a tangent"):
+            lightning_attn(q, k, v, decay)
