@@ -156,7 +156,8 @@ def test_corrupt_file_warns_and_is_replaced(autotune, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("config", [{"bogus": 1}, {"num_warps": 3}, {"block_v": 24}, {"num_stages": "2"},
-                                    {"kv_num_warps": 8}, {"decode_block_v": 16}, "block_v=16"])
+                                    {"kv_num_warps": 8}, {"decode_block_v": 16}, "block_v=16", {"chunk": 4096},
+                                    {"block_v": 512}, {"num_stages": 64}])
 def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     """Unknown names, values config_override refuses, another kind's parameters: timed afresh."""
     _write_cache(tmp_path / "autotune.json", {_forward_key(autotune): {"config": config}})
@@ -165,6 +166,19 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     with autotune._fake_timing(timer):
         _forward_checked(*_inputs())
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
+
+
+def test_a_cached_choice_that_cannot_launch_falls_back(autotune, monkeypatch, tmp_path):
+    """A valid-looking entry that fails here (another GPU's, a hand edit) costs one warning, not
+    every call of its class: the heuristic runs instead, and the file's entry is not used again."""
+    _write_cache(tmp_path / "autotune.json", {_forward_key(autotune): {"config": {"num_warps": 8}}})
+    spy = _spy(monkeypatch, fail=lambda params: params["num_warps"] == 8)
+    with pytest.warns(UserWarning, match=r"cached choice \{'num_warps': 8\}.*failed"):
+        _forward_checked(*_inputs())
+    assert _used(spy) == DEFAULT
+    launches = len(spy.launches)
+    _forward_checked(*_inputs())  # remembered: no second trial
+    assert len(spy.launches) == launches + 1 and _used(spy) == DEFAULT
 
 
 @pytest.mark.parametrize("edit", [None, ("kernels=6", "kernels=5"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),

@@ -181,6 +181,8 @@ def select(
     changes = state.choices.get(key)
     if changes is None:
         changes = _from_file(state, key, kind)
+        if changes and may_tune:
+            changes = _launchable(changes, choose, launch, key)
         if changes is None:
             if not (may_tune and _may_time(device)):
                 return choose()
@@ -192,6 +194,21 @@ def select(
         return _derived(choose, changes)
     except ValueError:  # a cached chunk that the caller's explicit segment length is no multiple of
         return choose()
+
+
+def _launchable(changes: dict, choose, launch, key: tuple) -> dict:
+    """A choice read from the file, after one trial launch of it on this call's inputs (the call
+    launches again, so its outputs are this launch's); ``{}`` (the heuristic) for a choice that
+    does not compile or launch here, which would otherwise fail every call of its class."""
+    try:
+        launch(_derived(choose, changes))
+    except Exception as error:
+        warnings.warn(
+            f"lightning_op autotune: the cached choice {changes} for {_key_string(key)} failed "
+            f"({type(error).__name__}: {error}); using the built-in configuration", stacklevel=3,
+        )
+        return {}
+    return changes
 
 
 def _derived(choose: Callable[[], LaunchConfig], changes: dict) -> LaunchConfig:
@@ -359,7 +376,14 @@ def _valid_choice(record, kind: str) -> Optional[dict]:
     for name in ("num_warps", "kv_num_warps"):
         if name in changes and (changes[name] > 32 or changes[name] & (changes[name] - 1)):
             return None
+    # no larger than any candidate the tuner makes (it halves the heuristic's choices)
+    for name, largest in _CACHED_MAXIMA.items():
+        if name in changes and changes[name] > largest:
+            return None
     return dict(changes)
+
+
+_CACHED_MAXIMA = {"chunk": 128, "kv_chunk": 128, "block_v": 256, "num_stages": 4, "kv_num_stages": 4}
 
 
 def _read(path: str, *, warn: bool) -> dict:
