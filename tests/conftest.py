@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 
 if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # forced, not defaulted: with another preset value the interpreted-kernel tests could not run
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _shard(items):
@@ -47,7 +48,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=["reference", "triton"])
 def cpu_backend(request, monkeypatch):
     """Run a CPU test through the chunked PyTorch path and through the interpreted kernels."""
-    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreted kernels need TRITON_INTERPRET=1 (CPU-only runs)")
+    if request.param == "triton":
+        from lightning_op._gates import TRITON_INTERPRETING
+
+        if not TRITON_INTERPRETING:  # a failure, not a skip: a third of the suite would go missing
+            pytest.fail("the interpreted-kernel tests need TRITON_INTERPRET=1 before lightning_op is imported")
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", request.param)
     return request.param
