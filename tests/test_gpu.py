@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import lightning_op
 from lightning_op import lightning_attn
 from lightning_op.kernels import choose_config
 
@@ -231,3 +232,46 @@ def test_cuda_transposed_output_kernel(dtype, dk, dv):
     with config_override(transposed=1, num_stages=2, **wide):
         _check(1, 2, 300, dk, dv, dtype, torch.tensor([0.05, 2.0], device="cuda"), True)
         _check(1, 2, 4100, dk, dv, dtype, torch.tensor([1e-4, 0.5], device="cuda"), False)
+
+
+@pytest.mark.parametrize("n, d", [(300, 64), (8192, 128), (300, 256)])
+def test_cuda_vanishing_memory_heads(n, d):
+    """Decays of inf, past -decay * log2(e)'s float32 range, and merely large: lam = 0, finite
+    results equal to the oracle's (every kernel form: one segment, several, wide keys)."""
+    decay = torch.tensor([float("inf"), 3.0e38, 1.0e5, 0.5], device="cuda")
+    _check(1, 4, n, d, d, torch.bfloat16, decay, True)
+    q, k, v = make_inputs(1, 4, 3, d, d, torch.float32, "cuda", seed=3)
+    state = torch.randn(1, 4, d, d, device="cuda")
+    expected = lightning_attn(q, k, v, decay, initial_state=state)
+    assert rel_error(lightning_op.attn_step(q, k, v, state, decay), expected) < GPU_TOLERANCE[torch.float32]
+
+
+def test_cuda_negative_decay_written_behind_the_version_counter():
+    q, k, v = make_inputs(1, 2, 100, 64, 64, torch.bfloat16, "cuda")
+    decay = torch.tensor([0.1, 0.2], device="cuda")
+    lightning_attn(q, k, v, decay)
+    decay.data[0] = -1.0
+    with pytest.raises(ValueError, match="slopes >= 0"):
+        lightning_attn(q, k, v, decay)
+
+
+def test_cuda_forward_mode_derivative():
+    from lightning_op import reference
+
+    q, k, v = make_inputs(1, 2, 700, 64, 64, torch.float32, "cuda", seed=4)
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v))
+    decay = torch.tensor([0.01, 0.5], device="cuda")
+    _, (d_out, d_final) = torch.func.jvp(
+        lambda q, k, v: lightning_attn(q, k, v, decay, output_final_state=True), (q, k, v), tangents)
+    _, (ref_out, ref_final) = torch.func.jvp(
+        lambda q, k, v: reference.attention_quadratic(q, k, v, decay.double()),
+        tuple(x.double() for x in (q, k, v)), tuple(t.double() for t in tangents))
+    assert rel_error(d_out, ref_out) < GPU_TOLERANCE[torch.float32]
+    assert rel_error(d_final, ref_final) < GPU_TOLERANCE[torch.float32]
+
+
+def test_cuda_backward_op_refuses_short_gradients():
+    q, k, v = make_inputs(1, 2, 100, 64, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="grad_out must have the output's shape"):
+        torch.ops.lightning.attn_bwd(torch.randn(1, 2, 50, 64, device="cuda", dtype=torch.bfloat16), None,
+                                     q, k, v, None, 1.0, None)
