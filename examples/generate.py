@@ -7,10 +7,15 @@ The model is randomly initialised (the point is the machinery, not the text): a 
 prefilled in pieces, carrying each layer's state in a StateCache, then tokens are sampled one at a
 time with the in-place decode step. At each context length it prints decode tokens/s and memory:
 the state cache is the same size at 1K and at 1M tokens of context.
+
+First it checks the cached paths against recomputing the whole sequence without a cache, printing
+`check <name>: max_rel_err=<e> tol=<t>` (the largest difference over the largest logit), and
+exits non-zero if one is above its tolerance.
 """
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -51,6 +56,29 @@ def resident_bytes() -> int:
         return 0
 
 
+def check(name, got, want, tol) -> bool:
+    error = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+    print(f"check {name}: max_rel_err={error:.2e} tol={tol:.0e}")
+    return error <= tol  # False for NaN too
+
+
+def check_cache_against_recompute(model, device, prompt_len=300, piece=100, steps=4, tol=1e-4) -> bool:
+    """Prefill a prompt in pieces and decode a few greedy tokens with a StateCache: the logits must
+    match running the model over the whole sequence so far without a cache (which recomputes the
+    prefix at every step, so it is only done here, on a short sequence)."""
+    tokens = torch.randint(0, 256, (1, prompt_len), device=device)
+    cache = StateCache()
+    pieces = [model(tokens[:, start:start + piece], cache=cache) for start in range(0, prompt_len, piece)]
+    ok = check("prefill_pieces_vs_one_pass", torch.cat(pieces, 1), model(tokens), tol)
+    logits, decoded, recomputed = pieces[-1][:, -1], [], []
+    for _ in range(steps):
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+        logits = model(tokens[:, -1:], cache=cache)[:, -1]
+        decoded.append(logits)
+        recomputed.append(model(tokens)[:, -1])
+    return check("decode_vs_full_recompute", torch.stack(decoded), torch.stack(recomputed), tol) and ok
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="1024,16384,131072,1048576", help="context lengths, comma-separated")
@@ -60,11 +88,14 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = TinyLM().to(device).eval()
+    print(f"TinyLM on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    with torch.no_grad():
+        if not check_cache_against_recompute(model, device):  # timing wrong logits would be pointless
+            sys.exit("generate: the cached logits differ from a full recompute")
     cache = StateCache()
     contexts = sorted(int(c) for c in args.contexts.split(","))
     seen = 0
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    print(f"TinyLM on {device}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     print(f"{'context':>10} {'prefill s':>10} {'decode tok/s':>13} {'state cache':>12} {'step alloc':>11} {'process RSS':>12}")
     with torch.no_grad():
         for context in contexts:
