@@ -106,6 +106,18 @@ def decay_mask(decay: Optional[Tensor], n: int, *, dtype=torch.float64, device=N
     return _decay_powers(decay, diff.clamp(min=0), like) * (diff >= 0)
 
 
+def _chunk_product(scores: Tensor, values: Tensor) -> Tensor:
+    """``scores @ values`` for a chunk's causally masked scores ([..., rows, rows], zero above the
+    diagonal) without the values of later rows reaching earlier rows through those zeros: ``0 *
+    NaN`` is NaN, so garbage in a padding row would spoil the outputs before it. NaN and inf
+    values are zeroed in the product, and the outputs they reach (their column, from their row
+    on) are NaN. No branch on values: the scan form traces with it."""
+    finite = torch.isfinite(values)
+    out = scores @ torch.where(finite, values, 0.0)
+    reached = (~finite).cumsum(-2) > 0
+    return torch.where(reached, float("nan"), out)
+
+
 def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None):
     """``o = scale * ((Q K^T) * M) V + scale * lam^(t+1) q_t S_{-1}``, computed in q's dtype.
 
@@ -205,7 +217,9 @@ def linear_attention_chunked(
         rows = slice(start, start + length)
         q_c, k_c, v_c = q[:, :, rows], k[:, :, rows], v[:, :, rows]
         mask, query_weight, key_weight, carried = chunk_factors(length, init_shift if start == 0 else 1)
-        o = value_scale * (((q_c @ k_c.transpose(-1, -2)) * mask) @ v_c)
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        scores = torch.where(causal, (q_c @ k_c.transpose(-1, -2)) * mask, 0.0)
+        o = value_scale * _chunk_product(scores, v_c)
         o = o + (q_c * query_weight) @ state
         out[:, :, rows] = out_scale * o
         state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
@@ -261,7 +275,8 @@ def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, c
     query_weight = powers(idx + 1).reshape(1, -1, 1, chunk_size, 1)
     key_weight = powers(chunk_size - 1 - idx).reshape(1, -1, 1, chunk_size, 1)
 
-    out = ((q_c @ k_c.transpose(-1, -2)) * mask) @ v_c
+    causal = idx[:, None] >= idx[None, :]
+    out = _chunk_product(torch.where(causal, (q_c @ k_c.transpose(-1, -2)) * mask, 0.0), v_c)
     own = (k_c * key_weight).transpose(-1, -2) @ v_c  # U_c: [B, H, chunks, Dk, Dv]
 
     chunk_ids = torch.arange(num_chunks, device=device)
@@ -271,9 +286,11 @@ def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, c
         shift = 1 << step
         source = chunk_ids - shift
         weight = powers(torch.tensor([chunk_size * shift], device=device)) * (source >= 0).to(compute)  # [H, chunks]
-        after = after + weight[None, :, :, None, None] * after.index_select(2, source.clamp(min=0))
+        earlier = after.index_select(2, source.clamp(min=0))
+        # where, not a zero weight: a NaN state of chunk 0 must not reach the chunks it precedes
+        after = after + torch.where((source >= 0)[:, None, None], weight[None, :, :, None, None] * earlier, 0.0)
     source = chunk_ids - 1
-    before = after.index_select(2, source.clamp(min=0)) * (source >= 0).to(compute)[:, None, None]
+    before = torch.where((source >= 0)[:, None, None], after.index_select(2, source.clamp(min=0)), 0.0)
     out = out + (q_c * query_weight) @ before
     out = out.reshape(b, h, num_chunks * chunk_size, dv)[:, :, pad:]
 
