@@ -10,6 +10,7 @@ substituting values for the shape symbols.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable, Optional
 
@@ -231,6 +232,74 @@ def is_product(node: fx.Node, classes: dict) -> bool:
     if op_name(node) not in PRODUCT_OPS:
         return False
     return sum(1 for a in node.all_input_nodes if classes.get(a) == INPUT) >= 2
+
+
+# ----------------------------------------------------------------------------- numbers a computation holds
+
+# Numbers this large stand for "no bound" (a slice to the end, -1e9 as minus infinity): no
+# attention runs over 16M tokens (an [N, N] mask of that length would hold 2**48 elements).
+_UNBOUNDED = 1 << 24
+# Arguments naming sizes: in a region they are the activations' own dims (batch, heads, head dim).
+_SIZE_ARGUMENTS = frozenset({"size", "shape", "sizes"})
+
+
+def _magnitudes(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [math.ceil(abs(value))] if math.isfinite(value) and abs(value) < _UNBOUNDED else []
+    if isinstance(value, (list, tuple)):
+        return [m for v in value for m in _magnitudes(v)]
+    return []
+
+
+def literal_numbers(node: fx.Node, sizes: bool = True) -> list[int]:
+    """The magnitudes (rounded up) of the numbers written into ``node``'s arguments that could be
+    positions or lengths: a window (``diff < 64``), a diagonal offset, a slice bound, a size
+    (unless ``sizes`` is false); not dimension indices, dtypes or flags."""
+    if node.op != "call_function" or node.target is operator.getitem:  # an index into a result tuple
+        return []
+    if isinstance(node.target, torch._ops.OpOverload):
+        names = [argument.name for argument in node.target._schema.arguments]
+        named = list(zip(names, node.args)) + list(node.kwargs.items())
+    else:  # arithmetic on sizes (operator.sub, sym_max, ...)
+        named = [("", a) for a in node.args] + list(node.kwargs.items())
+    found = []
+    for name, value in named:
+        if "dim" in name or name in ("source", "destination") or (not sizes and name in _SIZE_ARGUMENTS):
+            continue
+        found.extend(_magnitudes(value))
+    return found
+
+
+def tensor_numbers(value: Any) -> list[int]:
+    """The sizes of a constant tensor and the largest magnitude among its finite values (a buffer's
+    length, a window kept in a buffer)."""
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        return []
+    found = [int(s) for s in value.shape]
+    if value.numel() == 0:
+        return found
+    if value.dtype == torch.bool:
+        return found + [1]
+    values = value[torch.isfinite(value)] if value.is_floating_point() else value
+    if values.numel():
+        found.extend(_magnitudes(float(values.abs().max())))
+    return found
+
+
+def constant_ancestry(roots, classes: dict) -> list[fx.Node]:
+    """The constant and size nodes among ``roots`` and every constant or size they are computed
+    from (a region's masks and everything that builds them)."""
+    stack = [n for n in roots if classes.get(n) in (CONST, SYM)]
+    seen: dict[fx.Node, None] = {}
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen[node] = None
+        stack.extend(a for a in node.all_input_nodes if classes.get(a) in (CONST, SYM))
+    return list(seen)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -15,9 +15,16 @@ lightning-attention checkpoints) because it never matches a pattern of ops. Inst
    between them and ``o`` must depend on nothing else.
 3. **Values.** Probing with one-hot q, k, v reads off ``o_t = c * lam_h^(t-s) [t >= s]`` directly:
    the scale ``c`` and each head's decay ``lam_h``. Random q, k, v then check
-   ``o == c * ((Q K^T) * M) V`` (at a second length too, for dynamic shapes). The region is a
-   polynomial in q, k and v, so agreement on random inputs means identity (Schwartz-Zippel),
-   up to the rounding of the model's own constant masks, which sets the tolerance.
+   ``o == c * ((Q K^T) * M) V``. The region is a polynomial in q, k and v, so agreement on random
+   inputs means identity (Schwartz-Zippel), up to the rounding of the model's own constant masks,
+   which sets the tolerance.
+4. **Lengths.** That identity holds at the length probed. A graph with a symbolic length runs at
+   every length in its range, and its masks are functions of the length: a sliding window is
+   causal attention up to its window and something else past it. So the region is probed again
+   at a few small lengths, at the lower end of the range, and past every number its computation
+   holds (a window, a mask buffer's length; or at the range's upper end where that is lower);
+   where the whole region is too large to evaluate there, its masks alone must be the verified
+   ones continued (see ``_check_lengths``).
 
 Anything else (softmax, a bias, a non-causal or non-decay mask, a learnable decay) fails one of
 these steps and is left alone, with the reason.
@@ -43,13 +50,16 @@ _OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _MAX_REGION_NODES = 20000
 _MAX_ROLE_PROBES = 48
-_ALT_LENGTHS = (37, 5, 130)  # second sequence lengths probed when N is symbolic
+_ALT_LENGTHS = (37, 5, 130)  # further sequence lengths probed when N is symbolic
 # Probing evaluates the region (O(N^2) for the parallel form) a few dozen times in float64:
 # symbolic sizes above _PROBE_SIZE are probed at _PROBE_SIZE, and a static region whose largest
 # tensor passes _MAX_PROBE_ELEMENTS on its device is left alone (with the advice to trace it with a
 # dynamic length). On 2 CPU cores 2**25 elements took 25 s to verify; 2**22 takes about 3 s.
 _PROBE_SIZE = 96
 _MAX_PROBE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}  # float64 probes: 512 MB a tensor on GPU
+# Past that size a symbolic length's masks may still be checked alone at a long length (no
+# products: a few passes over each mask), up to this many elements in one of their tensors.
+_MAX_MASK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 def _probe_bindings(gm: fx.GraphModule) -> dict:
@@ -368,7 +378,7 @@ class Recogniser:
         decay64 = None if bool((lam == 1).all()) else (-torch.log(lam)).to(torch.float32).to(torch.float64)
         self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=0)
         self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=1)
-        self._check_other_length(output, inputs, layouts, hyp, order, scale, decay64, tol)
+        self._check_lengths(output, inputs, layouts, hyp, order, scale, decay64, tol)
 
         names = {g.op_name(n) for n in order}
         products = sum(1 for n in order if g.is_product(n, self.classes))
@@ -459,36 +469,217 @@ class Recogniser:
             raise Reject(f"output differs from c * ((Q K^T) * M) V on random inputs (relative error {err:.3g})",
                          depth=4)
 
-    def _check_other_length(self, output, inputs, layouts, hyp, order, scale, decay64, tol):
-        length = hyp.length
-        symbols = getattr(length, "free_symbols", set())
+    # --- the other lengths a symbolic sequence length can take
+
+    def _check_lengths(self, output, inputs, layouts, hyp, order, scale, decay64, tol):
+        """Probe the region at the lengths a symbolic N can take beyond the one verified: a few
+        small ones, the lower end of N's range, and one past every number the region and its masks
+        are computed from (at 2 c + 2 for the largest such c, or at the upper end of N's range
+        where that is lower). A mask is a function of N, so agreement at a few small lengths says
+        nothing of a sliding window of 38 or 64 tokens, or of a window inside a mask buffer: past
+        every number its computation holds, such a window shows. A length at which the graph
+        cannot run (a buffer sliced past its end) proves nothing and is passed over; a static
+        graph runs at its one length, where the region was probed at full size."""
+        symbols = getattr(hyp.length, "free_symbols", set())
         if not symbols:
             return
-        shape_env = self.evaluator.shape_env
-        last_error = None
-        for alt in _ALT_LENGTHS:
-            bindings = {}
-            for sym in symbols:
-                lo, hi = 2, alt
-                if shape_env is not None and sym in shape_env.var_to_range:
-                    bounds = shape_env.var_to_range[sym]
-                    lo = max(_finite_int(bounds.lower, 2), 2)
-                    hi = _finite_int(bounds.upper, alt)
-                value = min(max(alt, lo), hi)
-                if value != self.evaluator._bound(sym):
-                    bindings[sym] = value
-            if not bindings:
-                continue
-            ev = g.Evaluator(self.gm, self.classes, self.const_values, bindings)
+        low, high = self._length_range(symbols)
+
+        def clamp(length: int) -> int:
+            return max(low, length if high is None else min(length, high))
+
+        verified = {self._canonical_shapes(inputs, layouts, self.evaluator)[0][2]}
+
+        def probe(length: int) -> Optional[Exception]:
+            """None when the region agrees at ``length``; the error when it cannot run there."""
+            ev = self._evaluator_at(symbols, length)
             try:
                 self._check_random(output, inputs, layouts, hyp, order, ev, scale, decay64, tol, seed=2)
-                return
-            except Reject:
-                raise
+            except Reject as reject:
+                raise Reject(f"at sequence length {length}, {reject}: what the region computes changes with the "
+                             "length (a sliding window?)", depth=reject.depth) from None
             except Exception as error:  # this length may be invalid for the model (a buffer too short)
-                last_error = error
-        if last_error is not None:
-            raise Reject(f"could not check a second sequence length: {last_error}", depth=4)
+                return error
+            verified.add(length)
+            return None
+
+        errors = [probe(n) for n in sorted({clamp(alt) for alt in _ALT_LENGTHS} | {low}) if n not in verified]
+        if errors and all(error is not None for error in errors):
+            raise Reject(f"could not check a second sequence length: {errors[-1]}", depth=4)
+
+        region_numbers, mask_numbers = self._position_numbers(order)
+        largest = max(region_numbers + mask_numbers, default=0)
+        far = clamp(2 * largest + 2)
+        if far <= max(verified):
+            return
+        device = g.tensor_val(output).device.type
+        limit = _MAX_PROBE_ELEMENTS.get(device, _MAX_PROBE_ELEMENTS["cpu"])
+        # where the graph cannot run at `far`, the longest length it can run at past the others
+        fallbacks = sorted({clamp(c) for c in region_numbers + mask_numbers if max(verified) < clamp(c) < far},
+                           reverse=True)
+        error: Optional[Exception] = None
+        for length in [far, *fallbacks[:3]]:
+            elements = self._largest_at(order, symbols, length)
+            if elements <= limit:
+                error = probe(length)
+            else:  # too large to probe whole: the region past its own numbers, its masks alone here
+                region_far = clamp(2 * max(region_numbers, default=0) + 2)
+                if region_far > max(verified):
+                    if self._largest_at(order, symbols, region_far) > limit or probe(region_far) is not None:
+                        raise Reject(f"to prove the mask for every sequence length the region must be probed at "
+                                     f"length {region_far}, past the numbers it holds (up to "
+                                     f"{max(region_numbers)}), where it is too large to evaluate or cannot run",
+                                     depth=4)
+                error = self._check_masks(order, symbols, length, largest, elements, tol)
+            if error is None:
+                return
+        raise Reject(f"could not evaluate the region at a sequence length past the numbers its computation holds "
+                     f"(up to {largest}, at {far}), so its mask is not proven for every length: {error}", depth=4)
+
+    def _length_range(self, symbols) -> tuple[int, Optional[int]]:
+        """The range the sequence length's symbols share (at least 2; None: no upper end)."""
+        low, high = 2, None
+        shape_env = self.evaluator.shape_env
+        ranges = getattr(shape_env, "var_to_range", {}) if shape_env is not None else {}
+        for sym in symbols:
+            bounds = ranges.get(sym)
+            if bounds is None:
+                continue
+            low = max(low, _finite_int(bounds.lower, 2))
+            upper = _finite_int(bounds.upper, None)
+            if upper is not None:
+                high = upper if high is None else min(high, upper)
+        return low, high
+
+    def _evaluator_at(self, symbols, length: int) -> g.Evaluator:
+        bindings = dict(self.evaluator.bindings)
+        bindings.update({sym: length for sym in symbols})
+        return g.Evaluator(self.gm, self.classes, self.const_values, bindings)
+
+    def _largest_at(self, nodes, symbols, length: int) -> float:
+        """Elements in the largest tensor among ``nodes`` with the length at ``length``."""
+        ev = self._evaluator_at(symbols, length)
+        try:
+            return max((math.prod(ev.shape(n)) for n in nodes if g.tensor_val(n) is not None), default=0)
+        except Exception:  # a size that cannot be evaluated: not affordable to find out
+            return math.inf
+
+    def _position_numbers(self, order) -> tuple[list[int], list[int]]:
+        """The numbers that could be positions or lengths: those the region itself holds (an offset
+        of ``tril``, a slice bound, what its symbolic sizes are computed with), and those its
+        constant inputs (its masks) are computed from (a window, a mask buffer's length or values)."""
+        sym_args = [a for n in order for a in n.all_input_nodes if self.classes.get(a) == g.SYM]
+        const_args = [a for n in order for a in n.all_input_nodes if self.classes.get(a) == g.CONST]
+        region = [c for n in order for c in g.literal_numbers(n, sizes=False)]
+        region += self._numbers(g.constant_ancestry(sym_args, self.classes))
+        return region, self._numbers(g.constant_ancestry(const_args, self.classes))
+
+    def _numbers(self, nodes) -> list[int]:
+        found = []
+        for node in nodes:
+            if node.op in ("placeholder", "get_attr"):
+                if self.classes.get(node) == g.CONST:
+                    found.extend(g.tensor_numbers(self.evaluator.const(node)))
+            else:
+                found.extend(g.literal_numbers(node))
+        return found
+
+    def _check_masks(self, order, symbols, length, largest, elements, tol) -> Optional[Exception]:
+        """The region's constant inputs at ``length`` against their values at the verified length,
+        for a region too large to probe whole there (``elements`` in its largest tensor). Each one
+        that grows with the sequence must be a ``[..., N, N]`` function of ``t - s`` (a Toeplitz
+        matrix, as every mask of a causal decay is) which, on each side of the diagonal, continues
+        the geometric sequence it is at the verified length; every other one must keep its values.
+        Returns the error where the graph cannot run at ``length`` (a mask buffer sliced past its
+        end comes out short); raises Reject otherwise."""
+        too_large = (f"to prove the mask for every sequence length the region must be probed at length {length}, "
+                     f"past the numbers its computation holds (up to {largest}: a window? a mask buffer's length?), "
+                     f"where it is too large to evaluate ({elements} elements in one tensor)")
+        masks = list(dict.fromkeys(a for n in order for a in n.all_input_nodes if self.classes.get(a) == g.CONST
+                                   and g.tensor_val(a) is not None))
+        ev = self._evaluator_at(symbols, length)
+        device = g.tensor_val(order[-1]).device.type
+        limit = _MAX_MASK_ELEMENTS.get(device, _MAX_MASK_ELEMENTS["cpu"])
+        ancestry = g.constant_ancestry(masks, self.classes)
+        if self._largest_at(ancestry, symbols, length) > limit:
+            raise Reject(f"{too_large}, and so are its masks", depth=4)
+        for node in masks:
+            try:
+                known, shape, value = self.evaluator.shape(node), ev.shape(node), ev.const(node)
+            except Exception as error:  # the graph cannot run at this length
+                return error
+            if tuple(value.shape) != shape:
+                return RuntimeError(f"{node.name} is {tuple(value.shape)} at length {length}, not {shape}")
+            verified = self.evaluator.const(node)
+            reference = verified.to(torch.float64)
+            value = value.to(torch.float64)
+            if shape == known:
+                if not _close(value, reference, tol):
+                    raise Reject(f"{too_large}, and {node.name}'s values change with the length", depth=4)
+                continue
+            square = len(shape) >= 2 and shape[-1] == shape[-2] and known[-1] == known[-2]
+            if not square or shape[:-2] != known[:-2]:
+                raise Reject(f"{too_large}, and {node.name} ({_describe(node)}, {list(shape)}) grows with the "
+                             "length other than as an [N, N] mask that could be checked alone", depth=4)
+            if not (_is_toeplitz(reference, tol) and _is_toeplitz(value, tol)):
+                raise Reject(f"{too_large}, and {node.name} ({_describe(node)}) is not a function of t - s", depth=4)
+            for side, extended in zip(_sides(_by_diagonal(reference)), _sides(_by_diagonal(value))):
+                rate = _geometric_rate(side, tol)
+                if rate is None:
+                    raise Reject(f"{too_large}, and {node.name} ({_describe(node)}) is no geometric sequence on "
+                                 "each side of the diagonal, so its values at other lengths cannot be predicted",
+                                 depth=4)
+                steps = torch.arange(extended.shape[-1], dtype=torch.float64, device=extended.device)
+                predicted = side[..., :1] * rate[..., None] ** steps
+                if not _close(extended, predicted, tol, scale=side.abs().max()):
+                    raise Reject(f"at sequence length {length}, {node.name} ({_describe(node)}) is not the mask it "
+                                 "is at the verified length continued: the mask changes with the length (a sliding "
+                                 "window?)", depth=4)
+        return None
+
+
+def _close(value: torch.Tensor, reference: torch.Tensor, tol: float, scale=None) -> bool:
+    """Equal within ``tol`` of ``scale`` (the reference's largest magnitude), and finite."""
+    if not bool(torch.isfinite(value).all()):
+        return False
+    scale = reference.abs().max() if scale is None else scale
+    return bool((value - reference).abs().max() <= tol * max(float(scale), 1e-300)) if value.numel() else True
+
+
+def _by_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """A ``[..., N, N]`` tensor's first row and column as one vector, at index t - s + N - 1 the
+    value on diagonal t - s (from -(N - 1) to N - 1)."""
+    return torch.cat([m[..., 0, 1:].flip(-1), m[..., :, 0]], dim=-1)
+
+
+def _is_toeplitz(m: torch.Tensor, tol: float) -> bool:
+    n = m.shape[-1]
+    i = torch.arange(n, device=m.device)
+    return _close(m, _by_diagonal(m)[..., i[:, None] - i[None, :] + n - 1], tol)
+
+
+def _sides(diagonals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``_by_diagonal``: the values at t - s = 0, 1, 2, ... and at t - s = -1, -2, ..."""
+    n = (diagonals.shape[-1] + 1) // 2
+    return diagonals[..., n - 1:], diagonals[..., : n - 1].flip(-1)
+
+
+def _geometric_rate(side: torch.Tensor, tol: float) -> Optional[torch.Tensor]:
+    """Per leading index the rate r with ``side[..., d] == side[..., 0] * r**d`` (from the first
+    and the last value not vanishingly small, so rounding spreads thin), or None where there is none."""
+    if side.shape[-1] < 2:
+        return None
+    first = side[..., :1]
+    ratios = torch.where(first != 0, side / torch.where(first != 0, first, 1), 0)
+    if bool((ratios < 0).any()) or bool(((first == 0) & (side != 0)).any()):
+        return None
+    steps = torch.arange(side.shape[-1], dtype=torch.float64, device=side.device)
+    last = torch.where(ratios > 1e-30, steps, 0).amax(-1)  # the last step not vanishingly small
+    chosen = ratios.gather(-1, last.long()[..., None])[..., 0]
+    rate = torch.where(last > 0, chosen ** (1 / last.clamp(min=1)), 0)
+    if not _close(side, first * rate[..., None] ** steps, tol, scale=side.abs().max()):
+        return None
+    return rate
 
 
 def _finite_int(bound, default: int) -> int:
