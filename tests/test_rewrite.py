@@ -1,7 +1,8 @@
 """The graph rewrite: a zoo of linear-attention spellings that must run on lightning::attn after
 the rewrite (through the dynamo backend and the export pass, static and dynamic shapes, with and
-without gradients), and look-alikes that must be left alone. Outputs are compared with eager, and
-the report says what happened.
+without gradients), and look-alikes that must be left alone. What is checked is what runs: the
+returned program's graph, or the graphs a compile hands on, must call the op (or not), and their
+outputs must be eager's; the report says why.
 
 The rewrite itself is exercised with ``aot_eager`` behind it (seconds per compile); the
 Inductor-backed ``backend="lightning"`` runs in the few tests marked slow.
@@ -436,17 +437,50 @@ def _model(cls, dtype=torch.float32):
     return cls().to(dtype)
 
 
+def _compiled(model, dynamic):
+    """``torch.compile`` with the rewrite and aot_eager behind it, and the list the graph modules
+    the rewrite hands to aot_eager (what runs) are appended to."""
+    graphs = []
+
+    def keep(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+
+    return torch.compile(model, backend=make_backend(keep), dynamic=dynamic, fullgraph=True), graphs
+
+
 def _run(model, x, entry, dynamic):
-    """The model's output through ``entry``: "dynamo" (rewrite + aot_eager) or "export"."""
+    """(the model's output through ``entry``, the graph modules that computed it): "dynamo"
+    (see ``_compiled``) or "export" (the program ``lightning_op.rewrite`` returned)."""
     if entry == "dynamo":
-        return torch.compile(model, backend=make_backend("aot_eager"), dynamic=dynamic, fullgraph=True)(x)
+        compiled, graphs = _compiled(model, dynamic)
+        return compiled(x), graphs
     shapes = ({1: torch.export.Dim.AUTO},) if dynamic else None  # a block loop specialises N
-    ep = torch.export.export(model, (x,), dynamic_shapes=shapes)
-    return lightning_op.rewrite(ep).module()(x)
+    ep = lightning_op.rewrite(torch.export.export(model, (x,), dynamic_shapes=shapes))
+    return ep.module()(x), [ep.graph_module]
 
 
 def _rewritten():
     return [r for r in report() if r.rewritten]
+
+
+def _op_calls(graphs) -> int:
+    """How many ``lightning::attn`` calls the graphs make."""
+    return sum(node.op == "call_function" and node.target in (torch.ops.lightning.attn.default,
+                                                              torch.ops.lightning.attn)
+               for gm in graphs for node in gm.graph.nodes)
+
+
+# fp32 programs against eager: the op and the model's own matmuls sum in different orders
+_TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _assert_runs_on_the_op(graphs, got, want, calls=1):
+    """What a rewrite must deliver, whatever its report says: the graphs that ran (a returned
+    program's, or those a compile ran) call the op ``calls`` times, and their output is eager's."""
+    assert _op_calls(graphs) == calls, [gm.graph for gm in graphs]
+    tol = _TOLERANCE[want.dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 ENTRIES = [("dynamo", True), ("dynamo", False), ("export", True), ("export", False)]
@@ -462,8 +496,8 @@ def test_positive_spellings_are_rewritten_and_match_eager(name, entry, dynamic):
     model = _model(cls).eval()
     x = torch.randn(2, 45, HIDDEN)
     with torch.no_grad():
-        got = _run(model, x, entry, dynamic)
-        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+        got, graphs = _run(model, x, entry, dynamic)
+        _assert_runs_on_the_op(graphs, got, model(x))
     done = _rewritten()
     assert len(done) == 1, report()
     record = done[0]
@@ -474,11 +508,17 @@ def test_positive_spellings_are_rewritten_and_match_eager(name, entry, dynamic):
     else:
         torch.testing.assert_close(torch.tensor(record.decay), decay, rtol=1e-4, atol=1e-6)
     if entry == "dynamo" and dynamic:  # the symbolic length holds for other lengths too
-        compiled = torch.compile(model, backend=make_backend("aot_eager"), dynamic=True, fullgraph=True)
+        compiled, graphs = _compiled(model, dynamic=True)
         with torch.no_grad():
-            for n in (7, 64):
+            for n in _OTHER_LENGTHS.get(cls, (7, 64, 200)):
                 y = torch.randn(1, n, HIDDEN)
-                torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
+                got = compiled(y)
+                _assert_runs_on_the_op(graphs[-1:], got, model(y))  # a loop recompiles for each length
+
+
+# a mask buffer of 128 bounds N; loops unrolled for each N are slow to trace at long lengths
+_OTHER_LENGTHS = {TrilBufferMaskedFill: (7, 64, 127), FlatBmmBufferDecay: (7, 64, 127), BlockLoop: (7, 64),
+                  RecurrentLoopStacked: (7, 64)}
 
 
 def _assert_left_alone(cls, entry, phrase, dynamic=True):
@@ -487,8 +527,9 @@ def _assert_left_alone(cls, entry, phrase, dynamic=True):
     model = _model(cls).eval()
     x = torch.randn(2, 45, HIDDEN)
     with torch.no_grad():
-        torch.testing.assert_close(_run(model, x, entry, dynamic=dynamic), model(x), rtol=1e-4, atol=1e-4)
-    assert not _rewritten(), report()
+        got, graphs = _run(model, x, entry, dynamic=dynamic)
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    assert _op_calls(graphs) == 0 and not _rewritten(), report()
     reasons = [r.reason for r in report()]
     if phrase is None:
         assert not reasons
@@ -539,11 +580,12 @@ def test_exported_training_program_trains_through_the_op():
     model = _model(RetentionEinsum)
     x = torch.randn(2, 30, HIDDEN)
     ep = lightning_op.rewrite(torch.export.export(model, (x,)))
-    assert any(n.target is torch.ops.lightning.attn.default for n in ep.graph.nodes)
     module = ep.module()
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    module(x1).sum().backward()
-    model(x2).sum().backward()
+    y1, y2 = module(x1), model(x2)
+    _assert_runs_on_the_op([ep.graph_module], y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -552,9 +594,9 @@ def test_half_precision_model_with_rounded_mask_buffer(dtype):
     model = _model(FlatBmmBufferDecay, dtype).eval()  # the mask buffer itself is in half precision
     x = torch.randn(2, 45, HIDDEN, dtype=dtype)
     with torch.no_grad():
-        got = _run(model, x, "dynamo", dynamic=False)
+        got, graphs = _run(model, x, "dynamo", dynamic=False)
         want = model.float()(x.float())
-    assert len(_rewritten()) == 1, report()
+    assert len(_rewritten()) == 1 and _op_calls(graphs) == 1, report()
     assert (got.float() - want).norm() / want.norm() < (3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
@@ -562,8 +604,9 @@ def test_float64_model_is_left_alone_with_a_reason():
     model = _model(DecayMaskInForward, torch.float64).eval()
     x = torch.randn(2, 45, HIDDEN, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(_run(model, x, "export", dynamic=False), model(x))
-    assert not _rewritten()
+        got, graphs = _run(model, x, "export", dynamic=False)
+        torch.testing.assert_close(got, model(x))
+    assert not _rewritten() and _op_calls(graphs) == 0
     assert any("dtype" in r.reason for r in report()), report()
 
 
@@ -574,7 +617,9 @@ def test_core_aten_program_after_run_decompositions():
     ep = lightning_op.rewrite(ep.run_decompositions())
     assert len(_rewritten()) == 1, report()
     with torch.no_grad():
-        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-4)
+        for n in (33, 100):
+            y = torch.randn(2, n, HIDDEN)
+            _assert_runs_on_the_op([ep.graph_module], ep.module()(y), model(y))
 
 
 def test_rewritten_program_saves_and_loads():
@@ -585,16 +630,16 @@ def test_rewritten_program_saves_and_loads():
     torch.export.save(ep, buffer)
     buffer.seek(0)
     loaded = torch.export.load(buffer)
-    assert any(n.target is torch.ops.lightning.attn.default for n in loaded.graph.nodes)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-4, atol=1e-4)
+        _assert_runs_on_the_op([loaded.graph_module], loaded.module()(x), model(x))
 
 
 def test_two_layers_are_both_rewritten_and_logged(caplog):
     model = nn.Sequential(_model(DecayMaskInForward), nn.GELU(), _model(CumsumForm)).eval()
     x = torch.randn(2, 20, HIDDEN)
     with caplog.at_level(logging.INFO, logger="lightning_op.rewrite"), torch.no_grad():
-        torch.testing.assert_close(_run(model, x, "export", dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+        got, graphs = _run(model, x, "export", dynamic=False)
+        _assert_runs_on_the_op(graphs, got, model(x), calls=2)
     assert counters()["rewritten"] == 2
     assert sum("rewrote" in m for m in caplog.messages) == 2
     assert {r.form for r in _rewritten()} == {"parallel", "cumsum"}
@@ -610,7 +655,9 @@ def test_internal_error_leaves_graph_alone(monkeypatch, caplog):
     model = _model(DecayMaskInForward).eval()
     x = torch.randn(2, 20, HIDDEN)
     with caplog.at_level(logging.WARNING, logger="lightning_op.rewrite"), torch.no_grad():
-        torch.testing.assert_close(_run(model, x, "dynamo", dynamic=False), model(x))
+        got, graphs = _run(model, x, "dynamo", dynamic=False)
+        torch.testing.assert_close(got, model(x))
+        assert _op_calls(graphs) == 0
         ep = torch.export.export(model, (x,))
         assert lightning_op.rewrite(ep) is ep
     assert not _rewritten()
@@ -624,8 +671,10 @@ def test_rewrite_rejects_non_programs():
 
 def test_report_accessor_and_record_text():
     model = _model(CumsumForm).eval()
+    x = torch.randn(1, 20, HIDDEN)
     with torch.no_grad():
-        _run(model, torch.randn(1, 20, HIDDEN), "export", dynamic=False)
+        got, graphs = _run(model, x, "export", dynamic=False)
+        _assert_runs_on_the_op(graphs, got, model(x))
     (record,) = lightning_op.rewrite_report()
     assert "rewrote cumsum linear attention" in str(record)
     assert "test_rewrite.py" in record.location
@@ -636,22 +685,39 @@ def test_report_accessor_and_record_text():
 # ----------------------------------------------------------------------------- Inductor
 
 
+@pytest.fixture
+def handed_to_inductor(monkeypatch):
+    """The graphs ``backend="lightning"`` hands to Inductor in place of dynamo's (its rewrites)."""
+    from lightning_op.rewrite import passes
+
+    graphs, rewrite = [], passes.rewrite_dynamo_graph
+
+    def keep(gm):
+        rewritten = rewrite(gm)
+        if rewritten is not None:
+            graphs.append(rewritten)
+        return rewritten
+
+    monkeypatch.setattr(passes, "rewrite_dynamo_graph", keep)
+    return graphs
+
+
 @pytest.mark.slow
-def test_lightning_backend_with_inductor_trains_and_matches_eager():
+def test_lightning_backend_with_inductor_trains_and_matches_eager(handed_to_inductor):
     model = _model(BlockLoop)
     compiled = torch.compile(model, backend="lightning")
     _assert_same_gradients(compiled, model)
-    assert len(_rewritten()) == 1
+    assert len(_rewritten()) == 1 and _op_calls(handed_to_inductor) == 1
 
 
 @pytest.mark.slow
-def test_lightning_backend_dynamic_inference_leaves_softmax_alone():
+def test_lightning_backend_dynamic_inference_leaves_softmax_alone(handed_to_inductor):
     model = nn.Sequential(_model(RetentionEinsum), _model(SoftmaxCausal)).eval()
     compiled = torch.compile(model, backend="lightning", dynamic=True, options={"max_autotune": False})
     with torch.no_grad():
-        for n in (21, 50):
+        for n in (21, 50, 200):
             x = torch.randn(2, n, HIDDEN)
-            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+            _assert_runs_on_the_op(handed_to_inductor, compiled(x), model(x))
     assert len(_rewritten()) == 1
 
 
@@ -659,11 +725,19 @@ def test_lightning_backend_dynamic_inference_leaves_softmax_alone():
 def test_inductor_pass_in_a_users_own_config():
     from torch._inductor import config
 
+    targets = []
+
+    class Recorded(InductorPass):  # the graph as the pass leaves it, which Inductor then compiles
+        def __call__(self, graph):
+            super().__call__(graph)
+            targets.extend(node.target for node in graph.nodes)
+
     model = _model(TriuFloatMask).eval()  # Inductor passes buffers without values: a mask built in forward
     x = torch.randn(2, 24, HIDDEN)
-    with config.patch(joint_custom_pre_pass=InductorPass(), fx_graph_cache=False), torch.no_grad():
+    with config.patch(joint_custom_pre_pass=Recorded(), fx_graph_cache=False), torch.no_grad():
         got = torch.compile(model)(x)
-    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    assert targets.count(torch.ops.lightning.attn.default) == 1
+    torch.testing.assert_close(got, model(x), rtol=_TOLERANCE[torch.float32], atol=_TOLERANCE[torch.float32])
     assert [r.stage for r in _rewritten()] == ["inductor"]
 
 
@@ -683,7 +757,8 @@ def test_long_dynamic_sequence_is_probed_at_a_small_length():
     rewritten = lightning_op.rewrite(ep)
     assert time.perf_counter() - start < 20  # 25 s when probed at N = 4096 on 2 cores
     assert [r.rewritten for r in report()] == [True]
-    torch.testing.assert_close(rewritten.module()(x), model(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        _assert_runs_on_the_op([rewritten.graph_module], rewritten.module()(x), model(x))
 
 
 def test_long_static_sequence_is_left_alone_with_advice():
@@ -793,7 +868,8 @@ def test_in_place_writes_are_functionalized_then_rewritten(name, entry):
     x = torch.randn(2, 20, HIDDEN)
     # dynamo breaks its graph at .item() unless it captures scalars (the mask would arrive as an input)
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+        got, graphs = _run(model, x, entry, dynamic=False)
+        _assert_runs_on_the_op(graphs, got, model(x))
     (record,) = _rewritten()
     assert record.stage == f"{entry}, functionalized"
     assert record.scale == pytest.approx(scale, rel=1e-4)
@@ -814,7 +890,8 @@ def test_training_through_a_mask_written_in_place():
                              fullgraph=True)
     _assert_same_gradients(compiled, model)
     targets = {node.target for gm in graphs for node in gm.graph.nodes}
-    assert torch.ops.lightning.attn_bwd.default in targets and len(_rewritten()) == 1
+    assert torch.ops.lightning.attn.default in targets and torch.ops.lightning.attn_bwd.default in targets
+    assert len(_rewritten()) == 1
 
 
 @pytest.mark.parametrize("entry", ["dynamo", "export"])
@@ -866,7 +943,8 @@ def test_chunks_as_a_tensor_dimension(entry):
     model = _model(ChunksAsATensorDimension).eval()
     x = torch.randn(2, 45, HIDDEN)
     with torch.no_grad():
-        torch.testing.assert_close(_run(model, x, entry, dynamic=False), model(x), rtol=1e-4, atol=1e-4)
+        got, graphs = _run(model, x, entry, dynamic=False)
+        _assert_runs_on_the_op(graphs, got, model(x))
     (record,) = _rewritten()
     torch.testing.assert_close(torch.tensor(record.decay), -torch.log(_gammas(HEADS)), rtol=1e-4, atol=1e-6)
     clear_report()

@@ -27,13 +27,22 @@ def test_minimax_block_loop_is_rewritten_and_softmax_layer_is_not(entry):
     clear_report()
     model = _tiny_minimax()
     ids = torch.randint(0, 128, (2, 50))
+    graphs = []  # what runs: the graphs the rewrite hands to aot_eager, or the program it returns
+
+    def keep(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
         if entry == "dynamo":
-            got = torch.compile(model, backend=make_backend("aot_eager"))(ids, use_cache=False).logits
+            got = torch.compile(model, backend=make_backend(keep))(ids, use_cache=False).logits
         else:
-            ep = torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
-            got = lightning_op.rewrite(ep).module()(ids, use_cache=False).logits
+            ep = lightning_op.rewrite(torch.export.export(model, (ids,), {"use_cache": False}, strict=False))
+            graphs.append(ep.graph_module)
+            got = ep.module()(ids, use_cache=False).logits
+    calls = sum(node.target is torch.ops.lightning.attn.default for gm in graphs for node in gm.graph.nodes)
+    assert calls == 1, report()  # the linear-attention layer only
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     done = [r for r in report() if r.rewritten]
     assert len(done) == 1, report()  # the linear-attention layer only
