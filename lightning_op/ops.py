@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -113,28 +114,55 @@ DECAY_SATURATION = 1.0e4
 def _prepare_decay(decay: Optional[Tensor]) -> Optional[Tensor]:
     """The decays as the kernels and the chunked path read them, after checking their values.
 
-    Values are read on every call (one small device-to-host copy of H numbers): a check that
-    remembered a tensor by its version counter would miss writes through ``.data`` or a NumPy /
-    DLPack view, and a negative or NaN slope silently turns the head to NaN. Not read where they
-    cannot be: during CUDA-graph capture (the warm-up calls before it are checked) and for meta
-    or fake tensors. The result is float32, contiguous (the kernels index ``DECAY + h``; a strided
-    view such as ``slopes(8)[::2]`` would otherwise be read as its neighbours) and at most
-    ``DECAY_SATURATION``.
+    A negative or NaN slope turns its head to NaN, so the values are checked: on the CPU on
+    every call (a copy of H numbers; a check that trusted a version counter would miss writes
+    through ``.data`` or a NumPy view). On a GPU reading them is a host synchronisation, which
+    costs more than the call itself at some shapes (H100: forward 1.2-1.7x the time), so a GPU
+    tensor is read when first seen and again whenever its version counter or storage changes
+    (``_remembered_decays``). Nothing is read during CUDA-graph capture (the warm-up calls before
+    it are checked) or for meta and fake tensors. The result is float32, contiguous (the kernels
+    index ``DECAY + h``; a strided view such as ``slopes(8)[::2]`` would otherwise be read as its
+    neighbours) and at most ``DECAY_SATURATION``.
     """
     if decay is None:
         return None
-    if _has_values(decay) and not (decay.is_cuda and torch.cuda.is_current_stream_capturing()):
-        values = decay.detach().tolist()
-        if not all(x >= 0 for x in values):  # NaN fails this too
-            raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {values}")
-        saturate = max(values, default=0.0) > DECAY_SATURATION
-    else:
+    if not _has_values(decay) or (decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         saturate = True  # unknown values: the clamp is one captured or traced elementwise op
+    elif _reads_every_call(decay):
+        saturate = _checked_decay_values(decay)
+    else:
+        key = (decay._version, decay.data_ptr(), decay.shape, decay.stride(), decay.dtype)
+        seen = _remembered_decays.get(id(decay))
+        if seen is not None and seen[0]() is decay and seen[1] == key:
+            saturate = seen[2]
+        else:
+            saturate = _checked_decay_values(decay)
+            if len(_remembered_decays) > 1024:
+                _remembered_decays.clear()
+            _remembered_decays[id(decay)] = (weakref.ref(decay), key, saturate)
     if saturate:
         decay = decay.to(torch.float32).clamp(max=DECAY_SATURATION)
     if decay.dtype == torch.float32 and decay.is_contiguous():
         return decay
     return decay.to(torch.float32).contiguous()
+
+
+#: GPU decays whose values were checked: id -> (weak reference, (version, address, layout), whether
+#: any slope passes DECAY_SATURATION).
+_remembered_decays: dict = {}
+
+
+def _reads_every_call(decay: Tensor) -> bool:
+    """CPU decays, and inference tensors (they keep no version counter), are read on every call."""
+    return decay.device.type == "cpu" or decay.is_inference()
+
+
+def _checked_decay_values(decay: Tensor) -> bool:
+    """Raise unless every slope is >= 0 (NaN fails); return whether any passes DECAY_SATURATION."""
+    values = decay.detach().tolist()
+    if not all(x >= 0 for x in values):
+        raise ValueError(f"lightning attn: decay must hold slopes >= 0 (lam = exp(-decay)); got {values}")
+    return max(values, default=0.0) > DECAY_SATURATION
 
 
 def _has_values(x: Tensor) -> bool:

@@ -246,11 +246,14 @@ def test_cuda_vanishing_memory_heads(n, d):
     assert rel_error(lightning_op.attn_step(q, k, v, state, decay), expected) < GPU_TOLERANCE[torch.float32]
 
 
-def test_cuda_negative_decay_written_behind_the_version_counter():
+def test_cuda_changed_decays_are_read_again():
     q, k, v = make_inputs(1, 2, 100, 64, 64, torch.bfloat16, "cuda")
     decay = torch.tensor([0.1, 0.2], device="cuda")
     lightning_attn(q, k, v, decay)
-    decay.data[0] = -1.0
+    decay[0] = -1.0  # in place: a new version
+    with pytest.raises(ValueError, match="slopes >= 0"):
+        lightning_attn(q, k, v, decay)
+    decay.data = torch.tensor([0.1, float("nan")], device="cuda")  # new storage
     with pytest.raises(ValueError, match="slopes >= 0"):
         lightning_attn(q, k, v, decay)
 

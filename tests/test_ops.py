@@ -473,7 +473,8 @@ def test_gradients_are_not_silently_differentiated(cpu_backend, path):
 
 def test_decay_check_sees_writes_that_bypass_the_version_counter(cpu_backend):
     """Writes through ``.data`` or a NumPy view leave the version counter alone: a negative slope
-    written that way after a first call must still be refused, never turned into NaN."""
+    written that way after a first call must still be refused, never turned into NaN (CPU decays
+    are read on every call)."""
     args = _good()
     q, k, v = args["q"], args["k"], args["v"]
     for write in (lambda d: d.data.__setitem__(1, -1.0), lambda d: d.numpy().__setitem__(1, -1.0),
@@ -485,6 +486,33 @@ def test_decay_check_sees_writes_that_bypass_the_version_counter(cpu_backend):
             lightning_attn(q, k, v, decay)
         with pytest.raises(ValueError, match="slopes >= 0"):
             lightning_op.attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.zeros(2, 3, 16, 32), decay)
+
+
+def test_remembered_decays_are_read_again_when_changed(monkeypatch):
+    """GPU decays are read when first seen and after any change the version counter or the
+    storage shows (reading them is a host synchronisation); the same rule, forced on CPU here."""
+    from lightning_op import ops
+
+    monkeypatch.setattr(ops, "_reads_every_call", lambda decay: False)
+    monkeypatch.setattr(ops, "_remembered_decays", {})
+    reads = []
+    real = ops._checked_decay_values
+    monkeypatch.setattr(ops, "_checked_decay_values", lambda d: reads.append(1) or real(d))
+    args = _good()
+    q, k, v = args["q"], args["k"], args["v"]
+    decay = torch.ones(3)
+    for _ in range(3):
+        lightning_attn(q, k, v, decay)
+    assert len(reads) == 1
+    decay[0] = 0.5  # in place: a new version
+    lightning_attn(q, k, v, decay)
+    assert len(reads) == 2
+    decay.data = torch.tensor([0.1, -1.0, 0.1])  # new storage
+    with pytest.raises(ValueError, match="slopes >= 0"):
+        lightning_attn(q, k, v, decay)
+    huge = torch.tensor([float("inf"), 1.0, 1.0])  # the saturation is remembered too
+    first = lightning_attn(q, k, v, huge)
+    assert torch.isfinite(first).all() and torch.equal(lightning_attn(q, k, v, huge), first)
 
 
 @pytest.mark.parametrize("decay_values, decay_dtype", [
