@@ -488,7 +488,7 @@ def test_decay_check_sees_writes_that_bypass_the_version_counter(cpu_backend):
             lightning_op.attn_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.zeros(2, 3, 16, 32), decay)
 
 
-def test_remembered_decays_are_read_again_when_changed(monkeypatch):
+def test_remembered_decays_are_read_again_when_changed(cpu_backend, monkeypatch):
     """GPU decays are read when first seen and after any change the version counter or the
     storage shows (reading them is a host synchronisation); the same rule, forced on CPU here."""
     from lightning_op import ops
