@@ -87,16 +87,21 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
         if decay.device != q.device:
             raise ValueError(f"lightning attn: decay is on {decay.device} but q is on {q.device}")
     if initial_state is not None:
-        _check_tensor("initial_state", initial_state, 4)
-        for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, dk, "Dk"), (3, dv, "Dv")):
-            _require_equal(
-                initial_state.shape[dim], size,
-                lambda: f"lightning attn: initial_state must have shape [B, H, Dk, Dv] = [{b}, {h}, {dk}, {dv}], "
-                f"got {tuple(initial_state.shape)} ({what} differs)",
-            )
-        if initial_state.device != q.device:
-            raise ValueError(f"lightning attn: initial_state is on {initial_state.device} but q is on {q.device}")
+        _check_state_like("attn", "initial_state", initial_state, "shape", (b, h, dk, dv), ("B", "H", "Dk", "Dv"), q)
     _check_scale(scale)
+
+
+def _check_state_like(op: str, name: str, x, what: str, sizes: tuple, letters: tuple, q: Tensor) -> None:
+    """``x`` is a 4-d floating tensor of ``sizes`` (named ``letters`` in messages) on q's device."""
+    _check_tensor(name, x, 4, op=op)
+    for dim, (size, letter) in enumerate(zip(sizes, letters)):
+        _require_equal(
+            x.shape[dim], size,
+            lambda letter=letter: f"lightning {op}: {name} must have {what} [{', '.join(letters)}] = "
+            f"[{', '.join(str(n) for n in sizes)}], got {tuple(x.shape)} ({letter} differs)",
+        )
+    if x.device != q.device:
+        raise ValueError(f"lightning {op}: {name} is on {x.device} but q is on {q.device}")
 
 
 def _check_scale(scale) -> None:
@@ -299,31 +304,16 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
     validate(q, k, v, decay, scale, initial_state)
     b, h, n, dk = q.shape
     dv = v.shape[3]
-    _check_tensor("grad_out", grad_out, 4, op="attn_bwd")
-    for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, n, "N"), (3, dv, "Dv")):
-        _require_equal(
-            grad_out.shape[dim], size,
-            lambda: f"lightning attn_bwd: grad_out must have the output's shape [B, H, N, Dv] = [{b}, {h}, {n}, {dv}], "
-            f"got {tuple(grad_out.shape)} ({what} differs)",
-        )
+    _check_state_like("attn_bwd", "grad_out", grad_out, "the output's shape", (b, h, n, dv), ("B", "H", "N", "Dv"), q)
     if grad_out.dtype != q.dtype:
         raise TypeError(f"lightning attn_bwd: grad_out must have the output's dtype {q.dtype}, got {grad_out.dtype}")
-    if grad_out.device != q.device:
-        raise ValueError(f"lightning attn_bwd: grad_out is on {grad_out.device} but q is on {q.device}")
     if grad_final_state is not None:
-        _check_tensor("grad_final_state", grad_final_state, 4, op="attn_bwd")
+        _check_state_like("attn_bwd", "grad_final_state", grad_final_state, "the final state's shape", (b, h, dk, dv),
+                          ("B", "H", "Dk", "Dv"), q)
         if grad_final_state.dtype not in _FLOAT_DTYPES:
             raise TypeError(
                 f"lightning attn_bwd: grad_final_state must be float16, bfloat16 or float32, got {grad_final_state.dtype}"
             )
-        for dim, size, what in ((0, b, "B"), (1, h, "H"), (2, dk, "Dk"), (3, dv, "Dv")):
-            _require_equal(
-                grad_final_state.shape[dim], size,
-                lambda: f"lightning attn_bwd: grad_final_state must have the final state's shape [B, H, Dk, Dv] = "
-                f"[{b}, {h}, {dk}, {dv}], got {tuple(grad_final_state.shape)} ({what} differs)",
-            )
-        if grad_final_state.device != q.device:
-            raise ValueError(f"lightning attn_bwd: grad_final_state is on {grad_final_state.device} but q is on {q.device}")
     if not isinstance(bnhd_grads, bool):
         raise TypeError(f"lightning attn_bwd: bnhd_grads must be a bool, got {bnhd_grads!r}")
 
