@@ -206,11 +206,11 @@ def _choose_config(
       chunks and blocks of 32 at D = 256, 7.9x in the other kernel form), 32 for float32;
     - the ``ACCUMULATE`` form of the kernels for keys up to 64 wide (2026-12-02: at D = 64 about
       2x faster forward, at D = 128 1.46x slower, at D = 256 1.38x slower); for wider keys up to
-      128 in 16-bit inputs the state update alone in that form (``update_accumulate``; 2026-12-02,
-      session 4: main shape 0.388 -> 0.365 ms forward, B2 N32K 0.511 -> 0.486, B64 N1K 0.426 ->
+      128 in 16-bit inputs the state update alone in that form (``update_accumulate``; H200,
+      2026-12-02: main shape 0.388 -> 0.365 ms forward, B2 N32K 0.511 -> 0.486, B64 N1K 0.426 ->
       0.404; at D = 256 1.811 -> 2.183, slower), the fused backward's too (main shape
       forward+backward 1.507 -> 1.486 ms, B2 N32K 1.899 -> 1.861); there, for keys up to 128 wide,
-      the fused backward's dk scores after dv's store (``late_dk_scores``; 2026-12-02, session 5:
+      the fused backward's dk scores after dv's store (``late_dk_scores``; H200, 2026-12-02:
       forward+backward 1.470 -> 1.399 ms at the main shape, 1.836 -> 1.778 at B2 N32K);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
@@ -220,14 +220,14 @@ def _choose_config(
       small: its segments are then cut into ``state_split`` pieces (of at least 4 chunks) while
       it would leave more than a tenth of the multiprocessors idle, and it runs in the
       ``ACCUMULATE`` form whatever the output pass's (its products accumulate in place; no
-      rescaled state). 2026-12-02 (session 4), forward / forward+backward ms: B2 N32K (96
+      rescaled state). H200, 2026-12-02, forward / forward+backward ms: B2 N32K (96
       programs) 0.521 / 2.061 in one piece of the other form, 0.510 / 1.951 in two accumulating;
       B1 N128K (112) 1.063 / 4.112 against 1.045 / 3.995; B1 N64K (112) 0.527 / 2.094 against
       0.533 / 2.028;
     - the output passes as ``_chunk_output_t_kernel`` (``transposed``: the state held as S^T, in
       parts of 64 key columns) for 16-bit keys of 65-128 columns, and wider ones whose state
-      operand is 16-bit too (bfloat16), there in value blocks of 128 and two stages. 2026-12-02,
-      session 6, forward / forward+backward ms: B8 N8K D256 1.804 / 7.212 -> 1.355 / 5.585, main
+      operand is 16-bit too (bfloat16), there in value blocks of 128 and two stages. H200,
+      2026-12-02, forward / forward+backward ms: B8 N8K D256 1.804 / 7.212 -> 1.355 / 5.585, main
       shape 0.372 / 1.448 -> 0.339 / 1.372, B2 N32K 0.487 / 1.840 -> 0.456 / 1.772. Float16's
       float32 state operand makes the D = 256 tiles need 256 KiB of shared memory (the H200
       has 227);

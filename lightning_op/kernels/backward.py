@@ -63,7 +63,7 @@ def _key_value_grad_kernel(
     dk's chunk scores ``(v do^T) * M`` are computed after dv is stored instead of beside dv's; on
     sm_90 at D = 128 that halves the loop's spills (``benchmarks/registers.py``: 1169 -> 1075
     instructions, 102 -> 50 local accesses); on the H200 4.8% faster forward+backward at the main
-    shape (2026-12-02, session 5), the default for keys up to 128 wide."""
+    shape (RESULTS.md, 2026-12-02), the default for keys up to 128 wide."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)

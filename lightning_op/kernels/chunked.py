@@ -303,7 +303,7 @@ def _chunk_output_kernel(
             # multiply-add per element combines the two shares. Written as a sum, the compiler
             # would accumulate the scores' product onto the state's share, as the other form
             # does, which spills at D = 128 (registers.py); measured 0-4% faster forward than
-            # three scaling passes (2026-12-02, session 4)
+            # three scaling passes (H200, RESULTS.md 2026-12-02)
             if HAS_DECAY:
                 row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32)) * out_scale
             else:
@@ -409,7 +409,7 @@ def _chunk_output_t_kernel(
     the update as loaded, and with eight warps each warp group owns 64 value rows of the state, so
     one program covers 128 value columns and reads q and k once for them. Keys wider than 64 are
     split into parts so that the state's 16-bit copy for that product is one part at a time.
-    On the H200 (2026-12-02, session 6; the default since then for 16-bit keys of 65-128 columns
+    On the H200 (RESULTS.md, 2026-12-02; the default since then for 16-bit keys of 65-128 columns
     and bfloat16's wider ones): forward 1.355 ms against 1.804 for ``_chunk_output_kernel`` at B8
     N8K H16 D256 (value blocks of 128, two stages), 0.339 against 0.372 at D = 128. The segment
     states and the initial and final states keep their [Dk, Dv] layout in memory."""
@@ -464,7 +464,7 @@ def _chunk_output_t_kernel(
             k3 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 3, DK, N, REVERSE, PART)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
 
-        # the scores in full, masked, then the state's share (the order session 5's prototype timed)
+        # the scores in full, masked, then the state's share (the order timed fastest on the H200)
         scores_t = _dot(k0, tl.trans(q0), DOT_DTYPE, PRECISION)
         if KEY_PARTS >= 2:
             scores_t = _dot_acc(scores_t, k1, tl.trans(q1), DOT_DTYPE, PRECISION)
