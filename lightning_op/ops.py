@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from ._gates import HAS_TRITON, cpu_backend
@@ -172,11 +173,7 @@ def _checked_decay_values(decay: Tensor) -> bool:
 
 def _has_values(x: Tensor) -> bool:
     """Whether ``x``'s elements can be read: not a meta tensor, nor a fake one of tracing."""
-    if x.device.type == "meta":
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(x)
+    return x.device.type != "meta" and not is_fake(x)
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -210,11 +207,19 @@ def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.dtype == torch.float32 else x.to(torch.float32)
 
 
-def _tangent_of(x: Tensor) -> Optional[Tensor]:
-    try:
-        return forward_ad.unpack_dual(x).tangent
-    except RuntimeError:  # below autograd inside a tracer (torch.func.linearize's make_fx): no dual to see
-        return None
+def _has_tangent(*tensors) -> bool:
+    """Whether a ``torch.autograd.forward_ad`` dual tensor is among ``tensors``."""
+    if forward_ad._current_level < 0:
+        return False
+    for x in tensors:
+        if x is None or not _has_values(x):
+            continue
+        try:
+            if forward_ad.unpack_dual(x).tangent is not None:
+                return True
+        except RuntimeError:  # below autograd inside a tracer (torch.func.linearize's make_fx): no dual to see
+            pass
+    return False
 
 
 def _refuse_forward_ad(*tensors) -> None:
@@ -222,7 +227,7 @@ def _refuse_forward_ad(*tensors) -> None:
     input would silently get a zero tangent. ``lightning_attn`` has one (``_TransformableAttention``)."""
     if forward_ad._current_level < 0 or torch._C._functorch.peek_interpreter_stack() is not None:
         return  # under a functorch transform lightning_attn took _TransformableAttention already
-    if any(x is not None and _has_values(x) and _tangent_of(x) is not None for x in tensors):
+    if _has_tangent(*tensors):
         raise RuntimeError(
             "lightning attn: torch.ops.lightning.attn has no forward-mode derivative of its own; call "
             "lightning_op.lightning_attn, which supports torch.autograd.forward_ad and torch.func.jvp / "
@@ -525,9 +530,7 @@ def _transformed(*tensors) -> bool:
     """Whether a functorch transform wraps an input or a forward-mode dual tensor is among them."""
     if any(x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in tensors):
         return True
-    return forward_ad._current_level >= 0 and any(
-        x is not None and forward_ad.unpack_dual(x).tangent is not None for x in tensors
-    )
+    return _has_tangent(*tensors)
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
