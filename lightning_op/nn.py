@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attn_step, lightning_attn
+from .functional import attn_step, lightning_attn
 from .reference import slopes
 
 __all__ = ["LightningAttention", "StateCache"]

@@ -22,11 +22,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from ._gates import HAS_TRITON, cpu_backend
+from .support import DTYPES, unsupported
 
 __all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 # ----------------------------------------------------------------------------- validation
@@ -60,8 +59,9 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4)
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"lightning attn: q must be float16, bfloat16 or float32, got {q.dtype}")
+    refused = unsupported(dtypes=(("q", q.dtype),))
+    if refused:
+        raise refused.error(f"lightning attn: {refused.reason}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"lightning attn: {name} must have q's dtype {q.dtype}, got {x.dtype}")
@@ -77,11 +77,9 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
                 f"q, k: [B, H, N, Dk], v: [B, H, N, Dv]",
             )
     _require_equal(k.shape[3], dk, lambda: f"lightning attn: k has head dim {k.shape[3]} but q has {dk}")
-    for name, d in (("q and k", dk), ("v", dv)):
-        if isinstance(d, int) and not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-            raise ValueError(
-                f"lightning attn: head dim of {name} must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {d}"
-            )
+    refused = unsupported(head_dims=(("q and k", dk), ("v", dv)))
+    if refused:
+        raise refused.error(f"lightning attn: {refused.reason}")
     if decay is not None:
         _check_tensor("decay", decay, 1)
         _require_equal(decay.shape[0], h, lambda: f"lightning attn: decay must have shape [H] = [{h}], got {tuple(decay.shape)}")
@@ -315,7 +313,7 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
     if grad_final_state is not None:
         _check_state_like("attn_bwd", "grad_final_state", grad_final_state, "the final state's shape", (b, h, dk, dv),
                           ("B", "H", "Dk", "Dv"), q)
-        if grad_final_state.dtype not in _FLOAT_DTYPES:
+        if grad_final_state.dtype not in DTYPES:
             raise TypeError(
                 f"lightning attn_bwd: grad_final_state must be float16, bfloat16 or float32, got {grad_final_state.dtype}"
             )

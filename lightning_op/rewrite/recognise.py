@@ -41,7 +41,7 @@ import torch
 from torch import fx
 
 from .. import reference
-from ..ops import MAX_HEAD_DIM, MIN_HEAD_DIM
+from ..support import MAX_HEAD_DIM, MIN_HEAD_DIM
 from . import graph as g
 from .report import logger
 

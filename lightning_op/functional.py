@@ -1,0 +1,92 @@
+"""The public functions: the op with its arguments named and checked, the decode step, autotuning.
+
+``lightning_op`` re-exports them; ``nn`` builds its modules on them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["lightning_attn", "attn_step", "enable_autotune", "disable_autotune"]
+
+
+def lightning_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Causal linear attention with a per-head decay, tiled as in Lightning Attention-2.
+
+    For each batch b and head h, with ``lam = exp(-decay[h])`` (``lam = 1`` when decay is None)::
+
+        S_t = lam * S_{t-1} + k_t^T v_t,     S_{-1} = initial_state (or zeros)
+        o_t = scale * q_t S_t
+
+    Args:
+        q, k: ``[B, H, N, Dk]``; v: ``[B, H, N, Dv]`` (the ``scaled_dot_product_attention``
+            layout; ``[B, N, H, D]`` tensors passed as ``x.transpose(1, 2)`` are read in place).
+            float16, bfloat16 or float32, one dtype; 16 <= Dk, Dv <= 256; any N >= 0.
+        decay: ``[H]`` slopes >= 0, e.g. :func:`lightning_op.slopes`. Not learnable (yet).
+        scale: multiplies the output (1.0 as in Lightning Attention; ``Dk ** -0.5`` is common too).
+        initial_state: ``[B, H, Dk, Dv]`` state carried in from an earlier piece of the sequence.
+        output_final_state: also return the ``[B, H, Dk, Dv]`` float32 state after the last token.
+
+    Returns:
+        ``out`` ``[B, H, N, Dv]`` in q's dtype, or ``(out, final_state)``.
+
+    Differentiable in q, k, v and initial_state; works under ``torch.compile`` and ``torch.export``.
+    """
+    ops.validate(q, k, v, decay, scale, initial_state)  # before the dispatcher's own, terser checks
+    out, final_state = ops.attn_eager(q, k, v, decay, scale, initial_state)
+    return (out, final_state) if output_final_state else out
+
+
+def attn_step(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0
+) -> Tensor:
+    """One decode step (or a few tokens) against a carried state, updating ``state`` in place.
+
+    q, k: ``[B, H, T, Dk]``, v: ``[B, H, T, Dv]`` with small T (1 when generating); ``state``:
+    float32 ``[B, H, Dk, Dv]``. Returns ``[B, H, T, Dv]`` in q's dtype. The same result as
+    ``lightning_attn(q, k, v, decay, scale=scale, initial_state=state, output_final_state=True)``,
+    after which ``state`` holds that final state; nothing is allocated but the output. Inference
+    only (no gradients); works under ``torch.compile`` and CUDA graphs.
+    """
+    return torch.ops.lightning.attn_step(q, k, v, state, decay, scale)
+
+
+def enable_autotune(cache_path=None) -> str:
+    """Time launch configurations on the GPU and keep the fastest, per shape class (off by default).
+
+    The first eager call of each shape class (GPU, Triton version, forward or fused backward, dtype,
+    head dims, batch*heads and N rounded up to powers of two, decay, direction) times the built-in
+    choice — heuristics fitted on one H200 — and a few variations of it, on the call's own inputs,
+    and keeps the fastest; later calls look it up. Choices are also saved to ``cache_path`` (else
+    ``$LIGHTNING_OP_CACHE_DIR/autotune.json``, else ``~/.cache/lightning_op/autotune.json``), so
+    later processes time nothing. ``LIGHTNING_OP_AUTOTUNE=1`` enables it too (read when the
+    kernels are first imported: the first GPU call, or this function).
+
+    Nothing is timed under ``torch.compile`` / ``torch.export`` tracing, during CUDA-graph capture,
+    or off CUDA (cached choices still apply); ``kernels.config_override`` disables it inside its
+    block. The decode step is never tuned. Returns the cache file's path.
+    """
+    from .kernels import autotune
+
+    return autotune.enable(cache_path)
+
+
+def disable_autotune() -> None:
+    """Turn autotuning off: every launch takes the built-in heuristics again (the file is kept)."""
+    from .kernels import autotune
+
+    autotune.disable()
