@@ -56,7 +56,7 @@ def attn_inference(
     tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
     ops.validate(q, k, v, decay, scale, initial_state)
-    decay, initial_state = ops._prepare_decay(decay), ops._float32(initial_state)
+    decay, initial_state = ops.prepare_decay(decay), ops.as_float32(initial_state)
     if q.device.type == "cuda":
         return linear_attention(
             q, k, v, decay, out_scale=scale, initial_state=initial_state, segment_len=SEGMENT_LEN, traceable=True

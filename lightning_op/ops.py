@@ -24,7 +24,8 @@ from . import reference
 from ._gates import HAS_TRITON, cpu_backend
 from .support import DTYPES, unsupported
 
-__all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step"]
+__all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step", "prepare_decay",
+           "as_float32"]
 
 
 
@@ -115,7 +116,7 @@ def _check_scale(scale) -> None:
 DECAY_SATURATION = 1.0e4
 
 
-def _prepare_decay(decay: Optional[Tensor]) -> Optional[Tensor]:
+def prepare_decay(decay: Optional[Tensor]) -> Optional[Tensor]:
     """The decays as the kernels and the chunked path read them, after checking their values.
 
     A negative or NaN slope turns its head to NaN, so the values are checked: on the CPU on
@@ -200,7 +201,7 @@ def _stored_bnhd(x: Tensor) -> bool:
     return statically_known_true(x.stride(1) < x.stride(2))
 
 
-def _float32(x: Optional[Tensor]) -> Optional[Tensor]:
+def as_float32(x: Optional[Tensor]) -> Optional[Tensor]:
     # the dtype test first: a no-op ``.to`` still costs a dispatch (≈ 6 us on the H200 machine's host)
     return x if x is None or x.dtype == torch.float32 else x.to(torch.float32)
 
@@ -254,7 +255,7 @@ def _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=None):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
     passes ``keep_start_states``: see ``kernels.linear_attention``)."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
-    decay, initial_state = _prepare_decay(decay), _float32(initial_state)
+    decay, initial_state = prepare_decay(decay), as_float32(initial_state)
     if _use_triton(q):
         from .kernels import linear_attention
 
@@ -324,7 +325,7 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, forward_states=None):
     """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
     segment states: ``reference.attention_backward_chunked``)."""
-    decay, initial_state, grad_final_state = _prepare_decay(decay), _float32(initial_state), _float32(grad_final_state)
+    decay, initial_state, grad_final_state = prepare_decay(decay), as_float32(initial_state), as_float32(grad_final_state)
     kernels = {}
     if _use_triton(q):
         from .kernels import key_value_gradients, linear_attention
@@ -334,7 +335,7 @@ def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_st
         grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
         forward_states=forward_states if kernels else None, **kernels
     )
-    d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else _float32(d_init)
+    d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else as_float32(d_init)
     return _in_layout(dq, bnhd_grads), _in_layout(dk, bnhd_grads), _in_layout(dv, bnhd_grads), d_init
 
 
@@ -666,7 +667,7 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
         if len(_validated_steps) > 1024:
             _validated_steps.clear()
         _validated_steps.add(signature)
-    decay = _prepare_decay(decay)
+    decay = prepare_decay(decay)
     if _use_triton(q):
         from .kernels import decode_step
 
