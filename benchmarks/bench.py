@@ -23,17 +23,9 @@ Writes results.csv, results.json and PNG plots under --out, and prints a table l
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import importlib.metadata
-import inspect
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lightning_op
+from common import (GIB, Progress, Timer, add_common_arguments, apply_common_defaults, clear_grads, common_metadata,
+                    free, impl_names, load_each, measure_copy, one_line, print_peers, print_unavailable, pyplot,
+                    start_run, write_results)
 
-GIB = 2**30
 IMPLS = ("ours", "ours_bnhd", "fla", "lightning_attn2", "sdpa_flash", "naive")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -235,105 +228,10 @@ def build_case(name: str, fn: Callable, x: Inputs, args) -> tuple[Callable[[], T
 
 def load_impls(names: list[str]) -> tuple[dict[str, Callable], dict[str, str], dict[str, str]]:
     """(loaded functions, unavailable name -> reason, package versions)."""
-    loaded, unavailable, versions = {}, {}, {}
-    for name in names:
-        spec = IMPL_SPECS[name]
-        try:
-            loaded[name] = spec.load()
-        except Exception as exc:  # a peer that is not installed, or fails to import here
-            unavailable[name] = _one_line(exc)
-            continue
-        if spec.package:
-            versions[spec.package] = _package_version(spec.package)
-    return loaded, unavailable, versions
+    return load_each({name: (IMPL_SPECS[name].load, IMPL_SPECS[name].package) for name in names})
 
 
-def _package_version(package: str) -> str:
-    if package == "lightning_op":
-        return lightning_op.__version__
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-# ----------------------------------------------------------------------------- timing and memory
-
-
-class Timer:
-    """Median milliseconds of ``fn()``: triton's do_bench on CUDA (CUDA events, L2 flushed
-    between runs), CUDA events where that do_bench lacks ``return_mode``, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device, warmup_ms: float, rep_ms: float):
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-        self.do_bench = None
-        if device.type == "cuda":
-            try:
-                from triton.testing import do_bench
-
-                if "return_mode" in inspect.signature(do_bench).parameters:
-                    self.do_bench = do_bench
-            except ImportError:
-                pass
-        self.method = {
-            "cpu": "time.perf_counter median",
-            "cuda": "triton.testing.do_bench median" if self.do_bench else "CUDA events median",
-        }[device.type]
-
-    def __call__(self, fn: Callable, grad_to_none: Optional[list[Tensor]] = None) -> float:
-        if self.do_bench is not None:
-            return float(self.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                       grad_to_none=grad_to_none, return_mode="median"))
-        if self.device.type == "cuda":
-            return self._cuda_events(fn, grad_to_none)
-        return self._perf_counter(fn, grad_to_none)
-
-    def _repeats(self, estimate_ms: float, budget_ms: float, least: int) -> int:
-        return max(least, int(budget_ms / max(estimate_ms, 1e-3)))
-
-    def _cuda_events(self, fn, grad_to_none) -> float:
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        estimate_ms = start.elapsed_time(end) / 3
-        for _ in range(self._repeats(estimate_ms, self.warmup_ms, 1)):
-            fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self._repeats(estimate_ms, self.rep_ms, 3))]
-        for start, end in events:
-            _clear_grads(grad_to_none)
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median([start.elapsed_time(end) for start, end in events])
-
-    def _perf_counter(self, fn, grad_to_none) -> float:
-        begin = time.perf_counter()
-        fn()
-        estimate_ms = (time.perf_counter() - begin) * 1e3
-        times = []
-        for _ in range(self._repeats(estimate_ms, self.rep_ms, 3)):
-            _clear_grads(grad_to_none)
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(times)
-
-
-def _clear_grads(tensors: Optional[list[Tensor]]) -> None:
-    for x in tensors or ():
-        x.grad = None
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------- memory
 
 
 def peak_extra_gib(fn: Callable, device: torch.device) -> float:
@@ -350,14 +248,6 @@ def peak_extra_gib(fn: Callable, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - before) / GIB
 
 
-def copy_bandwidth(timer: Timer, device: torch.device, nbytes: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -366,25 +256,8 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:240]
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-class Progress:
-    def __init__(self, total: int):
-        self.total, self.done, self.begin = total, 0, time.perf_counter()
-
-    def line(self, impl: str, mode: str, shape: Shape, result: str) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.begin
-        print(f"[{self.done:>3}/{self.total}] {impl:<15} {mode:<7} {shape.label:<20} {result}  "
-              f"({elapsed:.0f} s)", flush=True)
+def progress_line(progress: Progress, impl: str, mode: str, shape: Shape, result: str) -> None:
+    progress.line(f"{impl:<15} {mode:<7} {shape.label:<20}", result)
 
 
 def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, device, dtype,
@@ -395,7 +268,7 @@ def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, devi
             reference = lightning_op.lightning_attn(*x.bhnd, x.decay, scale=x.scale)
         except Exception as exc:
             reference = None
-            print(f"  ours failed on {shape.label}, no error comparison: {_one_line(exc)}", flush=True)
+            print(f"  ours failed on {shape.label}, no error comparison: {one_line(exc)}", flush=True)
     element_bytes = x.bhnd[0].element_size()
     # Forward traffic at its minimum: read q, k, v once and write o once.
     fwd_bytes = 4 * shape.tokens * shape.heads * shape.head_dim * element_bytes
@@ -415,10 +288,10 @@ def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, devi
             forward, leaves = build_case(name, fn, x, args)
         except Exception as exc:  # SkipCase, or the setup itself failed (the naive mask may not fit)
             row["fwd_error"] = row["fwdbwd_error"] = (
-                f"skipped: {exc}" if isinstance(exc, SkipCase) else _one_line(exc))
-            progress.line(name, "fwd", shape, row["fwd_error"])
-            progress.line(name, "fwd+bwd", shape, row["fwd_error"])
-            _free(device)
+                f"skipped: {exc}" if isinstance(exc, SkipCase) else one_line(exc))
+            progress_line(progress, name, "fwd", shape, row["fwd_error"])
+            progress_line(progress, name, "fwd+bwd", shape, row["fwd_error"])
+            free(device)
             continue
         out = None
         try:
@@ -433,10 +306,10 @@ def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, devi
             row["fwd_bytes_per_s"] = fwd_bytes / (ms * 1e-3)
             row["fwd_copy_fraction"] = row["fwd_bytes_per_s"] / copy_bytes_per_s
             err = "" if math.isnan(row["rel_err_vs_ours"]) else f"  rel_err_vs_ours={row['rel_err_vs_ours']:.1e}"
-            progress.line(name, "fwd", shape, f"{ms:9.3f} ms{err}")
+            progress_line(progress, name, "fwd", shape, f"{ms:9.3f} ms{err}")
         except Exception as exc:
-            row["fwd_error"] = _one_line(exc)
-            progress.line(name, "fwd", shape, row["fwd_error"])
+            row["fwd_error"] = one_line(exc)
+            progress_line(progress, name, "fwd", shape, row["fwd_error"])
         try:
             if out is None:
                 with torch.no_grad():
@@ -448,61 +321,32 @@ def run_shape(shape: Shape, impls: dict[str, Callable], args, timer: Timer, devi
                 forward().backward(grad)
 
             ms = timer(step, grad_to_none=leaves)
-            _clear_grads(leaves)
+            clear_grads(leaves)
             row["fwdbwd_mem_gib"] = peak_extra_gib(step, device)
             row["fwdbwd_ms"] = ms
             row["fwdbwd_tokens_per_s"] = shape.tokens / (ms * 1e-3)
             mem = row["fwdbwd_mem_gib"]
             mem_note = f"  mem={mem:.2f} GiB" if math.isfinite(mem) else ""
-            progress.line(name, "fwd+bwd", shape, f"{ms:9.3f} ms{mem_note}")
+            progress_line(progress, name, "fwd+bwd", shape, f"{ms:9.3f} ms{mem_note}")
         except Exception as exc:
-            row["fwdbwd_error"] = _one_line(exc)
-            progress.line(name, "fwd+bwd", shape, row["fwdbwd_error"])
+            row["fwdbwd_error"] = one_line(exc)
+            progress_line(progress, name, "fwd+bwd", shape, row["fwdbwd_error"])
         finally:
             out = grad = forward = step = None
-            _clear_grads(leaves)
-            _free(device)
+            clear_grads(leaves)
+            free(device)
     del x, reference
-    _free(device)
+    free(device)
     return rows
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def environment(device: torch.device) -> dict:
-    """When, where and with what a run was made (shared by the benchmark runners)."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "cuda": torch.version.cuda,
-        "git_commit": _git_commit(),
-    }
-
-
 def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
     return {
-        **environment(device),
-        "packages": versions,
-        "unavailable": unavailable,
-        "dtype": str(dtype).removeprefix("torch."),
-        "scale": args.scale,
-        "decay": "lightning_op.slopes(H)",
+        **common_metadata(args, device, dtype, copy_bytes, copy_bytes_per_s, unavailable, versions),
         "timing": timer.method,
-        "warmup_ms": args.warmup_ms,
-        "rep_ms": args.rep_ms,
-        "copy_bytes": copy_bytes,
-        "copy_bytes_per_s": copy_bytes_per_s,
         "autotune": getattr(args, "autotune_cache", None),  # the cache file when ours ran autotuned
         "notes": [
             "ms are medians; tokens_per_s = B*N / time",
@@ -513,53 +357,10 @@ def metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailab
     }
 
 
-def _git_commit() -> Optional[str]:
-    """The checkout's commit, or None when the code is not a checkout of its own (a copy of the
-    tree, perhaps inside another checkout whose HEAD says nothing about this code)."""
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        if os.path.realpath(top) != os.path.realpath(os.path.dirname(here)):
-            return None
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
-                               timeout=5).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except Exception:  # no git, or not a checkout (the device machine gets a copy of the tree)
-        return None
-
-
-def _json_safe(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def write_results(rows: list[dict], meta: dict, out_dir: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "results.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["impl"])
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path = os.path.join(out_dir, "results.json")
-    with open(json_path, "w") as f:
-        json.dump({"metadata": {k: _json_safe(v) for k, v in meta.items()},
-                   "results": [{k: _json_safe(v) for k, v in row.items()} for row in rows]}, f, indent=1)
-    return [csv_path, json_path]
-
-
 def write_plots(rows: list[dict], meta: dict, out_dir: str, impl_order: list[str]) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        print(f"plots skipped: {_one_line(exc)}", flush=True)
-        return []
+    plt = pyplot()
     sweep = [r for r in rows if r["sweep"]]
-    if not sweep:
+    if plt is None or not sweep:
         return []
     tokens_by_n = {r["N"]: r["tokens"] for r in sweep}
     usual_tokens = statistics.mode(tokens_by_n.values())
@@ -623,10 +424,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print()
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} | "
           f"{meta['timing']} | copy {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print("packages: " + ", ".join(f"{name} {version}" for name, version in meta["packages"].items()))
-    if meta["unavailable"]:
-        for name, reason in meta["unavailable"].items():
-            print(f"unavailable: {name}: {reason}")
+    print_peers(meta)
     print("x ours = time / ours' time (>1: slower than ours); mem = extra peak GiB fwd+bwd; "
           "bw = fwd (q,k,v,o bytes)/time as % of copy; err = rel. error of output vs ours")
     header = (f"{'shape':<20} {'impl':<15} {'fwd ms':>9} {'x ours':>6} {'f+b ms':>9} {'x ours':>6} "
@@ -680,24 +478,6 @@ def flatness_lines(rows: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
-def apply_common_defaults(args) -> None:
-    """Defaults of the options both runners share, lighter in ``--smoke`` mode."""
-    args.dtype = args.dtype or ("fp32" if args.smoke else "bf16")
-    args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.smoke else 25.0)
-    args.rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.smoke else 100.0)
-    args.copy_gib = args.copy_gib if args.copy_gib is not None else (1 / 16 if args.smoke else 2.0)
-
-
-def pick_device(args) -> Optional[torch.device]:
-    """The CPU for ``--smoke``, else the GPU; None (after saying why) when there is none."""
-    if args.smoke:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
-    return None
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=None,
@@ -708,17 +488,10 @@ def parse_args(argv=None):
                         help="run ours autotuned (lightning_op.enable_autotune, cache in --out/autotune.json): "
                              "each shape class is tuned in its first call, before its timings")
     parser.add_argument("--quick", action="store_true", help="main shape at N=8K only, ours and fla")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny fp32 shapes on CPU with perf_counter timing: checks the runner works")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "out"), help="output folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 with --smoke)")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--warmup-ms", type=float, default=None, help="default 25 (5 with --smoke)")
-    parser.add_argument("--rep-ms", type=float, default=None, help="default 100 (20 with --smoke)")
+    add_common_arguments(parser, out=os.path.join("benchmarks", "out"), dtype_help="default bf16 (fp32 with --smoke)",
+                         rep_help="time spent measuring each case, default 100 (20 with --smoke)")
     parser.add_argument("--naive-max-gib", type=float, default=8.0,
                         help="skip the quadratic form where its B*H*N*N scores would exceed this")
-    parser.add_argument("--copy-gib", type=float, default=None, help="copy-bandwidth buffer (default 2; 1/16 with --smoke)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no further shape once this many seconds have passed (the results so far "
                              "are written after every shape, so a run cut off by a time limit keeps them)")
@@ -728,20 +501,17 @@ def parse_args(argv=None):
     default_preset = "smoke" if args.smoke else "quick" if args.quick else "main,d64,d256,long"
     args.presets = [p.strip() for p in (args.preset or default_preset).split(",") if p.strip()]
     default_impls = "ours,fla" if args.quick else ",".join(IMPLS)
-    args.impl_names = [i.strip() for i in (args.impls or default_impls).split(",") if i.strip()]
-    for name in args.impl_names:
-        if name not in IMPL_SPECS:
-            parser.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+    args.impl_names = impl_names(parser, args.impls or default_impls, IMPLS)
     apply_common_defaults(args)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = pick_device(args)
-    if device is None:
+    run = start_run(args)
+    if run is None:
         return 2
-    dtype = DTYPES[args.dtype]
+    device, dtype, timer = run
     try:
         shapes = select_shapes(args.presets)
     except ValueError as exc:
@@ -750,14 +520,9 @@ def main(argv=None) -> int:
 
     args.autotune_cache = lightning_op.enable_autotune(os.path.join(args.out, "autotune.json")) if args.autotune else None
     impls, unavailable, versions = load_impls(args.impl_names)
-    for name, reason in unavailable.items():
-        print(f"unavailable: {name}: {reason}", flush=True)
-    timer = Timer(device, args.warmup_ms, args.rep_ms)
-    copy_bytes = int(args.copy_gib * GIB)
-    copy_bytes_per_s = copy_bandwidth(timer, device, copy_bytes)
-    _free(device)
-    print(f"copy bandwidth ({copy_bytes / GIB:g} GiB, read + write): {copy_bytes_per_s / 1e12:.3f} TB/s; "
-          f"{len(shapes)} shapes x {len(impls)} implementations; timing: {timer.method}", flush=True)
+    print_unavailable(unavailable)
+    copy_bytes, copy_bytes_per_s = measure_copy(
+        timer, device, args.copy_gib, f"{len(shapes)} shapes x {len(impls)} implementations; timing: {timer.method}")
 
     progress = Progress(2 * len(shapes) * len(impls))
     meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
@@ -767,8 +532,8 @@ def main(argv=None) -> int:
         try:
             rows += run_shape(shape, impls, args, timer, device, dtype, copy_bytes_per_s, progress)
         except Exception as exc:  # inputs themselves did not fit: note it and go on
-            print(f"  {shape.label}: {_one_line(exc)}", flush=True)
-            _free(device)
+            print(f"  {shape.label}: {one_line(exc)}", flush=True)
+            free(device)
         paths = write_results(rows, meta, args.out)
         left = shapes[index + 1:]
         if left and args.budget_s is not None and time.perf_counter() - started > args.budget_s:

@@ -50,14 +50,14 @@ import torch
 from torch import Tensor
 
 import lightning_op
-from bench import (GIB, Timer, _one_line, _package_version, apply_common_defaults, copy_bandwidth, environment,
-                   pick_device, write_results)
+from common import (Progress, Timer, add_common_arguments, apply_common_defaults, common_metadata, free, impl_names,
+                    load_each, measure_copy, one_line, print_peers, print_unavailable, pyplot, start_run,
+                    write_results)
 
 IMPLS = ("ours", "ours_graph", "ours_graph16", "fla", "fla_graph", "fla_graph16",
          "torch_step", "torch_step_graph", "torch_step_graph16")
 # impl-name suffix -> steps captured in one CUDA graph (one replay runs them all)
 GRAPH_SUFFIXES = {"_graph16": 16, "_graph": 1}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 1  # one decode step
 BTHD_OUTPUT = ("fla",)
 
@@ -108,22 +108,17 @@ LOADERS = {"ours": (_load_ours, "lightning_op"), "fla": (_load_fla, "fla-core"),
 
 
 def load_impls(names: list[str], device: torch.device):
-    """(base name -> loaded function, unavailable impl -> reason, package versions)."""
-    loaded, failed, unavailable, versions = {}, {}, {}, {}
+    """(base name -> loaded function, unavailable impl -> reason, package versions). Graph impls
+    are unavailable off CUDA; an impl is unavailable where its base fails to load."""
+    no_graphs = device.type != "cuda"
+    bases = dict.fromkeys(base for base, kind, _ in map(split_impl, names) if not (kind == "graph" and no_graphs))
+    loaded, failed, versions = load_each({base: LOADERS[base] for base in bases})
+    unavailable = {}
     for name in names:
         base, kind, _ = split_impl(name)
-        if kind == "graph" and device.type != "cuda":
+        if kind == "graph" and no_graphs:
             unavailable[name] = "CUDA graphs need a CUDA device"
-            continue
-        if base not in loaded and base not in failed:
-            load, package = LOADERS[base]
-            try:
-                loaded[base] = load()
-                if package:
-                    versions[package] = _package_version(package)
-            except Exception as exc:  # a peer that is not installed, or fails to import here
-                failed[base] = _one_line(exc)
-        if base in failed:
+        elif base in failed:
             unavailable[name] = failed[base]
     return loaded, unavailable, versions
 
@@ -258,22 +253,6 @@ def step_ms(fn: Callable[[], None], device: torch.device, rep_ms: float, block_m
 # ----------------------------------------------------------------------------- the run
 
 
-class Progress:
-    def __init__(self, total: int):
-        self.total, self.done, self.begin = total, 0, time.perf_counter()
-
-    def line(self, impl: str, batch: int, result: str) -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.begin
-        print(f"[{self.done:>3}/{self.total}] {impl:<18} B={batch:<4} {result}  ({elapsed:.0f} s)", flush=True)
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, timer: Timer, device, dtype,
               copy_bytes_per_s: float, progress: Progress) -> list[dict]:
     x = make_inputs(batch, args.heads, args.head_dim, dtype, device, args.scale, args.seed)
@@ -316,16 +295,16 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
             row["kernel_us"] = 1e3 * timer(case.step) / case.steps
             row["bytes_per_s"] = x.step_bytes / (row["kernel_us"] * 1e-6)
             row["copy_fraction"] = row["bytes_per_s"] / copy_bytes_per_s
-            progress.line(name, batch, (
+            progress.line(f"{name:<18} B={batch:<4}", (
                 f"step {row['step_us']:9.1f} us  kernel {row['kernel_us']:9.1f} us  "
                 f"{row['bytes_per_s'] / 1e9:7.0f} GB/s {100 * row['copy_fraction']:4.0f}% of copy  "
                 f"err out {row['err_out_vs_torch_step']:.0e} state {row['err_state_vs_torch_step']:.0e}"))
         except Exception as exc:  # a failed capture, out of memory, a peer's error: note it and go on
-            row["error"] = _one_line(exc)
-            progress.line(name, batch, row["error"])
+            row["error"] = one_line(exc)
+            progress.line(f"{name:<18} B={batch:<4}", row["error"])
         finally:
             case = None
-            _free(device)
+            free(device)
     return rows
 
 
@@ -334,22 +313,13 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
 
 def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, unavailable, versions) -> dict:
     return {
-        **environment(device),
-        "packages": versions,
-        "unavailable": unavailable,
-        "dtype": str(dtype).removeprefix("torch."),
+        **common_metadata(args, device, dtype, copy_bytes, copy_bytes_per_s, unavailable, versions),
         "heads": args.heads,
         "head_dim": args.head_dim,
         "tokens": TOKENS,
-        "scale": args.scale,
-        "decay": "lightning_op.slopes(H)",
         "step_timing": ("CUDA events around blocks of back-to-back calls, median per call" if device.type == "cuda"
                         else "time.perf_counter around blocks of back-to-back calls, median per call"),
         "kernel_timing": timer.method,
-        "warmup_ms": args.warmup_ms,
-        "rep_ms": args.rep_ms,
-        "copy_bytes": copy_bytes,
-        "copy_bytes_per_s": copy_bytes_per_s,
         "notes": [
             "steps_per_call: decode steps per timed call (1 eager and *_graph, 16 for *_graph16: one replay "
             "of a graph of 16 chained steps on the same q, k, v); step_us and kernel_us are per step "
@@ -370,13 +340,8 @@ def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, un
 
 
 def write_plot(rows: list[dict], meta: dict, out_dir: str, impl_order: list[str]) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        print(f"plots skipped: {_one_line(exc)}", flush=True)
+    plt = pyplot()
+    if plt is None:
         return []
     fig, (latency, bandwidth) = plt.subplots(1, 2, figsize=(12, 4.8))
     batches = sorted({r["B"] for r in rows})
@@ -447,9 +412,7 @@ def print_table(rows: list[dict], meta: dict, impl_order: list[str]) -> None:
     print()
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} "
           f"H{meta['heads']} D{meta['head_dim']} T{meta['tokens']} | copy {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print("packages: " + ", ".join(f"{name} {version}" for name, version in meta["packages"].items()))
-    for name, reason in meta["unavailable"].items():
-        print(f"unavailable: {name}: {reason}")
+    print_peers(meta)
     grid("step us per step (back-to-back, launch included) and x ours_graph, *_graph16 x ours_graph16 "
          "(>1: slower)", latency)
     grid("kernel us per step (cold L2 before each call), GB/s, % of copy", throughput)
@@ -493,18 +456,9 @@ def parse_args(argv=None):
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--heads", type=int, default=None, help="default 16 (2 with --smoke)")
     parser.add_argument("--head-dim", type=int, default=None, help="Dk = Dv; default 128 (32 with --smoke)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="of q, k, v (the state is float32); default bf16 (fp32 with --smoke)")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny fp32 shapes on CPU with perf_counter timing: checks the runner works")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "out", "decode"), help="output folder")
-    parser.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up, default 25 (5 with --smoke)")
-    parser.add_argument("--rep-ms", type=float, default=None,
-                        help="time spent measuring each of step and kernel, default 100 (20 with --smoke)")
-    parser.add_argument("--copy-gib", type=float, default=None,
-                        help="copy-bandwidth buffer (default 2; 1/16 with --smoke)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, out=os.path.join("benchmarks", "out", "decode"),
+                         dtype_help="of q, k, v (the state is float32); default bf16 (fp32 with --smoke)",
+                         rep_help="time spent measuring each of step and kernel, default 100 (20 with --smoke)")
     args = parser.parse_args(argv)
     try:
         args.batch_list = [int(b) for b in (args.batches or ("1,2" if args.smoke else "1,2,4,8,16,32,64,128,256"))
@@ -513,10 +467,7 @@ def parse_args(argv=None):
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not args.batch_list or min(args.batch_list) < 1:
         parser.error("--batches needs at least one B >= 1")
-    args.impl_names = [i.strip() for i in args.impls.split(",") if i.strip()]
-    for name in args.impl_names:
-        if name not in IMPLS:
-            parser.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+    args.impl_names = impl_names(parser, args.impls, IMPLS)
     args.heads = args.heads or (2 if args.smoke else 16)
     args.head_dim = args.head_dim or (32 if args.smoke else 128)
     apply_common_defaults(args)
@@ -525,22 +476,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = pick_device(args)
-    if device is None:
+    run = start_run(args)
+    if run is None:
         return 2
-    dtype = DTYPES[args.dtype]
+    device, dtype, timer = run
 
     impls, unavailable, versions = load_impls(args.impl_names, device)
-    for name, reason in unavailable.items():
-        print(f"unavailable: {name}: {reason}", flush=True)
+    print_unavailable(unavailable)
     names = [n for n in args.impl_names if n not in unavailable]
-    timer = Timer(device, args.warmup_ms, args.rep_ms)
-    copy_bytes = int(args.copy_gib * GIB)
-    copy_bytes_per_s = copy_bandwidth(timer, device, copy_bytes)
-    _free(device)
-    print(f"copy bandwidth ({copy_bytes / GIB:g} GiB, read + write): {copy_bytes_per_s / 1e12:.3f} TB/s; "
-          f"{len(args.batch_list)} batch sizes x {len(names)} implementations; kernel timing: {timer.method}",
-          flush=True)
+    copy_bytes, copy_bytes_per_s = measure_copy(
+        timer, device, args.copy_gib,
+        f"{len(args.batch_list)} batch sizes x {len(names)} implementations; kernel timing: {timer.method}")
 
     progress = Progress(len(args.batch_list) * len(names))
     rows = []
@@ -549,8 +495,8 @@ def main(argv=None) -> int:
             try:
                 rows += run_batch(batch, names, impls, args, timer, device, dtype, copy_bytes_per_s, progress)
             except Exception as exc:  # the inputs or the reference step themselves failed
-                print(f"  B={batch}: {_one_line(exc)}", flush=True)
-                _free(device)
+                print(f"  B={batch}: {one_line(exc)}", flush=True)
+                free(device)
 
     meta = metadata(args, device, dtype, timer, copy_bytes_per_s, copy_bytes, unavailable, versions)
     paths = write_results(rows, meta, args.out)

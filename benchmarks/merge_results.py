@@ -14,7 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import IMPLS, write_plots, write_results  # noqa: E402
+from bench import IMPLS, write_plots  # noqa: E402
+from common import write_results  # noqa: E402
 
 
 def _numbers(row: dict) -> dict:
