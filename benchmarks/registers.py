@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from lightning_op.kernels import _dot_types_of  # noqa: E402
+from lightning_op.kernels.launch import _dot_types_of  # noqa: E402
 from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
 from lightning_op.kernels.chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_state_kernel  # noqa: E402
 

@@ -20,8 +20,9 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import backends, reference
 from ._gates import HAS_TRITON, cpu_backend
+from ._layout import empty_bhnd, in_layout, stored_bnhd
 from .support import DTYPES, unsupported
 
 __all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step", "prepare_decay",
@@ -175,30 +176,14 @@ def _has_values(x: Tensor) -> bool:
     return x.device.type != "meta" and not is_fake(x)
 
 
-def _use_triton(x: Tensor) -> bool:
+def _backend(x: Tensor) -> backends.Backend:
+    """The Triton kernels for CUDA tensors (and for CPU tensors under ``LIGHTNING_OP_BACKEND=triton``),
+    else the chunked PyTorch form."""
     if x.is_cuda:
         if not HAS_TRITON:
             raise RuntimeError("lightning attn: CUDA tensors need triton installed")
-        return True
-    return cpu_backend() == "triton"
-
-
-def _in_layout(x: Tensor, bnhd: bool) -> Tensor:
-    """``x`` stored as ``reference.empty_bhnd`` would store it (a copy only where it is not; the check
-    allocates nothing, so the backward's peak memory holds no spare gradient-sized buffer)."""
-    b, h, n, d = x.shape
-    wanted = (n * h * d, d, h * d, 1) if bnhd else (h * n * d, n * d, d, 1)
-    if all(size == 1 or stride == want for size, stride, want in zip(x.shape, x.stride(), wanted)):
-        return x
-    return reference.empty_bhnd(x.shape, x.dtype, x.device, bnhd).copy_(x)
-
-
-def _stored_bnhd(x: Tensor) -> bool:
-    """Whether a [B, H, N, D] tensor keeps its heads inside its sequence positions ([B, N, H, D]
-    storage). Decided without guards on symbolic sizes: unknown counts as no."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(x.stride(1) < x.stride(2))
+        return backends.triton()
+    return backends.triton() if cpu_backend() == "triton" else backends.chunked()
 
 
 def as_float32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -256,12 +241,7 @@ def _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=None):
     passes ``keep_start_states``: see ``kernels.linear_attention``)."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
     decay, initial_state = prepare_decay(decay), as_float32(initial_state)
-    if _use_triton(q):
-        from .kernels import linear_attention
-
-        return linear_attention(q, k, v, decay, out_scale=scale, initial_state=initial_state,
-                                keep_start_states=keep_start_states)
-    out, final = reference.attention_forward_chunked(q, k, v, decay, scale, initial_state)
+    out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states)
     return out, final.to(torch.float32)
 
 
@@ -324,19 +304,15 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
 
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, forward_states=None):
     """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
-    segment states: ``reference.attention_backward_chunked``)."""
+    segment states: ``backends.backward``)."""
     decay, initial_state, grad_final_state = prepare_decay(decay), as_float32(initial_state), as_float32(grad_final_state)
-    kernels = {}
-    if _use_triton(q):
-        from .kernels import key_value_gradients, linear_attention
-
-        kernels = dict(linear_attention=linear_attention, key_value_gradients=key_value_gradients)
-    dq, dk, dv, d_init = reference.attention_backward_chunked(
-        grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
-        forward_states=forward_states if kernels else None, **kernels
+    backend = _backend(q)
+    dq, dk, dv, d_init = backends.backward(
+        backend, grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
+        forward_states=forward_states,
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else as_float32(d_init)
-    return _in_layout(dq, bnhd_grads), _in_layout(dk, bnhd_grads), _in_layout(dv, bnhd_grads), d_init
+    return in_layout(dq, bnhd_grads), in_layout(dk, bnhd_grads), in_layout(dv, bnhd_grads), d_init
 
 
 @attn_bwd.register_fake
@@ -345,7 +321,7 @@ def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, i
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
-    return tuple(reference.empty_bhnd(x.shape, x.dtype, x.device, bnhd_grads) for x in (q, k, v)) + (d_init,)
+    return tuple(empty_bhnd(x.shape, x.dtype, x.device, bnhd_grads) for x in (q, k, v)) + (d_init,)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -369,7 +345,7 @@ def _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=None):
         grad_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     dq, dk, dv, d_init = (attn_bwd_fn or torch.ops.lightning.attn_bwd)(
         grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
-        q, k, v, decay, ctx.scale, initial_state, bnhd_grads=_stored_bnhd(q),
+        q, k, v, decay, ctx.scale, initial_state, bnhd_grads=stored_bnhd(q),
     )
     if ctx.has_initial_state:
         d_init = d_init.to(initial_state.dtype)
@@ -668,11 +644,7 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
             _validated_steps.clear()
         _validated_steps.add(signature)
     decay = prepare_decay(decay)
-    if _use_triton(q):
-        from .kernels import decode_step
-
-        return decode_step(q, k, v, state, decay, scale)
-    return reference.attention_step(q, k, v, state, decay, scale)
+    return _backend(q).step(q, k, v, state, decay, scale)
 
 
 _lib.impl("attn_step", _attn_step_impl, "CPU")

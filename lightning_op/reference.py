@@ -20,7 +20,6 @@ running forward or backward in time (see :func:`attention_backward_chunked`).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -33,22 +32,10 @@ __all__ = [
     "linear_attention_chunked",
     "attention_forward_chunked",
     "attention_forward_scan",
-    "attention_backward_chunked",
-    "key_value_gradients_chunked",
     "attention_step",
     "decay_mask",
-    "empty_bhnd",
     "slopes",
 ]
-
-
-def empty_bhnd(shape, dtype: torch.dtype, device, bnhd: bool = False) -> Tensor:
-    """An uninitialised [B, H, N, D] tensor of ``shape``, stored as [B, N, H, D] when ``bnhd`` (the
-    layout the kernels write gradients in for inputs kept that way)."""
-    b, h, n, d = shape
-    if bnhd:
-        return torch.empty(b, n, h, d, dtype=dtype, device=device).transpose(1, 2)
-    return torch.empty(b, h, n, d, dtype=dtype, device=device)
 
 
 def slopes(num_heads: int, layer_idx: Optional[int] = None, num_layers: Optional[int] = None) -> Tensor:
@@ -87,7 +74,7 @@ def slopes(num_heads: int, layer_idx: Optional[int] = None, num_layers: Optional
     return result
 
 
-def _decay_powers(decay: Optional[Tensor], exponent: Tensor, like: Tensor) -> Tensor:
+def decay_powers(decay: Optional[Tensor], exponent: Tensor, like: Tensor) -> Tensor:
     """``lam_h ** exponent`` per head, shape ``[H, *exponent.shape]``; exponents must be >= 0.
 
     ``lam^0 = 1`` also for an infinite decay (lam = 0), where ``-decay * 0`` is NaN."""
@@ -103,7 +90,7 @@ def decay_mask(decay: Optional[Tensor], n: int, *, dtype=torch.float64, device=N
     idx = torch.arange(n, device=device)
     diff = idx[:, None] - idx[None, :]
     like = torch.empty(0, dtype=dtype, device=device)
-    return _decay_powers(decay, diff.clamp(min=0), like) * (diff >= 0)
+    return decay_powers(decay, diff.clamp(min=0), like) * (diff >= 0)
 
 
 def _chunk_product(scores: Tensor, values: Tensor) -> Tensor:
@@ -128,12 +115,12 @@ def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None):
     out = scale * (((q @ k.transpose(-1, -2)) * mask) @ v)
     positions = torch.arange(n, device=q.device)
     # weight of token s in the final state: lam^(N-1-s)
-    key_weight = _decay_powers(decay, (n - 1 - positions), q)[..., None]
+    key_weight = decay_powers(decay, (n - 1 - positions), q)[..., None]
     final = (k * key_weight).transpose(-1, -2) @ v
     if initial_state is not None:
         state = initial_state.to(q.dtype)
-        out = out + scale * (q * _decay_powers(decay, positions + 1, q)[..., None]) @ state
-        final = final + _decay_powers(decay, torch.tensor([n], device=q.device), q)[..., None] * state
+        out = out + scale * (q * decay_powers(decay, positions + 1, q)[..., None]) @ state
+        final = final + decay_powers(decay, torch.tensor([n], device=q.device), q)[..., None] * state
     return out, final
 
 
@@ -167,7 +154,6 @@ def linear_attention_chunked(
     init_shift: int = 1,
     store_final: bool = True,
     chunk_size: int = 64,
-    out_bnhd: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention that both the op and its gradients are instances of.
 
@@ -185,8 +171,8 @@ def linear_attention_chunked(
     ``lam^e`` with ``e >= 0``, so strong decays underflow to zero instead of overflowing.
     Computes in float32 (float64 for float64 inputs); returns ``(out, final_state)`` with out in
     query's dtype and the final state in the compute dtype (None unless ``store_final``; the
-    argument mirrors the Triton launcher's, which can then skip the write). ``out_bnhd`` is the
-    launcher's layout request for ``out`` (see ``kernels.linear_attention``) and is ignored here.
+    kernels can then skip the write). The op's gradients are instances of it too
+    (``backends.backward``).
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     b, h, n, dk = query.shape
@@ -206,9 +192,9 @@ def linear_attention_chunked(
             idx = torch.arange(length, device=query.device)
             factors[length, shift] = (
                 decay_mask(decay, length, dtype=compute, device=query.device),  # M[i, s] = lam^(i-s)
-                _decay_powers(decay, idx + shift, zero)[..., None],  # query weight lam^(i+shift)
-                _decay_powers(decay, length - 1 - idx, zero)[..., None],  # key weight lam^(length-1-s)
-                _decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None],
+                decay_powers(decay, idx + shift, zero)[..., None],  # query weight lam^(i+shift)
+                decay_powers(decay, length - 1 - idx, zero)[..., None],  # key weight lam^(length-1-s)
+                decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None],
             )
         return factors[length, shift]
 
@@ -267,7 +253,7 @@ def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, c
         return x.reshape(b, h, num_chunks, chunk_size, x.shape[-1])
 
     def powers(exponent):  # lam^exponent as [H (or 1), *exponent.shape]
-        return _decay_powers(decay, exponent, zero).expand(-1, *exponent.shape)
+        return decay_powers(decay, exponent, zero).expand(-1, *exponent.shape)
 
     q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
     idx = torch.arange(chunk_size, device=device)
@@ -303,76 +289,6 @@ def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, c
         out = out + (q.to(compute) * powers(positions + 1)[..., None]) @ state
         final = final + powers(torch.full((1,), n, device=device))[..., None] * state
     return (scale * out).to(q.dtype), final
-
-
-def key_value_gradients_chunked(
-    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, *, store_final=False, linear_attention=None,
-    chunk_size=64, out_bnhd=False,
-):
-    """``(dk, dv, dS_0 or None)``: the two gradients that run backward in time, both driven by
-    ``dS_t = lam dS_{t+1} + scale q_t^T do_t`` (``dS_{N-1}`` also receiving ``grad_final_state``)::
-
-        dk_t = dS_t^T v_t   -> query v, key do, value scale*q, state dS^T
-        dv_t = k_t dS_t     -> query k, key q, value scale*do, state dS
-
-    Here as two linear attentions; the Triton backward computes both in one pass
-    (``kernels.key_value_gradients``) and falls back to this composition where it cannot.
-    ``dS_0`` (the gradient reaching the first token's state) is returned when ``store_final``.
-    """
-    if linear_attention is None:
-        linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
-    gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
-    dk, _ = linear_attention(
-        v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0,
-        store_final=False, out_bnhd=out_bnhd,
-    )
-    dv, ds0 = linear_attention(
-        k, q, grad_out, decay, value_scale=scale, initial_state=grad_final_state, reverse=True, init_shift=0,
-        store_final=store_final, out_bnhd=out_bnhd,
-    )
-    return dk, dv, ds0
-
-
-def attention_backward_chunked(
-    grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64,
-    linear_attention=None, key_value_gradients=None, out_bnhd=False, forward_states=None,
-):
-    """Gradients ``(dq, dk, dv, d_initial_state)`` of the op, each a linear attention itself.
-
-    With ``dS_t`` the gradient reaching state ``S_t`` (see :func:`key_value_gradients_chunked`)::
-
-        dq_t = scale * do_t S_t^T      -> forward in time: query do, key v, value k, state S_{-1}^T
-        dk_t, dv_t                     -> backward in time (key_value_gradients_chunked)
-        d S_{-1} = lam * dS_0
-
-    ``linear_attention`` computes each linear attention (default: :func:`linear_attention_chunked`;
-    the op passes the Triton launcher, which takes the same arguments); ``key_value_gradients``
-    computes dk and dv (default: :func:`key_value_gradients_chunked` over ``linear_attention``).
-    ``d_initial_state`` is None when ``initial_state`` is None. ``out_bnhd`` asks the kernels for
-    gradients stored as [B, N, H, D] (see ``kernels.linear_attention``); the chunked form ignores it.
-    ``forward_states``: the forward's ``kernels.SegmentStates`` (kernels only): dq's state is the
-    transpose of the forward's, so its pass may start its segments from them.
-    """
-    if linear_attention is None:
-        linear_attention = functools.partial(linear_attention_chunked, chunk_size=chunk_size)
-    if key_value_gradients is None:
-        key_value_gradients = functools.partial(key_value_gradients_chunked, linear_attention=linear_attention)
-    init_t = None if initial_state is None else initial_state.transpose(-1, -2)
-    reuse = {} if forward_states is None else dict(start_states=forward_states.t())
-    dq, _ = linear_attention(
-        grad_out, v, k, decay, out_scale=scale, initial_state=init_t, store_final=False, out_bnhd=out_bnhd, **reuse
-    )
-    dk, dv, ds0 = key_value_gradients(
-        grad_out, grad_final_state, q, k, v, decay, scale, store_final=initial_state is not None, out_bnhd=out_bnhd
-    )
-    d_init = None
-    if initial_state is not None:
-        if q.shape[2] == 0:
-            d_init = ds0  # no tokens: the final state is the initial state itself
-        else:
-            lam = _decay_powers(decay, torch.tensor([1], device=q.device), ds0)[..., None]
-            d_init = lam * ds0
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_init
 
 
 def attention_step(q, k, v, state, decay=None, scale=1.0):

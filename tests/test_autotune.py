@@ -75,10 +75,10 @@ class Spy:
 
 
 def _spy(monkeypatch, name="_chunk_output_kernel", fail=None):
-    from lightning_op import kernels
+    from lightning_op.kernels import launch
 
-    spy = Spy(getattr(kernels, name), fail)
-    monkeypatch.setattr(kernels, name, spy)
+    spy = Spy(getattr(launch, name), fail)
+    monkeypatch.setattr(launch, name, spy)
     return spy
 
 

@@ -4,6 +4,7 @@ These exercise the launch paths the op rarely takes on a CPU: several segments (
 segments), reversed time, the gradients' init convention, strided and transposed states.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -182,24 +183,22 @@ def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, d
                                                 monkeypatch):
     """The fused dk/dv pass (heads up to 128 wide) and its two-pass fallback (wider heads) both
     equal the float64 composition, with several segments, odd lengths and dS_0 returned."""
-    from lightning_op import kernels
+    from lightning_op import backends
     from lightning_op.kernels import config_override
 
-    composed = []
-    real = reference.key_value_gradients_chunked
-    monkeypatch.setattr(reference, "key_value_gradients_chunked", lambda *a, **kw: composed.append(1) or real(*a, **kw))
+    backend, fused_calls = _counting_fused(backends.triton())
     q, k, v = make_inputs(2, 3, n, dk, dv, dtype, DEVICE, layout="bnhd", seed=5)
     grad_out = torch.randn(2, 3, n, dv, device=DEVICE).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     decay = torch.tensor([0.005, 0.4, 4.0], device=DEVICE) if with_decay else None
     grad_final = torch.randn(2, 3, dv, dk, device=DEVICE).transpose(-1, -2) if with_grad_final else None
     with config_override(**({} if segment_len is None else {"segment_len": segment_len})):
-        got = kernels.key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
+        got = backends.key_value_gradients(backend, grad_out, grad_final, q, k, v, decay, 0.8, store_final=True)
     # float32 tiles fit the fused pass only up to 64 columns
     widest = max(1 << (dk - 1).bit_length(), 1 << (dv - 1).bit_length())
-    assert bool(composed) != (fused and (dtype != torch.float32 or widest <= 64))
-    want = real(
-        grad_out.double(), None if grad_final is None else grad_final.double(), q.double(), k.double(), v.double(),
-        decay, 0.8, store_final=True,
+    assert bool(fused_calls) == (fused and (dtype != torch.float32 or widest <= 64))
+    want = backends.key_value_gradients(
+        backends.chunked(), grad_out.double(), None if grad_final is None else grad_final.double(), q.double(),
+        k.double(), v.double(), decay, 0.8, store_final=True,
     )
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
     for a, b in zip(got, want):
@@ -249,17 +248,28 @@ def test_config_override_of_the_fused_backward_wins_there_only():
     assert (fused.chunk, fused.num_warps, fused.num_stages, fused.segment_len, fused.block_v) == (16, 2, 1, 112, 128)
 
 
-def test_kv_fused_0_takes_the_composed_backward(monkeypatch):
-    from lightning_op import kernels
+def _counting_fused(backend):
+    """``backend`` with its fused dk / dv pass counted: ``(counting backend, calls)``."""
+    calls = []
+
+    def fused(*args, **kwargs):
+        calls.append(1)
+        return backend.fused_key_value_gradients(*args, **kwargs)
+
+    return dataclasses.replace(backend, fused_key_value_gradients=fused), calls
+
+
+def test_kv_fused_0_takes_the_composed_backward():
+    from lightning_op import backends
     from lightning_op.kernels import config_override
 
-    composed = []
-    real = reference.key_value_gradients_chunked
-    monkeypatch.setattr(reference, "key_value_gradients_chunked", lambda *a, **kw: composed.append(1) or real(*a, **kw))
+    backend, fused_calls = _counting_fused(backends.triton())
     q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE)
+    backends.key_value_gradients(backend, v, None, q, k, v, None, 1.0)
+    assert fused_calls == [1]
     with config_override(kv_fused=0):
-        kernels.key_value_gradients(v, None, q, k, v, None, 1.0)
-    assert composed == [1]
+        backends.key_value_gradients(backend, v, None, q, k, v, None, 1.0)
+    assert fused_calls == [1]
 
 
 def test_choose_config_is_remembered_per_argument_set(monkeypatch):
@@ -268,14 +278,14 @@ def test_choose_config_is_remembered_per_argument_set(monkeypatch):
     from lightning_op import kernels
 
     gpu = torch.device("cuda", 0)
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(kernels.config, "multiprocessors", lambda index: 132)
     first = kernels.choose_config(16, 65536, 128, 128, gpu)
     assert kernels.choose_config(16, 65536, 128, 128, gpu) is first
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 16)  # a smaller GPU: fewer segments
+    monkeypatch.setattr(kernels.config, "multiprocessors", lambda index: 16)  # a smaller GPU: fewer segments
     assert kernels.choose_config(16, 65536, 128, 128, gpu).segment_len > first.segment_len
     with kernels.config_override(segment_len=1024):
         assert kernels.choose_config(16, 65536, 128, 128, gpu).segment_len == 1024
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(kernels.config, "multiprocessors", lambda index: 132)
     assert kernels.choose_config(16, 65536, 128, 128, gpu) == first
     with pytest.raises(ValueError, match="segment_len"):
         kernels.choose_config(1, 100, 16, 16, torch.device("cpu"), 100)
@@ -285,7 +295,7 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     """The defaults the H200 sweeps chose (benchmarks/RESULTS.md), on a 132-multiprocessor GPU."""
     from lightning_op import kernels
 
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(kernels.config, "multiprocessors", lambda index: 132)
     gpu = torch.device("cuda", 0)
     main = kernels.choose_config(128, 8192, 128, 128, gpu)
     # whole value width, eight warps, and 128 programs occupy the GPU: one segment
@@ -390,13 +400,13 @@ def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, 
 
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
     passes = []
-    real = kernels._segment_start_states
+    real = kernels.launch._segment_start_states
 
     def counted(key, value, *args, **kwargs):
         passes.append((tuple(key.shape), tuple(value.shape), kwargs["reverse"]))
         return real(key, value, *args, **kwargs)
 
-    monkeypatch.setattr(kernels, "_segment_start_states", counted)
+    monkeypatch.setattr(kernels.launch, "_segment_start_states", counted)
     q, k, v = make_inputs(2, 2, 300, dk, dv, torch.float32, DEVICE, seed=11)
     decay = torch.tensor([0.01, 0.3], device=DEVICE)
     init = torch.randn(2, 2, dk, dv, device=DEVICE) if with_init else None

@@ -194,17 +194,17 @@ def test_the_table_starts_over_when_full(fake, monkeypatch):
 
 
 def test_host_integer_helpers_match_triton_and_take_symbolic_sizes():
-    """``kernels._cdiv`` / ``_next_power_of_2`` stand in for triton's (slow) ones on the host; under
+    """``kernels.config.cdiv`` / ``next_power_of_2`` stand in for triton's (slow) ones on the host; under
     torch.export N is a SymInt, which must pass through (it is unhashable: no caching wrapper)."""
     import triton
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from lightning_op import kernels
+    from lightning_op.kernels import config
 
     for n in range(0, 600):
-        assert kernels._next_power_of_2(n) == triton.next_power_of_2(n)
+        assert config.next_power_of_2(n) == triton.next_power_of_2(n)
         for b in (1, 16, 64, 100):
-            assert kernels._cdiv(n, b) == triton.cdiv(n, b)
+            assert config.cdiv(n, b) == triton.cdiv(n, b)
     n = ShapeEnv().create_unbacked_symint()
-    assert str(kernels._cdiv(torch.sym_max(n, 1), 64)) == "((Max(1, u0) + 63)//64)"
-    assert hasattr(kernels._multiprocessors, "cache_info")  # a device query per launch is host time
+    assert str(config.cdiv(torch.sym_max(n, 1), 64)) == "((Max(1, u0) + 63)//64)"
+    assert hasattr(config.multiprocessors, "cache_info")  # a device query per launch is host time

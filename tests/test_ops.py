@@ -95,11 +95,11 @@ def test_gradients_come_back_in_the_inputs_layout(cpu_backend):
 
 
 def test_gradient_layout_check_allocates_nothing_when_the_layout_is_right():
-    """attn_bwd's final layout check must not allocate a gradient-sized buffer (it once did: +0.25
-    GiB of peak memory at the main benchmark shape); it copies only a tensor in the wrong layout."""
+    """attn_bwd's final layout check must not allocate a gradient-sized buffer (that would add
+    0.25 GiB of peak memory at the main benchmark shape); it copies only a tensor in the wrong layout."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lightning_op import ops
+    from lightning_op._layout import in_layout
 
     class Allocations(TorchDispatchMode):
         def __init__(self):
@@ -115,10 +115,10 @@ def test_gradient_layout_check_allocates_nothing_when_the_layout_is_right():
     bnhd = torch.randn(2, 5, 3, 4).transpose(1, 2)
     for x, flag in ((bhnd, False), (bnhd, True)):
         with Allocations() as mode:
-            assert ops._in_layout(x, flag) is x
+            assert in_layout(x, flag) is x
         assert mode.count == 0
     with Allocations() as mode:
-        moved = ops._in_layout(bhnd, True)
+        moved = in_layout(bhnd, True)
     assert mode.count == 1 and moved.stride() == bnhd.stride() and torch.equal(moved, bhnd)
 
 

@@ -1,4 +1,4 @@
-"""The three forms of the semantics agree with each other, and the chunked backward with autograd."""
+"""The three forms of the semantics agree with each other."""
 
 import math
 
@@ -33,29 +33,6 @@ def test_forms_agree(n, decay, with_init):
     ):
         torch.testing.assert_close(actual[0], expected[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(actual[1], expected[1], rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("n", [0, 1, 17, 50])
-@pytest.mark.parametrize("decay", DECAYS, ids=["no-decay", "decay"])
-@pytest.mark.parametrize("with_init", [False, True])
-@pytest.mark.parametrize("with_grad_final", [False, True])
-def test_chunked_backward_matches_autograd(n, decay, with_init, with_grad_final):
-    q, k, v, init = _inputs(2, 3, n, 8, 12, seed=1)
-    init = init if with_init else None
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([init.clone().requires_grad_()] if with_init else [])
-    out, final = reference.attention_quadratic(*leaves[:3], decay, 0.7, leaves[3] if with_init else None)
-    grad_out = torch.randn_like(out)
-    grad_final = torch.randn_like(final) if with_grad_final else None
-    loss = (out * grad_out).sum() + ((final * grad_final).sum() if with_grad_final else 0)
-    expected = torch.autograd.grad(loss, leaves, allow_unused=True)
-    actual = reference.attention_backward_chunked(grad_out, grad_final, q, k, v, decay, 0.7, init, chunk_size=16)
-    for a, e in zip(actual, expected):
-        if e is None:  # n == 0 and no path from the input to the loss
-            assert a is None or a.abs().sum() == 0
-        else:
-            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
-    if not with_init:
-        assert actual[3] is None
 
 
 def test_two_pieces_equal_one_pass():

@@ -40,7 +40,8 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import _TUNABLE, _TUNABLE_KV, LaunchConfig, _check_overrides, _next_power_of_2, _overrides
+from .config import FAMILIES, FORWARD, LaunchConfig, any_forced, check_changes, forcing, from_flat, \
+    next_power_of_2, to_flat
 
 __all__ = ["enable", "disable", "enabled", "cache_path", "select", "KERNEL_VERSION"]
 
@@ -48,11 +49,7 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 6  # 2: the segment-state pass accumulating, split to 90% of the GPU; 3: update_accumulate
-#: at D = 128 (forward and fused backward) and the outputs combined by one fused multiply-add; 4: the
-#: fused backward's late dk scores by default up to D = 128, and the transposed output kernel among the
-#: candidates; 5: the transposed output kernel by default for 16-bit keys of 65-128 and bfloat16's wider ones;
-#: 6: the segment scan pipelined in narrow column blocks (segmented calls cost less, which moves the cut's balance)
+KERNEL_VERSION = 6
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
@@ -61,8 +58,6 @@ MIN_RUNS, MAX_RUNS = 3, 50
 #: once one tuning has taken this long (mostly compiling variants), its remaining candidates are skipped
 TUNING_BUDGET_S = 20.0
 
-#: the override names a cached choice of each kind may hold
-_KIND_PARAMETERS = {"forward": frozenset(_TUNABLE), "key_value": frozenset(_TUNABLE_KV) | {"accumulate"}}
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -172,12 +167,12 @@ def select(
     explicit segment lengths. The caller still launches the returned configuration itself.
     """
     state = _state
-    if not state.enabled or _overrides:
+    if not state.enabled or any_forced():
         return choose()
     if not (isinstance(n, int) and isinstance(batch_heads, int) and isinstance(dk, int) and isinstance(dv, int)):
         return choose()  # symbolic sizes (a traced launch): no class to look up
-    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, _next_power_of_2(batch_heads),
-           _next_power_of_2(n), has_decay, reverse)
+    key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, next_power_of_2(batch_heads),
+           next_power_of_2(n), has_decay, reverse)
     changes = state.choices.get(key)
     if changes is None:
         changes = _from_file(state, key, kind)
@@ -191,7 +186,7 @@ def select(
     if not changes:
         return choose()
     try:
-        return _derived(choose, changes)
+        return _derived(kind, choose, changes)
     except ValueError:  # a cached chunk that the caller's explicit segment length is no multiple of
         return choose()
 
@@ -201,7 +196,7 @@ def _launchable(changes: dict, choose, launch, key: tuple) -> dict:
     launches again, so its outputs are this launch's); ``{}`` (the heuristic) for a choice that
     does not compile or launch here, which would otherwise fail every call of its class."""
     try:
-        launch(_derived(choose, changes))
+        launch(_derived(key[2], choose, changes))
     except Exception as error:
         warnings.warn(
             f"lightning_op autotune: the cached choice {changes} for {_key_string(key)} failed "
@@ -211,14 +206,11 @@ def _launchable(changes: dict, choose, launch, key: tuple) -> dict:
     return changes
 
 
-def _derived(choose: Callable[[], LaunchConfig], changes: dict) -> LaunchConfig:
-    """``choose()`` under ``changes`` (the override table is empty here: a user's overrides skip
-    autotuning)."""
-    _overrides.update(changes)
-    try:
+def _derived(kind: str, choose: Callable[[], LaunchConfig], changes: dict) -> LaunchConfig:
+    """``choose()`` with ``changes`` (a cached choice, spelled flat) forced on ``kind``'s family
+    (the override table is empty here: a user's overrides skip autotuning)."""
+    with forcing(FAMILIES[kind], from_flat(FAMILIES[kind], changes)):
         return choose()
-    finally:
-        _overrides.clear()
 
 
 def _may_time(device: torch.device) -> bool:
@@ -236,45 +228,45 @@ def _may_time(device: torch.device) -> bool:
 
 
 def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict]:
-    """Override dicts, each one step away from ``cfg`` (the heuristic's choice for a call of length
-    ``n`` in the class of lengths up to ``n_class``). Values are absolute, so a choice made at one N
-    serves the whole class."""
-    prefix = "kv_" if kind == "key_value" else ""
+    """Override dicts (spelled flat, as the cache file keeps them), each one step away from ``cfg``
+    (the heuristic's choice for a call of length ``n`` in the class of lengths up to ``n_class``).
+    Values are absolute, so a choice made at one N serves the whole class."""
+    family = FAMILIES[kind]
+    forward = family is FORWARD
     changes = [{"accumulate": int(not cfg.accumulate)}]
     if not cfg.accumulate:  # the other form with its state update accumulating, or not
-        changes.append({prefix + "update_accumulate": int(not cfg.update_accumulate)})
-        if kind == "key_value":  # and the fused backward's order of its two score tiles
-            changes.append({"kv_late_dk_scores": int(not cfg.late_dk_scores)})
-    if kind == "forward" and cfg.block_v >= 32:  # fewer registers per program, more programs
+        changes.append({"update_accumulate": int(not cfg.update_accumulate)})
+        if "late_dk_scores" in family:  # and the fused backward's order of its two score tiles
+            changes.append({"late_dk_scores": int(not cfg.late_dk_scores)})
+    if forward and cfg.block_v >= 32:  # fewer registers per program, more programs
         changes.append({"block_v": cfg.block_v // 2})
-    if kind == "forward" and cfg.block_k > cfg.block_v and not cfg.weight_values:
+    if forward and cfg.block_k > cfg.block_v and not cfg.weight_values:
         # wide keys: the state update's row weights on the narrower value tile (more shared
         # memory, hence one stage fewer)
         changes.append({"weight_values": 1, "num_stages": max(1, cfg.num_stages - 1)})
-    if kind == "forward" and cfg.transposed and cfg.block_k > 128:
-        # wide keys: the other output kernel in its own tiles (value blocks of 64, three stages;
-        # on the H200 at D = 256 1.80 ms forward against the transposed kernel's 1.36)
+    if forward and cfg.transposed and cfg.block_k > 128:
+        # wide keys: the other output kernel in its own tiles (value blocks of 64, three stages)
         changes.append({"transposed": 0, "block_v": 64, "num_stages": 3})
-    elif kind == "forward" and cfg.block_k == 128 and cfg.chunk >= 64:
+    elif forward and cfg.block_k == 128 and cfg.chunk >= 64:
         # the other output kernel (keys wider than 128 that are not transposed by default have a
         # float32 state operand, whose transposed tiles overflow shared memory: not a candidate)
         changes.append({"transposed": int(not cfg.transposed)})
-    if kind == "key_value" and cfg.chunk >= 32:  # its block_v is the whole value width: smaller chunks instead
-        changes.append({"kv_chunk": cfg.chunk // 2})
-    changes.append({prefix + "num_warps": 8 if cfg.num_warps == 4 else 4})
+    if not forward and cfg.chunk >= 32:  # its block_v is the whole value width: smaller chunks instead
+        changes.append({"chunk": cfg.chunk // 2})
+    changes.append({"num_warps": 8 if cfg.num_warps == 4 else 4})
     for stages in (cfg.num_stages - 1, cfg.num_stages + 1):
         if 1 <= stages <= 3:
-            changes.append({prefix + "num_stages": stages})
+            changes.append({"num_stages": stages})
     if n > cfg.segment_len:  # several segments: their length and the state pass's pieces
-        changes.append({prefix + "segment_len": 2 * cfg.segment_len})
+        changes.append({"segment_len": 2 * cfg.segment_len})
         if cfg.segment_len // 2 >= 4 * cfg.chunk:
-            changes.append({prefix + "segment_len": cfg.segment_len // 2})
-        changes.append({prefix + "segment_len": n_class})  # one segment for every length of the class
-        changes.append({prefix + "state_split": 2 * cfg.state_split})
+            changes.append({"segment_len": cfg.segment_len // 2})
+        changes.append({"segment_len": n_class})  # one segment for every length of the class
+        changes.append({"state_split": 2 * cfg.state_split})
         if cfg.state_split > 1:
-            changes.append({prefix + "state_split": cfg.state_split // 2})
-        changes.append({prefix + "state_accumulate": int(not cfg.state_accumulate)})  # the state pass's form
-    return changes
+            changes.append({"state_split": cfg.state_split // 2})
+        changes.append({"state_accumulate": int(not cfg.state_accumulate)})  # the state pass's form
+    return [to_flat(family, change) for change in changes]
 
 
 def _tune(state: _State, key: tuple, choose, launch, device: torch.device, n: int) -> dict:
@@ -286,7 +278,7 @@ def _tune(state: _State, key: tuple, choose, launch, device: torch.device, n: in
     listed = [({}, choose())]
     for changes in _candidates(kind, listed[0][1], n, key[7]):
         try:
-            cfg = _derived(choose, changes)
+            cfg = _derived(kind, choose, changes)
         except ValueError as error:
             logger.debug("%s: candidate %s is not a configuration: %s", kind, changes, error)
             continue
@@ -362,28 +354,17 @@ def _from_file(state: _State, key: tuple, kind: str) -> Optional[dict]:
 
 
 def _valid_choice(record, kind: str) -> Optional[dict]:
-    """The override dict of a cache record, or None unless it holds only parameters of ``kind``
-    with values ``config_override`` accepts (and warp counts that are powers of two up to 32)."""
+    """The override dict of a cache record, or None unless it holds only parameters of ``kind``'s
+    family with values ``config_override`` accepts, none past its declared cached maximum."""
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         return None
     changes = record["config"]
-    if not set(changes) <= _KIND_PARAMETERS[kind]:
-        return None
+    family = FAMILIES[kind]
     try:
-        _check_overrides(changes)
+        check_changes(family, from_flat(family, changes), cached=True)
     except (TypeError, ValueError):
         return None
-    for name in ("num_warps", "kv_num_warps"):
-        if name in changes and (changes[name] > 32 or changes[name] & (changes[name] - 1)):
-            return None
-    # no larger than any candidate the tuner makes (it halves the heuristic's choices)
-    for name, largest in _CACHED_MAXIMA.items():
-        if name in changes and changes[name] > largest:
-            return None
     return dict(changes)
-
-
-_CACHED_MAXIMA = {"chunk": 128, "kv_chunk": 128, "block_v": 256, "num_stages": 4, "kv_num_stages": 4}
 
 
 def _read(path: str, *, warn: bool) -> dict:

@@ -1,0 +1,358 @@
+"""How to launch: the host side of each kernel family (grids, strides, the segment-state passes,
+the constexpr switches of a :class:`~.config.LaunchConfig`).
+
+Inputs are trusted: ``ops.py`` validates. ``TRITON_INTERPRET=1`` must be set before this module
+is imported for the kernels to run on CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .._gates import TRITON_INTERPRETING
+from .._layout import empty_bhnd
+from . import autotune
+from ._launch import launcher as _launcher
+from .backward import _key_value_grad_kernel
+from .chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_scan_kernel, _segment_state_kernel
+from .config import LaunchConfig, cdiv, choose_config, choose_decode, next_power_of_2
+from .decode import _decode_step_kernel
+
+__all__ = ["linear_attention", "key_value_gradients", "decode_step", "SegmentStates", "state_itemsize_of"]
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentStates:
+    """The segment start states one :func:`linear_attention` call computed (float32
+    ``[B*H, slots, Dk, Dv]``, see :func:`_segment_start_states`) and the cut they belong to.
+
+    The gradient of the op's query is a linear attention whose state is the transpose of the
+    forward's (query do, key v, value k: ``sum lam^(t-s) v_s k_s^T``), so the backward can start
+    its segments from these instead of a second segment-state pass over k and v: ``t()``
+    describes them read that way. A call takes them only where its own configuration cuts the
+    sequence the same way (else it computes its own)."""
+
+    states: Tensor
+    segment_len: int
+    state_split: int
+    transposed: bool = False
+
+    def t(self) -> "SegmentStates":
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+    def strides(self) -> tuple[int, int]:
+        """(key, value) element strides of a slot, as the reading pass indexes it."""
+        inner = self.states.shape[-1]
+        return (1, inner) if self.transposed else (inner, 1)
+
+    def fits(self, cfg: "LaunchConfig", num_slots: int, dk: int, dv: int, device: torch.device) -> bool:
+        tile = (dv, dk) if self.transposed else (dk, dv)
+        return (self.segment_len == cfg.segment_len and self.state_split == cfg.state_split
+                and self.states.dtype == torch.float32 and self.states.device == device
+                and tuple(self.states.shape[1:]) == (num_slots, *tile) and self.states.is_contiguous())
+
+
+_placeholders: dict = {}
+
+
+def _placeholder(device: torch.device) -> Tensor:
+    """A float32 tensor of one element on ``device``, kept: the pointer argument of a kernel option
+    that is off (it fixes the argument's type and is never read or written). Eager calls only; a
+    traced call allocates its own (a kept tensor would enter the graph as a constant)."""
+    found = _placeholders.get(device)
+    if found is None:
+        found = _placeholders[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return found
+
+
+def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
+    return tuple(x.stride()) if x is not None else (0,) * ndim
+
+
+def _direct(kernel):
+    """Eager launches: the kernel's remembering launcher (``_launch``: Triton's per-call dispatch,
+    ≈ 130 us of host time per launch on the H200 machine, done once per launch key)."""
+    return _launcher(kernel)
+
+
+def linear_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    decay: Optional[Tensor] = None,
+    *,
+    out_scale: float = 1.0,
+    value_scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    reverse: bool = False,
+    init_shift: int = 1,
+    store_final: bool = True,
+    segment_len: Optional[int] = None,
+    traceable: bool = False,
+    out_bnhd: bool = False,
+    start_states: Optional[SegmentStates] = None,
+    keep_start_states: Optional[list] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
+
+    query, key: [B, H, N, Dk]; value: [B, H, N, Dv], any strides, one dtype among float16,
+    bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
+    [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
+    validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
+    :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
+    ``out_bnhd`` stores ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept
+    in that layout then need no copy.
+
+    ``keep_start_states``: a list to which the call appends the :class:`SegmentStates` it computed
+    (nothing when one segment covers N). ``start_states``: such states of an earlier call with the
+    same key, value (or, ``transposed``, the two swapped), decay and initial state (the same
+    ``value_scale`` and ``init_shift``), used instead of the segment-state pass where they fit
+    (:meth:`SegmentStates.fits`); the caller vouches for that sameness. Eager calls only.
+
+    ``traceable`` (for ``torch.library.triton_op`` bodies, where N may be symbolic under
+    torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
+    branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
+    one empty segment (the output kernel still writes the final state).
+    """
+    b, h, n, dk = query.shape
+    dv = value.shape[-1]
+    device = query.device
+    out = empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
+    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    if traceable:
+        if segment_len is None:
+            raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
+        launch = torch.library.wrap_triton
+        n_at_least_1 = torch.sym_max(n, 1)
+    else:
+        launch = _direct
+        if n == 0:
+            if final is not None:
+                final.copy_(initial_state) if initial_state is not None else final.zero_()
+            return out, final
+        n_at_least_1 = n
+
+    types = _dot_types(query.dtype)
+    has_decay = decay is not None
+    has_init = initial_state is not None
+    decay_arg = decay if has_decay else out
+    init_arg = initial_state if has_init else out
+
+    def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
+        num_segments = cdiv(n_at_least_1, cfg.segment_len)
+        if keep_start_states is not None:
+            keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
+        num_v_blocks = cdiv(dv, cfg.block_v)
+        # unused pointer arguments still fix the kernel's types: SEG_STATES must point to float32
+        if final is not None:
+            seg_states = final
+        else:
+            seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
+        num_slots, state_strides = 0, (dv, 1)
+        # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
+        if traceable or num_segments > 1:
+            num_slots = _num_slots(num_segments, cfg.state_split)
+            if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
+                seg_states, state_strides = start_states.states, start_states.strides()
+            else:
+                seg_states = _segment_start_states(
+                    key, value, decay, initial_state, cfg, num_segments,
+                    value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
+                )
+                if keep_start_states is not None:
+                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split))
+        args = (
+            query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            *_strides(initial_state), *_strides(final), *state_strides,
+            n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
+        )
+        flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,
+                     STORE_FINAL=store_final, CHUNK=cfg.chunk, BLOCK_V=cfg.block_v, **types,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (b * h * num_v_blocks, num_segments)
+        if cfg.transposed:
+            # key columns in parts of at most 64 (head dims up to 256: at most four parts)
+            part = min(cfg.block_k, 64)
+            launch(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+        else:
+            launch(_chunk_output_kernel)[grid](
+                *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
+                UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
+            )
+
+    itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
+    cfg = autotune.select(
+        "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize,
+                                         state_itemsize=state_itemsize), launch_with,
+        device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None,
+    )
+    launch_with(cfg)
+    return out, final
+
+
+def state_itemsize_of(dtype: torch.dtype) -> int:
+    """Bytes per element of the state's operand in the kernels' products with the state, on the
+    GPU (as :func:`_dot_types_of`): 2 for bfloat16, 4 for float32 and float16 (tf32: float16
+    cannot hold a long undecayed state)."""
+    return 2 if dtype == torch.bfloat16 else 4
+
+
+def _dot_types(dtype: torch.dtype) -> dict:
+    """The kernels' DOT_DTYPE / STATE_DOT_DTYPE / PRECISION / STATE_PRECISION for inputs of ``dtype``
+    (a fresh dict: callers may add to it)."""
+    return dict(_dot_types_of(dtype, torch.backends.cuda.matmul.allow_tf32))
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_types_of(dtype: torch.dtype, allow_tf32: bool) -> tuple:
+    tl_dtype = _TL_DTYPES[dtype]
+    # the interpreter's numpy has no bfloat16 matrix product
+    dot_dtype = tl.float32 if (TRITON_INTERPRETING and tl_dtype == tl.bfloat16) else tl_dtype
+    precision = "tf32" if allow_tf32 else "ieee"
+    return tuple(dict(
+        DOT_DTYPE=dot_dtype,
+        # float16 cannot hold a long undecayed state: its products with the state run in tf32
+        STATE_DOT_DTYPE=dot_dtype if tl_dtype == tl.bfloat16 else tl.float32,
+        PRECISION=precision,
+        STATE_PRECISION="tf32" if tl_dtype == tl.float16 else precision,
+    ).items())
+
+
+#: the segment scan's state columns per program and its pipelined loads (``_segment_scan_kernel``):
+#: a Dk x 32 float32 tile is 16 KiB at Dk = 128, four of them in flight
+SCAN_BLOCK_V, SCAN_STAGES = 32, 4
+
+
+def _num_slots(num_segments, state_split: int):
+    """Slots of the segment states: ``state_split`` pieces per segment before the last, plus one
+    (see :func:`_segment_start_states`)."""
+    return (num_segments - 1) * state_split + 1
+
+
+def _segment_start_states(
+    key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
+    num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
+) -> Tensor:
+    """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``), with ``cfg.state_split``
+    pieces per segment before the last, plus one: slot g holds the state at piece g+1's start, so
+    segment s starts from slot ``s * state_split - 1``; the last slot is unused. The state kernel's
+    grid covers every piece (the last one's programs return at once), so it is never empty, also
+    when N is symbolic (``state_split`` is then 1)."""
+    b, h, n, dk = key.shape
+    dv = value.shape[-1]
+    num_v_blocks = cdiv(dv, cfg.block_v)
+    piece_len = cfg.segment_len // cfg.state_split
+    num_pieces = _num_slots(num_segments, cfg.state_split)
+    seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
+    has_decay = decay is not None
+    decay_arg = decay if has_decay else seg_states
+    types = _dot_types(key.dtype)
+    launch(_segment_state_kernel)[(b * h * num_v_blocks, num_pieces)](
+        key, value, decay_arg, seg_states,
+        *key.stride(), *value.stride(),
+        n, h, dk, dv, piece_len, num_pieces, value_scale,
+        HAS_DECAY=has_decay, REVERSE=reverse,
+        CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
+        DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.state_accumulate,
+        WEIGHT_VALUES=cfg.weight_values,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
+    launch(_segment_scan_kernel)[(b * h * cdiv(dv, scan_block_v),)](
+        decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
+        *_strides(initial_state),
+        h, dk, dv, piece_len, num_pieces,
+        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
+        BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
+    )
+    return seg_states
+
+
+def key_value_gradients(
+    grad_out: Tensor,
+    grad_final_state: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Optional[Tensor] = None,
+    scale: float = 1.0,
+    *,
+    store_final: bool = False,
+    out_bnhd: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
+    ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
+    head dims :func:`~.config.fused_backward_fits` accepts: the backend chooses. Returns
+    ``(dk, dv, dS_0 float32 or None)``."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    device = q.device
+    grad_k = empty_bhnd(k.shape, k.dtype, device, out_bnhd)
+    grad_v = empty_bhnd(v.shape, v.dtype, device, out_bnhd)
+    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    if n == 0:
+        if final is not None:
+            final.copy_(grad_final_state) if grad_final_state is not None else final.zero_()
+        return grad_k, grad_v, final
+
+    has_init = grad_final_state is not None
+    types = _dot_types(q.dtype)
+
+    def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
+        num_segments = cdiv(n, cfg.segment_len)
+        seg_states = final if final is not None else _placeholder(device)
+        if num_segments > 1:
+            # dS's own contributions: key q, value scale * do, walked from the end
+            seg_states = _segment_start_states(
+                q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
+            )
+        _direct(_key_value_grad_kernel)[(b * h, num_segments)](
+            q, k, v, grad_out, grad_k, grad_v,
+            decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
+            seg_states, final if final is not None else seg_states,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
+            *_strides(grad_final_state), *_strides(final),
+            n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
+            cfg.state_split, scale,
+            HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
+            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    itemsize = q.element_size()
+    cfg = autotune.select(
+        "key_value", lambda: choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=itemsize),
+        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, True,
+    )
+    launch_with(cfg)
+    return grad_k, grad_v, final
+
+
+def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:
+    """``reference.attention_step`` on the Triton decode kernel: updates the float32 ``state``
+    [B, H, Dk, Dv] in place (any strides) and returns the output [B, H, T, Dv] in q's dtype."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    block_k = max(16, next_power_of_2(dk))
+    block_v, num_warps = choose_decode(b * h, dv, q.device)
+    _direct(_decode_step_kernel)[(b * h * cdiv(dv, block_v),)](
+        q, k, v, out, state, decay if decay is not None else state,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
+        t, h, dk, dv, scale,
+        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return out
