@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several gpu_session.sh stage groups at once, one GPU each (a machine of several GPUs):
-#   bash benchmarks/gpu_parallel.sh "tests decode" "bench-short" "bench-long" "bench-dims msweep"
+#   bash benchmarks/gpu_parallel.sh "tests decode" "bench-short" "bench-long" "bench-dims"
 # Group i runs on GPU i with its outputs under /tmp/res/g<i>; everything comes back as one
 # $OUT/results.tgz (the device returns few files), and each group's summary is printed last.
 # GROUP_LIMIT (seconds, default 540) stops a group early enough for the archive to be written.
