@@ -106,6 +106,8 @@ def _check_state_like(op: str, name: str, x, what: str, sizes: tuple, letters: t
 
 
 def _check_scale(scale) -> None:
+    if isinstance(scale, torch.SymFloat) or torch.compiler.is_dynamo_compiling():
+        return  # a symbolic float (a module attribute under dynamic=True): checked when the op runs
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"lightning attn: scale must be a finite float, got {scale!r}")
 

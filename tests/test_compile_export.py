@@ -60,6 +60,31 @@ def test_compile_fullgraph_dynamic_matches_eager_without_recompiles(cpu_backend)
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_compile_dynamic_takes_a_float_attribute_as_scale(cpu_backend):
+    """Under dynamic=True a float module attribute is traced as a symbolic float: the scale check
+    must not break the graph, a changed scale must change the result, and a bad one must still
+    raise when the op runs."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 0.5
+
+        def forward(self, q, k, v):
+            return lightning_op.lightning_attn(q, k, v, scale=self.scale)
+
+    torch.manual_seed(0)
+    model = Scaled()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    for scale in (0.5, 0.25):
+        model.scale = scale
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
+    model.scale = float("inf")
+    with pytest.raises(Exception, match="scale must be a finite float"):
+        compiled(q, k, v)
+
+
 def test_compiled_graphs_hold_the_forward_and_backward_ops():
     from torch._dynamo.backends.common import aot_autograd
 
