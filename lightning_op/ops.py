@@ -125,7 +125,7 @@ def prepare_decay(decay: Optional[Tensor]) -> Optional[Tensor]:
     A negative or NaN slope turns its head to NaN, so the values are checked: on the CPU on
     every call (a copy of H numbers; a check that trusted a version counter would miss writes
     through ``.data`` or a NumPy view). On a GPU reading them is a host synchronisation, which
-    costs more than the call itself at some shapes (H100: forward 1.2-1.7x the time), so a GPU
+    can cost more than the call itself (benchmarks/RESULTS.md), so a GPU
     tensor is read when first seen and again whenever its version counter or storage changes
     (``_remembered_decays``). Nothing is read during CUDA-graph capture (the warm-up calls before
     it are checked) or for meta and fake tensors. The result is float32, contiguous (the kernels
@@ -189,7 +189,7 @@ def _backend(x: Tensor) -> backends.Backend:
 
 
 def as_float32(x: Optional[Tensor]) -> Optional[Tensor]:
-    # the dtype test first: a no-op ``.to`` still costs a dispatch (≈ 6 us on the H200 machine's host)
+    # the dtype test first: a no-op ``.to`` still costs a dispatch
     return x if x is None or x.dtype == torch.float32 else x.to(torch.float32)
 
 
@@ -363,9 +363,8 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 #
 # In eager mode, the dispatcher's way into a custom op (its autograd wrapper, redispatch and the
 # dynamo-disabling shims, for the forward and again for the backward op) costs several times our
-# own host work: about 45 us of the 68 us an eager forward took on this project's CPU, and more
-# on the H200 machine's host, where a B8 N8K D64 forward+backward took 1.25–1.5 ms of host time
-# through the op for 0.66 ms of GPU work (benchmarks/RESULTS.md, 2026-12-02; 1.0 ms this way).
+# own host work: most of an eager call's host time, more than the GPU work at short shapes
+# (benchmarks/RESULTS.md).
 # ``lightning_attn`` therefore calls the op's own bodies through a plain autograd.Function when
 # nothing observes the dispatcher; whenever something might (compilation, export, tracing, a
 # dispatch or function mode, tensor subclasses, functorch transforms) it calls the op, so graphs
@@ -375,7 +374,7 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """``lightning::attn`` with its registered autograd, without the dispatcher."""
 
-    # the ctx-in-forward style: a separate setup_context costs about 12 us more per call (CPU)
+    # the ctx-in-forward style: a separate setup_context costs more host time per call
     @staticmethod
     def forward(ctx, q, k, v, decay, scale, initial_state):
         # the forward's segment start states (B*H*segments float32 states, none when one segment
@@ -626,7 +625,7 @@ def _check_step_grad(q, k, v, state, decay) -> None:
 
 
 #: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed
-#: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup (≈ 1 µs) instead of the
+#: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup instead of the
 #: full validation; what depends on values or addresses (scale, grad mode, decay signs, aliasing
 #: of the state) is still checked on every call.
 _validated_steps: set = set()

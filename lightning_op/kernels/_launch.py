@@ -2,9 +2,8 @@
 
 ``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run`` on every call: it binds and
 specialises each of the ~45 arguments of our kernels (alignment, value classes, dtypes), builds a
-cache key string, looks the compiled kernel up and only then launches. On the lent H200 machine's
-host that came to ≈ 130 us per launch, ≈ 400 us of a D = 64 forward+backward's 990 us of host time
-against 660 us of GPU time (H200, benchmarks/RESULTS.md, 2026-12-02): the host set the pace.
+cache key string, looks the compiled kernel up and only then launches. At short shapes that host
+work took longer than the GPU work it launched, so the host set the pace (benchmarks/RESULTS.md).
 
 :func:`launcher` remembers, per kernel, the compiled kernel Triton chose for each *launch key*: the
 device of the launch's tensors, every integer argument's exact value (except those the kernel does not

@@ -79,7 +79,7 @@ def _strides(x: Optional[Tensor], ndim: int = 4) -> tuple[int, ...]:
 
 def _direct(kernel):
     """Eager launches: the kernel's remembering launcher (``_launch``: Triton's per-call dispatch,
-    ≈ 130 us of host time per launch on the H200 machine, done once per launch key)."""
+    which costs more host time than a short kernel runs; done once per launch key)."""
     return _launcher(kernel)
 
 
