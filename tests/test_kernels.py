@@ -259,6 +259,36 @@ def _counting_fused(backend):
     return dataclasses.replace(backend, fused_key_value_gradients=fused), calls
 
 
+def test_config_override_per_family():
+    """``forward=`` forces the forward family alone, ``key_value=`` the fused backward alone,
+    ``decode=`` the decode step; each family's parameters are checked against its declarations."""
+    from lightning_op.kernels import choose_config, config_override
+    from lightning_op.kernels.config import choose_decode
+
+    cpu = torch.device("cpu")
+    default_fused = choose_config(4, 1000, 64, 80, cpu, whole_value=True)
+    with config_override(forward=dict(chunk=32, num_warps=2)):
+        general = choose_config(4, 1000, 64, 80, cpu)
+        assert choose_config(4, 1000, 64, 80, cpu, whole_value=True) == default_fused  # unlike the flat chunk=32
+    assert (general.chunk, general.num_warps) == (32, 2)
+    with config_override(key_value=dict(chunk=16, late_dk_scores=1), decode=dict(block_v=64, num_warps=2)):
+        fused = choose_config(4, 1000, 64, 80, cpu, whole_value=True)
+        assert choose_config(4, 1000, 64, 80, cpu).chunk == 64
+        assert choose_decode(4, 80, cpu) == (64, 2)
+    assert (fused.chunk, fused.late_dk_scores) == (16, True)
+    assert choose_decode(4, 80, cpu) == (32, 4)
+    with config_override(chunk=32, key_value=dict(chunk=16)):  # the family's own wins over the flat shared name
+        assert choose_config(4, 1000, 64, 80, cpu, whole_value=True).chunk == 16
+    for bad, message in ((dict(forward=dict(fused=0)), "unknown forward parameter 'fused'"),
+                         (dict(key_value=dict(block_v=32)), "unknown key_value parameter 'block_v'"),
+                         (dict(key_value=dict(chunk=24)), "must be a power of two >= 16, got 24"),
+                         (dict(decode=dict(num_warps=0)), "must be a positive int, got 0"),
+                         (dict(forward=dict(num_warps=3)), "num_warps must be a power of two, got 3")):
+        with pytest.raises(ValueError, match=message):
+            with config_override(**bad):
+                pass
+
+
 def test_kv_fused_0_takes_the_composed_backward():
     from lightning_op import backends
     from lightning_op.kernels import config_override
