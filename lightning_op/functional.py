@@ -16,14 +16,8 @@ __all__ = ["lightning_attn", "attn_step", "enable_autotune", "disable_autotune"]
 
 
 def lightning_attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    decay: Optional[Tensor] = None,
-    *,
-    scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
-    output_final_state: bool = False,
+    q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0,
+    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention with a per-head decay, tiled as in Lightning Attention-2.
 

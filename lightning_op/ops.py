@@ -226,11 +226,7 @@ def _refuse_forward_ad(*tensors) -> None:
 
 @torch.library.custom_op("lightning::attn", mutates_args=())
 def attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    decay: Optional[Tensor] = None,
-    scale: float = 1.0,
+    q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, scale: float = 1.0,
     initial_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay: returns ``(out [B,H,N,Dv], final_state fp32)``."""
@@ -260,15 +256,8 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None):
 
 @torch.library.custom_op("lightning::attn_bwd", mutates_args=())
 def attn_bwd(
-    grad_out: Tensor,
-    grad_final_state: Optional[Tensor],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    decay: Optional[Tensor] = None,
-    scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
-    bnhd_grads: bool = False,
+    grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+    decay: Optional[Tensor] = None, scale: float = 1.0, initial_state: Optional[Tensor] = None, bnhd_grads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, d_initial_state)`` of ``lightning::attn``.
 

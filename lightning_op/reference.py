@@ -142,18 +142,9 @@ def attention_recurrent(q, k, v, decay=None, scale=1.0, initial_state=None):
 
 
 def linear_attention_chunked(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    decay: Optional[Tensor] = None,
-    *,
-    out_scale: float = 1.0,
-    value_scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
-    reverse: bool = False,
-    init_shift: int = 1,
-    store_final: bool = True,
-    chunk_size: int = 64,
+    query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
+    value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
+    store_final: bool = True, chunk_size: int = 64,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention that both the op and its gradients are instances of.
 

@@ -84,20 +84,9 @@ def _direct(kernel):
 
 
 def linear_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    decay: Optional[Tensor] = None,
-    *,
-    out_scale: float = 1.0,
-    value_scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
-    reverse: bool = False,
-    init_shift: int = 1,
-    store_final: bool = True,
-    segment_len: Optional[int] = None,
-    traceable: bool = False,
-    out_bnhd: bool = False,
+    query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
+    value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
+    store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
