@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
-# limit so a slow stage cannot starve the rest. Usage (from the repo root, with .whl carried):
-#   bash benchmarks/gpu_session.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode rewrite deploy
+# limit so a slow stage cannot starve the rest. Usage (with .whl carried; runs in the repo root):
+#   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode rewrite deploy
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
+# SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_LIMIT: seconds per test shard.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-out="${OUT:-benchmarks/out}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+out="${OUT:-$root/benchmarks/out}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
+cd "$root" || exit 2
 if [ -n "${SKIP_INSTALL:-}" ]; then
   export PYTHONPATH="/tmp/site:$PWD"
 elif ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,13 +27,13 @@ fi
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests quick decode)
 summary=()
-mkdir -p "$out"
 for stage in "${stages[@]}"; do
   start=$(date +%s)
   case "$stage" in
     tests)   # the GPU suite and the kernel tests (on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py),
              # a ninth builds and loads the package (about 200 s of it alone); -v ends a line per test, so a shard cut off by its limit still shows how far it got
              pkg=tests/test_gpu.py::test_cuda_package_runs_without_lightning_op
+             rm -f /tmp/tests-*.log   # a warm machine keeps the last call's logs
              timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider "$pkg" >/tmp/tests-pkg.log 2>&1 &
              for i in 0 1 2 3 4 5 6 7; do
                LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-300}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels.py \
