@@ -17,7 +17,7 @@ FLOORS = [
     {"backends"},
     {"ops"},
     {"functional", "_export"},
-    {"nn", "rewrite", "deploy"},
+    {"nn", "rewrite", "deploy", "distributed", "integrations"},
 ]
 
 
