@@ -14,8 +14,8 @@ and the returned final state is ``S_{N-1}``. Three forms of it live here:
   attention inside a chunk, a carried state between chunks) with O(N) memory. It is the CPU
   implementation of the op, forward and backward, and mirrors the Triton kernels line by line.
 
-The backward reuses the chunked forward: every gradient is itself a causal linear attention,
-running forward or backward in time (see :func:`attention_backward_chunked`).
+Every gradient of the op is itself a causal linear attention, running forward or backward in time;
+``backends.backward`` composes them from the chunked form (or the kernels).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "attention_quadratic",
+    "state_heads",
     "attention_recurrent",
     "linear_attention_chunked",
     "attention_forward_chunked",
@@ -105,11 +106,56 @@ def _chunk_product(scores: Tensor, values: Tensor) -> Tensor:
     return torch.where(reached, float("nan"), out)
 
 
-def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None):
+def _sequences(cu_seqlens: Optional[Tensor], n: int) -> list[tuple[int, int]]:
+    """``(start, end)`` rows of each packed sequence (one sequence of ``n`` rows without ``cu_seqlens``)."""
+    if cu_seqlens is None:
+        return [(0, n)]
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def state_heads(num_heads: int, num_kv_heads: int, decay: Optional[Tensor]) -> int:
+    """Heads of the states: one per query head, except that grouped query heads (fewer kv heads)
+    share one state per kv head unless the decay differs between the heads of a group (``[H]``)."""
+    if num_kv_heads == num_heads or (decay is not None and decay.shape[0] == num_heads):
+        return num_heads
+    return num_kv_heads
+
+
+def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
     """``o = scale * ((Q K^T) * M) V + scale * lam^(t+1) q_t S_{-1}``, computed in q's dtype.
 
-    Returns ``(out, final_state)``. Memory is O(N^2): an oracle for tests, not for use.
+    Grouped heads: k, v may have ``Hkv`` heads, a divisor of q's ``H``; query head h reads kv head
+    ``h // (H // Hkv)``. With a decay ``[H]`` each query head has its own state (the result of
+    repeating k and v); with ``[Hkv]`` or None the query heads of a group share one (see
+    :func:`state_heads`). Packed sequences: with ``cu_seqlens`` (``[S + 1]``, from 0 to N) the
+    batch is 1 and the N rows hold S sequences; no state crosses a boundary, and the initial and
+    final states are ``[S, Hs, Dk, Dv]``.
+
+    Returns ``(out, final_state)``. Differentiable in every tensor, the decay included. Memory is
+    O(N^2): an oracle for tests, not for use.
     """
+    h, hkv = q.shape[1], k.shape[1]
+    group = h // hkv
+    shared = state_heads(h, hkv, decay) < h
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        if decay is not None and decay.shape[0] == hkv:
+            decay = decay.repeat_interleave(group)
+        if initial_state is not None and shared:
+            initial_state = initial_state.repeat_interleave(group, 1)
+    outs, finals = [], []
+    for index, (start, end) in enumerate(_sequences(cu_seqlens, q.shape[2])):
+        init = None
+        if initial_state is not None:
+            init = initial_state[index:index + 1] if cu_seqlens is not None else initial_state
+        out, final = _quadratic(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], decay, scale, init)
+        outs.append(out)
+        finals.append(final[:, ::group] if shared else final)  # a group's heads hold the same state
+    return torch.cat(outs, 2), torch.cat(finals, 0)
+
+
+def _quadratic(q, k, v, decay, scale, initial_state):
     n = q.shape[2]
     mask = decay_mask(decay, n, dtype=q.dtype, device=q.device)
     out = scale * (((q @ k.transpose(-1, -2)) * mask) @ v)
@@ -124,21 +170,30 @@ def attention_quadratic(q, k, v, decay=None, scale=1.0, initial_state=None):
     return out, final
 
 
-def attention_recurrent(q, k, v, decay=None, scale=1.0, initial_state=None):
-    """The recurrence ``S_t = lam S_{t-1} + k_t^T v_t, o_t = scale q_t S_t``, one token at a time."""
+def attention_recurrent(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
+    """The recurrence ``S_t = lam S_{t-1} + k_t^T v_t, o_t = scale q_t S_t``, one token at a time,
+    with the grouped heads and packed sequences of :func:`attention_quadratic` (written apart from
+    it: query head h reads state ``h // (H // Hs)``)."""
     b, h, n, dk = q.shape
-    dv = v.shape[-1]
-    state = torch.zeros(b, h, dk, dv, dtype=q.dtype, device=q.device)
-    if initial_state is not None:
-        state = initial_state.to(q.dtype).clone()
-    lam = torch.ones(h, dtype=q.dtype, device=q.device) if decay is None else torch.exp(-decay.to(q.dtype))
-    lam = lam.reshape(1, h, 1, 1)
-    outs = []
-    for t in range(n):
-        state = lam * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append(scale * (q[:, :, t, None, :] @ state))
+    hkv, dv = k.shape[1], v.shape[-1]
+    hs = state_heads(h, hkv, decay)
+    kv_of_state = torch.arange(hs, device=q.device) // (hs // hkv)  # the kv head each state accumulates
+    state_of_query = torch.arange(h, device=q.device) // (h // hs)  # the state each query head reads
+    lam = torch.ones(hs, dtype=q.dtype, device=q.device)
+    if decay is not None:
+        lam = torch.exp(-decay.to(q.dtype))[torch.arange(hs, device=q.device) * decay.shape[0] // hs]
+    lam = lam.reshape(1, hs, 1, 1)
+    outs, finals = [], []
+    for index, (start, end) in enumerate(_sequences(cu_seqlens, n)):
+        state = torch.zeros(b, hs, dk, dv, dtype=q.dtype, device=q.device)
+        if initial_state is not None:
+            state = (initial_state[index:index + 1] if cu_seqlens is not None else initial_state).to(q.dtype)
+        for t in range(start, end):
+            state = lam * state + k[:, kv_of_state, t, :, None] * v[:, kv_of_state, t, None, :]
+            outs.append(scale * (q[:, :, t, None, :] @ state[:, state_of_query]))
+        finals.append(state)
     out = torch.cat(outs, dim=2) if outs else q.new_empty(b, h, 0, dv)
-    return out, state
+    return out, torch.cat(finals, 0)
 
 
 def linear_attention_chunked(

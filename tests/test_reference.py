@@ -91,3 +91,74 @@ def test_decay_mask_values():
     m = reference.decay_mask(decay, 3)
     expected = torch.tensor([[1.0, 0, 0], [0.5, 1, 0], [0.25, 0.5, 1]], dtype=torch.float64)
     torch.testing.assert_close(m[0], expected)
+
+
+def _grouped(h, hkv, n, decay_heads, with_init, sequences=None, seed=2):
+    """Inputs for grouped heads: q [1, h], k, v [1, hkv]; decay of ``decay_heads`` heads (None for 0);
+    states of the heads the rule gives, one row per packed sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, h, n, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, hkv, n, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, hkv, n, 12, generator=gen, dtype=torch.float64)
+    decay = None if not decay_heads else torch.rand(decay_heads, generator=gen, dtype=torch.float64) * 0.5
+    rows = 1 if sequences is None else len(sequences) - 1
+    hs = reference.state_heads(h, hkv, decay)
+    init = torch.randn(rows, hs, 8, 12, generator=gen, dtype=torch.float64) if with_init else None
+    cu = None if sequences is None else torch.tensor(sequences)
+    return q, k, v, decay, init, cu
+
+
+@pytest.mark.parametrize("h, hkv, decay_heads", [(4, 4, 4), (4, 2, 4), (4, 2, 2), (6, 2, 0), (4, 1, 4), (4, 1, 1)])
+@pytest.mark.parametrize("sequences", [None, [0, 5, 5, 19, 20, 33]], ids=["dense", "packed"])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_grouped_heads_and_packed_sequences_agree(h, hkv, decay_heads, sequences, with_init):
+    """Two forms written apart (the masked quadratic form repeating k and v, the recurrence
+    indexing shared states) agree on grouped heads, packed sequences (an empty one among them)
+    and their states."""
+    q, k, v, decay, init, cu = _grouped(h, hkv, 33, decay_heads, with_init, sequences)
+    out, final = reference.attention_quadratic(q, k, v, decay, 0.7, init, cu)
+    out_r, final_r = reference.attention_recurrent(q, k, v, decay, 0.7, init, cu)
+    shared = decay_heads != h and hkv != h
+    assert final.shape == (1 if cu is None else len(sequences) - 1, hkv if shared else h, 8, 12)
+    torch.testing.assert_close(out, out_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_r, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_heads_with_their_own_decays_equal_repeated_keys_and_values():
+    q, k, v, decay, init, _ = _grouped(4, 2, 21, 4, True)
+    out, final = reference.attention_quadratic(q, k, v, decay, 0.7, init)
+    want = reference.attention_recurrent(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), decay, 0.7, init)
+    torch.testing.assert_close(out, want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, want[1], rtol=1e-10, atol=1e-10)
+
+
+def test_packed_sequences_equal_separate_calls():
+    q, k, v, decay, init, cu = _grouped(2, 2, 30, 2, True, [0, 7, 7, 30])
+    out, final = reference.attention_recurrent(q, k, v, decay, 0.5, init, cu)
+    for index, (start, end) in enumerate([(0, 7), (7, 7), (7, 30)]):
+        want = reference.attention_recurrent(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], decay, 0.5,
+                                             init[index:index + 1])
+        torch.testing.assert_close(out[:, :, start:end], want[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(final[index:index + 1], want[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final[1:2], init[1:2])  # an empty sequence keeps its initial state
+
+
+@pytest.mark.parametrize("h, hkv, decay_heads, sequences", [(3, 3, 3, None), (4, 2, 2, [0, 4, 11]), (4, 2, 4, None)])
+def test_decay_gradient_of_the_oracle(h, hkv, decay_heads, sequences):
+    """The quadratic form's decay gradient (the oracle for a learnable decay) matches finite
+    differences and the recurrence's own autograd gradient, with initial and final states."""
+    q, k, v, decay, init, cu = _grouped(h, hkv, 11, decay_heads, True, sequences)
+    gen = torch.Generator().manual_seed(9)
+    grad_out = torch.randn(1, h, 11, 12, generator=gen, dtype=torch.float64)
+    grad_final = torch.randn(init.shape, generator=gen, dtype=torch.float64)
+
+    def loss(form, d):
+        out, final = form(q, k, v, d, 0.7, init, cu)
+        return (out * grad_out).sum() + (final * grad_final).sum()
+
+    decay = decay.requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: loss(reference.attention_quadratic, d), (decay,))
+    quadratic, = torch.autograd.grad(loss(reference.attention_quadratic, decay), decay)
+    recurrent, = torch.autograd.grad(loss(reference.attention_recurrent, decay), decay)
+    torch.testing.assert_close(quadratic, recurrent, rtol=1e-9, atol=1e-10)
+    assert quadratic.abs().min() > 0
