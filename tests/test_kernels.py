@@ -344,11 +344,11 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert not kernels.choose_config(128, 8192, 256, 256, gpu).update_accumulate
     assert not kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
     assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate  # the fused backward too
-    # the fused backward's dk scores after dv's store, for keys up to 128 wide (2026-12-02,
-    # session 5: 1.470 -> 1.399 ms forward+backward); only that pass has the option
+    # the fused backward's dk scores after dv's store, for keys up to 128 wide (faster there on
+    # the H200, benchmarks/RESULTS.md); only that pass has the option
     assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).late_dk_scores
     assert not main.late_dk_scores and not kernels.choose_config(128, 8192, 256, 256, gpu, whole_value=True).late_dk_scores
-    # the transposed output kernel (2026-12-02, session 6) for 16-bit keys of 65-128 columns, and
+    # the transposed output kernel for 16-bit keys of 65-128 columns, and
     # wider ones with a 16-bit state operand (bfloat16), there in value blocks of 128 and two
     # stages; not float32, not float16 above 128 (its float32 state operand overflows shared
     # memory), not D = 64, not the fused backward (which has no such form)
