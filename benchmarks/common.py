@@ -1,7 +1,8 @@
-"""What the benchmark runners (bench.py, bench_decode.py) share: their common options, the device,
-loading the peers, timing, the run's environment, and the results they write.
+"""What the benchmark scripts beside it share (bench.py and bench_decode.py: all of it): their
+common options, the device, loading the peers, timing, the run's environment, and the results
+they write.
 
-The runners import it as a module beside them (``python3 benchmarks/bench.py`` puts this folder
+The scripts import it as a module beside them (``python3 benchmarks/bench.py`` puts this folder
 first on ``sys.path``).
 """
 
