@@ -324,7 +324,7 @@ def test_lightning_backend_leaves_a_window_alone():
 
 def test_mask_rates_are_read_across_the_verified_length():
     """The geometric continuation of a float32 decay: rates close to 1 extrapolated far."""
-    from lightning_op.rewrite.recognise import _geometric_rate
+    from lightning_op.rewrite.lengths import _geometric_rate
 
     lam = torch.tensor([1 - 2.0 ** -12, 0.5], dtype=torch.float32)
     side = (lam[:, None] ** torch.arange(20)).double()

@@ -57,6 +57,14 @@ def op_name(node: fx.Node) -> Optional[str]:
     return None
 
 
+def describe(node: fx.Node) -> str:
+    """What a node does, for messages: its ATen op's name, else its target or kind."""
+    name = op_name(node)
+    if name is not None:
+        return name
+    return str(node.target) if node.op == "call_function" else node.op
+
+
 def tensor_val(node: Any) -> Optional[torch.Tensor]:
     """The (fake) tensor recorded for a node, or None."""
     if not isinstance(node, fx.Node):
@@ -342,13 +350,21 @@ class Evaluator:
         return int(value) if value.is_integer else float(value)
 
     def _hint(self, sym) -> int:
-        values = _backed_values(self.shape_env)
+        values = backed_values(self.shape_env)
         if sym not in values:
             raise ValueError(f"no value for the size symbol {sym}")
         return int(values[sym])
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
         return tuple(self.size(s) for s in tensor_val(node).shape)
+
+    def largest(self, nodes) -> int:
+        """Elements in the largest tensor among ``nodes``."""
+        return max((math.prod(self.shape(n)) for n in nodes if tensor_val(n) is not None), default=0)
+
+    def rebound(self, bindings: dict) -> "Evaluator":
+        """An evaluator of the same graph with these symbols bound to other values."""
+        return Evaluator(self.gm, self.classes, self.const_values, {**self.bindings, **bindings}, self.device)
 
     # constants
     def const(self, node: fx.Node) -> Any:
@@ -429,7 +445,24 @@ class Evaluator:
         return env
 
 
-def _backed_values(shape_env) -> dict:
+def symbol_range(shape_env, sym) -> tuple[int, Optional[int]]:
+    """(lower end, upper end or None) of a size symbol's range; at least 2 (smaller sizes are
+    specialised), and (2, None) for a symbol without a recorded range."""
+    ranges = getattr(shape_env, "var_to_range", {}) if shape_env is not None else {}
+    bounds = ranges.get(sym)
+    if bounds is None:
+        return 2, None
+    return max(2, _finite_int(bounds.lower, 2)), _finite_int(bounds.upper, None)
+
+
+def _finite_int(bound, default):
+    try:
+        return int(bound)
+    except Exception:  # an infinite bound
+        return default
+
+
+def backed_values(shape_env) -> dict:
     """The shape environment's hint for every backed size symbol (renamed in torch 2.13)."""
     if shape_env is None:
         return {}

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from . import graph as g
-from .recognise import Match
+from .checks import Match
 
 aten = torch.ops.aten
 _TO_CANONICAL = {"bhnd": None, "bnhd": [0, 2, 1, 3]}
