@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from ._export import require_program, with_graph
 from .kernels import linear_attention
 
 __all__ = ["attn_inference", "for_package", "SEGMENT_LEN"]
@@ -35,16 +36,15 @@ __all__ = ["attn_inference", "for_package", "SEGMENT_LEN"]
 SEGMENT_LEN = 2048
 
 
-@torch.library.triton_op("lightning::attn_inference", mutates_args=())
-def attn_inference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    decay: Optional[Tensor] = None,
-    scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """``lightning::attn``'s forward (same arguments and results), traceable into a package.
+# lightning::attn's own schema: for_package swaps one op for the other in a graph, so the two
+# must take the same arguments, and deriving one from the other keeps them from drifting apart
+_ATTN_SCHEMA = str(torch.ops.lightning.attn.default._schema).removeprefix("lightning::attn")
+
+
+@torch.library.triton_op("lightning::attn_inference", mutates_args=(), schema=_ATTN_SCHEMA)
+def attn_inference(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, scale: float = 1.0,
+                   initial_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``lightning::attn``'s forward (same schema, arguments and results), traceable into a package.
 
     This function is also the op's fake, so it must run on fake tensors with a symbolic N: no
     branch on N and no reads of values where tracing (real calls check the decays as ``lightning::attn`` does).
@@ -88,12 +88,7 @@ def for_package(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedPro
     transform exists to avoid. Export the decode path through ``lightning_attn(...,
     initial_state=state, output_final_state=True)`` instead of ``attn_step``. ``ep`` is unchanged.
     """
-    from torch.export import ExportedProgram
-
-    from .rewrite.passes import _updated_program
-
-    if not isinstance(ep, ExportedProgram):
-        raise TypeError(f"for_package: ep must be a torch.export.ExportedProgram, got {type(ep).__name__}")
+    require_program(ep, "for_package")
     for node in ep.graph.nodes:
         op = _lightning_op_in(node)
         if op is not None and op not in _SWAPS:
@@ -111,4 +106,4 @@ def for_package(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedPro
         if node.op == "call_function" and node.target in _SWAPS:
             node.target = _SWAPS[node.target]
     gm.recompile()
-    return _updated_program(ep, gm, copy.copy(ep.graph_signature))
+    return with_graph(ep, gm, copy.copy(ep.graph_signature))

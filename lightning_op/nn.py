@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .functional import attn_step, lightning_attn
 from .reference import slopes
+from .support import MAX_HEAD_DIM, MIN_HEAD_DIM, unsupported
 
 __all__ = ["LightningAttention", "StateCache"]
 
@@ -126,8 +127,11 @@ class LightningAttention(nn.Module):
                     "pass head_dim"
                 )
             head_dim = hidden_size // num_heads
-        if not 16 <= head_dim <= 256:
-            raise ValueError(f"LightningAttention: head_dim must be between 16 and 256, got {head_dim}")
+        refused = unsupported(head_dims=(("q, k and v", head_dim),))
+        if refused:  # named as this module's argument: the op's own reason names the op's
+            raise refused.error(
+                f"LightningAttention: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}"
+            )
         factory = dict(device=device, dtype=dtype)
         self.num_heads, self.head_dim, self.layer_idx, self.scale = num_heads, head_dim, layer_idx, scale
         inner = num_heads * head_dim

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import fx
 
+from .._export import require_program, with_graph
 from . import graph as g
 from .recognise import find_matches
 from .replace import replace
@@ -69,10 +70,7 @@ def rewrite(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram
     nothing was rewritten or on an internal error (logged on ``lightning_op.rewrite``); see
     :func:`lightning_op.rewrite.report`.
     """
-    from torch.export import ExportedProgram
-
-    if not isinstance(ep, ExportedProgram):
-        raise TypeError(f"rewrite: ep must be a torch.export.ExportedProgram, got {type(ep).__name__}")
+    require_program(ep, "rewrite")
     source, stage = ep, "export"
     if g.written_in_place(ep.graph):
         try:
@@ -125,7 +123,7 @@ def _rewrite_program(ep, stage: str):
     signature = copy.copy(ep.graph_signature)
     signature.input_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.input_specs]
     signature.output_specs = [_renamed_spec(spec, renamed) for spec in ep.graph_signature.output_specs]
-    return _updated_program(ep, gm, signature), records
+    return with_graph(ep, gm, signature), records
 
 
 def _renamed_spec(spec, renamed):
@@ -135,18 +133,6 @@ def _renamed_spec(spec, renamed):
         spec = copy.copy(spec)
         spec.arg = TensorArgument(name=renamed[spec.arg.name])
     return spec
-
-
-def _updated_program(ep, gm, signature):
-    if hasattr(ep, "_update"):
-        return ep._update(gm, signature)
-    from torch.export import ExportedProgram
-
-    return ExportedProgram(
-        root=gm, graph=gm.graph, graph_signature=signature, state_dict=ep.state_dict,
-        range_constraints=copy.deepcopy(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
-        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers,
-    )
 
 
 # ----------------------------------------------------------------------------- dynamo backend
