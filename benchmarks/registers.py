@@ -59,8 +59,8 @@ def ptxas() -> str:
 def loop_profile(cubin: bytes) -> str:
     """The kernel's largest loop in SASS (``nvdisasm`` from the triton wheel): its instructions per
     iteration and, of those, local-memory loads and stores (spills paid on every chunk). Counted
-    per warp; on 2026-12-02 three of three variants with fewer loop instructions and no more
-    spills also ran faster on the H200 (benchmarks/NOTES.md, session 4)."""
+    per warp; three of three variants with fewer loop instructions and no more spills also ran
+    faster on the H200 (benchmarks/NOTES.md, "Kernel forms chosen by their SASS")."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     if not os.path.exists(nvdisasm):
         return "loop ? (no nvdisasm)"

@@ -31,8 +31,8 @@ def test_step_equals_op_with_initial_state(cpu_backend, dtype, tokens, decay):
 @pytest.mark.parametrize("changes", [dict(decode_block_v=8, decode_num_warps=1), dict(decode_block_v=64)],
                          ids=["block8-warps1", "block64"])
 def test_step_under_forced_decode_configs(changes, monkeypatch):
-    """The decode configurations the sweep tries compute the same step (value blocks narrower and
-    wider than the head, with a partial last block)."""
+    """Forced decode configurations compute the same step (value blocks narrower and wider than
+    the head, with a partial last block)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1":
