@@ -98,8 +98,9 @@ class OpAttention:
             decay = decay.repeat_interleave(h // decay.shape[0])
         keys, values = q.flip(2), grad_out.flip(2)
         state = ops.attn_eager(keys, keys, values, decay, 1.0, None)[1]
-        lam = decay_powers(decay, torch.ones(1, device=q.device), state).reshape(1, -1, 1, 1)
-        return (scale * lam * state).unflatten(1, (state_heads, -1)).sum(2)
+        if decay is not None:
+            state = state * torch.exp(-decay.detach().to(state.dtype)).reshape(1, -1, 1, 1)
+        return (scale * state).unflatten(1, (state_heads, -1)).sum(2)
 
     def backward(self, grad_out, grad_final_state, q, k, v, decay, scale, initial_state):
         """``(dq, dk, dv, d_decay or None)`` with the initial state held fixed."""
@@ -137,41 +138,50 @@ def _attention(q, k, v, decay, scale, initial_state, exchange, local):
     return _ContextParallelAttention.apply(q, k, v, decay, initial_state, scale, exchange, local)
 
 
-def _powers(decay: Optional[Tensor], exponents: Tensor, valid: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``lam_h ** exponents[j]`` where ``valid[j]``, else 0, and its derivative in the decay
-    ``-exponents[j] * lam_h ** exponents[j]``: two ``[Hd, W]`` tensors in ``like``'s dtype (Hd = 1
-    without a decay). Exponents are float64 token counts."""
-    exponents = torch.where(valid, exponents, 0.0)
-    weights = decay_powers(None if decay is None else decay.detach(), exponents, exponents) * valid
-    return weights.to(like.dtype), (-exponents * weights).to(like.dtype)
+class _Weights:
+    """The decay weights of rank ``rank``'s sums, ``lam_h ** e`` for exponents ``e`` counted in
+    tokens from every rank's length (float64 ``[W]``), each ``[Hd, count]`` (``Hd = 1`` without a
+    decay) in ``like``'s dtype. All are computed at once (one chain of small kernels, which eager
+    launches one by one); their derivatives in the decay, ``-e lam^e``, only when ``derivatives``.
+
+    into    ``[Hd, r]``          L_j (j < r) into S_r
+    out_of  ``[Hd, W]``          L_j into S_final (column r: dL_r's weight of the final state's gradient)
+    start   ``[Hd, 1]``          S_0 into S_r
+    end     ``[Hd, 1]``          S_0 into S_final
+    own     ``[Hd, 1]``          lam^N_r, S_r into the op's final state on this rank
+    back    ``[Hd, W - r - 1]``  G_j (j > r) into dL_r
+    """
+
+    def __init__(self, decay: Optional[Tensor], lengths: Tensor, rank: int, like: Tensor, derivatives: bool) -> None:
+        world = lengths.shape[0]
+        ends = torch.cumsum(lengths, 0)  # P_{j+1}
+        starts = ends - lengths  # P_j
+        total = ends[-1:]
+        exponents = torch.cat([starts[rank] - ends[:rank], total - ends, starts[rank:rank + 1], total,
+                               lengths[rank:rank + 1], starts[rank + 1:] - ends[rank]])
+        powers = decay_powers(None if decay is None else decay.detach(), exponents, exponents)
+        powers = powers.expand(-1, exponents.shape[0])
+        sizes = [rank, world, 1, 1, 1, world - rank - 1]
+        self.into, self.out_of, self.start, self.end, self.own, self.back = powers.to(like.dtype).split(sizes, 1)
+        if derivatives:
+            (self.d_into, self.d_out_of, self.d_start, self.d_end, self.d_own,
+             _) = (-exponents * powers).to(like.dtype).split(sizes, 1)
 
 
 def _weighted_sum(weights: Tensor, states: Tensor) -> Tensor:
-    """``sum_j weights[h, j] * states[j, :, h]``: weights ``[Hd, W]``, states ``[W, B, Hs, Dk, Dv]``."""
-    return (weights.t()[:, None, :, None, None] * states).sum(0)
+    """``sum_j weights[h, j] * states[j, :, h]``: weights ``[Hd, J]``, states ``[J, B, Hs, Dk, Dv]``."""
+    return torch.einsum("hj,jbhkv->bhkv", weights.expand(states.shape[2], -1), states)
 
 
 def _per_head(weights: Tensor) -> Tensor:
-    """``[Hd]`` weights shaped to scale ``[B, Hs, Dk, Dv]`` states."""
+    """``[Hd, 1]`` weights shaped to scale ``[B, Hs, Dk, Dv]`` states."""
     return weights.reshape(1, -1, 1, 1)
 
 
 def _head_products(a: Tensor, b: Tensor) -> Tensor:
-    """``<a, b>`` per head over batch and the state's two dims: ``[..., B, Hs, Dk, Dv]`` -> ``[..., Hs]``."""
-    return (a * b).sum((-4, -2, -1))
-
-
-class _Layout:
-    """Where rank ``rank``'s tokens sit, from every rank's length (float64 ``[W]``)."""
-
-    def __init__(self, lengths: Tensor, rank: int) -> None:
-        self.ends = torch.cumsum(lengths, 0)  # P_{j+1}
-        self.starts = self.ends - lengths  # P_j
-        self.total = self.ends[-1:]  # N
-        self.length = lengths[rank:rank + 1]
-        ranks = torch.arange(lengths.shape[0], device=lengths.device)
-        self.before, self.after, self.every = ranks < rank, ranks > rank, ranks >= 0
-        self.rank = rank
+    """``<a, b>`` per head over batch and the state's two dims, as ``[Hs, J]`` for ``[J, B, Hs, Dk, Dv]``
+    and ``[B, Hs, Dk, Dv]`` operands (``[Hs, 1]`` for two states)."""
+    return torch.einsum("jbhkv,bhkv->hj", a.reshape(-1, *b.shape), b)
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -183,25 +193,23 @@ class _ContextParallelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, decay, initial_state, scale, exchange, local):
         rank = exchange.rank
         own = local.state(q, k, v, decay)
-        n = q.shape[2]
-        length = torch.tensor([n // _LENGTH_BASE, n % _LENGTH_BASE], dtype=own.dtype, device=own.device)
-        gathered = exchange.gather([own, length])
+        # the length as two floats, filled on the device (a host tensor would be a synchronising copy)
+        code = own.new_full((2,), q.shape[2] % _LENGTH_BASE)
+        code[:1] = q.shape[2] // _LENGTH_BASE
+        gathered = exchange.gather([own, code])
         states = gathered[:, :-2].view(-1, *own.shape)
-        codes = gathered[:, -2:].to(torch.float64)
-        layout = _Layout(codes[:, 0] * _LENGTH_BASE + codes[:, 1], rank)
+        lengths = gathered[:, -2].to(torch.float64) * _LENGTH_BASE + gathered[:, -1].to(torch.float64)
+        decay_grad = decay is not None and ctx.needs_input_grad[3]
+        weights = _Weights(decay, lengths, rank, own, derivatives=decay_grad)
 
-        into, _ = _powers(decay, layout.starts[rank] - layout.ends, layout.before, own)
-        out_of, _ = _powers(decay, layout.total - layout.ends, layout.every, own)
-        start, final = _weighted_sum(into, states), _weighted_sum(out_of, states)
+        start, final = _weighted_sum(weights.into, states[:rank]), _weighted_sum(weights.out_of, states)
         init = None if initial_state is None else initial_state.to(own.dtype)
         if init is not None:
-            start = start + _per_head(_powers(decay, layout.starts[rank:rank + 1], layout.every[:1], own)[0]) * init
-            final = final + _per_head(_powers(decay, layout.total, layout.every[:1], own)[0]) * init
+            start, final = start + _per_head(weights.start) * init, final + _per_head(weights.end) * init
         out, _ = local.forward(q, k, v, decay, scale, start)
 
-        ctx.scale, ctx.exchange, ctx.local, ctx.layout = scale, exchange, local, layout
+        ctx.scale, ctx.exchange, ctx.local, ctx.weights = scale, exchange, local, weights
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
-        decay_grad = decay is not None and ctx.needs_input_grad[3]
         # the gathered states enter only the decay's gradient
         ctx.save_for_backward(q, k, v, decay, init, start, states if decay_grad else None)
         return out, final
@@ -209,8 +217,7 @@ class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_final):
         q, k, v, decay, init, start, states = ctx.saved_tensors
-        local, layout = ctx.local, ctx.layout
-        rank = layout.rank
+        local, weights, rank = ctx.local, ctx.weights, ctx.exchange.rank
         # every rank enters the collective, whichever of its outputs its loss used
         grad_out = grad_out.contiguous()  # autograd may hand in an expanded (stride 0) gradient
         own = local.state_gradient(q, grad_out, decay, ctx.scale, start.shape[1]).to(start.dtype)
@@ -218,29 +225,22 @@ class _ContextParallelAttention(torch.autograd.Function):
         gathered = ctx.exchange.gather([own, grad_final]).view(-1, 2, *start.shape)
         into_starts, final_shares = gathered[:, 0], gathered[:, 1]
 
-        back, _ = _powers(decay, layout.starts - layout.ends[rank], layout.after, start)
-        out_of, d_out_of = _powers(decay, layout.total - layout.ends, layout.every, start)
-        grad_leaving = _weighted_sum(back, into_starts) + _per_head(out_of[:, rank]) * final_shares.sum(0)
+        grad_leaving = (_weighted_sum(weights.back, into_starts[rank + 1:])
+                        + _per_head(weights.out_of[:, rank]) * final_shares.sum(0))
         dq, dk, dv, d_decay = local.backward(grad_out, grad_leaving, q, k, v, decay, ctx.scale, start)
 
-        one = layout.every[:1]
-        at_start, d_at_start = _powers(decay, layout.starts[rank:rank + 1], one, start)
-        at_end, d_at_end = _powers(decay, layout.total, one, start)
         d_init = None
         if init is not None and ctx.needs_input_grad[4]:
-            d_init = (_per_head(at_start[:, 0]) * own + _per_head(at_end[:, 0]) * grad_final).to(ctx.init_dtype)
+            d_init = (_per_head(weights.start) * own + _per_head(weights.end) * grad_final).to(ctx.init_dtype)
         if decay is not None and ctx.needs_input_grad[3]:
-            # the op's decay gradient holds its initial state fixed and counts lam^n_r S_r in its
+            # the op's decay gradient holds its initial state fixed and counts lam^N_r S_r in its
             # final state, whose gradient here is L_r's alone: take that term out
-            _, d_length = _powers(decay, layout.length, one, start)
-            d_decay = d_decay - d_length[:, 0] * _head_products(start, grad_leaving)
-            _, d_into = _powers(decay, layout.starts[rank] - layout.ends, layout.before, start)
-            d_decay = d_decay + (d_into * _head_products(states, own).t()).sum(1)
-            d_decay = d_decay + (d_out_of * _head_products(states, grad_final).t()).sum(1)
+            terms = [-weights.d_own * _head_products(start, grad_leaving),
+                     weights.d_into * _head_products(states[:rank], own),
+                     weights.d_out_of * _head_products(states, grad_final)]
             if init is not None:
-                d_decay = d_decay + d_at_start[:, 0] * _head_products(init, own)
-                d_decay = d_decay + d_at_end[:, 0] * _head_products(init, grad_final)
-            d_decay = d_decay.to(decay.dtype)
+                terms += [weights.d_start * _head_products(init, own), weights.d_end * _head_products(init, grad_final)]
+            d_decay = (d_decay + sum(term.sum(1) for term in terms)).to(decay.dtype)
         return dq, dk, dv, d_decay, d_init, None, None, None
 
 

@@ -38,6 +38,7 @@ FLOAT64 = 1e-12
 
 
 def _serve(rank, world, port, tasks, results):
+    torch.set_num_threads(1)  # several ranks share few cores: spinning thread pools would slow them all
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     while (task := tasks.get()) is not None:
         fn, kwargs = task
@@ -87,9 +88,18 @@ class RankPool:
             pytest.fail("\n".join(failures))
         return values
 
+    def alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
     def close(self) -> None:
+        self.stop()
+        self.join()
+
+    def stop(self) -> None:
         for tasks in self.tasks:
             tasks.put(None)
+
+    def join(self) -> None:
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():
@@ -98,18 +108,20 @@ class RankPool:
 
 @pytest.fixture(scope="module")
 def pools():
+    """``pools(world)``: the pool of ``world`` ranks, started on first use and kept for the module
+    (idle ranks wait on their queues; starting one costs seconds of imports)."""
     opened: dict = {}
 
     def pool(world: int) -> RankPool:
-        if world not in opened:
-            for other in list(opened):  # one pool at a time: the machine has few cores
-                opened.pop(other).close()
+        if world not in opened or not opened[world].alive():
             opened[world] = RankPool(world)
         return opened[world]
 
     yield pool
+    for pool_ in opened.values():  # all stop at once
+        pool_.stop()
     for pool_ in opened.values():
-        pool_.close()
+        pool_.join()
 
 
 # ----------------------------------------------------------------------------- shared inputs
