@@ -13,14 +13,15 @@ per-step latency comes on top).
     python3 benchmarks/bench_cp.py --lengths 16384 --worlds 2,8
     python3 benchmarks/bench_cp.py --smoke --out /tmp/cp   # tiny fp32 shapes on CPU
 
-Writes results.csv and results.json under --out and prints a table last: forward and
-forward+backward ms of the plain op and of the rank's work, their ratio (the target is at most
-1.15), the two state-only passes alone, and the collective per layer.
+Writes results.csv and results.json under --out (default benchmarks/out/cp) and prints a table
+last: forward and forward+backward ms of the plain op and of the rank's work, their ratio (the
+target is at most 1.15), the two state-only passes alone, and the collective per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -60,7 +61,7 @@ def collective_bytes(b: int, h: int, dk: int, dv: int, world: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_arguments(parser, out="benchmarks/results/cp", dtype_help="default bf16 (fp32 with --smoke)",
+    common.add_common_arguments(parser, out=os.path.join("benchmarks", "out", "cp"), dtype_help="default bf16 (fp32 with --smoke)",
                                 rep_help="do_bench repetition time, default 100 (20 with --smoke)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default 16 (2 with --smoke)")

@@ -8,6 +8,7 @@ in one process.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _helpers import ROOT, TOLERANCE, oracle, rel_error
+from _helpers import ROOT, TOLERANCE, oracle, rel_error, run_script
 
 import lightning_op
 from lightning_op import distributed, reference
@@ -205,7 +206,10 @@ def _against_reference(rank, world, lengths, layout="bhnd", with_decay=True, wit
     got, got_final = distributed.context_parallel_attn(*mine, decay, scale=scale, initial_state=my_init,
                                                        output_final_state=True)
     ((got * _piece(grad_out, lengths, rank)).sum() + (got_final * shares[rank]).sum()).backward()
-    errors = {"out": rel_error(got, _piece(out, lengths, rank)), "final": rel_error(got_final, final)}
+    finals = [torch.empty_like(got_final) for _ in range(world)]
+    dist.all_gather(finals, got_final.detach())
+    errors = {"out": rel_error(got, _piece(out, lengths, rank)), "final": rel_error(got_final, final),
+              "final differs between ranks": max((f - finals[0]).abs().max().item() for f in finals)}
     for name, x, want in zip("qkv", mine, grads):
         errors[f"d{name}"] = rel_error(x.grad, _piece(want, lengths, rank))
         if layout == "bnhd":
@@ -462,3 +466,13 @@ def test_example_under_torchrun():
     assert sorted(checks) == ["gradients_step0_vs_one_process", "loss_step0_vs_one_process",
                               "loss_step1_vs_one_process"], result.stdout
     assert all(float(error) <= 2e-6 for error in checks.values()), result.stdout
+
+
+@pytest.mark.slow
+def test_bench_cp_smoke(tmp_path):
+    """benchmarks/bench_cp.py runs (CPU smoke shapes); one rank of one is the plain op."""
+    run_script("benchmarks/bench_cp.py", "--smoke", "--lengths", "64", "--worlds", "2", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(row["N_r"], row["W"]) for row in rows] == [(64, 2)]
+    assert rows[0]["rel_err_w1_vs_op"] < 1e-6 and rows[0]["cp_fwdbwd_ms"] > 0
+    assert rows[0]["fwd_collective_bytes"] == (2 * 32 * 32 + 2) * 4  # one other rank's state and length
