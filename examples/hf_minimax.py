@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import statistics
 import sys
 import time
@@ -34,6 +35,8 @@ except ImportError as error:  # pragma: no cover - optional dependency
 from lightning_op.integrations.transformers import patch_model
 
 VOCAB, PAD = 1024, 0
+# the cache's argument and output name: ``past_key_values`` before transformers 5.2x, ``cache`` after
+CACHE = "cache" if "cache" in inspect.signature(MiniMaxForCausalLM.forward).parameters else "past_key_values"
 # float32: the same function in another order (2e-7 to 6e-7 measured on CPU); 16-bit: the
 # original rounds its states to the dtype at every block and token, the op keeps them in float32
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-1, "float16": 5e-2}
@@ -49,7 +52,10 @@ def tiny_minimax(args) -> MiniMaxForCausalLM:
         max_position_embeddings=args.length + args.new_tokens + 64,
     )
     torch.manual_seed(0)
-    return MiniMaxForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = MiniMaxForCausalLM(config)
+    with torch.no_grad():  # a trained padding embedding rather than zeros, so that the padding mask matters
+        model.model.embed_tokens.weight[PAD].normal_(0, 1)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
 
 
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -80,7 +86,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--length", type=int, default=200, help="prompt length")
+    parser.add_argument("--length", type=int, default=100, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -140,10 +146,10 @@ def main() -> None:
     for name, model in (("original", original), ("patched", patched)):
         with torch.no_grad():
             prefill = milliseconds(lambda: model(prompt, use_cache=True), args.repeats)
-            cache = model(prompt, use_cache=True).cache
+            cache = getattr(model(prompt, use_cache=True), CACHE)
             token = prompt[:, -1:]
             # each step adds a token to the cache (the softmax layer's keys grow by one)
-            decode = milliseconds(lambda: model(token, cache=cache, use_cache=True), max(args.repeats, 10))
+            decode = milliseconds(lambda: model(token, use_cache=True, **{CACHE: cache}), max(args.repeats, 5))
         rows.append((name, prefill, decode))
     print(f"\nMiniMax, {args.layers} layers ({args.layers - 1} lightning + 1 softmax), hidden {args.hidden}, "
           f"{args.heads} heads, {args.dtype} on {args.device}, prompt {args.length}")

@@ -4,6 +4,7 @@ left-padded batch, a continued cache, a training step's loss and gradients — t
 against the original layer run in float64, and the op running where the loops ran."""
 
 import copy
+import json
 import subprocess
 import sys
 import warnings
@@ -34,7 +35,12 @@ ROUNDING = 2e-5
 
 def tiny_minimax(**overrides) -> MiniMaxForCausalLM:
     torch.manual_seed(0)
-    return MiniMaxForCausalLM(MiniMaxConfig(**{**CONFIG, **overrides})).eval()
+    model = MiniMaxForCausalLM(MiniMaxConfig(**{**CONFIG, **overrides})).eval()
+    with torch.no_grad():
+        # a trained model's padding embedding, not padding_idx's zeros (with which every layer would
+        # see zeros at padded positions, and the padding mask would change nothing)
+        model.model.embed_tokens.weight[PAD].normal_(0, 1)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,36 @@ def test_layers_the_op_refuses_are_left_alone_with_a_warning():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def hook_like_accelerate(module, calls: list) -> None:
+    """What accelerate's ``add_hook_to_module`` does to each module with weights of a model loaded
+    with ``device_map=``: keep the forward in ``_old_forward`` and call it from a wrapper."""
+    module._hf_hook = object()
+    module._old_forward = module.forward
+
+    def forward(*args, **kwargs):
+        calls.append(type(module).__name__)
+        return module._old_forward(*args, **kwargs)
+
+    module.forward = forward
+
+
+def test_layers_under_accelerate_hooks_are_patched_behind_the_hook(models):
+    original, _ = models
+    model, calls = copy.deepcopy(original), []
+    for module in model.modules():
+        if isinstance(module, MiniMaxLightningAttention):
+            hook_like_accelerate(module, calls)
+    assert patch_model(model) == LIGHTNING_LAYERS
+    ids = prompts(2, 30)
+    with torch.no_grad():
+        assert lightning_calls(lambda: model(ids)) == {"lightning::attn": LIGHTNING_LAYERS}
+        assert calls == ["MiniMaxLightningAttention"] * LIGHTNING_LAYERS  # through the hook
+        assert rel_error(model(ids).logits, original(ids).logits) <= ROUNDING
+        assert unpatch_model(model) == LIGHTNING_LAYERS
+        assert lightning_calls(lambda: model(ids)) == {}
+    assert len(calls) == 3 * LIGHTNING_LAYERS
+
+
 def test_a_patched_model_deep_copies_patched():
     model = tiny_minimax()
     patch_model(model)
@@ -149,7 +185,7 @@ def run_layer(layer, x, mask=None, cache=None):
 
 def float64_errors(layer_idx: int) -> dict[str, tuple[float, float]]:
     """name -> (patched, original float32) relative errors against the original layer in float64,
-    over a fresh prompt, a left-padded batch, a prompt continued from the cache and decode steps."""
+    over a left-padded prompt, a padded prompt continued from the cache and decode steps."""
     reference, original, patched = layer_pair(layer_idx)
     gen = torch.Generator().manual_seed(layer_idx)
     x = torch.randn(2, 53, 64, generator=gen, dtype=torch.float64)
@@ -167,7 +203,11 @@ def float64_errors(layer_idx: int) -> dict[str, tuple[float, float]]:
         errors[name + "_state"] = tuple(rel_error(states[key], states["reference"]) for key in ("patched", "original"))
 
     compare("prompt_padded", x=x, mask=mask)
-    compare("continued", x=torch.randn(2, 37, 64, generator=gen, dtype=torch.float64))
+    # padding inside a continued prompt (a chunked prefill of a padded batch): the padded positions
+    # see a state now, and must still add nothing and output zeros
+    continued_mask = torch.ones(2, 37, dtype=torch.long)
+    continued_mask[0, 30:] = 0
+    compare("continued", x=torch.randn(2, 37, 64, generator=gen, dtype=torch.float64), mask=continued_mask)
     for step in range(3):
         compare(f"decode{step}", x=torch.randn(2, 1, 64, generator=gen, dtype=torch.float64))
     return errors
@@ -220,6 +260,22 @@ def test_pieces_through_the_cache_equal_one_pass():
         pieces = [run_layer(patched, x[:, a:b], cache=cache)[0] for a, b in ((0, 20), (20, 40), (40, 41), (41, 50))]
     assert rel_error(torch.cat(pieces, 1), want) <= ROUNDING
     assert rel_error(cache.get_linear_cache(1), want_state) <= ROUNDING
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copied_in", "replaced"])
+def test_the_layers_own_slopes_are_used_also_after_they_change(assign):
+    """The decays come from the layer's slope_rate buffer (in a checkpoint's state dict), read again
+    after load_state_dict copies new ones in or replaces the buffer. (The original's block loop
+    reads the decay factors derived from it, which are buffers too: all four are loaded.)"""
+    _, original, patched = layer_pair(1)
+    x = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(4))
+    slopes = original.slope_rate * 3
+    derived = dict(zip(("query_decay", "key_decay", "diagonal_decay"), original.decay_factors(slopes)))
+    with torch.no_grad():
+        run_layer(patched, x)
+        for layer in (original, patched):
+            layer.load_state_dict({**layer.state_dict(), "slope_rate": slopes.clone(), **derived}, assign=assign)
+        assert rel_error(run_layer(patched, x)[0], run_layer(original, x)[0]) <= ROUNDING
 
 
 def test_padded_positions_do_not_enter_the_state():
@@ -304,7 +360,8 @@ def test_left_padded_batch_matches_the_original(models):
     assert torch.equal(patched.generate(ids, **kwargs), original.generate(ids, **kwargs))
 
 
-def test_training_step_loss_and_gradients_match_the_original():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_training_step_loss_and_gradients_match_the_original(checkpointing):
     original = tiny_minimax()
     patched = copy.deepcopy(original)
     patch_model(patched)
@@ -312,6 +369,8 @@ def test_training_step_loss_and_gradients_match_the_original():
     losses = []
     for model in (original, patched):
         model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         losses.append(loss.item())
@@ -403,7 +462,7 @@ def test_compiled_model_breaks_no_more_graphs_than_the_original(models):
     torch._dynamo.reset()
 
 
-# ----------------------------------------------------------------------------- the example
+# ----------------------------------------------------------------------------- the example and the benchmark
 
 
 @pytest.mark.slow
@@ -415,3 +474,18 @@ def test_example_runs_its_checks():
         error, tol = (float(part.split("=")[1]) for part in line.split(": ")[1].split())
         assert error <= tol, line
 
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/bench_hf.py --smoke runs original and patched side by side and prints its table last."""
+    out = run_script("benchmarks/bench_hf.py", "--smoke", "--lengths", "64", "--new-tokens", "3", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(row["impl"] for row in rows) == ["original", "patched"]
+    for row in rows:
+        assert row["same_tokens"] == 3  # float32: the same greedy tokens
+        assert all(row[key] > 0 for key in ("model_prefill_ms", "layers_prefill_ms", "model_decode_ms",
+                                            "layers_decode_ms"))
+    last = out.rstrip().splitlines()
+    assert last[-1].startswith("| 64 ") and "same greedy tokens" in last[-1], out[-2000:]
+    assert any(line.startswith("targets at N = 64:") for line in last), out[-2000:]

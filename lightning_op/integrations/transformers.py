@@ -77,12 +77,13 @@ def patch_model(model: nn.Module) -> int:
         if _is_patched(module):
             already += 1
             continue
+        slot = _forward_slot(module)
         refused = unsupported(head_dims=(("q, k and v", module.head_dim),))
-        if refused or "forward" in module.__dict__:
+        if refused or not _runs_the_class_forward(module, slot):
             skipped.append(f"{name or type(module).__name__} ("
                            + (refused.reason if refused else "its forward is already replaced by something else") + ")")
             continue
-        module.forward = types.MethodType(_patched_forward, module)
+        setattr(module, slot, types.MethodType(_patched_forward, module))
         patched += 1
     left_alone = f"left {len(skipped)} layer(s) as they were: {'; '.join(skipped)}"
     if patched == 0:
@@ -109,15 +110,33 @@ def unpatch_model(model: nn.Module) -> int:
     """
     restored = 0
     for module in model.modules():
-        if _is_patched(module):
-            del module.forward
+        slot = _forward_slot(module)
+        if _is_patched(module, slot):
+            if slot == "forward":
+                del module.forward
+            else:
+                setattr(module, slot, types.MethodType(type(module).forward, module))
             module.__dict__.pop(_DECAY_MEMO, None)
             restored += 1
     return restored
 
 
-def _is_patched(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
+def _forward_slot(module: nn.Module) -> str:
+    """The instance attribute that holds the forward to replace. accelerate's hooks (a model
+    loaded with ``device_map=``) replace ``forward`` with a wrapper that moves the inputs and calls
+    the forward they keep in ``_old_forward``: that one is replaced, so the hook keeps working."""
+    return "_old_forward" if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ else "forward"
+
+
+def _runs_the_class_forward(module: nn.Module, slot: str) -> bool:
+    forward = module.__dict__.get(slot)
+    if slot == "forward":
+        return forward is None
+    return isinstance(forward, types.MethodType) and forward.__func__ is type(module).forward
+
+
+def _is_patched(module: nn.Module, slot: Optional[str] = None) -> bool:
+    forward = module.__dict__.get(slot or _forward_slot(module))
     return isinstance(forward, types.MethodType) and forward.__func__ is _patched_forward
 
 
