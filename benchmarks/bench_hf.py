@@ -30,6 +30,7 @@ import argparse
 import copy
 import gc
 import inspect
+import os
 import statistics
 import sys
 import time
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 with --smoke)")
     parser.add_argument("--repeats", type=int, default=None, help="timed prefills per length and impl (default 5)")
-    parser.add_argument("--out", default="benchmarks/results/hf", help="output folder")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "out", "hf"), help="output folder")
     args = parser.parse_args(argv)
     small = args.smoke
     args.lengths = args.lengths or ([64, 160] if small else [4096, 16384])
