@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .functional import attn_step, lightning_attn
 from .reference import slopes
-from .support import MAX_HEAD_DIM, MIN_HEAD_DIM, unsupported
+from .support import unsupported
 
 __all__ = ["LightningAttention", "StateCache"]
 
@@ -127,11 +127,9 @@ class LightningAttention(nn.Module):
                     "pass head_dim"
                 )
             head_dim = hidden_size // num_heads
-        refused = unsupported(head_dims=(("q, k and v", head_dim),))
-        if refused:  # named as this module's argument: the op's own reason names the op's
-            raise refused.error(
-                f"LightningAttention: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}"
-            )
+        refused = unsupported(head_dims=(("head_dim", head_dim),))
+        if refused:  # named as this module's argument
+            raise refused.error("LightningAttention: " + refused.reason.replace("head dim of head_dim", "head_dim"))
         factory = dict(device=device, dtype=dtype)
         self.num_heads, self.head_dim, self.layer_idx, self.scale = num_heads, head_dim, layer_idx, scale
         inner = num_heads * head_dim

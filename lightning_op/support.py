@@ -6,6 +6,7 @@ Validation (``ops``), the rewrite's recogniser (before it probes a candidate) an
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -46,7 +47,13 @@ def unsupported(
         if dtype not in DTYPES:
             return Unsupported(TypeError, f"{name} must be float16, bfloat16 or float32, got {dtype}")
     for name, size in head_dims:
-        if isinstance(size, int) and not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
+        if isinstance(size, torch.SymInt):
+            continue
+        try:
+            size = operator.index(size)  # an int-like (numpy integers too); not 8.0, not a string
+        except TypeError:
+            return Unsupported(TypeError, f"head dim of {name} must be an int, got {size!r}")
+        if not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
             return Unsupported(
                 ValueError, f"head dim of {name} must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {size}"
             )

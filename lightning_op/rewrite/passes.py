@@ -269,8 +269,11 @@ lightning_backend = make_backend("inductor")
 
 
 def _source_hash() -> bytes:
+    """The rewrite's sources and support.py (what the op accepts decides what is rewritten): part of
+    Inductor's FX-graph cache key, so a cached graph never outlives a change to either."""
     digest = hashlib.sha256()
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    here = pathlib.Path(__file__).parent
+    for path in sorted(here.glob("*.py")) + [here.parent / "support.py"]:
         digest.update(path.read_bytes())
     return digest.digest()
 
