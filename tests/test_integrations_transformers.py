@@ -405,6 +405,27 @@ def test_a_bfloat16_cache_of_the_original_is_continued_in_float32():
     assert rel_error(got, want) <= 2e-2  # the original rounds its state to bfloat16 at every step
 
 
+def test_a_cache_filled_in_inference_mode_is_continued_outside_it(models):
+    original, patched = models
+    ids = prompts(1, 30)
+    with torch.inference_mode():
+        caches = [model(ids, use_cache=True).cache for model in (original, patched)]
+    with torch.no_grad():
+        want, got = (model(prompts(1, 1, seed=9), cache=cache, use_cache=True).logits
+                     for model, cache in zip((original, patched), caches))
+    assert rel_error(got, want) <= ROUNDING
+
+
+def test_a_model_built_in_inference_mode_runs_patched():
+    """Its buffers are inference tensors, which keep no version counter."""
+    with torch.inference_mode():
+        original = tiny_minimax()
+        patched = copy.deepcopy(original)
+        patch_model(patched)
+        ids = prompts(1, 20)
+        assert rel_error(patched(ids).logits, original(ids).logits) <= ROUNDING
+
+
 def test_decode_steps_up_to_the_step_size_update_the_state_in_place(models):
     _, patched = models
     ids = prompts(1, 30)

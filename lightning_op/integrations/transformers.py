@@ -145,12 +145,25 @@ def _decay(layer: nn.Module) -> Tensor:
     slopes = layer.slope_rate
     if torch.compiler.is_compiling():
         return slopes.reshape(-1).to(torch.float32)
-    key = (slopes.data_ptr(), slopes._version, slopes.dtype, slopes.device)
+    # (inference tensors, of a model built under torch.inference_mode, keep no version counter)
+    version = None if slopes.is_inference() else slopes._version
+    key = (slopes.data_ptr(), version, slopes.dtype, slopes.device)
     memo = layer.__dict__.get(_DECAY_MEMO)
     if memo is None or memo[0] != key:
         memo = (key, slopes.detach().reshape(-1).to(torch.float32))
         layer.__dict__[_DECAY_MEMO] = memo
     return memo[1]
+
+
+def _steppable(state: Tensor) -> Tensor:
+    """The cached state, or a copy that the in-place step may update: float32 (the original layers
+    store the model's dtype) and, outside inference mode, not an inference tensor (a cache filled
+    under ``torch.inference_mode``)."""
+    if state.dtype != torch.float32 or (
+        not torch.compiler.is_compiling() and state.is_inference() and not torch.is_inference_mode_enabled()
+    ):
+        return state.to(torch.float32, copy=True)
+    return state
 
 
 def _patched_forward(
@@ -177,8 +190,7 @@ def _patched_forward(
     if state is not None and length <= STEP_MAX_TOKENS and not (
         torch.is_grad_enabled() and (qkv.requires_grad or state.requires_grad)
     ):
-        if state.dtype != torch.float32:
-            state = state.to(torch.float32)  # a state the original layers stored in the model's dtype
+        state = _steppable(state)
         out = attn_step(q, k, v, state, decay)
     else:
         out, state = lightning_attn(q, k, v, decay, initial_state=state, output_final_state=True)
