@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import context_parallel_attn
 from .functional import attn_step, lightning_attn
 from .reference import slopes
 from .support import unsupported
@@ -103,6 +104,10 @@ class LightningAttention(nn.Module):
     place. ``new_state`` is always the caller's own tensor: with a cache it is a copy of the cached
     state, which later steps do not change (one state-sized copy per call); a ``state`` passed
     beside a cache is read, never updated in place.
+
+    ``context_parallel_group``: a process group whose ranks each pass consecutive slices of one
+    sequence (rank order); the layer then runs :func:`lightning_op.distributed.context_parallel_attn`
+    and returns the whole sequence's final state on every rank. No cache in that mode.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class LightningAttention(nn.Module):
         scale: float = 1.0,
         bias: bool = False,
         eps: float = 1e-6,
+        context_parallel_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -132,6 +138,7 @@ class LightningAttention(nn.Module):
             raise refused.error("LightningAttention: " + refused.reason.replace("head dim of head_dim", "head_dim"))
         factory = dict(device=device, dtype=dtype)
         self.num_heads, self.head_dim, self.layer_idx, self.scale = num_heads, head_dim, layer_idx, scale
+        self.context_parallel_group = context_parallel_group
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **factory)
         self.gate_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
@@ -145,6 +152,11 @@ class LightningAttention(nn.Module):
         self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
     ) -> tuple[Tensor, Tensor]:
         b, n, _ = x.shape
+        if self.context_parallel_group is not None and cache is not None:
+            raise ValueError(
+                "LightningAttention: a context-parallel layer takes no cache (each rank holds a slice of one "
+                "sequence); pass the whole sequence's state as state"
+            )
         cached = None if cache is None else cache.get(self.layer_idx, owner=self)
         if state is None:
             state = cached
@@ -156,6 +168,9 @@ class LightningAttention(nn.Module):
         if in_place:
             o = attn_step(q, k, v, state, self.decay, scale=self.scale)
             new_state = state
+        elif self.context_parallel_group is not None:
+            o, new_state = context_parallel_attn(q, k, v, self.decay, scale=self.scale, group=self.context_parallel_group,
+                                                 initial_state=state, output_final_state=True)
         else:
             o, new_state = lightning_attn(
                 q, k, v, self.decay, scale=self.scale, initial_state=state, output_final_state=True

@@ -332,25 +332,15 @@ class _Model(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.layers = torch.nn.ModuleList(
-            LightningAttention(hidden, heads, layer_idx=i, num_layers=2, scale=0.5) for i in range(2)
+            LightningAttention(hidden, heads, layer_idx=i, num_layers=2, scale=0.5, context_parallel_group=group)
+            for i in range(2)
         )
         self.head = torch.nn.Linear(hidden, hidden)
-        self.group = group
 
     def forward(self, x):
         for layer in self.layers:
-            x = x + (layer(x)[0] if self.group is None else _context_parallel_layer(layer, x, self.group))
+            x = x + layer(x)[0]
         return self.head(x)
-
-
-def _context_parallel_layer(layer, x, group):
-    """``LightningAttention.forward`` through ``context_parallel_attn``."""
-    b, n, _ = x.shape
-    q, k, v = torch.nn.functional.silu(layer.qkv_proj(x)).view(b, n, 3, layer.num_heads, layer.head_dim).unbind(2)
-    o = distributed.context_parallel_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer.decay,
-                                          scale=layer.scale, group=group)
-    o = o.transpose(1, 2).reshape(b, n, layer.num_heads * layer.head_dim)
-    return layer.out_proj(torch.sigmoid(layer.gate_proj(x)) * layer.norm(o))
 
 
 def _ddp_training(rank, world, n=96, steps=3):

@@ -16,8 +16,8 @@ FLOORS = [
     {"kernels"},
     {"backends"},
     {"ops"},
-    {"functional", "_export"},
-    {"nn", "rewrite", "deploy", "distributed", "integrations"},
+    {"functional", "_export", "distributed"},
+    {"nn", "rewrite", "deploy", "integrations"},
 ]
 
 

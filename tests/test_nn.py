@@ -287,3 +287,12 @@ def test_block_matches_a_transcription_of_its_formula(cpu_backend):
             assert cache.get(block.layer_idx) is cached  # the in-place decode step was taken
             check(start, start + count, y, state, f"decode step of {count} at {start}")
             start += count
+
+
+def test_context_parallel_layer_refuses_a_cache():
+    """Each rank holds a slice of one sequence: a cache of per-layer states has no meaning there."""
+    from lightning_op.nn import LightningAttention, StateCache
+
+    layer = LightningAttention(32, 2, context_parallel_group=object())
+    with pytest.raises(ValueError, match="context-parallel layer takes no cache"):
+        layer(torch.randn(1, 4, 32), cache=StateCache())
