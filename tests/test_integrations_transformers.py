@@ -263,20 +263,31 @@ def test_pieces_through_the_cache_equal_one_pass():
     assert rel_error(cache.get_linear_cache(1), want_state) <= ROUNDING
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("assign", [False, True], ids=["copied_in", "replaced"])
-def test_the_layers_own_slopes_are_used_also_after_they_change(assign):
+def test_the_layers_own_slopes_are_used_also_after_they_change(assign, dtype):
     """The decays come from the layer's slope_rate buffer (in a checkpoint's state dict), read again
-    after load_state_dict copies new ones in or replaces the buffer. (The original's block loop
-    reads the decay factors derived from it, which are buffers too: all four are loaded.)"""
+    after load_state_dict copies new ones in or replaces the buffer: the layer then computes what a
+    layer patched after the change computes, and in float32 what the original computes. (The
+    original's block loop reads the decay factors derived from the slopes, which are buffers too:
+    all four are loaded.)"""
     _, original, patched = layer_pair(1)
+    original, patched = original.to(dtype), patched.to(dtype)
     x = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(4))
-    slopes = original.slope_rate * 3
+    slopes = original.slope_rate.float() * 3
     derived = dict(zip(("query_decay", "key_decay", "diagonal_decay"), original.decay_factors(slopes)))
     with torch.no_grad():
-        run_layer(patched, x)
+        before = run_layer(patched, x)[0]
         for layer in (original, patched):
-            layer.load_state_dict({**layer.state_dict(), "slope_rate": slopes.clone(), **derived}, assign=assign)
-        assert rel_error(run_layer(patched, x)[0], run_layer(original, x)[0]) <= ROUNDING
+            new = {name: value.to(dtype) for name, value in {"slope_rate": slopes, **derived}.items()}
+            layer.load_state_dict({**layer.state_dict(), **new}, assign=assign)
+        fresh = copy.deepcopy(patched)
+        unpatch_model(fresh)
+        patch_model(fresh)
+        after = run_layer(patched, x)[0]
+        assert torch.equal(after, run_layer(fresh, x)[0]) and not torch.equal(after, before)
+        if dtype == torch.float32:
+            assert rel_error(after, run_layer(original, x)[0]) <= ROUNDING
 
 
 def test_padded_positions_do_not_enter_the_state():
