@@ -17,26 +17,8 @@ heads take the two-pass composition instead. Rows are addressed from the end (po
 import triton
 import triton.language as tl
 
-from .chunked import (_block_and_head, _dot, _dot_acc, _intra_chunk_decay, _load_rows, _segment_chunk,
-                      _segment_start_state)
-
-
-@triton.jit
-def _store_rows(ptr, stride_n, stride_d, tile, rows, row_valid, cols, col_valid, N):
-    """Store a [rows, cols] tile at positions N - 1 - rows (reverse addressing)."""
-    positions = N - 1 - rows
-    offsets = positions.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
-    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
-
-
-@triton.jit
-def _masked_scores(a, b, mask, scale, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``(a b^T) * M``, scale folded in: ``mask`` is the decay mask times scale, or without decay
-    the causal pattern."""
-    scores = _dot(a, tl.trans(b), DOT_DTYPE, PRECISION)
-    if HAS_DECAY:
-        return scores * mask
-    return tl.where(mask, scores * scale, 0.0)
+from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _head, _load_rows,
+                     _mask_scores, _segment_chunk, _segment_start_state, _store_rows, _store_state, _update_state)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -69,12 +51,12 @@ def _key_value_grad_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = Q + b * stride_qb + h * stride_qh
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
-    do_ptr = DO + b * stride_ob + h * stride_oh
-    dk_ptr = DK + b * stride_dkb + h * stride_dkh
-    dv_ptr = DV + b * stride_dvb + h * stride_dvh
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    do_ptr = _head(DO, b, h, stride_ob, stride_oh)
+    dk_ptr = _head(DK, b, h, stride_dkb, stride_dkh)
+    dv_ptr = _head(DV, b, h, stride_dvb, stride_dvh)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = tl.arange(0, BLOCK_V)
     valid_k = cols_k < D_K
@@ -82,9 +64,7 @@ def _key_value_grad_kernel(
     tile_mask = valid_k[:, None] & valid_v[None, :]
     idx = tl.arange(0, CHUNK)
     causal = idx[:, None] >= idx[None, :]
-    if HAS_DECAY:
-        log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
-        intra_mask = intra_mask * scale
+    log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[:, None], idx[None, :], scale, 1.0, HAS_DECAY)
 
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
@@ -105,62 +85,27 @@ def _key_value_grad_kernel(
         do = _load_rows(do_ptr, stride_on, stride_od, rows, row_valid, cols_v, valid_v, N, True)
 
         if LATE_DK_SCORES and not ACCUMULATE:
-            kq = _masked_scores(k, q, intra_mask if HAS_DECAY else causal, scale, HAS_DECAY, DOT_DTYPE, PRECISION)
+            kq = _chunk_scores(k, q, mask, scale, 1.0, HAS_DECAY, DOT_DTYPE, PRECISION)
         else:  # both products before both masks: the order the H200 timings were taken with
             kq = _dot(k, tl.trans(q), DOT_DTYPE, PRECISION)
             vdo = _dot(v, tl.trans(do), DOT_DTYPE, PRECISION)
-            if HAS_DECAY:
-                kq = kq * intra_mask
-                vdo = vdo * intra_mask
-            else:
-                kq = tl.where(causal, kq * scale, 0.0)
-                vdo = tl.where(causal, vdo * scale, 0.0)
-        # the state's shares carry the row weight lam^(i+shift), applied to the products
-        if ACCUMULATE:  # each gradient's chunk share accumulates onto its state share, one at a time
-            dv = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            if HAS_DECAY:
-                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-                dv = dv * row_weight
-            dv = _dot_acc(dv, kq, do, DOT_DTYPE, PRECISION)
-            _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-            dk = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
-            if HAS_DECAY:
-                dk = dk * row_weight
-            dk = _dot_acc(dk, vdo, q, DOT_DTYPE, PRECISION)
-        else:
-            # each gradient's two shares combined by one fused multiply-add (the forward's reason:
-            # a plain sum becomes an accumulating dot, which spills)
-            dv_intra = _dot(kq, do, DOT_DTYPE, PRECISION)
-            dv_inter = _dot(k, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            if HAS_DECAY:
-                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32))
-            else:
-                row_weight = tl.full([CHUNK], 1.0, tl.float32)
-            dv = tl.fma(dv_inter, row_weight[:, None], dv_intra)
-            _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N)
-            if LATE_DK_SCORES:  # dk's scores only once dv is stored: fewer float32 tiles live at once
-                vdo = _masked_scores(v, do, intra_mask if HAS_DECAY else causal, scale, HAS_DECAY, DOT_DTYPE,
-                                     PRECISION)
-            dk_intra = _dot(vdo, q, DOT_DTYPE, PRECISION)
-            dk_inter = _dot(v, tl.trans(state), STATE_DOT_DTYPE, STATE_PRECISION)
-            dk = tl.fma(dk_inter, row_weight[:, None], dk_intra)
-        _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N)
-
-        # q's row weights lam^(length-1-i); in place (UPDATE_ACCUMULATE) they also carry scale
-        if HAS_DECAY:
-            q_weight = tl.exp2(log2_lam * tl.maximum(length - 1 - idx, 0).to(tl.float32))
-            if UPDATE_ACCUMULATE:
-                q_weight = q_weight * scale
-            q = q * q_weight[:, None]
-            state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        elif UPDATE_ACCUMULATE:
-            q = q * scale
-        if UPDATE_ACCUMULATE:
-            state = _dot_acc(state, tl.trans(q), do, DOT_DTYPE, PRECISION)
-        else:
-            state += _dot(tl.trans(q), do, DOT_DTYPE, PRECISION) * scale
+            kq = _mask_scores(kq, mask, scale, 1.0, HAS_DECAY)
+            vdo = _mask_scores(vdo, mask, scale, 1.0, HAS_DECAY)
+        # dv = k dS and dk = v dS^T, each the state's share plus the chunk's own, as the forward's
+        # output rows with out_scale 1 (scale sits in the mask and the state)
+        dv = _chunk_rows(k, state, kq, do, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, False, CHUNK,
+                         DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N, True)
+        if LATE_DK_SCORES and not ACCUMULATE:  # dk's scores once dv is stored: fewer float32 tiles live
+            vdo = _chunk_scores(v, do, mask, scale, 1.0, HAS_DECAY, DOT_DTYPE, PRECISION)
+        dk = _chunk_rows(v, state, vdo, q, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, True, CHUNK,
+                         DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N, True)
+        # dS <- lam^(length-1+shift) dS + scale sum_i lam^(length-1-i) q_i^T do_i
+        state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, UPDATE_ACCUMULATE,
+                              False, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
         if seg == num_segments - 1:
-            final_ptr = FINAL + b * stride_fb + h * stride_fh
-            tl.store(final_ptr + cols_k[:, None] * stride_fk + cols_v[None, :] * stride_fv, state, mask=tile_mask)
+            _store_state(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k, cols_v,
+                         tile_mask)

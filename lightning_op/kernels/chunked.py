@@ -20,6 +20,7 @@ chunks of one segment: a Dk x BLOCK_V state carried in registers. Segments run i
    segment (piece) start; segment ``seg`` starts from slot ``seg * split - 1``;
 3. ``_chunk_output_kernel``: one program per (value block, segment, batch*head) walks its chunks
    from the segment's start state, writes the output and, in the last segment, the final state.
+   For each chunk: scores, output rows, store, state update (the stages in ``stages.py``).
 
 With one segment (long enough for the chip to be busy with B*H*value blocks alone) steps 1 and 2
 vanish and this is the paper's kernel. Memory besides inputs and outputs: one float32 state per
@@ -32,78 +33,8 @@ segment boundary: they underflow for strong decays, they never overflow.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Matrix product with fp32 accumulation; operands cast to DOT_DTYPE first."""
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_acc(acc, a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b``, the product accumulated into ``acc`` (float32) itself."""
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _block_and_head(DV, BLOCK_V: tl.constexpr):
-    """(value block, batch*head) of this program. Both share grid axis 0, value blocks fastest so
-    the programs reading the same q and k rows run side by side; axis 0 also allows 2**31 - 1
-    programs where the other axes stop at 65535. batch*head is 64-bit: offsets of large tensors
-    pass 2**31 elements."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_v_blocks = tl.cdiv(DV, BLOCK_V)
-    return pid % num_v_blocks, pid // num_v_blocks
-
-
-@triton.jit
-def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
-    """A [rows, cols] tile of a [N, D] matrix given by strides; rows past the end read as zero."""
-    if REVERSE:
-        positions = N - 1 - rows
-    else:
-        positions = rows
-    offsets = positions.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
-    return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
-
-
-@triton.jit
-def _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK: tl.constexpr):
-    """The chunk of a segment's walk that begins at row ``start``: its rows, which of them lie in
-    the segment, how many do, and the exponent its first row's state share carries (the
-    segment's ``first_shift`` in its first chunk, else 1)."""
-    rows = start + idx
-    return rows, rows < seg_end, tl.minimum(seg_end - start, CHUNK), tl.where(start == seg_begin, first_shift, 1)
-
-
-@triton.jit
-def _intra_chunk_decay(DECAY, h, idx, causal):
-    """log2(lam) of head h and the chunk's mask M[i, s] = lam^(i-s) for i >= s, else 0 (the exponent
-    is clamped so that masked entries stay finite)."""
-    log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
-    distance = tl.maximum(idx[:, None] - idx[None, :], 0).to(tl.float32)
-    return log2_lam, tl.where(causal, tl.exp2(log2_lam * distance), 0.0)
-
-
-@triton.jit
-def _segment_start_state(
-    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
-    stride_sk, stride_sv, HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
-    later one from ``slot`` of the scanned segment states (element (i, j) of a slot at
-    ``i * stride_sk + j * stride_sv``: (DV, 1) for the states of this pass, (1, DK) for those of
-    the transposed pass, see ``kernels.SegmentStates``)."""
-    if seg == 0:
-        if HAS_INIT:
-            ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
-            state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        else:
-            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    else:
-        ptrs = SEG_STATES + slot + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
-        state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-    return state
+from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _dot_acc, _head, _load_rows,
+                     _log2_decay, _segment_chunk, _segment_start_state, _store_rows, _store_state, _update_state)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -130,15 +61,15 @@ def _segment_state_kernel(
     value_scale = tl.cast(value_scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
     if HAS_DECAY:
-        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+        log2_lam = _log2_decay(DECAY, h)
 
     state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     seg_begin = seg * segment_len
@@ -154,7 +85,7 @@ def _segment_state_kernel(
             # it underflows, never overflows), and value_scale: the state is never rescaled
             if HAS_DECAY:
                 weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
-                if WEIGHT_VALUES:  # the weight on the value rows (see _chunk_output_kernel)
+                if WEIGHT_VALUES:  # the weight on the value rows (see stages._update_state)
                     v = v * weight[:, None]
                 else:
                     k = k * weight[:, None]
@@ -171,8 +102,8 @@ def _segment_state_kernel(
                 state = state * tl.exp2(log2_lam * CHUNK)
             state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
-    out = SEG_STATES + (bh * num_segments + seg) * DK * DV
-    tl.store(out + cols_k[:, None] * DV + cols_v[None, :], state, mask=valid_k[:, None] & valid_v[None, :])
+    _store_state(SEG_STATES + (bh * num_segments + seg) * DK * DV, DV, 1, state, cols_k, cols_v,
+                 valid_k[:, None] & valid_v[None, :])
 
 
 @triton.jit
@@ -196,13 +127,13 @@ def _segment_scan_kernel(
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
     if HAS_INIT:
-        init_ptr = INIT + b * stride_ib + h * stride_ih
+        init_ptr = _head(INIT, b, h, stride_ib, stride_ih)
         state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
         state = state.to(tl.float32)
     else:
         state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     if HAS_DECAY:
-        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+        log2_lam = _log2_decay(DECAY, h)
         first_decay = tl.exp2(log2_lam * (segment_len - 1 + INIT_SHIFT))
         later_decay = tl.exp2(log2_lam * segment_len)
     slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
@@ -247,23 +178,21 @@ def _chunk_output_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = Q + b * stride_qb + h * stride_qh
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
-    o_ptr = O + b * stride_ob + h * stride_oh
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    o_ptr = _head(O, b, h, stride_ob, stride_oh)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
     valid_v = cols_v < DV
     tile_mask = valid_k[:, None] & valid_v[None, :]
     idx = tl.arange(0, CHUNK)
+    # the scores carry value_scale, and out_scale too unless it is applied to the sum (ACCUMULATE)
+    score_out_scale = 1.0 if ACCUMULATE else out_scale
     causal = idx[:, None] >= idx[None, :]
-    if HAS_DECAY:
-        log2_lam, intra_mask = _intra_chunk_decay(DECAY, h, idx, causal)
-        if ACCUMULATE:
-            intra_mask = intra_mask * value_scale
-        else:
-            intra_mask = intra_mask * (value_scale * out_scale)
+    log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[:, None], idx[None, :], value_scale, score_out_scale,
+                                 HAS_DECAY)
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
@@ -281,66 +210,17 @@ def _chunk_output_kernel(
         q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-
-        scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
-        if HAS_DECAY:
-            scores = scores * intra_mask
-        elif ACCUMULATE:
-            scores = tl.where(causal, scores * value_scale, 0.0)
-        else:
-            scores = tl.where(causal, scores * (value_scale * out_scale), 0.0)
-        # the state's share, lam^(i+shift) q_i S: the row weight goes on the product, so q enters
-        # the dot as loaded (no scaled copy of it); the two forms order their products differently
-        if ACCUMULATE:
-            inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            if HAS_DECAY:
-                inter = inter * tl.exp2(log2_lam * (idx + shift).to(tl.float32))[:, None]
-            out = _dot_acc(inter, scores, v, DOT_DTYPE, PRECISION) * out_scale
-        else:
-            intra = _dot(scores, v, DOT_DTYPE, PRECISION)
-            inter = _dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION)
-            # both scales sit in the scores, out_scale also in the state's row weights: one fused
-            # multiply-add per element combines the two shares. Written as a sum, the compiler
-            # would accumulate the scores' product onto the state's share, as the other form
-            # does, which spills at D = 128 (registers.py); measured 0-4% faster forward than
-            # three scaling passes (H200, RESULTS.md 2026-12-02)
-            if HAS_DECAY:
-                row_weight = tl.exp2(log2_lam * (idx + shift).to(tl.float32)) * out_scale
-            else:
-                row_weight = tl.full([CHUNK], 1.0, tl.float32) * out_scale
-            out = tl.fma(inter, row_weight[:, None], intra)
-        if REVERSE:
-            positions = N - 1 - rows
-        else:
-            positions = rows
-        o_offsets = positions.to(tl.int64)[:, None] * stride_on + cols_v[None, :] * stride_od
-        tl.store(o_ptr + o_offsets, out.to(O.dtype.element_ty), mask=row_valid[:, None] & valid_v[None, :])
-
-        if HAS_DECAY:
-            # key weight lam^(length-1-i); rows past the end are zero and get exponent 0
-            key_exponent = tl.maximum(length - 1 - idx, 0).to(tl.float32)
-            weight = tl.exp2(log2_lam * key_exponent)
-            if ACCUMULATE or UPDATE_ACCUMULATE:
-                weight = weight * value_scale
-            # WEIGHT_VALUES: the weight goes on the value rows instead of the key rows (a 64 x 64
-            # float32 temporary instead of 64 x 256 at D = 256; it needed 240 KB of shared memory
-            # with 3 stages on triton 3.6, past the H200's 227 KB)
-            if WEIGHT_VALUES:
-                v = v * weight[:, None]
-            else:
-                k = k * weight[:, None]
-            state = state * tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        elif ACCUMULATE or UPDATE_ACCUMULATE:
-            k = k * value_scale
-        if ACCUMULATE or UPDATE_ACCUMULATE:
-            state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
-        else:
-            state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+        scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
+        out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
+                          CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
+                              ACCUMULATE or UPDATE_ACCUMULATE, WEIGHT_VALUES, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
         if seg == num_segments - 1:
-            final_ptr = FINAL + b * stride_fb + h * stride_fh
-            tl.store(final_ptr + cols_k[:, None] * stride_fk + cols_v[None, :] * stride_fv, state, mask=tile_mask)
+            _store_state(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k, cols_v,
+                         tile_mask)
 
 
 @triton.jit

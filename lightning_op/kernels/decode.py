@@ -13,7 +13,7 @@ read: the state is read once and written once, and nothing is allocated but the 
 import triton
 import triton.language as tl
 
-from .chunked import _block_and_head
+from .stages import _block_and_head, _head
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -36,14 +36,14 @@ def _decode_step_kernel(
     valid_k = cols_k < DK
     valid_v = cols_v < DV
     tile_mask = valid_k[:, None] & valid_v[None, :]
-    state_ptrs = STATE + b * stride_sb + h * stride_sh + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
+    state_ptrs = _head(STATE, b, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
     state = tl.load(state_ptrs, mask=tile_mask, other=0.0)
     if HAS_DECAY:
         lam = tl.exp(-tl.load(DECAY + h).to(tl.float32))
-    q_ptr = Q + b * stride_qb + h * stride_qh + cols_k * stride_qd
-    k_ptr = K + b * stride_kb + h * stride_kh + cols_k * stride_kd
-    v_ptr = V + b * stride_vb + h * stride_vh + cols_v * stride_vd
-    o_ptr = O + b * stride_ob + h * stride_oh + cols_v * stride_od
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh) + cols_k * stride_qd
+    k_ptr = _head(K, b, h, stride_kb, stride_kh) + cols_k * stride_kd
+    v_ptr = _head(V, b, h, stride_vb, stride_vh) + cols_v * stride_vd
+    o_ptr = _head(O, b, h, stride_ob, stride_oh) + cols_v * stride_od
     for t in range(0, T):
         q = tl.load(q_ptr + t * stride_qt, mask=valid_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + t * stride_kt, mask=valid_k, other=0.0).to(tl.float32)

@@ -1,0 +1,244 @@
+"""The chunk step's stages as ``@triton.jit`` helpers, shared by the kernel families.
+
+A walking kernel reads, for each chunk of its segment: load the rows, score them (``(a b^T) * M``),
+combine the state's share with the chunk's own (the output rows), store them, decay the state and
+add the chunk. Triton inlines every helper into its kernel, so a kernel built from them compiles
+to the code of one written out; the helpers only name the steps.
+
+The decay factors all take the form ``lam^e = exp2(log2(lam) * e)`` with ``e >= 0`` counted from
+a chunk's boundary (see ``chunked``): ``_row_decay`` (the state's share of row i, ``e = i + shift``),
+``_key_decay`` (key row s's share of the state at the chunk's end, ``e = length - 1 - s``) and
+``_chunk_decay`` (the state across the chunk, ``e = length - 1 + shift``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Matrix product with fp32 accumulation; operands cast to DOT_DTYPE first."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_acc(acc, a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``, the product accumulated into ``acc`` (float32) itself."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+# ---- the program's tile -------------------------------------------------------------------------
+
+@triton.jit
+def _block_and_head(DV, BLOCK_V: tl.constexpr):
+    """(value block, batch*head) of this program. Both share grid axis 0, value blocks fastest so
+    the programs reading the same q and k rows run side by side; axis 0 also allows 2**31 - 1
+    programs where the other axes stop at 65535. batch*head is 64-bit: offsets of large tensors
+    pass 2**31 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_v_blocks = tl.cdiv(DV, BLOCK_V)
+    return pid % num_v_blocks, pid // num_v_blocks
+
+
+@triton.jit
+def _head(ptr, b, h, stride_b, stride_h):
+    """The [N, D] matrix of batch b, head h in a [B, H, N, D] tensor given by strides."""
+    return ptr + b * stride_b + h * stride_h
+
+
+# ---- rows of a chunk ----------------------------------------------------------------------------
+
+@triton.jit
+def _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK: tl.constexpr):
+    """The chunk of a segment's walk that begins at row ``start``: its rows, which of them lie in
+    the segment, how many do, and the exponent its first row's state share carries (the
+    segment's ``first_shift`` in its first chunk, else 1)."""
+    rows = start + idx
+    return rows, rows < seg_end, tl.minimum(seg_end - start, CHUNK), tl.where(start == seg_begin, first_shift, 1)
+
+
+@triton.jit
+def _positions(rows, N, REVERSE: tl.constexpr):
+    """Sequence positions of walk rows: backward in time (``REVERSE``) rows count from the end."""
+    if REVERSE:
+        positions = N - 1 - rows
+    else:
+        positions = rows
+    return positions
+
+
+@triton.jit
+def _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
+    """A [rows, cols] tile of a [N, D] matrix given by strides; rows past the end read as zero."""
+    offsets = _positions(rows, N, REVERSE).to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
+    return tl.load(ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, stride_n, stride_d, tile, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
+    """Store a [rows, cols] tile into a [N, D] matrix given by strides, in its element type."""
+    offsets = _positions(rows, N, REVERSE).to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
+    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+# ---- decay --------------------------------------------------------------------------------------
+
+@triton.jit
+def _log2_decay(DECAY, h):
+    """log2(lam) of head h, from its decay rate (lam = exp(-rate))."""
+    return -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _chunk_mask(DECAY, h, causal, query_idx, key_idx, scale, out_scale, HAS_DECAY: tl.constexpr):
+    """log2(lam) of head h and the chunk's mask M[i, s] = scale * out_scale * lam^(i-s) where query
+    row i sees key row s (``causal``), else 0 (the exponent is clamped so that masked entries stay
+    finite). Without decay: log2(lam) = 0 and the causal pattern itself (``_mask_scores`` then
+    applies the scales). The row indices come broadcast: ``idx[:, None], idx[None, :]`` for a mask
+    indexed [i, s]; the caller compares them (``causal``) as its layout reads best, which also
+    fixes the order of the comparison's operands in the generated code."""
+    if HAS_DECAY:
+        log2_lam = _log2_decay(DECAY, h)
+        distance = tl.maximum(query_idx - key_idx, 0).to(tl.float32)
+        mask = tl.where(causal, tl.exp2(log2_lam * distance), 0.0) * (scale * out_scale)
+    else:
+        log2_lam = 0.0
+        mask = causal
+    return log2_lam, mask
+
+
+@triton.jit
+def _row_decay(log2_lam, idx, shift):
+    """lam^(i+shift): the state's share in row i of a chunk."""
+    return tl.exp2(log2_lam * (idx + shift).to(tl.float32))
+
+
+@triton.jit
+def _key_decay(log2_lam, idx, length):
+    """lam^(length-1-s): key row s's weight in the state at the chunk's last row (rows past the
+    end are zero and get exponent 0)."""
+    return tl.exp2(log2_lam * tl.maximum(length - 1 - idx, 0).to(tl.float32))
+
+
+@triton.jit
+def _chunk_decay(log2_lam, length, shift):
+    """lam^(length-1+shift): the state carried across a chunk of ``length`` rows."""
+    return tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
+
+
+# ---- the chunk step on a [Dk, BLOCK_V] state ----------------------------------------------------
+
+@triton.jit
+def _mask_scores(scores, mask, scale, out_scale, HAS_DECAY: tl.constexpr):
+    """Scores times the chunk's mask (``_chunk_mask``), the scales folded in."""
+    if HAS_DECAY:
+        scores = scores * mask
+    else:
+        scores = tl.where(mask, scores * (scale * out_scale), 0.0)
+    return scores
+
+
+@triton.jit
+def _chunk_scores(a, b, mask, scale, out_scale, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """``(a b^T) * M``: query rows a against key rows b, masked and scaled."""
+    return _mask_scores(_dot(a, tl.trans(b), DOT_DTYPE, PRECISION), mask, scale, out_scale, HAS_DECAY)
+
+
+@triton.jit
+def _state_share(x, state, TRANSPOSE_STATE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+                 STATE_PRECISION: tl.constexpr):
+    """``x S``, or ``x S^T``: the transpose is taken right before its product. For a float32 state
+    operand it compiles to a copy through shared memory where it is written; taken before the
+    chunk's own product, that copy would move ahead of it."""
+    if TRANSPOSE_STATE:
+        state = tl.trans(state)
+    return _dot(x, state, STATE_DOT_DTYPE, STATE_PRECISION)
+
+
+@triton.jit
+def _chunk_rows(
+    x, state, scores, y, log2_lam, idx, shift, out_scale, HAS_DECAY: tl.constexpr, ACCUMULATE: tl.constexpr,
+    TRANSPOSE_STATE: tl.constexpr, CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_DOT_DTYPE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """A chunk's output rows ``out_scale * (lam^(i+shift) x_i S + (scores y)_i)`` (``S^T`` with
+    ``TRANSPOSE_STATE``): the state's share plus the chunk's own. The row weight goes on the
+    product, so x enters the dot as loaded (no scaled copy of it). ``ACCUMULATE``: the chunk's
+    product accumulates onto the state's share.
+    Otherwise each product has its own tile, and one fused multiply-add per element combines
+    them: written as a sum, the compiler would accumulate the one product onto the other, as the
+    other form does, which spills at D = 128 (registers.py); measured 0-4% faster forward than
+    three scaling passes (H200, RESULTS.md 2026-12-02)."""
+    if ACCUMULATE:
+        inter = _state_share(x, state, TRANSPOSE_STATE, STATE_DOT_DTYPE, STATE_PRECISION)
+        if HAS_DECAY:
+            inter = inter * _row_decay(log2_lam, idx, shift)[:, None]
+        out = _dot_acc(inter, scores, y, DOT_DTYPE, PRECISION) * out_scale
+    else:
+        intra = _dot(scores, y, DOT_DTYPE, PRECISION)
+        inter = _state_share(x, state, TRANSPOSE_STATE, STATE_DOT_DTYPE, STATE_PRECISION)
+        if HAS_DECAY:
+            row_weight = _row_decay(log2_lam, idx, shift) * out_scale
+        else:
+            row_weight = tl.full([CHUNK], 1.0, tl.float32) * out_scale
+        out = tl.fma(inter, row_weight[:, None], intra)
+    return out
+
+
+@triton.jit
+def _update_state(
+    state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY: tl.constexpr, IN_PLACE: tl.constexpr,
+    WEIGHT_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``S <- lam^(length-1+shift) S + value_scale sum_s lam^(length-1-s) k_s^T v_s`` over a chunk.
+    ``IN_PLACE``: the product accumulates onto the decayed state, value_scale in the key weights.
+    ``WEIGHT_VALUES``: the weights go on the value rows instead of the key rows (at D = 256 a 64 x
+    64 float32 temporary instead of 64 x 256; that one needed 240 KB of shared memory with 3
+    stages on triton 3.6, past the H200's 227 KB)."""
+    if HAS_DECAY:
+        weight = _key_decay(log2_lam, idx, length)
+        if IN_PLACE:
+            weight = weight * value_scale
+        if WEIGHT_VALUES:
+            v = v * weight[:, None]
+        else:
+            k = k * weight[:, None]
+        state = state * _chunk_decay(log2_lam, length, shift)
+    elif IN_PLACE:
+        k = k * value_scale
+    if IN_PLACE:
+        state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
+    else:
+        state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
+    return state
+
+
+# ---- states -------------------------------------------------------------------------------------
+
+@triton.jit
+def _segment_start_state(
+    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
+    stride_sk, stride_sv, HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The float32 state a segment starts from: segment 0 from the initial state (or zeros), a
+    later one from ``slot`` of the scanned segment states (element (i, j) of a slot at
+    ``i * stride_sk + j * stride_sv``: (DV, 1) for the states of this pass, (1, DK) for those of
+    the transposed pass, see ``kernels.SegmentStates``)."""
+    if seg == 0:
+        if HAS_INIT:
+            ptrs = INIT + init_offset + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv
+            state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    else:
+        ptrs = SEG_STATES + slot + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
+        state = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+    return state
+
+
+@triton.jit
+def _store_state(ptr, stride_k, stride_v, state, cols_k, cols_v, tile_mask):
+    """Store a float32 [Dk, BLOCK_V] state tile at ``ptr`` (element (i, j) at ``i * stride_k + j * stride_v``)."""
+    tl.store(ptr + cols_k[:, None] * stride_k + cols_v[None, :] * stride_v, state, mask=tile_mask)
+
