@@ -33,8 +33,10 @@ segment boundary: they underflow for strong decays, they never overflow.
 import triton
 import triton.language as tl
 
-from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _dot_acc, _head, _load_rows,
-                     _log2_decay, _segment_chunk, _segment_start_state, _store_rows, _store_state, _update_state)
+from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
+                     _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _segment_chunk, _segment_start_state,
+                     _segment_start_state_t, _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state,
+                     _update_state_t)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -223,45 +225,6 @@ def _chunk_output_kernel(
                          tile_mask)
 
 
-@triton.jit
-def _key_part(ptr, stride_n, stride_d, rows, row_valid, part, DK, N,
-              REVERSE: tl.constexpr, PART: tl.constexpr):
-    """Rows of key columns ``[part * PART, (part + 1) * PART)`` of a [N, Dk] matrix (q or k)."""
-    cols = part * PART + tl.arange(0, PART)
-    return _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, cols < DK, N, REVERSE)
-
-
-@triton.jit
-def _state_part_t(ptr, stride_k, stride_v, part, cols_v, valid_v, DK, PART: tl.constexpr):
-    """A float32 [BLOCK_V, PART] tile of a [Dk, Dv] state read transposed (key columns of ``part``)."""
-    cols_k = part * PART + tl.arange(0, PART)
-    ptrs = ptr + cols_v[:, None] * stride_v + cols_k[None, :] * stride_k
-    return tl.load(ptrs, mask=valid_v[:, None] & (cols_k < DK)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _start_part_t(
-    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, part, cols_v, valid_v, DK, stride_sk, stride_sv,
-    HAS_INIT: tl.constexpr, BLOCK_V: tl.constexpr, PART: tl.constexpr,
-):
-    """One transposed part of the state a segment starts from (see _segment_start_state)."""
-    if seg == 0:
-        if HAS_INIT:
-            state_t = _state_part_t(INIT + init_offset, stride_ik, stride_iv, part, cols_v, valid_v, DK, PART)
-        else:
-            state_t = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
-    else:
-        state_t = _state_part_t(SEG_STATES + slot, stride_sk, stride_sv, part, cols_v, valid_v, DK, PART)
-    return state_t
-
-
-@triton.jit
-def _store_state_part_t(ptr, stride_k, stride_v, part, state_t, cols_v, valid_v, DK, PART: tl.constexpr):
-    cols_k = part * PART + tl.arange(0, PART)
-    ptrs = ptr + cols_v[:, None] * stride_v + cols_k[None, :] * stride_k
-    tl.store(ptrs, state_t, mask=valid_v[:, None] & (cols_k < DK)[None, :])
-
-
 @triton.jit(do_not_specialize=["N"])
 def _chunk_output_t_kernel(
     Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL,
@@ -281,7 +244,7 @@ def _chunk_output_t_kernel(
 ):
     """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
 
-    The state is held as ``S^T`` ([BLOCK_V, Dk]) in ``KEY_PARTS`` (1, 2 or 4) float32 tiles of
+    The state is held as ``S^T`` ([BLOCK_V, Dk]) in a tuple of ``KEY_PARTS`` float32 tiles of
     ``PART`` key columns, and every product is written the other way round: scores ``k q^T``
     ([s, i]), outputs ``o^T = (S^T q^T) * w + v^T (k q^T * M^T)`` ([BLOCK_V, rows], stored through
     the output's strides), update ``S^T += (w v)^T k``. On sm_90 the state then is the register
@@ -298,105 +261,40 @@ def _chunk_output_t_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = Q + b * stride_qb + h * stride_qh
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
-    o_ptr = O + b * stride_ob + h * stride_oh
+    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    o_ptr = _head(O, b, h, stride_ob, stride_oh)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
     causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
-    if HAS_DECAY:
-        log2_lam = -tl.load(DECAY + h).to(tl.float32) * 1.4426950408889634
-        distance = tl.maximum(idx[None, :] - idx[:, None], 0).to(tl.float32)
-        mask_t = tl.where(causal_t, tl.exp2(log2_lam * distance), 0.0) * (value_scale * out_scale)
+    log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
-    # the state before the segment's first row, part by part (as _segment_start_state)
-    init_offset = b * stride_ib + h * stride_ih
-    slot = (bh * num_slots + seg * split - 1) * DK * DV
-    s0 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 0, cols_v, valid_v, DK,
-                       stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
-    if KEY_PARTS >= 2:
-        s1 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 1, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
-    if KEY_PARTS >= 4:
-        s2 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 2, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
-        s3 = _start_part_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, 3, cols_v, valid_v, DK,
-                           stride_sk, stride_sv, HAS_INIT, BLOCK_V, PART)
+    states = _segment_start_state_t(
+        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv, SEG_STATES,
+        (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
+        HAS_INIT, BLOCK_V, KEY_PARTS, PART,
+    )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
     for start in range(seg_begin, seg_end, CHUNK):
         rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
-        q0 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 0, DK, N, REVERSE, PART)
-        if KEY_PARTS >= 2:
-            q1 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 1, DK, N, REVERSE, PART)
-        if KEY_PARTS >= 4:
-            q2 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 2, DK, N, REVERSE, PART)
-            q3 = _key_part(q_ptr, stride_qn, stride_qd, rows, row_valid, 3, DK, N, REVERSE, PART)
-        k0 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 0, DK, N, REVERSE, PART)
-        if KEY_PARTS >= 2:
-            k1 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 1, DK, N, REVERSE, PART)
-        if KEY_PARTS >= 4:
-            k2 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 2, DK, N, REVERSE, PART)
-            k3 = _key_part(k_ptr, stride_kn, stride_kd, rows, row_valid, 3, DK, N, REVERSE, PART)
+        qs = _key_parts(q_ptr, stride_qn, stride_qd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
+        ks = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-
         # the scores in full, masked, then the state's share (the order timed fastest on the H200)
-        scores_t = _dot(k0, tl.trans(q0), DOT_DTYPE, PRECISION)
-        if KEY_PARTS >= 2:
-            scores_t = _dot_acc(scores_t, k1, tl.trans(q1), DOT_DTYPE, PRECISION)
-        if KEY_PARTS >= 4:
-            scores_t = _dot_acc(scores_t, k2, tl.trans(q2), DOT_DTYPE, PRECISION)
-            scores_t = _dot_acc(scores_t, k3, tl.trans(q3), DOT_DTYPE, PRECISION)
-        if HAS_DECAY:
-            scores_t = scores_t * mask_t
-        else:
-            scores_t = tl.where(causal_t, scores_t * (value_scale * out_scale), 0.0)
-        inter_t = _dot(s0, tl.trans(q0), STATE_DOT_DTYPE, STATE_PRECISION)
-        if KEY_PARTS >= 2:
-            inter_t = _dot_acc(inter_t, s1, tl.trans(q1), STATE_DOT_DTYPE, STATE_PRECISION)
-        if KEY_PARTS >= 4:
-            inter_t = _dot_acc(inter_t, s2, tl.trans(q2), STATE_DOT_DTYPE, STATE_PRECISION)
-            inter_t = _dot_acc(inter_t, s3, tl.trans(q3), STATE_DOT_DTYPE, STATE_PRECISION)
-        if HAS_DECAY:  # the state's share lam^(i+shift) q_i S, out_scale included
-            inter_t = inter_t * (tl.exp2(log2_lam * (idx + shift).to(tl.float32)) * out_scale)[None, :]
-        else:
-            inter_t = inter_t * out_scale
-        # the chunk's own share accumulated onto the state's (measured 4% faster than a fused
-        # multiply-add of two products in the prototype)
-        out_t = _dot_acc(inter_t, tl.trans(v), scores_t, DOT_DTYPE, PRECISION)
-        if REVERSE:
-            positions = N - 1 - rows
-        else:
-            positions = rows
-        o_offsets = positions.to(tl.int64)[None, :] * stride_on + cols_v[:, None] * stride_od
-        tl.store(o_ptr + o_offsets, out_t.to(O.dtype.element_ty), mask=row_valid[None, :] & valid_v[:, None])
-
-        # S^T <- lam^(length-1+shift) S^T + (w v)^T k, w = value_scale lam^(length-1-s) (rows past
-        # the end are zero and get exponent 0)
-        if HAS_DECAY:
-            weight = tl.exp2(log2_lam * tl.maximum(length - 1 - idx, 0).to(tl.float32)) * value_scale
-            weighted_t = tl.trans(v * weight[:, None])
-            decay_chunk = tl.exp2(log2_lam * (length - 1 + shift).to(tl.float32))
-        else:
-            weighted_t = tl.trans(v * value_scale)
-            decay_chunk = 1.0
-        s0 = _dot_acc(s0 * decay_chunk, weighted_t, k0, DOT_DTYPE, PRECISION)
-        if KEY_PARTS >= 2:
-            s1 = _dot_acc(s1 * decay_chunk, weighted_t, k1, DOT_DTYPE, PRECISION)
-        if KEY_PARTS >= 4:
-            s2 = _dot_acc(s2 * decay_chunk, weighted_t, k2, DOT_DTYPE, PRECISION)
-            s3 = _dot_acc(s3 * decay_chunk, weighted_t, k3, DOT_DTYPE, PRECISION)
+        scores_t = _chunk_scores_t(ks, qs, mask_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
+                                   PRECISION)
+        out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
+                              DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows_t(o_ptr, stride_on, stride_od, out_t, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        states = _update_state_t(states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
+                                 DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
         if seg == num_segments - 1:
-            final_ptr = FINAL + b * stride_fb + h * stride_fh
-            _store_state_part_t(final_ptr, stride_fk, stride_fv, 0, s0, cols_v, valid_v, DK, PART)
-            if KEY_PARTS >= 2:
-                _store_state_part_t(final_ptr, stride_fk, stride_fv, 1, s1, cols_v, valid_v, DK, PART)
-            if KEY_PARTS >= 4:
-                _store_state_part_t(final_ptr, stride_fk, stride_fv, 2, s2, cols_v, valid_v, DK, PART)
-                _store_state_part_t(final_ptr, stride_fk, stride_fv, 3, s3, cols_v, valid_v, DK, PART)
+            _store_state_t(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v, valid_v,
+                           DK, KEY_PARTS, PART)

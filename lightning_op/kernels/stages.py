@@ -81,6 +81,13 @@ def _store_rows(ptr, stride_n, stride_d, tile, rows, row_valid, cols, col_valid,
     tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
 
+@triton.jit
+def _store_rows_t(ptr, stride_n, stride_d, tile_t, rows, row_valid, cols, col_valid, N, REVERSE: tl.constexpr):
+    """Store a [cols, rows] tile (the rows transposed) into a [N, D] matrix given by strides."""
+    offsets = _positions(rows, N, REVERSE).to(tl.int64)[None, :] * stride_n + cols[:, None] * stride_d
+    tl.store(ptr + offsets, tile_t.to(ptr.dtype.element_ty), mask=row_valid[None, :] & col_valid[:, None])
+
+
 # ---- decay --------------------------------------------------------------------------------------
 
 @triton.jit
@@ -242,3 +249,101 @@ def _store_state(ptr, stride_k, stride_v, state, cols_k, cols_v, tile_mask):
     """Store a float32 [Dk, BLOCK_V] state tile at ``ptr`` (element (i, j) at ``i * stride_k + j * stride_v``)."""
     tl.store(ptr + cols_k[:, None] * stride_k + cols_v[None, :] * stride_v, state, mask=tile_mask)
 
+
+# ---- the chunk step on S^T held in parts of key columns (``_chunk_output_t_kernel``) -------------
+# Each part is a tile of PART key columns; the parts travel as a tuple of KEY_PARTS tiles, and the
+# loops over them are unrolled at compile time (``tl.static_range``).
+
+@triton.jit
+def _key_parts(ptr, stride_n, stride_d, rows, row_valid, DK, N, REVERSE: tl.constexpr, KEY_PARTS: tl.constexpr,
+               PART: tl.constexpr):
+    """Rows of a [N, Dk] matrix (q or k) as KEY_PARTS tiles of PART key columns."""
+    parts = ()
+    for part in tl.static_range(KEY_PARTS):
+        cols = part * PART + tl.arange(0, PART)
+        parts = parts + (_load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, cols < DK, N, REVERSE),)
+    return parts
+
+
+@triton.jit
+def _state_part_t(ptr, stride_k, stride_v, part, cols_v, valid_v, DK, PART: tl.constexpr):
+    """A float32 [BLOCK_V, PART] tile of a [Dk, Dv] state read transposed (key columns of ``part``)."""
+    cols_k = part * PART + tl.arange(0, PART)
+    ptrs = ptr + cols_v[:, None] * stride_v + cols_k[None, :] * stride_k
+    return tl.load(ptrs, mask=valid_v[:, None] & (cols_k < DK)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _segment_start_state_t(
+    INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
+    HAS_INIT: tl.constexpr, BLOCK_V: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr,
+):
+    """``_segment_start_state`` transposed, part by part."""
+    states = ()
+    for part in tl.static_range(KEY_PARTS):
+        if seg == 0:
+            if HAS_INIT:
+                state_t = _state_part_t(INIT + init_offset, stride_ik, stride_iv, part, cols_v, valid_v, DK, PART)
+            else:
+                state_t = tl.zeros([BLOCK_V, PART], dtype=tl.float32)
+        else:
+            state_t = _state_part_t(SEG_STATES + slot, stride_sk, stride_sv, part, cols_v, valid_v, DK, PART)
+        states = states + (state_t,)
+    return states
+
+
+@triton.jit
+def _chunk_scores_t(ks, qs, mask_t, scale, out_scale, HAS_DECAY: tl.constexpr, KEY_PARTS: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``(k q^T) * M^T`` ([s, i]), the product summed over the key parts."""
+    scores_t = _dot(ks[0], tl.trans(qs[0]), DOT_DTYPE, PRECISION)
+    for part in tl.static_range(1, KEY_PARTS):
+        scores_t = _dot_acc(scores_t, ks[part], tl.trans(qs[part]), DOT_DTYPE, PRECISION)
+    return _mask_scores(scores_t, mask_t, scale, out_scale, HAS_DECAY)
+
+
+@triton.jit
+def _chunk_rows_t(
+    qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY: tl.constexpr, KEY_PARTS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """``_chunk_rows`` transposed ([BLOCK_V, rows]): ``(S^T q^T) * w + v^T (k q^T * M^T)``, the
+    chunk's own share accumulated onto the state's (measured 4% faster than a fused multiply-add
+    of two products in the prototype)."""
+    inter_t = _dot(states[0], tl.trans(qs[0]), STATE_DOT_DTYPE, STATE_PRECISION)
+    for part in tl.static_range(1, KEY_PARTS):
+        inter_t = _dot_acc(inter_t, states[part], tl.trans(qs[part]), STATE_DOT_DTYPE, STATE_PRECISION)
+    if HAS_DECAY:  # the state's share lam^(i+shift) q_i S, out_scale included
+        inter_t = inter_t * (_row_decay(log2_lam, idx, shift) * out_scale)[None, :]
+    else:
+        inter_t = inter_t * out_scale
+    return _dot_acc(inter_t, tl.trans(v), scores_t, DOT_DTYPE, PRECISION)
+
+
+@triton.jit
+def _update_state_t(
+    states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY: tl.constexpr, KEY_PARTS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``_update_state`` transposed: ``S^T <- lam^(length-1+shift) S^T + (w v)^T k`` with
+    ``w = value_scale lam^(length-1-s)``, k entering the product as loaded."""
+    if HAS_DECAY:
+        weighted_t = tl.trans(v * (_key_decay(log2_lam, idx, length) * value_scale)[:, None])
+        decay_chunk = _chunk_decay(log2_lam, length, shift)
+    else:
+        weighted_t = tl.trans(v * value_scale)
+        decay_chunk = 1.0
+    updated = ()
+    for part in tl.static_range(KEY_PARTS):
+        updated = updated + (_dot_acc(states[part] * decay_chunk, weighted_t, ks[part], DOT_DTYPE, PRECISION),)
+    return updated
+
+
+@triton.jit
+def _store_state_t(ptr, stride_k, stride_v, states, cols_v, valid_v, DK, KEY_PARTS: tl.constexpr,
+                   PART: tl.constexpr):
+    """Store S^T's parts into a [Dk, Dv] state (element (i, j) at ``i * stride_k + j * stride_v``)."""
+    for part in tl.static_range(KEY_PARTS):
+        cols_k = part * PART + tl.arange(0, PART)
+        ptrs = ptr + cols_v[:, None] * stride_v + cols_k[None, :] * stride_k
+        tl.store(ptrs, states[part], mask=valid_v[:, None] & (cols_k < DK)[None, :])
