@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from common import GIB, environment, package_version, write_results
+from common import DTYPES, GIB, environment, package_version, run_device, write_results
 from lightning_op.integrations.transformers import patch_model
 
 try:
@@ -49,7 +49,6 @@ except ImportError as error:  # pragma: no cover - optional dependency
 
 # the cache's argument and output name: ``past_key_values`` before transformers 5.2x, ``cache`` after
 CACHE = "cache" if "cache" in inspect.signature(MiniMaxForCausalLM.forward).parameters else "past_key_values"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("original", "patched")
 # the targets: (row, least speed-up original / patched) and peak memory no higher
 TARGETS = {"prefill": 5.0, "decode": 3.0}
@@ -243,12 +242,8 @@ def targets_line(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    device = run_device(args.smoke)
+    if device is None:
         return 2
     dtype = DTYPES[args.dtype]
     original = build_model(args, device)

@@ -70,14 +70,20 @@ def apply_common_defaults(args) -> None:
 def start_run(args) -> Optional[tuple[torch.device, torch.dtype, Timer]]:
     """The run's device (the CPU for ``--smoke``, else the GPU), the inputs' dtype and the timer;
     None (after saying why) where there is no GPU."""
-    if args.smoke:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    device = run_device(args.smoke)
+    if device is None:
         return None
     return device, DTYPES[args.dtype], Timer(device, args.warmup_ms, args.rep_ms)
+
+
+def run_device(smoke: bool) -> Optional[torch.device]:
+    """The CPU for ``--smoke``, else the GPU; None (after saying why) where there is no GPU."""
+    if smoke:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+    return None
 
 
 def free(device: torch.device) -> None:
