@@ -79,8 +79,8 @@ class OpAttention:
     four methods (tests pass a float64 reference) can stand in for it.
     """
 
-    #: whether ``backward`` returns the decay's gradient (the op's backward does not yet)
-    differentiates_decay = False
+    #: whether ``backward`` returns the decay's gradient
+    differentiates_decay = True
 
     def forward(self, q, k, v, decay, scale, initial_state) -> tuple[Tensor, Tensor]:
         return ops.attn_eager(q, k, v, decay, scale, initial_state)
@@ -104,10 +104,11 @@ class OpAttention:
 
     def backward(self, grad_out, grad_final_state, q, k, v, decay, scale, initial_state):
         """``(dq, dk, dv, d_decay or None)`` with the initial state held fixed."""
-        dq, dk, dv, _ = torch.ops.lightning.attn_bwd(
-            grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads=stored_bnhd(q)
+        decay_grad = decay is not None and decay.requires_grad
+        dq, dk, dv, _, d_decay = torch.ops.lightning.attn_bwd(
+            grad_out, grad_final_state, q, k, v, decay, scale, initial_state, stored_bnhd(q), None, decay_grad
         )
-        return dq, dk, dv, None
+        return dq, dk, dv, d_decay if decay_grad else None
 
 
 OP_ATTENTION = OpAttention()
@@ -271,26 +272,35 @@ def _register_sharding_rules() -> None:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
-    layouts = ((Replicate(), Replicate()), (Shard(0), Replicate()), (Shard(1), Shard(0)))
+    from torch.distributed.tensor import Partial
+
+    # (q, k, v and their gradients; decay; the decay's gradient): over the batch each rank's decay
+    # gradient is a partial sum, over the heads a shard
+    layouts = ((Replicate(), Replicate(), Replicate()), (Shard(0), Replicate(), Partial()),
+               (Shard(1), Shard(0), Shard(0)))
 
     @register_sharding(torch.ops.lightning.attn.default)
-    def _attn(q, k, v, decay=None, scale=1.0, initial_state=None):
+    def _attn(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
         _refuse_sequence_sharding(q, k, v)
         return [
             ([tensors, tensors], [tensors] * 3 + [decay_ if decay is not None else None, None,
-                                                  tensors if initial_state is not None else None])
-            for tensors, decay_ in layouts
+                                                  tensors if initial_state is not None else None,
+                                                  Replicate() if cu_seqlens is not None else None])
+            for tensors, decay_, _ in layouts
         ]
 
     @register_sharding(torch.ops.lightning.attn_bwd.default)
-    def _attn_bwd(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False):
+    def _attn_bwd(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False,
+                  cu_seqlens=None, decay_grad=False):
         _refuse_sequence_sharding(q, k, v)
-        # d_initial_state is an empty placeholder without an initial state: replicated
+        # the initial state's and the decay's gradients are empty placeholders when not asked for: replicated
         return [
-            ([tensors] * 3 + [tensors if initial_state is not None else Replicate()],
+            ([tensors] * 3 + [tensors if initial_state is not None else Replicate(),
+                              decay_grad_ if decay_grad else Replicate()],
              [tensors, tensors if grad_final_state is not None else None] + [tensors] * 3
-             + [decay_ if decay is not None else None, None, tensors if initial_state is not None else None, None])
-            for tensors, decay_ in layouts
+             + [decay_ if decay is not None else None, None, tensors if initial_state is not None else None, None,
+                Replicate() if cu_seqlens is not None else None, None])
+            for tensors, decay_, decay_grad_ in layouts
         ]
 
 

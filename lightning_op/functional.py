@@ -17,7 +17,7 @@ __all__ = ["lightning_attn", "attn_step", "enable_autotune", "disable_autotune"]
 
 def lightning_attn(
     q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0,
-    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+    initial_state: Optional[Tensor] = None, output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Causal linear attention with a per-head decay, tiled as in Lightning Attention-2.
 
@@ -27,21 +27,30 @@ def lightning_attn(
         o_t = scale * q_t S_t
 
     Args:
-        q, k: ``[B, H, N, Dk]``; v: ``[B, H, N, Dv]`` (the ``scaled_dot_product_attention``
-            layout; ``[B, N, H, D]`` tensors passed as ``x.transpose(1, 2)`` are read in place).
-            float16, bfloat16 or float32, one dtype; 16 <= Dk, Dv <= 256; any N >= 0.
-        decay: ``[H]`` slopes >= 0, e.g. :func:`lightning_op.slopes`. Not learnable (yet).
+        q: ``[B, H, N, Dk]``; k: ``[B, Hkv, N, Dk]``; v: ``[B, Hkv, N, Dv]`` (the
+            ``scaled_dot_product_attention`` layout; ``[B, N, H, D]`` tensors passed as
+            ``x.transpose(1, 2)`` are read in place). float16, bfloat16 or float32, one dtype;
+            16 <= Dk, Dv <= 256; any N >= 0. Grouped-query heads: Hkv divides H and query head h
+            reads kv head ``h // (H // Hkv)`` (``repeat_interleave``'s order); k and v are never
+            copied to H heads.
+        decay: slopes >= 0, e.g. :func:`lightning_op.slopes`: ``[H]`` (one state per query head:
+            the result of repeating k and v) or ``[Hkv]`` (the query heads of a group share one
+            state, its decay). Learnable: a decay that requires grad gets its gradient.
         scale: multiplies the output (1.0 as in Lightning Attention; ``Dk ** -0.5`` is common too).
-        initial_state: ``[B, H, Dk, Dv]`` state carried in from an earlier piece of the sequence.
-        output_final_state: also return the ``[B, H, Dk, Dv]`` float32 state after the last token.
+        initial_state: ``[B, Hs, Dk, Dv]`` state carried in from an earlier piece of the sequence,
+            with Hs = H, or Hkv where a group shares its state (decay ``[Hkv]`` or None with Hkv < H).
+        output_final_state: also return the ``[B, Hs, Dk, Dv]`` float32 state after the last token.
+        cu_seqlens: packed sequences: int32 or int64 ``[S + 1]`` rising from 0 to N; the batch is
+            then 1 and rows ``cu[s] .. cu[s+1] - 1`` hold sequence s, which starts from
+            ``initial_state[s]`` (or zeros); no state crosses a boundary; states are ``[S, Hs, Dk, Dv]``.
 
     Returns:
         ``out`` ``[B, H, N, Dv]`` in q's dtype, or ``(out, final_state)``.
 
-    Differentiable in q, k, v and initial_state; works under ``torch.compile`` and ``torch.export``.
+    Differentiable in q, k, v, decay and initial_state; works under ``torch.compile`` and ``torch.export``.
     """
-    ops.validate(q, k, v, decay, scale, initial_state)  # before the dispatcher's own, terser checks
-    out, final_state = ops.attn_eager(q, k, v, decay, scale, initial_state)
+    ops.validate(q, k, v, decay, scale, initial_state, cu_seqlens)  # before the dispatcher's own, terser checks
+    out, final_state = ops.attn_eager(q, k, v, decay, scale, initial_state, cu_seqlens)
     return (out, final_state) if output_final_state else out
 
 

@@ -105,6 +105,12 @@ class LightningAttention(nn.Module):
     state, which later steps do not change (one state-sized copy per call); a ``state`` passed
     beside a cache is read, never updated in place.
 
+    ``num_kv_heads`` (a divisor of ``num_heads``; default ``num_heads``): grouped-query heads, k and
+    v projected to that many heads; the query heads of a group share one state and one decay
+    (``slopes(num_kv_heads, ...)``), so states and the cache are ``[B, num_kv_heads, D, D]``.
+    ``learnable_decay``: the decay is ``exp(log_decay)``, a parameter initialised to the slopes,
+    which trains (the op gives its gradient); else a fixed buffer ``decay``.
+
     ``context_parallel_group``: a process group whose ranks each pass consecutive slices of one
     sequence (rank order); the layer then runs :func:`lightning_op.distributed.context_parallel_attn`
     and returns the whole sequence's final state on every rank. No cache in that mode.
@@ -121,6 +127,8 @@ class LightningAttention(nn.Module):
         scale: float = 1.0,
         bias: bool = False,
         eps: float = 1e-6,
+        num_kv_heads: Optional[int] = None,
+        learnable_decay: bool = False,
         context_parallel_group=None,
         device=None,
         dtype=None,
@@ -136,17 +144,27 @@ class LightningAttention(nn.Module):
         refused = unsupported(head_dims=(("head_dim", head_dim),))
         if refused:  # named as this module's argument
             raise refused.error("LightningAttention: " + refused.reason.replace("head dim of head_dim", "head_dim"))
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 or (
+                num_heads % num_kv_heads):
+            raise ValueError(f"LightningAttention: num_kv_heads must be a positive divisor of num_heads {num_heads}, "
+                             f"got {num_kv_heads!r}")
         factory = dict(device=device, dtype=dtype)
         self.num_heads, self.head_dim, self.layer_idx, self.scale = num_heads, head_dim, layer_idx, scale
+        self.num_kv_heads = num_kv_heads
         self.context_parallel_group = context_parallel_group
         inner = num_heads * head_dim
-        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **factory)
+        self.qkv_proj = nn.Linear(hidden_size, inner + 2 * num_kv_heads * head_dim, bias=bias, **factory)
         self.gate_proj = nn.Linear(hidden_size, inner, bias=bias, **factory)
         self.norm = nn.RMSNorm(inner, eps=eps, **factory)
         self.out_proj = nn.Linear(inner, hidden_size, bias=bias, **factory)
-        decay = slopes(num_heads, layer_idx, num_layers) if num_layers > 1 else slopes(num_heads)
-        # derived from the configuration, so not part of the state dict
-        self.register_buffer("decay", decay.to(device=device), persistent=False)
+        decay = slopes(num_kv_heads, layer_idx, num_layers) if num_layers > 1 else slopes(num_kv_heads)
+        if learnable_decay:
+            # float32 whatever the module's dtype: the decay enters exponents over long sequences
+            self.log_decay = nn.Parameter(decay.log().to(device=device))
+        else:
+            # derived from the configuration, so not part of the state dict
+            self.register_buffer("decay", decay.to(device=device), persistent=False)
 
     def forward(
         self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
@@ -160,20 +178,23 @@ class LightningAttention(nn.Module):
         cached = None if cache is None else cache.get(self.layer_idx, owner=self)
         if state is None:
             state = cached
-        q, k, v = F.silu(self.qkv_proj(x)).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = F.silu(self.qkv_proj(x)).split((h * d, hkv * d, hkv * d), dim=-1)
+        # [B, H, N, D] views of [B, N, H, D]
+        q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t, heads in ((q, h), (k, hkv), (v, hkv)))
+        decay = self.log_decay.exp() if hasattr(self, "log_decay") else self.decay
         in_place = state is not None and state is cached and n <= STEP_MAX_TOKENS and not (
             torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         )
         if in_place:
-            o = attn_step(q, k, v, state, self.decay, scale=self.scale)
+            o = attn_step(q, k, v, state, decay, scale=self.scale)
             new_state = state
         elif self.context_parallel_group is not None:
-            o, new_state = context_parallel_attn(q, k, v, self.decay, scale=self.scale, group=self.context_parallel_group,
+            o, new_state = context_parallel_attn(q, k, v, decay, scale=self.scale, group=self.context_parallel_group,
                                                  initial_state=state, output_final_state=True)
         else:
             o, new_state = lightning_attn(
-                q, k, v, self.decay, scale=self.scale, initial_state=state, output_final_state=True
+                q, k, v, decay, scale=self.scale, initial_state=state, output_final_state=True
             )
         if cache is not None:
             cache.set(self.layer_idx, new_state, owner=self)

@@ -53,11 +53,11 @@ def _check_tensor(name: str, x, ndim: int, op: str = "attn") -> None:
         raise ValueError(f"lightning {op}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
+def validate(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument if the inputs are not an attn call.
 
-    Shape, dtype and device checks only: values (negative decays) are checked by the kernels'
-    callers, which can read them.
+    Shapes, dtypes and devices, and the values of ``cu_seqlens`` where they can be read (see
+    :func:`_check_cu_seqlens_values`); a decay's values are checked by :func:`prepare_decay`.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4)
@@ -72,24 +72,93 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None) -> None:
     b, h, n, dk = q.shape
     dv = v.shape[3]
     for name, x in (("k", k), ("v", v)):
-        for dim, what in ((0, "batch size"), (1, "number of heads"), (2, "sequence length")):
+        for dim, what in ((0, "batch size"), (2, "sequence length")):
             _require_equal(
                 x.shape[dim], q.shape[dim],
                 lambda: f"lightning attn: {name} has {what} {x.shape[dim]} (dim {dim}) but q has {q.shape[dim]}; "
-                f"q, k: [B, H, N, Dk], v: [B, H, N, Dv]",
+                f"q: [B, H, N, Dk], k: [B, Hkv, N, Dk], v: [B, Hkv, N, Dv]",
             )
+    hkv = k.shape[1]
+    _require_equal(v.shape[1], hkv, lambda: f"lightning attn: v has {v.shape[1]} heads but k has {hkv}; k and v "
+                   "must have the same number of heads (Hkv)")
     _require_equal(k.shape[3], dk, lambda: f"lightning attn: k has head dim {k.shape[3]} but q has {dk}")
+    _check_groups(h, hkv)
     refused = unsupported(head_dims=(("q and k", dk), ("v", dv)))
     if refused:
         raise refused.error(f"lightning attn: {refused.reason}")
     if decay is not None:
         _check_tensor("decay", decay, 1)
-        _require_equal(decay.shape[0], h, lambda: f"lightning attn: decay must have shape [H] = [{h}], got {tuple(decay.shape)}")
+        if not _is_size(decay.shape[0], h) and not _is_size(decay.shape[0], hkv):
+            raise ValueError(
+                f"lightning attn: decay must have shape [H] = [{h}] (a state per query head) or [Hkv] = [{hkv}] "
+                f"(a state per kv head), got {tuple(decay.shape)}"
+            )
         if decay.device != q.device:
             raise ValueError(f"lightning attn: decay is on {decay.device} but q is on {q.device}")
+    rows = b
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, q)
+        rows = cu_seqlens.shape[0] - 1
     if initial_state is not None:
-        _check_state_like("attn", "initial_state", initial_state, "shape", (b, h, dk, dv), ("B", "H", "Dk", "Dv"), q)
+        hs = reference.state_heads(h, hkv, decay)
+        _check_state_like("attn", "initial_state", initial_state, "shape", (rows, hs, dk, dv),
+                          ("S" if cu_seqlens is not None else "B", "H" if hs == h else "Hkv", "Dk", "Dv"), q)
     _check_scale(scale)
+
+
+def _is_size(actual, expected) -> bool:
+    """``actual == expected`` as a Python bool, for sizes that may be symbolic (compared through
+    their hints: a guard, which is what a shape check is)."""
+    return bool(actual == expected)
+
+
+def _check_groups(h, hkv) -> None:
+    if isinstance(h, torch.SymInt) or isinstance(hkv, torch.SymInt):
+        torch._check(h % hkv == 0, lambda: f"lightning attn: q's {h} heads must be a multiple of k's {hkv}")
+        return
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(
+            f"lightning attn: q has {h} heads and k, v have {hkv}; grouped-query heads need Hkv to divide H "
+            "(query head h reads kv head h // (H // Hkv))"
+        )
+
+
+def _check_cu_seqlens(cu_seqlens, q: Tensor) -> None:
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"lightning attn: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lightning attn: cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(
+            f"lightning attn: cu_seqlens must be 1-D [S + 1] (sequence starts, then N), got shape {tuple(cu_seqlens.shape)}"
+        )
+    if not _is_size(cu_seqlens.shape[0] >= 1, True):
+        raise ValueError("lightning attn: cu_seqlens must hold at least one entry (0 for no sequences)")
+    _require_equal(q.shape[0], 1, lambda: f"lightning attn: with cu_seqlens the batch must be 1 (the sequences are "
+                   f"packed along N), got q with batch {q.shape[0]}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"lightning attn: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    _check_cu_seqlens_values(cu_seqlens, q.shape[2])
+
+
+def _check_cu_seqlens_values(cu_seqlens: Tensor, n) -> None:
+    """``0 = cu[0] <= cu[1] <= ... <= cu[S] = N``, where the values can be read: always on the CPU,
+    on a GPU with one host read (not during CUDA-graph capture), never while tracing."""
+    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt) or not _has_values(cu_seqlens):
+        return  # traced: the values are not known (nor checked again when the graph runs)
+    if cu_seqlens.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != n) | (cu_seqlens.diff() < 0).any()
+        if not bool(bad):  # the one host read
+            return
+    values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != n or any(b < a for a, b in zip(values, values[1:])):
+        shown = values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
+        raise ValueError(
+            f"lightning attn: cu_seqlens must rise from 0 to N = {n} without decreasing "
+            f"(sequence s holds rows cu[s] .. cu[s+1] - 1), got {shown}"
+        )
 
 
 def _check_state_like(op: str, name: str, x, what: str, sizes: tuple, letters: tuple, q: Tensor) -> None:
@@ -227,28 +296,36 @@ def _refuse_forward_ad(*tensors) -> None:
 @torch.library.custom_op("lightning::attn", mutates_args=())
 def attn(
     q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, scale: float = 1.0,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay: returns ``(out [B,H,N,Dv], final_state fp32)``."""
-    validate(q, k, v, decay, scale, initial_state)
-    return _attn_impl(q, k, v, decay, scale, initial_state)
+    validate(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens)
 
 
-def _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=None):
+def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
     passes ``keep_start_states``: see ``kernels.linear_attention``)."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
     decay, initial_state = prepare_decay(decay), as_float32(initial_state)
-    out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states)
+    out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states,
+                                  cu_seqlens=cu_seqlens)
     return out, final.to(torch.float32)
 
 
+def final_state_shape(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], cu_seqlens: Optional[Tensor]):
+    """``[B or S, Hs, Dk, Dv]``: one state per sequence and per query head, or per kv head where a
+    group shares it (``reference.state_heads``)."""
+    rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return rows, reference.state_heads(q.shape[1], k.shape[1], decay), q.shape[3], v.shape[3]
+
+
 @attn.register_fake
-def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None):
-    validate(q, k, v, decay, scale, initial_state)
+def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
+    validate(q, k, v, decay, scale, initial_state, cu_seqlens)
     b, h, n, dk = q.shape
     dv = v.shape[3]
-    return q.new_empty(b, h, n, dv), q.new_empty(b, h, dk, dv, dtype=torch.float32)
+    return q.new_empty(b, h, n, dv), q.new_empty(final_state_shape(q, k, v, decay, cu_seqlens), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -258,91 +335,99 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None):
 def attn_bwd(
     grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
     decay: Optional[Tensor] = None, scale: float = 1.0, initial_state: Optional[Tensor] = None, bnhd_grads: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv, d_initial_state)`` of ``lightning::attn``.
+    cu_seqlens: Optional[Tensor] = None, decay_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv, d_initial_state, d_decay)`` of ``lightning::attn``.
 
     ``bnhd_grads`` stores dq, dk, dv as [B, N, H, D] (returned as [B, H, N, D] views), for inputs
     kept in that layout: autograd then hands them to the [B, N, H, D] leaves without a copy. The
     layout follows this flag alone, never the inputs' strides, so fake and real outputs agree
     whatever layout a compiler chose for the saved inputs.
 
-    ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return None).
+    ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return
+    None), ``d_decay`` (float32, the decay's shape) unless ``decay_grad``.
     """
-    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
-    return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
+    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
+                      decay_grad)
+    return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
+                          decay_grad)
 
 
 def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None,
-                      bnhd_grads=False) -> None:
+                      bnhd_grads=False, cu_seqlens=None, decay_grad=False) -> None:
     """``validate`` for ``lightning::attn_bwd``: the forward's arguments, plus ``grad_out``
-    ``[B, H, N, Dv]`` in q's dtype and ``grad_final_state`` ``[B, H, Dk, Dv]`` (any float dtype)."""
-    validate(q, k, v, decay, scale, initial_state)
+    ``[B, H, N, Dv]`` in q's dtype and ``grad_final_state`` shaped as the final state (any float
+    dtype); ``decay_grad`` needs a decay."""
+    validate(q, k, v, decay, scale, initial_state, cu_seqlens)
     b, h, n, dk = q.shape
     dv = v.shape[3]
     _check_state_like("attn_bwd", "grad_out", grad_out, "the output's shape", (b, h, n, dv), ("B", "H", "N", "Dv"), q)
     if grad_out.dtype != q.dtype:
         raise TypeError(f"lightning attn_bwd: grad_out must have the output's dtype {q.dtype}, got {grad_out.dtype}")
     if grad_final_state is not None:
-        _check_state_like("attn_bwd", "grad_final_state", grad_final_state, "the final state's shape", (b, h, dk, dv),
-                          ("B", "H", "Dk", "Dv"), q)
+        shape = final_state_shape(q, k, v, decay, cu_seqlens)
+        _check_state_like("attn_bwd", "grad_final_state", grad_final_state, "the final state's shape", shape,
+                          ("S" if cu_seqlens is not None else "B", "Hs", "Dk", "Dv"), q)
         if grad_final_state.dtype not in DTYPES:
             raise TypeError(
                 f"lightning attn_bwd: grad_final_state must be float16, bfloat16 or float32, got {grad_final_state.dtype}"
             )
-    if not isinstance(bnhd_grads, bool):
-        raise TypeError(f"lightning attn_bwd: bnhd_grads must be a bool, got {bnhd_grads!r}")
+    for name, flag in (("bnhd_grads", bnhd_grads), ("decay_grad", decay_grad)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"lightning attn_bwd: {name} must be a bool, got {flag!r}")
+    if decay_grad and decay is None:
+        raise ValueError("lightning attn_bwd: decay_grad=True needs a decay")
 
 
-def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, forward_states=None):
+def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens=None,
+                   decay_grad=False, forward_states=None):
     """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
     segment states: ``backends.backward``)."""
     decay, initial_state, grad_final_state = prepare_decay(decay), as_float32(initial_state), as_float32(grad_final_state)
     backend = _backend(q)
-    dq, dk, dv, d_init = backends.backward(
+    dq, dk, dv, d_init, d_decay = backends.backward(
         backend, grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
-        forward_states=forward_states,
+        forward_states=forward_states, cu_seqlens=cu_seqlens, decay_grad=decay_grad,
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else as_float32(d_init)
-    return in_layout(dq, bnhd_grads), in_layout(dk, bnhd_grads), in_layout(dv, bnhd_grads), d_init
+    d_decay = q.new_empty(0, dtype=torch.float32) if d_decay is None else as_float32(d_decay)
+    return in_layout(dq, bnhd_grads), in_layout(dk, bnhd_grads), in_layout(dv, bnhd_grads), d_init, d_decay
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False):
-    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads)
+def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False,
+                   cu_seqlens=None, decay_grad=False):
+    validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
+                      decay_grad)
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
-    return tuple(empty_bhnd(x.shape, x.dtype, x.device, bnhd_grads) for x in (q, k, v)) + (d_init,)
+    d_decay = decay.new_empty(decay.shape, dtype=torch.float32) if decay_grad else q.new_empty(0, dtype=torch.float32)
+    return tuple(empty_bhnd(x.shape, x.dtype, x.device, bnhd_grads) for x in (q, k, v)) + (d_init, d_decay)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, decay, scale, initial_state = inputs
-    if decay is not None and decay.requires_grad:
-        raise ValueError(
-            "lightning attn: decay requires grad, but learnable decay is not supported yet; pass "
-            "decay.detach() (or register it as a buffer) to train with a fixed decay"
-        )
-    ctx.save_for_backward(q, k, v, decay, initial_state)
+    q, k, v, decay, scale, initial_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens)
     ctx.scale = scale
     ctx.has_initial_state = initial_state is not None
 
 
 def _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=None):
-    q, k, v, decay, initial_state = ctx.saved_tensors
+    q, k, v, decay, initial_state, cu_seqlens = ctx.saved_tensors
     if grad_out is None:  # the eager path leaves unused outputs' gradients unmaterialised
         grad_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    dq, dk, dv, d_init = (attn_bwd_fn or torch.ops.lightning.attn_bwd)(
+    decay_grad = decay is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, d_init, d_decay = (attn_bwd_fn or torch.ops.lightning.attn_bwd)(
         grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
-        q, k, v, decay, ctx.scale, initial_state, bnhd_grads=stored_bnhd(q),
+        q, k, v, decay, ctx.scale, initial_state, stored_bnhd(q), cu_seqlens, decay_grad,
     )
-    if ctx.has_initial_state:
-        d_init = d_init.to(initial_state.dtype)
-    else:
-        d_init = None
-    return dq, dk, dv, None, None, d_init
+    d_init = d_init.to(initial_state.dtype) if ctx.has_initial_state else None
+    d_decay = d_decay.to(decay.dtype) if decay_grad else None
+    return dq, dk, dv, d_decay, None, d_init, None
 
 
 attn.register_autograd(_backward, setup_context=_setup_context)
@@ -365,12 +450,12 @@ class _EagerAttention(torch.autograd.Function):
 
     # the ctx-in-forward style: a separate setup_context costs more host time per call
     @staticmethod
-    def forward(ctx, q, k, v, decay, scale, initial_state):
+    def forward(ctx, q, k, v, decay, scale, initial_state, cu_seqlens):
         # the forward's segment start states (B*H*segments float32 states, none when one segment
         # covers N): the backward's dq pass starts from them instead of a pass of its own over k, v
         kept = []
-        output = _attn_impl(q, k, v, decay, scale, initial_state, keep_start_states=kept)
-        _setup_context(ctx, (q, k, v, decay, scale, initial_state), output)
+        output = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, keep_start_states=kept)
+        _setup_context(ctx, (q, k, v, decay, scale, initial_state, cu_seqlens), output)
         ctx.forward_states = kept[0] if kept else None
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros to fill and read
         return output
@@ -384,13 +469,13 @@ class _EagerAttention(torch.autograd.Function):
         # create_graph=True: the kernels' gradients have no history, so a loss built from them
         # would silently miss their dependence on the inputs; tie them to the graph through a
         # node that refuses to be differentiated (the op's path raises at the same point)
-        dq, dk, dv, _, _, d_init = grads
         anchor = next(x for x in ctx.saved_tensors if x is not None and x.requires_grad)
-        if d_init is None:
-            dq, dk, dv = _NotTwiceDifferentiable.apply(anchor, dq, dk, dv)
-        else:
-            dq, dk, dv, d_init = _NotTwiceDifferentiable.apply(anchor, dq, dk, dv, d_init)
-        return dq, dk, dv, None, None, d_init
+        present = [index for index, g in enumerate(grads) if g is not None]
+        tied = _NotTwiceDifferentiable.apply(anchor, *(grads[index] for index in present))
+        grads = list(grads)
+        for index, g in zip(present, tied):
+            grads[index] = g
+        return tuple(grads)
 
 
 class _NotTwiceDifferentiable(torch.autograd.Function):
@@ -423,13 +508,14 @@ class _TransformableAttention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, decay, scale, initial_state):
-        return torch.ops.lightning.attn(q, k, v, decay, scale, initial_state)
+    def forward(q, k, v, decay, scale, initial_state, cu_seqlens):
+        return torch.ops.lightning.attn(q, k, v, decay, scale, initial_state, cu_seqlens)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        q, k, v, decay, _, initial_state = inputs
+        q, k, v, decay, _, initial_state, cu_seqlens = inputs
+        ctx.cu_seqlens = cu_seqlens
         ctx.save_for_forward(q, k, v, decay, initial_state)
         ctx.set_materialize_grads(False)  # inputs without a tangent get None, not zeros to run through
 
@@ -438,13 +524,17 @@ class _TransformableAttention(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=_TransformableBackward.apply)
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, d_decay, d_scale, d_init):
+    def jvp(ctx, dq, dk, dv, d_decay, d_scale, d_init, d_cu_seqlens):
         if d_decay is not None and bool((d_decay != 0).any()):
             raise ValueError(
-                "lightning attn: decay has a tangent, but the decay is not differentiable yet; pass decay.detach()"
+                "lightning attn: decay has a tangent, but forward-mode derivatives in the decay are not "
+                "supported (reverse mode is); pass decay.detach()"
             )
-        q, k, v, decay, initial_state = ctx.saved_tensors
-        attn_op, scale = torch.ops.lightning.attn, ctx.scale
+        q, k, v, decay, initial_state, _ = ctx.saved_tensors
+        scale, cu_seqlens = ctx.scale, ctx.cu_seqlens
+
+        def attn_op(q, k, v, decay, scale, initial_state):
+            return torch.ops.lightning.attn(q, k, v, decay, scale, initial_state, cu_seqlens)
         d_out = d_final = None
 
         def add(total, term):
@@ -462,7 +552,7 @@ class _TransformableAttention(torch.autograd.Function):
         if d_out is None:
             d_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
         if d_final is None:
-            d_final = q.new_zeros(q.shape[0], q.shape[1], q.shape[3], v.shape[3], dtype=torch.float32)
+            d_final = q.new_zeros(final_state_shape(q, k, v, decay, cu_seqlens), dtype=torch.float32)
         return d_out, d_final
 
 
@@ -474,9 +564,10 @@ class _TransformableBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads=False):
+    def forward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads=False, cu_seqlens=None,
+                decay_grad=False):
         return torch.ops.lightning.attn_bwd(grad_out, grad_final_state, q, k, v, decay, scale, initial_state,
-                                            bnhd_grads)
+                                            bnhd_grads, cu_seqlens, decay_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -517,23 +608,23 @@ def _dispatcher_observed(*tensors) -> bool:
     return False
 
 
-def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None):
+def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
     """``lightning::attn`` for callers that validated the inputs: the op's bodies directly in plain
     eager mode (with its autograd), else the op itself. Same values, gradients and errors."""
-    if _dispatcher_observed(q, k, v, decay, initial_state):
+    if _dispatcher_observed(q, k, v, decay, initial_state, cu_seqlens):
         if not torch.compiler.is_compiling() and _transformed(q, k, v, decay, initial_state):
-            return _TransformableAttention.apply(q, k, v, decay, scale, initial_state)
-        return attn(q, k, v, decay, scale, initial_state)
+            return _TransformableAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
+        return attn(q, k, v, decay, scale, initial_state, cu_seqlens)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function("lightning::attn"):
-            return _attn_eager_call(q, k, v, decay, scale, initial_state)
-    return _attn_eager_call(q, k, v, decay, scale, initial_state)
+            return _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens)
 
 
-def _attn_eager_call(q, k, v, decay, scale, initial_state):
+def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
-        return _EagerAttention.apply(q, k, v, decay, scale, initial_state)
-    return _attn_impl(q, k, v, decay, scale, initial_state)
+        return _EagerAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------- decode step
@@ -633,6 +724,11 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
         if len(_validated_steps) > 1024:
             _validated_steps.clear()
         _validated_steps.add(signature)
+    if k.shape[1] != q.shape[1]:
+        # grouped heads: the tiled op from the state, its final state copied back (no step kernel of their own)
+        out, final = _attn_impl(q, k, v, decay, scale, state)
+        state.copy_(final)
+        return out
     decay = prepare_decay(decay)
     return _backend(q).step(q, k, v, state, decay, scale)
 

@@ -196,10 +196,17 @@ def attention_recurrent(q, k, v, decay=None, scale=1.0, initial_state=None, cu_s
     return out, torch.cat(finals, 0)
 
 
+def _head_index(x: Tensor, heads: int, device) -> Optional[Tensor]:
+    """Which of ``x``'s heads each of ``heads`` compute heads reads (None when they are the same)."""
+    if x.shape[1] == heads:
+        return None
+    return torch.arange(heads, device=device) // (heads // x.shape[1])
+
+
 def linear_attention_chunked(
     query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
     value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
-    store_final: bool = True, chunk_size: int = 64,
+    store_final: bool = True, chunk_size: int = 64, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention that both the op and its gradients are instances of.
 
@@ -212,6 +219,12 @@ def linear_attention_chunked(
     ``init_shift = 1`` is the op's convention (the initial state is the state *before* the first
     token); ``init_shift = 0`` is the gradients' (the state already sits at the first token).
 
+    Grouped heads: query, key and value may have different head counts, each dividing the largest,
+    H (the compute heads); compute head h reads head ``h // (H // X.shape[1])`` of tensor X, and
+    of ``initial_state`` the same way. decay is ``[H]``; the output and final state have H heads.
+    Packed sequences: with ``cu_seqlens`` (``[S + 1]``, from 0 to N, batch 1) each sequence runs
+    on its own, from ``initial_state[s]``, and the final state is ``[S, H, Dk, Dv]``.
+
     Tiled as in Lightning Attention-2: within a chunk of ``chunk_size`` positions, masked
     attention ``((Q K^T) * M) V``; across chunks, the carried state. Every decay factor is a power
     ``lam^e`` with ``e >= 0``, so strong decays underflow to zero instead of overflowing.
@@ -221,43 +234,62 @@ def linear_attention_chunked(
     (``backends.backward``).
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    b, h, n, dk = query.shape
+    b, _, n, dk = query.shape
+    h = max(query.shape[1], key.shape[1], value.shape[1])
     dv = value.shape[-1]
+    device = query.device
     q, k, v = (x.to(compute) for x in (query, key, value))
     if reverse:
         q, k, v = (x.flip(2) for x in (q, k, v))
-    state = torch.zeros(b, h, dk, dv, dtype=compute, device=query.device)
-    if initial_state is not None:
-        state = initial_state.to(compute).clone(memory_format=torch.contiguous_format)
-    out = torch.empty(b, h, n, dv, dtype=compute, device=query.device)
-    zero = torch.zeros((), dtype=compute, device=query.device)
+    heads = [_head_index(x, h, device) for x in (q, k, v)]
+    init_heads = None if initial_state is None else _head_index(initial_state, h, device)
+    out = torch.empty(b, h, n, dv, dtype=compute, device=device)
+    zero = torch.zeros((), dtype=compute, device=device)
     factors: dict[tuple[int, int], tuple[Tensor, ...]] = {}  # every full chunk shares its decay factors
 
     def chunk_factors(length: int, shift: int) -> tuple[Tensor, ...]:
         if (length, shift) not in factors:
-            idx = torch.arange(length, device=query.device)
+            idx = torch.arange(length, device=device)
             factors[length, shift] = (
-                decay_mask(decay, length, dtype=compute, device=query.device),  # M[i, s] = lam^(i-s)
+                decay_mask(decay, length, dtype=compute, device=device),  # M[i, s] = lam^(i-s)
                 decay_powers(decay, idx + shift, zero)[..., None],  # query weight lam^(i+shift)
                 decay_powers(decay, length - 1 - idx, zero)[..., None],  # key weight lam^(length-1-s)
-                decay_powers(decay, torch.tensor([length - 1 + shift], device=query.device), zero)[..., None],
+                decay_powers(decay, torch.tensor([length - 1 + shift], device=device), zero)[..., None],
             )
         return factors[length, shift]
 
-    for start in range(0, n, chunk_size):
-        length = min(chunk_size, n - start)
-        rows = slice(start, start + length)
-        q_c, k_c, v_c = q[:, :, rows], k[:, :, rows], v[:, :, rows]
-        mask, query_weight, key_weight, carried = chunk_factors(length, init_shift if start == 0 else 1)
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        scores = torch.where(causal, (q_c @ k_c.transpose(-1, -2)) * mask, 0.0)
-        o = value_scale * _chunk_product(scores, v_c)
-        o = o + (q_c * query_weight) @ state
-        out[:, :, rows] = out_scale * o
-        state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
+    def rows_of(x: Tensor, index: Optional[Tensor], rows: slice) -> Tensor:
+        return x[:, :, rows] if index is None else x[:, index, rows]  # a chunk's rows: a copy at most
+
+    finals = []
+    for seq_index, (seq_start, seq_end) in enumerate(_sequences(cu_seqlens, n)):
+        if reverse:  # the sequences of the flipped rows: the last one first
+            seq_start, seq_end = n - seq_end, n - seq_start
+        state = torch.zeros(b, h, dk, dv, dtype=compute, device=device)
+        if initial_state is not None:
+            init = initial_state if cu_seqlens is None else initial_state[seq_index:seq_index + 1]
+            init = init if init_heads is None else init[:, init_heads]
+            state = init.to(compute).clone(memory_format=torch.contiguous_format)
+        for start in range(seq_start, seq_end, chunk_size):
+            length = min(chunk_size, seq_end - start)
+            rows = slice(start, start + length)
+            q_c, k_c, v_c = (rows_of(x, index, rows) for x, index in zip((q, k, v), heads))
+            mask, query_weight, key_weight, carried = chunk_factors(length, init_shift if start == seq_start else 1)
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            scores = torch.where(causal, (q_c @ k_c.transpose(-1, -2)) * mask, 0.0)
+            o = value_scale * _chunk_product(scores, v_c)
+            o = o + (q_c * query_weight) @ state
+            out[:, :, rows] = out_scale * o
+            state = carried * state + value_scale * ((k_c * key_weight).transpose(-1, -2) @ v_c)
+        finals.append(state)
     if reverse:
         out = out.flip(2)
-    return out.to(query.dtype), state if store_final else None
+    final = None
+    if store_final:
+        final = torch.cat(finals, 0) if cu_seqlens is not None else finals[0]
+        if cu_seqlens is not None and not finals:
+            final = torch.zeros(0, h, dk, dv, dtype=compute, device=device)
+    return out.to(query.dtype), final
 
 
 def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):
@@ -352,3 +384,59 @@ def attention_step(q, k, v, state, decay=None, scale=1.0):
     if not outs:
         return q.new_empty(q.shape[0], h, 0, v.shape[-1])
     return torch.cat(outs, dim=2).to(q.dtype)
+
+
+def block_states(
+    key: Tensor, value: Tensor, decay: Optional[Tensor] = None, initial_state: Optional[Tensor] = None, *,
+    block: int, value_scale: float = 1.0, reverse: bool = False, init_shift: int = 1,
+    cu_seqlens: Optional[Tensor] = None, heads: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """The states of :func:`linear_attention_chunked` (same arguments) at the block boundaries of
+    each sequence: rows ``start + m * block`` for ``m = 1 .. ceil(len / block) - 1``. Forward, the
+    state before that row (after the rows before it); ``reverse``, the state after visiting the
+    rows from the sequence's end down to that row. Returns ``[B, H, R, Dk, Dv]`` in the compute
+    dtype, R the boundaries of all sequences, sequence by sequence in order, rows ascending
+    (:func:`block_boundaries` lists them), and the final states ``[B or S, H, Dk, Dv]``. H is
+    ``heads`` (else the most heads among key, value, initial state and decay), read as in
+    :func:`linear_attention_chunked`. The decay gradient's carried terms read them."""
+    compute = torch.float64 if key.dtype == torch.float64 else torch.float32
+    b, _, n, dk = key.shape
+    h = heads or max(key.shape[1], value.shape[1], 1 if initial_state is None else initial_state.shape[1],
+                     1 if decay is None else decay.shape[0])
+    dv = value.shape[-1]
+    device = key.device
+    k, v = (x.to(compute) for x in (key, value))
+    heads = [_head_index(x, h, device) for x in (k, v)]
+    init_heads = None if initial_state is None else _head_index(initial_state, h, device)
+    zero = torch.zeros((), dtype=compute, device=device)
+    states, finals = [], []
+    for seq_index, (seq_start, seq_end) in enumerate(_sequences(cu_seqlens, n)):
+        state = torch.zeros(b, h, dk, dv, dtype=compute, device=device)
+        if initial_state is not None:
+            init = initial_state if cu_seqlens is None else initial_state[seq_index:seq_index + 1]
+            state = (init if init_heads is None else init[:, init_heads]).to(compute)
+        cuts = list(range(seq_start + block, seq_end, block))
+        pieces = [seq_start, *cuts, seq_end]
+        spans = list(zip(pieces[:-1], pieces[1:])) if seq_end > seq_start else []
+        found = []
+        for index, (start, end) in enumerate(reversed(spans) if reverse else spans):
+            idx = torch.arange(end - start, device=device)
+            order = idx if reverse else (end - start - 1 - idx)  # steps from each row to the span's last visited row
+            weight = decay_powers(decay, order, zero)[..., None]
+            k_s, v_s = (x[:, :, start:end] if i is None else x[:, i, start:end] for x, i in zip((k, v), heads))
+            shift = init_shift if index == 0 else 1
+            carried = decay_powers(decay, torch.tensor([end - start - 1 + shift], device=device), zero)[..., None]
+            state = carried * state + value_scale * ((k_s * weight).transpose(-1, -2) @ v_s)
+            found.append(state)
+        finals.append(state)
+        found = found[:-1]  # the state after the last span is the final state, not a boundary's
+        states.extend(reversed(found) if reverse else found)
+    final = torch.cat(finals, 0) if finals else torch.zeros(0, h, dk, dv, dtype=compute, device=device)
+    if not states:
+        return torch.zeros(b, h, 0, dk, dv, dtype=compute, device=device), final
+    return torch.stack(states, 2), final
+
+
+def block_boundaries(cu_seqlens: Optional[Tensor], n: int, block: int) -> list[int]:
+    """The rows :func:`block_states` returns states at, in its order."""
+    return [row for start, end in _sequences(cu_seqlens, n) for row in range(start + block, end, block)]

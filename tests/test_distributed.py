@@ -402,12 +402,10 @@ def test_decay_gradient_of_the_exchange(pools, world):
     _assert_within(pools(world).run(_learnable_decay, lengths=SHARDS[world], local=ReferenceAttention()), FLOAT64)
 
 
-@pytest.mark.xfail(strict=True, reason="the op's backward gives no decay gradient yet (learnable decay refused)")
 def test_learnable_decay_through_the_op(pools):
     _assert_within(pools(2).run(_learnable_decay, lengths=SHARDS[2]), FLOAT32)
 
 
-@pytest.mark.xfail(strict=True, reason="the op does not take grouped-query heads (fewer kv heads) yet")
 def test_grouped_query_heads(pools):
     _assert_within(pools(2).run(_grouped_heads, lengths=SHARDS[2]), FLOAT32)
 
