@@ -55,17 +55,27 @@ def lightning_attn(
 
 
 def attn_step(
-    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor] = None, *, scale: float = 1.0,
+    cu_seqlens: Optional[Tensor] = None, state_indices: Optional[Tensor] = None,
 ) -> Tensor:
     """One decode step (or a few tokens) against a carried state, updating ``state`` in place.
 
-    q, k: ``[B, H, T, Dk]``, v: ``[B, H, T, Dv]`` with small T (1 when generating); ``state``:
-    float32 ``[B, H, Dk, Dv]``. Returns ``[B, H, T, Dv]`` in q's dtype. The same result as
-    ``lightning_attn(q, k, v, decay, scale=scale, initial_state=state, output_final_state=True)``,
-    after which ``state`` holds that final state; nothing is allocated but the output. Inference
-    only (no gradients); works under ``torch.compile`` and CUDA graphs.
+    q: ``[B, H, T, Dk]``, k: ``[B, Hkv, T, Dk]``, v: ``[B, Hkv, T, Dv]`` with small T (1 when
+    generating); ``state``: float32 ``[B, Hs, Dk, Dv]`` (Hs as in :func:`lightning_attn`). Returns
+    ``[B, H, T, Dv]`` in q's dtype. The same result as ``lightning_attn(q, k, v, decay,
+    scale=scale, initial_state=state, output_final_state=True)``, after which ``state`` holds that
+    final state; nothing is allocated but the output. Inference only (no gradients); works under
+    ``torch.compile`` and CUDA graphs.
+
+    Serving: with ``state_indices`` (int32/int64 ``[B]``) the state is a pool ``[P, Hs, Dk, Dv]``
+    and row b continues slot ``state_indices[b]``; a negative index marks a padding row (zeros
+    out, no slot touched); slots not named are never written. With ``cu_seqlens`` (``[S + 1]``,
+    batch 1) the rows are packed sequences, prefill chunks and single decode tokens mixed, and
+    sequence i continues ``state[state_indices[i]]`` (``state[i]`` without indices). These
+    forms gather the slots, run the tiled op and write the final states back (one launch per
+    sequence on a GPU until the kernels take packed sequences).
     """
-    return torch.ops.lightning.attn_step(q, k, v, state, decay, scale)
+    return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
 
 
 def enable_autotune(cache_path=None) -> str:

@@ -15,7 +15,7 @@ from .functional import attn_step, lightning_attn
 from .reference import slopes
 from .support import unsupported
 
-__all__ = ["LightningAttention", "StateCache"]
+__all__ = ["LightningAttention", "StateCache", "StatePool"]
 
 #: Inputs of at most this many tokens, with a cached state and no gradients, take the in-place
 #: decode step; longer ones (prefill) take the tiled op.
@@ -88,6 +88,49 @@ class StateCache:
     def nbytes(self) -> int:
         """Bytes held by all states (constant in the context length)."""
         return sum(s.numel() * s.element_size() for s in self._states.values())
+
+
+class StatePool:
+    """Decode states of many requests for serving: per layer one float32 ``[num_slots, Hs, Dk, Dv]``
+    pool (made on the layer's first use), addressed by slot. :meth:`allocate` gives a free slot to
+    a new request (its states zeroed in every layer), :meth:`free` returns it. A layer called with
+    ``cache=pool, slots=...`` continues each row's (or packed sequence's) slot in place; a
+    negative slot is a padding row."""
+
+    def __init__(self, num_slots: int) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"StatePool: num_slots must be a positive int, got {num_slots!r}")
+        self.num_slots = num_slots
+        self._pools: dict[int, Tensor] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def pool(self, layer_idx: int, shape: tuple, device) -> Tensor:
+        """The layer's pool, made of zeros on first use; ``shape`` is a slot's ``(Hs, Dk, Dv)``."""
+        found = self._pools.get(layer_idx)
+        if found is None:
+            found = self._pools[layer_idx] = torch.zeros(self.num_slots, *shape, dtype=torch.float32, device=device)
+        elif tuple(found.shape[1:]) != tuple(shape):
+            raise ValueError(f"StatePool: layer_idx {layer_idx} holds slots of shape {tuple(found.shape[1:])}, this "
+                             f"layer needs {tuple(shape)}; give each layer a distinct layer_idx")
+        return found
+
+    def allocate(self) -> int:
+        """A free slot, its states zeroed: the start of a new request."""
+        if not self._free:
+            raise RuntimeError(f"StatePool: all {self.num_slots} slots are in use; free finished requests' slots")
+        slot = self._free.pop()
+        for states in self._pools.values():
+            states[slot].zero_()
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"StatePool.free: slot {slot} is not an allocated slot")
+        self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
 
 class LightningAttention(nn.Module):
@@ -167,8 +210,13 @@ class LightningAttention(nn.Module):
             self.register_buffer("decay", decay.to(device=device), persistent=False)
 
     def forward(
-        self, x: Tensor, state: Optional[Tensor] = None, *, cache: Optional[StateCache] = None
-    ) -> tuple[Tensor, Tensor]:
+        self, x: Tensor, state: Optional[Tensor] = None, *, cache=None, slots: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if isinstance(cache, StatePool):
+            return self._serve(x, cache, slots, cu_seqlens), None
+        if slots is not None:
+            raise ValueError("LightningAttention: slots address a StatePool; pass cache=pool")
         b, n, _ = x.shape
         if self.context_parallel_group is not None and cache is not None:
             raise ValueError(
@@ -203,3 +251,19 @@ class LightningAttention(nn.Module):
         o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         y = self.out_proj(torch.sigmoid(self.gate_proj(x)) * self.norm(o))
         return y, new_state
+
+    def _serve(self, x: Tensor, pool: StatePool, slots: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> Tensor:
+        """Rows (or packed sequences) continuing their slots of ``pool`` in place (inference)."""
+        if slots is None:
+            raise ValueError("LightningAttention: a StatePool needs slots (the slot of each row, or of each packed "
+                             "sequence with cu_seqlens)")
+        b, n, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = F.silu(self.qkv_proj(x)).split((h * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t, heads in ((q, h), (k, hkv), (v, hkv)))
+        decay = self.log_decay.exp() if hasattr(self, "log_decay") else self.decay
+        state_heads = hkv if hkv < h and (decay is None or decay.shape[0] == hkv) else h
+        states = pool.pool(self.layer_idx, (state_heads, d, d), x.device)
+        o = attn_step(q, k, v, states, decay, scale=self.scale, cu_seqlens=cu_seqlens, state_indices=slots)
+        o = o.transpose(1, 2).reshape(b, n, h * d)
+        return self.out_proj(torch.sigmoid(self.gate_proj(x)) * self.norm(o))

@@ -634,14 +634,30 @@ def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
 
 _lib = torch.library.Library("lightning", "FRAGMENT")
 _lib.define(
-    "attn_step(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor? decay=None, float scale=1.0) -> Tensor"
+    "attn_step(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor? decay=None, float scale=1.0, "
+    "Tensor? cu_seqlens=None, Tensor? state_indices=None) -> Tensor"
 )
 
 
-def validate_step(q, k, v, state, decay=None, scale=1.0) -> None:
+def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None) -> None:
     """``validate`` for the decode step, plus: the state is float32 (it is updated in place) and no
-    input asks for gradients (the step is inference-only)."""
-    validate(q, k, v, decay, scale, state)
+    input asks for gradients (the step is inference-only). With ``state_indices`` the state is a
+    pool ``[P, Hs, Dk, Dv]`` (any P) and the indices name a slot per row (or per sequence with
+    ``cu_seqlens``): in range, no slot twice; negative ones mark padding."""
+    if state_indices is None:
+        validate(q, k, v, decay, scale, state, cu_seqlens)
+    else:
+        validate(q, k, v, decay, scale, None, cu_seqlens)
+        _check_tensor("state", state, 4, op="attn_step")
+        _, hs, dk, dv = final_state_shape(q, k, v, decay, cu_seqlens)
+        for dim, (size, letter) in enumerate(((hs, "Hs"), (dk, "Dk"), (dv, "Dv")), start=1):
+            _require_equal(state.shape[dim], size, lambda letter=letter: (
+                f"lightning attn_step: the pool state must have shape [P, Hs, Dk, Dv] = [P, {hs}, {dk}, {dv}], "
+                f"got {tuple(state.shape)} ({letter} differs)"))
+        if state.device != q.device:
+            raise ValueError(f"lightning attn_step: state is on {state.device} but q is on {q.device}")
+        rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        _check_state_indices(state_indices, rows, state.shape[0], q, "sequences" if cu_seqlens is not None else "rows")
     if state.dtype != torch.float32:
         raise TypeError(f"lightning attn_step: state must be float32 (it is updated in place), got {state.dtype}")
     if _overlaps_itself(state):
@@ -651,6 +667,33 @@ def validate_step(q, k, v, state, decay=None, scale=1.0) -> None:
         )
     _check_step_grad(q, k, v, state, decay)
     _check_step_aliasing(q, k, v, state, decay)
+
+
+def _check_state_indices(indices, rows, slots, q: Tensor, what: str) -> None:
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"lightning attn_step: state_indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lightning attn_step: state_indices must be int32 or int64, got dtype {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"lightning attn_step: state_indices must be 1-D, got shape {tuple(indices.shape)}")
+    _require_equal(indices.shape[0], rows, lambda: f"lightning attn_step: state_indices has {indices.shape[0]} "
+                   f"entries but the call has {rows} {what} (one slot each)")
+    if indices.device != q.device:
+        raise ValueError(f"lightning attn_step: state_indices is on {indices.device} but q is on {q.device}")
+    if torch.compiler.is_compiling() or not _has_values(indices) or isinstance(slots, torch.SymInt) or (
+            indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # traced or captured: the values are not read
+    used = indices[indices >= 0]
+    if indices.is_cuda and not bool((used >= slots).any() | (used.unique().numel() != used.numel())):
+        return  # the one host read
+    values = [x for x in indices.tolist() if x >= 0]
+    if any(x >= slots for x in values):
+        raise ValueError(f"lightning attn_step: state_indices must be < the pool's {slots} slots (negative: padding), "
+                         f"got {max(values)}")
+    if len(set(values)) != len(values):
+        twice = sorted({x for x in values if values.count(x) > 1})
+        raise ValueError(f"lightning attn_step: state_indices names slot(s) {twice[:8]} more than once; each row or "
+                         "sequence needs its own slot")
 
 
 def _check_step_aliasing(q, k, v, state, decay) -> None:
@@ -711,7 +754,10 @@ def _check_step_grad(q, k, v, state, decay) -> None:
 _validated_steps: set = set()
 
 
-def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
+def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
+    if cu_seqlens is not None or state_indices is not None:
+        validate_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+        return _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     # the state's strides too: whether it overlaps itself depends on them
     signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay)) + (
         state.stride(),)
@@ -733,12 +779,40 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0):
     return _backend(q).step(q, k, v, state, decay, scale)
 
 
+def _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices):
+    """Rows (or packed sequences) continuing the states of their slots: the slots gathered, the
+    tiled op run from them, the final states written back. Padding rows (negative index) give
+    zeros and write nothing; no host read of the indices (a padding row writes the value that
+    another row of the call writes, or slot 0's own value back when every row is padding)."""
+    rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if state_indices is None:
+        state_indices = torch.arange(rows, device=q.device)
+    state_indices = state_indices.long()
+    valid = state_indices >= 0
+    slots = state_indices.clamp(min=0)
+    if state.shape[0] == 0 or rows == 0:  # nothing to read or write (every index is then padding)
+        return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    start = state.index_select(0, slots)
+    out, final = _attn_impl(q, k, v, decay, scale, start, cu_seqlens)
+    first = valid.to(torch.int8).argmax()  # the first row with a slot (row 0 if none)
+    any_valid = valid.any()
+    fallback_slot = torch.where(any_valid, slots[first], 0)
+    fallback = torch.where(any_valid, final[first], state[0])
+    keep = valid[:, None, None, None]
+    state.index_copy_(0, torch.where(valid, slots, fallback_slot), torch.where(keep, final, fallback))
+    if cu_seqlens is None:
+        return torch.where(keep, out, 0.0)
+    position = torch.arange(q.shape[2], device=q.device)
+    sequence = torch.searchsorted(cu_seqlens[1:].long(), position, right=True).clamp(max=rows - 1)
+    return torch.where(valid[sequence][None, None, :, None], out, 0.0)
+
+
 _lib.impl("attn_step", _attn_step_impl, "CPU")
 _lib.impl("attn_step", _attn_step_impl, "CUDA")
 attn_step = torch.ops.lightning.attn_step.default
 
 
 @torch.library.register_fake("lightning::attn_step")
-def _attn_step_fake(q, k, v, state, decay=None, scale=1.0):
-    validate(q, k, v, decay, scale, state)
+def _attn_step_fake(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
+    validate_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
