@@ -48,6 +48,12 @@ DEPLOY_BOUNDS = {
     "fresh_process_decode_step": ROUNDING,  # 1.5e-7
     "fresh_process_prompt_777": ROUNDING,  # 3.2e-7
 }
+SERVE_BOUNDS = {"logits_vs_alone": ROUNDING}  # 6.2e-7
+# 12 requests through 4 slots; prompts up to 300 tokens in chunks of a 128-token budget; decode-only
+# steps padded to bucketed batch sizes with slot -1 rows (what CUDA graphs replay on a GPU)
+SERVE_ARGS = ("--device", "cpu", "--dtype", "float32", "--requests", "12", "--max-prompt", "300", "--max-new", "24",
+              "--budget", "128", "--slots", "4", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+              "--decode-graphs", "pad", "--threads", "1")  # tiny ops: more threads only slow them on a busy machine
 REWRITE_LENGTHS = (1024, 2048)
 REWRITE_BOUNDS = {f"rewritten_vs_original_n{n}": ROUNDING for n in REWRITE_LENGTHS}  # 3.1e-7 both
 
@@ -86,6 +92,19 @@ def test_export_deploy_aoti_package(tmp_path):
     assert (tmp_path / "model_aoti.pt2").exists() and (tmp_path / "model.pt2").exists()
     assert "['lightning.attn_inference.default']" in out  # for_package swapped the op
     assert "lightning_op imported: False" in out
+
+
+def test_serve_continuous_batching():
+    out = _run("serve.py", *SERVE_ARGS)
+    assert_checks(out, SERVE_BOUNDS)
+    steps = re.search(r"^steps: \d+ \((\d+) with prompt chunks, (\d+) decode-only\)", out, re.MULTILINE)
+    assert steps and int(steps[1]) > 0 and int(steps[2]) > 0, out  # both kinds of step ran
+    assert re.search(r"^throughput: [\d,]+ tokens/s", out, re.MULTILINE), out
+    agreement = re.search(r"^agreement: (\d+)/(\d+) requests, (\d+)/(\d+) tokens equal the alone run", out,
+                          re.MULTILINE)
+    assert agreement, out
+    requests, of_requests, tokens, of_tokens = map(int, agreement.groups())
+    assert requests == of_requests == 12 and tokens == of_tokens > 12, out  # float32: every greedy token equal
 
 
 def test_rewrite_existing_model():
