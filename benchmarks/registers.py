@@ -178,7 +178,9 @@ def main() -> None:
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"],
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
                       UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
-                      KEY_PARTS=d // min(d, 64), PART=min(d, 64))
+                      KEY_PARTS=d // min(d, 64), PART=min(d, 64),
+                      # equal head counts: group divisors of 1, which a launch makes constants
+                      q_group=1, k_group=1, v_group=1, do_group=1, init_group=1)
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,

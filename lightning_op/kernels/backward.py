@@ -33,6 +33,7 @@ def _key_value_grad_kernel(
     stride_ib, stride_ih, stride_ik, stride_iv,
     stride_fb, stride_fh, stride_fk, stride_fv,
     N, H, D_K, D_V, segment_len, num_segments, num_slots, split, scale,
+    q_group, k_group, v_group, do_group, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -51,10 +52,10 @@ def _key_value_grad_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
-    k_ptr = _head(K, b, h, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h, stride_vb, stride_vh)
-    do_ptr = _head(DO, b, h, stride_ob, stride_oh)
+    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
+    do_ptr = _head(DO, b, h // do_group, stride_ob, stride_oh)
     dk_ptr = _head(DK, b, h, stride_dkb, stride_dkh)
     dv_ptr = _head(DV, b, h, stride_dvb, stride_dvh)
     cols_k = tl.arange(0, BLOCK_K)
@@ -69,7 +70,7 @@ def _key_value_grad_kernel(
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
     state = _segment_start_state(
-        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
+        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv,
         SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask,
         D_V, 1, HAS_INIT, BLOCK_K, BLOCK_V,
     )

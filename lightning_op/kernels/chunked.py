@@ -28,6 +28,10 @@ segment boundary, never per chunk or per token, and nothing of size N x N.
 
 Decay factors are always ``lam^e = exp2(log2(lam) * e)`` with ``e >= 0`` relative to a chunk or
 segment boundary: they underflow for strong decays, they never overflow.
+
+Grouped heads: a program computes one head h of H (the most heads any input has) and reads head
+``h // X_group`` of each input X (``q_group``, ``k_group``, ...: compute heads per head of X, runtime
+integers; a launch with equal head counts passes 1, which Triton compiles as a constant).
 """
 
 import triton
@@ -46,7 +50,7 @@ def _segment_state_kernel(
     K, V, DECAY, SEG_STATES,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    N, H, DK, DV, segment_len, num_segments, value_scale,
+    N, H, DK, DV, segment_len, num_segments, value_scale, k_group, v_group,
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -63,8 +67,8 @@ def _segment_state_kernel(
     value_scale = tl.cast(value_scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
-    k_ptr = _head(K, b, h, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -112,7 +116,7 @@ def _segment_state_kernel(
 def _segment_scan_kernel(
     DECAY, INIT, SEG_STATES,
     stride_ib, stride_ih, stride_ik, stride_iv,
-    H, DK, DV, segment_len, num_segments,
+    H, DK, DV, segment_len, num_segments, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
@@ -129,7 +133,7 @@ def _segment_scan_kernel(
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
     if HAS_INIT:
-        init_ptr = _head(INIT, b, h, stride_ib, stride_ih)
+        init_ptr = _head(INIT, b, h // init_group, stride_ib, stride_ih)
         state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
         state = state.to(tl.float32)
     else:
@@ -158,6 +162,7 @@ def _chunk_output_kernel(
     stride_fb, stride_fh, stride_fk, stride_fv,
     stride_sk, stride_sv,
     N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+    q_group, k_group, v_group, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -180,9 +185,9 @@ def _chunk_output_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
-    k_ptr = _head(K, b, h, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     o_ptr = _head(O, b, h, stride_ob, stride_oh)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -199,7 +204,7 @@ def _chunk_output_kernel(
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
     state = _segment_start_state(
-        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv,
+        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv,
         SEG_STATES, (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_k, cols_v, tile_mask,
         stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V,
     )
@@ -236,6 +241,7 @@ def _chunk_output_t_kernel(
     stride_fb, stride_fh, stride_fk, stride_fv,
     stride_sk, stride_sv,
     N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+    q_group, k_group, v_group, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -261,9 +267,9 @@ def _chunk_output_t_kernel(
     seg = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_ptr = _head(Q, b, h, stride_qb, stride_qh)
-    k_ptr = _head(K, b, h, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h, stride_vb, stride_vh)
+    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     o_ptr = _head(O, b, h, stride_ob, stride_oh)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
@@ -272,7 +278,7 @@ def _chunk_output_t_kernel(
     log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
     states = _segment_start_state_t(
-        INIT, b * stride_ib + h * stride_ih, stride_ik, stride_iv, SEG_STATES,
+        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv, SEG_STATES,
         (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
         HAS_INIT, BLOCK_V, KEY_PARTS, PART,
     )

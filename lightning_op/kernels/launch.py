@@ -92,13 +92,22 @@ def linear_attention(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
-    query, key: [B, H, N, Dk]; value: [B, H, N, Dv], any strides, one dtype among float16,
+    query, key: [B, Hq / Hk, N, Dk]; value: [B, Hv, N, Dv], any strides, one dtype among float16,
     bfloat16 and float32. decay: float32 [H] slopes or None. initial_state: float32
-    [B, H, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
-    validates. ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
-    :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``;
-    ``out_bnhd`` stores ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept
-    in that layout then need no copy.
+    [B, Hi, Dk, Dv], any strides (a transposed view is fine). Inputs are trusted: ``ops.py``
+    validates.
+
+    Grouped heads: the call computes H = max(Hq, Hk, Hv) heads; each of Hq, Hk, Hv and Hi divides
+    H, and compute head h reads head ``h // (H // X.shape[1])`` of tensor X (``repeat_interleave``'s
+    order), in place. ``decay`` has one slope per compute head, and ``out`` and the final state
+    have H heads (heads of a group that share their key, value, decay and initial state compute
+    the same state: the caller picks one, or sums gradients over the group).
+
+    ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
+    :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns
+    ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``; ``out_bnhd`` stores
+    ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept in that layout then
+    need no copy.
 
     ``keep_start_states``: a list to which the call appends the :class:`SegmentStates` it computed
     (nothing when one segment covers N). ``start_states``: such states of an earlier call with the
@@ -111,8 +120,9 @@ def linear_attention(
     branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
     one empty segment (the output kernel still writes the final state).
     """
-    b, h, n, dk = query.shape
+    b, _, n, dk = query.shape
     dv = value.shape[-1]
+    h = _compute_heads(query, key, value)
     device = query.device
     out = empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
@@ -125,13 +135,14 @@ def linear_attention(
         launch = _direct
         if n == 0:
             if final is not None:
-                final.copy_(initial_state) if initial_state is not None else final.zero_()
+                _copy_state(final, initial_state)
             return out, final
         n_at_least_1 = n
 
     types = _dot_types(query.dtype)
     has_decay = decay is not None
     has_init = initial_state is not None
+    groups = _groups(h, query, key, value, initial_state)
     decay_arg = decay if has_decay else out
     init_arg = initial_state if has_init else out
 
@@ -153,7 +164,7 @@ def linear_attention(
                 seg_states, state_strides = start_states.states, start_states.strides()
             else:
                 seg_states = _segment_start_states(
-                    key, value, decay, initial_state, cfg, num_segments,
+                    key, value, decay, initial_state, cfg, num_segments, h,
                     value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
                 )
                 if keep_start_states is not None:
@@ -163,6 +174,7 @@ def linear_attention(
             *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             *_strides(initial_state), *_strides(final), *state_strides,
             n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
+            *groups,
         )
         flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,
                      STORE_FINAL=store_final, CHUNK=cfg.chunk, BLOCK_V=cfg.block_v, **types,
@@ -186,6 +198,31 @@ def linear_attention(
     )
     launch_with(cfg)
     return out, final
+
+
+def _compute_heads(*tensors: Tensor):
+    """The heads a call computes: the most any of ``tensors`` has (the others' counts divide it)."""
+    heads = tensors[0].shape[1]
+    for x in tensors[1:]:
+        heads = torch.sym_max(heads, x.shape[1])
+    return heads
+
+
+def _groups(heads, *tensors: Optional[Tensor]) -> tuple:
+    """Compute heads per head of each tensor (1 for None): compute head h reads head h // group of
+    it. The kernels take these as runtime integers; a launch specialises 1 into a constant, so
+    equal head counts compile to the kernels' code without groups."""
+    return tuple(1 if x is None else heads // x.shape[1] for x in tensors)
+
+
+def _copy_state(final: Tensor, initial_state: Optional[Tensor]) -> None:
+    """``final`` [B, H, Dk, Dv] := ``initial_state`` [B, Hi, Dk, Dv] read per compute head (or zeros)."""
+    if initial_state is None:
+        final.zero_()
+        return
+    b, h = final.shape[:2]
+    hi = initial_state.shape[1]
+    final.view(b, hi, h // hi, *final.shape[2:]).copy_(initial_state[:, :, None])
 
 
 def state_itemsize_of(dtype: torch.dtype) -> int:
@@ -229,15 +266,18 @@ def _num_slots(num_segments, state_split: int):
 
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
-    num_segments, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
+    num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
 ) -> Tensor:
-    """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``), with ``cfg.state_split``
-    pieces per segment before the last, plus one: slot g holds the state at piece g+1's start, so
+    """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
+    heads (key, value and initial state read per compute head as in :func:`linear_attention`),
+    with ``cfg.state_split`` pieces per segment before the last, plus one: slot g holds the state
+    at piece g+1's start, so
     segment s starts from slot ``s * state_split - 1``; the last slot is unused. The state kernel's
     grid covers every piece (the last one's programs return at once), so it is never empty, also
     when N is symbolic (``state_split`` is then 1)."""
-    b, h, n, dk = key.shape
+    b, _, n, dk = key.shape
     dv = value.shape[-1]
+    h = heads
     num_v_blocks = cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
     num_pieces = _num_slots(num_segments, cfg.state_split)
@@ -248,7 +288,7 @@ def _segment_start_states(
     launch(_segment_state_kernel)[(b * h * num_v_blocks, num_pieces)](
         key, value, decay_arg, seg_states,
         *key.stride(), *value.stride(),
-        n, h, dk, dv, piece_len, num_pieces, value_scale,
+        n, h, dk, dv, piece_len, num_pieces, value_scale, *_groups(h, key, value),
         HAS_DECAY=has_decay, REVERSE=reverse,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.state_accumulate,
@@ -260,7 +300,7 @@ def _segment_start_states(
     launch(_segment_scan_kernel)[(b * h * cdiv(dv, scan_block_v),)](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         *_strides(initial_state),
-        h, dk, dv, piece_len, num_pieces,
+        h, dk, dv, piece_len, num_pieces, *_groups(h, initial_state),
         HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
         BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
     )
@@ -282,16 +322,22 @@ def key_value_gradients(
     """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
     ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
     head dims :func:`~.config.fused_backward_fits` accepts: the backend chooses. Returns
-    ``(dk, dv, dS_0 float32 or None)``."""
-    b, h, n, dk = q.shape
+    ``(dk, dv, dS_0 float32 or None)``.
+
+    Grouped heads as in :func:`linear_attention`: H = the most heads among q, k, v and grad_out
+    (usually q's and grad_out's; k and v may have fewer), grad_final_state [B, Hg, Dk, Dv] with Hg
+    dividing H, decay [H]; dk and dv are [B, H, N, D] per compute head (the caller sums each
+    group's heads), dS_0 [B, H, Dk, Dv]."""
+    b, _, n, dk = q.shape
     dv = v.shape[-1]
+    h = _compute_heads(q, k, v, grad_out)
     device = q.device
-    grad_k = empty_bhnd(k.shape, k.dtype, device, out_bnhd)
-    grad_v = empty_bhnd(v.shape, v.dtype, device, out_bnhd)
+    grad_k = empty_bhnd((b, h, n, dk), k.dtype, device, out_bnhd)
+    grad_v = empty_bhnd((b, h, n, dv), v.dtype, device, out_bnhd)
     final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if n == 0:
         if final is not None:
-            final.copy_(grad_final_state) if grad_final_state is not None else final.zero_()
+            _copy_state(final, grad_final_state)
         return grad_k, grad_v, final
 
     has_init = grad_final_state is not None
@@ -303,7 +349,8 @@ def key_value_gradients(
         if num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
-                q, grad_out, decay, grad_final_state, cfg, num_segments, value_scale=scale, reverse=True, init_shift=0
+                q, grad_out, decay, grad_final_state, cfg, num_segments, h, value_scale=scale, reverse=True,
+                init_shift=0,
             )
         _direct(_key_value_grad_kernel)[(b * h, num_segments)](
             q, k, v, grad_out, grad_k, grad_v,
@@ -312,7 +359,7 @@ def key_value_gradients(
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
             *_strides(grad_final_state), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-            cfg.state_split, scale,
+            cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
             UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
