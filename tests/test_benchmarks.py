@@ -1,10 +1,13 @@
 """The benchmark runner works (CPU smoke mode): it writes its tables and agrees with the naive form."""
 
+import importlib
 import json
+import os
+import sys
 
 import pytest
 
-from _helpers import run_script
+from _helpers import ROOT, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,83 @@ def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(tmp_path):
     assert "time budget of 0 s spent: not run B1 N256 H2 D32" in out
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [row["N"] for row in rows] == [128]
+
+
+def _pack_lengths(text: str) -> list[int]:
+    """A row's ``lengths`` (runs written ``length*count``) as the list of lengths."""
+    lengths = []
+    for run in text.split():
+        length, _, count = run.partition("*")
+        lengths += [int(length)] * int(count or 1)
+    return lengths
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/bench.py as a module (with common.py beside it), forgotten afterwards."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    names = [name for name in ("bench", "common") if name not in sys.modules]
+    try:
+        yield importlib.import_module("bench")
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def test_bench_form_presets_on_the_gpu_sizes(bench):
+    """The shapes the form presets time on the GPU, read off bench.py without running them."""
+    packs = bench.preset_shapes("varlen")
+    assert [s.label for s in packs] == ["varlen 8x8K H16 D128", "varlen 20 mixed 300-12K H16 D128",
+                                        "varlen 128x512 H16 D128", "varlen 48K+16x1K H16 D128"]
+    for shape in packs:
+        assert (shape.batch, shape.tokens, sum(shape.lengths)) == (1, 65536, 65536)
+        assert _pack_lengths(bench.lengths_text(shape.lengths)) == list(shape.lengths)
+    mixed = packs[1].lengths
+    assert len(mixed) == 20 and min(mixed) == 300 and max(mixed) == 12288 and len(set(mixed)) > 10
+    assert bench.preset_shapes("varlen")[1].lengths == mixed  # seeded: every run packs the same list
+    (gqa,) = bench.preset_shapes("gqa")
+    assert (gqa.label, gqa.tokens) == ("gqa B8 N8K H32/8 D128", 65536)
+    assert [s.label for s in bench.preset_shapes("decay-grad")] == ["decay-grad B8 N8K H16 D128",
+                                                                    "decay-grad B1 N64K H16 D128"]
+    # a form shape runs beside the dense one of the same size, not merged into it
+    shapes = bench.select_shapes(["quick", "decay-grad"])
+    assert [(s.form, s.label) for s in shapes][:2] == [("dense", "B8 N8K H16 D128"),
+                                                      ("decay-grad", "decay-grad B8 N8K H16 D128")]
+
+
+def test_bench_form_presets_smoke(tmp_path, monkeypatch):
+    """``--smoke --preset varlen,gqa,decay-grad`` runs each form's implementations at tiny sizes
+    (fla is absent on CPU): packs against the same tokens dense, grouped heads three ways, a
+    learnable decay against a fixed one with its gradient's error against float64; the targets'
+    lines close the output."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: two threads spinning on a busy host cost 20x
+    out = run_script("benchmarks/bench.py", "--smoke", "--preset", "varlen,gqa,decay-grad", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    by_form = {}
+    for row in rows:
+        by_form.setdefault(row["form"], []).append(row)
+        assert row["fwd_ms"] and row["fwd_ms"] > 0 and row["fwdbwd_ms"] and row["fwdbwd_ms"] > 0, row
+        assert not (row["fwd_error"] or row["fwdbwd_error"] or row["check_error"]), row
+
+    varlen = by_form["varlen"]
+    assert [row["impl"] for row in varlen] == ["ours", "ours_dense"] * 4
+    packs = [_pack_lengths(row["lengths"]) for row in varlen[::2]]
+    assert all(sum(pack) == 512 for pack in packs) and [len(pack) for pack in packs] == [8, 20, 128, 17]
+    assert "varlen 8x64 H2 D32: ours/ours_dense fwd " in out
+
+    gqa = {row["impl"]: row for row in by_form["gqa"]}
+    assert list(gqa) == ["ours", "ours_shared", "ours_repeat"]
+    assert (gqa["ours"]["H"], gqa["ours"]["Hkv"]) == (8, 2)
+    assert gqa["ours_repeat"]["rel_err_vs_ours"] < 1e-5  # grouped heads compute the repeated k, v's result
+    assert "gqa B1 N128 H8/2 D32: ours_repeat/ours_shared f+b " in out
+
+    learnable = [row for row in by_form["decay-grad"] if row["impl"] == "ours_decay_grad"]
+    assert [row["N"] for row in learnable] == [128, 256]
+    for row in learnable:
+        assert row["rel_err_vs_ours"] < 1e-6
+        assert 0 < row["decay_grad_rel_err"] < 1e-4 and row["decay_grad_rel_err_fp32"] == row["decay_grad_rel_err"]
+    assert out.rstrip().splitlines()[-1].startswith("decay-grad B1 N256 H2 D32: ours_decay_grad/ours f+b ")
+    assert "d decay err float32 " in out
 
 
 def test_register_report_compiles_every_kernel_for_hopper():
