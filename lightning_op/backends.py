@@ -48,7 +48,10 @@ def chunked(chunk_size: int = 64) -> Backend:
 
     def linear_attention(query, key, value, decay=None, *, out_bnhd=False, start_states=None, keep_start_states=None,
                          **arguments):
-        return reference.linear_attention_chunked(query, key, value, decay, chunk_size=chunk_size, **arguments)
+        out, final = reference.linear_attention_chunked(query, key, value, decay, chunk_size=chunk_size, **arguments)
+        if out_bnhd:  # the layout asked for, as the kernels store it (the op's fake reports it)
+            out = empty_bhnd(out.shape, out.dtype, out.device, True).copy_(out)
+        return out, final
 
     return Backend(f"chunked({chunk_size})", linear_attention, reference.attention_step)
 
@@ -108,9 +111,9 @@ def compute_decay(decay: Optional[Tensor], num_heads: int) -> Optional[Tensor]:
 
 def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], scale: float,
             initial_state: Optional[Tensor], *, keep_start_states: Optional[list] = None,
-            cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            cu_seqlens: Optional[Tensor] = None, out_bnhd: bool = False) -> tuple[Tensor, Tensor]:
     """The op: ``(out in q's dtype, final state)``, the state float32 (float64 for float64 inputs).
-    ``keep_start_states``: see ``kernels.linear_attention``.
+    ``keep_start_states``: see ``kernels.linear_attention``; ``out_bnhd`` stores out as [B, N, H, Dv].
 
     Grouped heads run per query head (the backends read a kv head for each, no copy of k or v);
     where a group shares its state (``reference.state_heads``) its heads compute the same state,
@@ -118,7 +121,8 @@ def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[T
     h = q.shape[1]
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
     out, final = backend.linear_attention(q, k, v, compute_decay(decay, h), out_scale=scale,
-                                          initial_state=initial_state, keep_start_states=keep_start_states, **extra)
+                                          initial_state=initial_state, keep_start_states=keep_start_states,
+                                          out_bnhd=out_bnhd, **extra)
     state_heads = reference.state_heads(h, k.shape[1], decay)
     if state_heads < h:
         final = final[:, :: h // state_heads].contiguous()

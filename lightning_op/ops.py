@@ -530,7 +530,7 @@ class _TransformableAttention(torch.autograd.Function):
                 "lightning attn: decay has a tangent, but forward-mode derivatives in the decay are not "
                 "supported (reverse mode is); pass decay.detach()"
             )
-        q, k, v, decay, initial_state, _ = ctx.saved_tensors
+        q, k, v, decay, initial_state = ctx.saved_tensors  # save_for_forward's
         scale, cu_seqlens = ctx.scale, ctx.cu_seqlens
 
         def attn_op(q, k, v, decay, scale, initial_state):
@@ -794,10 +794,11 @@ def _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices):
         return q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     start = state.index_select(0, slots)
     out, final = _attn_impl(q, k, v, decay, scale, start, cu_seqlens)
-    first = valid.to(torch.int8).argmax()  # the first row with a slot (row 0 if none)
+    # the first row with a slot (row 0 if none); index_select, not x[first]: a tensor index is a host read
+    first = valid.to(torch.int8).argmax().view(1)
     any_valid = valid.any()
-    fallback_slot = torch.where(any_valid, slots[first], 0)
-    fallback = torch.where(any_valid, final[first], state[0])
+    fallback_slot = torch.where(any_valid, slots.index_select(0, first)[0], 0)
+    fallback = torch.where(any_valid, final.index_select(0, first)[0], state[0])
     keep = valid[:, None, None, None]
     state.index_copy_(0, torch.where(valid, slots, fallback_slot), torch.where(keep, final, fallback))
     if cu_seqlens is None:

@@ -278,3 +278,71 @@ def test_cuda_backward_op_refuses_short_gradients():
     with pytest.raises(ValueError, match="grad_out must have the output's shape"):
         torch.ops.lightning.attn_bwd(torch.randn(1, 2, 50, 64, device="cuda", dtype=torch.bfloat16), None,
                                      q, k, v, None, 1.0, None)
+
+
+# ----------------------------------------------------------------------------- packed, grouped, learnable decay, pools
+
+
+def _check_forms(h, hkv, n, d, dtype, decay, cu_seqlens=None, with_init=True, layout="bhnd"):
+    """The op on CUDA against autograd through the float64 quadratic oracle, the decay's gradient included."""
+    from lightning_op import reference
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+
+    def one(heads):
+        x = 0.5 * torch.randn(1, n, heads, d, device="cuda", generator=gen)
+        x = x.to(dtype).transpose(1, 2) if layout == "bnhd" else x.transpose(1, 2).contiguous().to(dtype)
+        return x.requires_grad_()
+
+    q, k, v = one(h), one(hkv), one(hkv)
+    dec = decay.clone().requires_grad_()
+    rows = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    init = (0.3 * torch.randn(rows, reference.state_heads(h, hkv, decay), d, d, device="cuda")).requires_grad_() \
+        if with_init else None
+    out, final = lightning_attn(q, k, v, dec, scale=0.5, initial_state=init, output_final_state=True,
+                                cu_seqlens=cu_seqlens)
+    wide = [x.detach().double().requires_grad_() for x in (q, k, v, dec)]
+    wide_init = None if init is None else init.detach().double().requires_grad_()
+    want_out, want_final = reference.attention_quadratic(*wide[:3], wide[3], 0.5, wide_init, cu_seqlens)
+    grad_out, grad_final = torch.randn_like(want_out), torch.randn_like(want_final)
+    inputs = [q, k, v, dec] + ([init] if init is not None else [])
+    wide_inputs = wide + ([wide_init] if wide_init is not None else [])
+    got = torch.autograd.grad((out, final), inputs, (grad_out.to(out.dtype), grad_final.float()))
+    want = torch.autograd.grad((want_out, want_final), wide_inputs, (grad_out, grad_final))
+    errors = {"out": rel_error(out, want_out), "final": rel_error(final, want_final)}
+    errors.update({name: rel_error(g, w) for name, g, w in zip(("dq", "dk", "dv", "ddecay", "dinit"), got, want)})
+    tol = GPU_TOLERANCE[dtype]
+    assert all(e < (max(tol, 3e-4) if name == "ddecay" else tol) for name, e in errors.items()), errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hkv,decay_heads", [(8, 8), (2, 2), (2, 8)])
+def test_cuda_grouped_heads_and_decay_gradient(dtype, hkv, decay_heads):
+    decay = torch.tensor([1e-4, 0.01, 0.3, 3.0, 0.05, 0.0, 1.0, 0.2], device="cuda")[:decay_heads]
+    _check_forms(8, hkv, 700, 64, dtype, decay)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_cuda_packed_sequences(dtype, layout):
+    cu = torch.tensor([0, 1, 300, 300, 2500, 2600], device="cuda")
+    _check_forms(4, 2, 2600, 64, dtype, torch.tensor([0.01, 0.5], device="cuda"), cu, layout=layout)
+
+
+def test_cuda_pooled_decode_and_mixed_step():
+    from lightning_op import reference
+
+    decay = torch.tensor([0.05, 0.8], device="cuda")
+    pool = torch.randn(6, 2, 64, 64, device="cuda")
+    before = pool.clone()
+    cu = torch.tensor([0, 1, 500, 501], device="cuda")
+    slots = torch.tensor([3, 0, -1], device="cuda")
+    q, k, v = (0.5 * torch.randn(1, heads, 501, 64, device="cuda") for heads in (4, 2, 2))
+    out = lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=slots)
+    want, final = reference.attention_recurrent(q.double(), k.double(), v.double(), decay.double(), 1.0,
+                                                before[slots.clamp(min=0)].double(), cu)
+    assert rel_error(out[:, :, :500], want[:, :, :500]) < 2e-5
+    assert torch.equal(out[:, :, 500:], torch.zeros_like(out[:, :, 500:]))
+    assert rel_error(pool[3], final[0]) < 2e-5 and rel_error(pool[0], final[1]) < 2e-5
+    for slot in (1, 2, 4, 5):
+        assert torch.equal(pool[slot], before[slot])

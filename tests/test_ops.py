@@ -210,7 +210,7 @@ def _good():
 
 BAD_INPUTS = [
     (dict(k=torch.randn(2, 3, 11, 16)), ValueError, r"k has sequence length 11"),
-    (dict(v=torch.randn(2, 4, 10, 32)), ValueError, r"v has number of heads 4"),
+    (dict(v=torch.randn(2, 4, 10, 32)), ValueError, r"v has 4 heads but k has 3"),
     (dict(k=torch.randn(1, 3, 10, 16)), ValueError, r"k has batch size 1"),
     (dict(k=torch.randn(2, 3, 10, 32)), ValueError, r"k has head dim 32 but q has 16"),
     (dict(q=torch.randn(2, 3, 10, 8), k=torch.randn(2, 3, 10, 8)), ValueError, r"head dim of q and k must be between 16 and 256, got 8"),
@@ -426,10 +426,13 @@ def test_eager_path_is_named_in_profiles():
     assert any(event.key == "lightning::attn" for event in prof.key_averages())
 
 
-def test_eager_path_rejects_a_learnable_decay():
+def test_eager_path_and_the_op_give_the_same_decay_gradient():
     q, k, v = (x.requires_grad_() for x in make_inputs(1, 2, 20, 16, 16, torch.float32))
-    with pytest.raises(ValueError, match="decay requires grad"):
-        lightning_attn(q, k, v, torch.tensor([0.1, 0.2], requires_grad=True))
+    grads = []
+    for call in (lambda d: lightning_attn(q, k, v, d), lambda d: torch.ops.lightning.attn(q, k, v, d)[0]):
+        decay = torch.tensor([0.1, 0.2], requires_grad=True)
+        grads.append(torch.autograd.grad(call(decay).square().sum(), decay)[0])
+    assert grads[0].shape == (2,) and torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("path", ["eager", "op"])

@@ -146,3 +146,27 @@ def test_module_serves_mixed_batches_from_a_pool():
         pool.allocate()
     with pytest.raises(ValueError, match="a StatePool needs slots"):
         layer(xa, cache=pool)
+
+
+def test_pooled_step_reads_nothing_on_the_host():
+    """The slots' gather and write-back make no host read (a read would break CUDA-graph capture):
+    counted as ``aten._local_scalar_dense`` calls, validation (which reads the indices once in
+    eager mode) excluded, no decay and no packing (whose CPU paths read their values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_op import ops
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(3, 1)
+    pool = torch.randn(5, HKV, D, D)
+    with torch.no_grad(), CountReads():
+        ops._pooled_step(q, k, v, pool, None, 1.0, None, torch.tensor([4, -1, 2]))
+        ops._pooled_step(q, k, v, pool, None, 1.0, None, torch.tensor([-1, -1, -1]))
+    assert CountReads.reads == 0
