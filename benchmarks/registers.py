@@ -179,8 +179,10 @@ def main() -> None:
                       ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
                       UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
                       KEY_PARTS=d // min(d, 64), PART=min(d, 64),
-                      # equal head counts: group divisors of 1, which a launch makes constants
-                      q_group=1, k_group=1, v_group=1, do_group=1, init_group=1)
+                      # equal head counts and no packed sequences: group divisors of 1 and no
+                      # segment tables (None), which a launch makes constants
+                      q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
+                      PIECES=None)
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,

@@ -8,7 +8,8 @@ work took longer than the GPU work it launched, so the host set the pace (benchm
 :func:`launcher` remembers, per kernel, the compiled kernel Triton chose for each *launch key*: the
 device of the launch's tensors, every integer argument's exact value (except those the kernel does not
 specialise, like ``N``, which only contribute their integer width), each tensor's dtype and
-whether its address is 16-byte aligned, the type of each float, and every keyword argument. That
+whether its address is 16-byte aligned, the type of each float, None for a table pointer left
+out (:data:`NONE_ARGUMENTS`), and every keyword argument. That
 key is finer than Triton's own specialisation (which only keeps classes of integers: 1,
 divisible by 16, 32- or 64-bit), so a remembered kernel is always the one Triton would have picked;
 a new key costs one ordinary launch, which also compiles if needed. Remembered launches call the
@@ -38,6 +39,11 @@ ENABLED = os.environ.get("LIGHTNING_OP_FAST_LAUNCH", "1") != "0" and not TRITON_
 MAX_KEYS = 1024
 
 _UNSUPPORTED = object()
+
+#: pointer parameters our kernels take as None where their option is off (the packed-sequence
+#: tables of dense launches): Triton compiles None as a constant, so None is part of the key there
+#: (elsewhere a None argument goes through Triton's dispatch)
+NONE_ARGUMENTS = frozenset({"SEGMENTS", "PIECES", "SEQUENCES"})
 
 try:
     from triton import knobs as _knobs
@@ -70,6 +76,7 @@ class FastLauncher:
         self.unspecialised = frozenset(
             i for i, p in enumerate(params) if p.name in not_specialised or i in not_specialised
         )
+        self.may_be_none = frozenset(i for i, p in enumerate(params) if p.name in NONE_ARGUMENTS)
         self.compiled: dict = {}
         self.fast_launches = 0  # for tests: launches that skipped JITFunction.run
 
@@ -82,7 +89,9 @@ class FastLauncher:
         unspecialised = self.unspecialised
         for index, arg in enumerate(args):
             kind = type(arg)
-            if kind is int:
+            if arg is None and index in self.may_be_none:
+                append(None)
+            elif kind is int:
                 append(-2**31 <= arg < 2**31 if index in unspecialised else arg)
             elif kind is float:
                 append(float)

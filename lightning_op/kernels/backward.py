@@ -18,12 +18,13 @@ import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _head, _load_rows,
-                     _mask_scores, _segment_chunk, _segment_start_state, _store_rows, _store_state, _update_state)
+                     _mask_scores, _packed_segment, _segment_chunk, _segment_start_state, _store_rows, _store_state,
+                     _update_state)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _key_value_grad_kernel(
-    Q, K, V, DO, DK, DV, DECAY, INIT, SEG_STATES, FINAL,
+    Q, K, V, DO, DK, DV, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -38,7 +39,7 @@ def _key_value_grad_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr = False,
-    LATE_DK_SCORES: tl.constexpr = False,
+    LATE_DK_SCORES: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
     ``ACCUMULATE`` and ``UPDATE_ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk
@@ -46,10 +47,16 @@ def _key_value_grad_kernel(
     dk's chunk scores ``(v do^T) * M`` are computed after dv is stored instead of beside dv's; on
     sm_90 at D = 128 that halves the loop's spills (``benchmarks/registers.py``: 1169 -> 1075
     instructions, 102 -> 50 local accesses); on the H200 4.8% faster forward+backward at the main
-    shape (RESULTS.md, 2026-12-02), the default for keys up to 128 wide."""
+    shape (RESULTS.md, 2026-12-02), the default for keys up to 128 wide. ``VARLEN`` (packed
+    sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence and walks
+    it from the sequence's end; dS_0 is stored per sequence."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)
+    if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
+        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+        if sequence < 0:
+            return
     b = bh // H
     h = bh % H
     q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
@@ -58,6 +65,13 @@ def _key_value_grad_kernel(
     do_ptr = _head(DO, b, h // do_group, stride_ob, stride_oh)
     dk_ptr = _head(DK, b, h, stride_dkb, stride_dkh)
     dv_ptr = _head(DV, b, h, stride_dvb, stride_dvh)
+    if VARLEN:  # the sequence's rows
+        q_ptr += first_row * stride_qn
+        k_ptr += first_row * stride_kn
+        v_ptr += first_row * stride_vn
+        do_ptr += first_row * stride_on
+        dk_ptr += first_row * stride_dkn
+        dv_ptr += first_row * stride_dvn
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = tl.arange(0, BLOCK_V)
     valid_k = cols_k < D_K
@@ -69,9 +83,15 @@ def _key_value_grad_kernel(
 
     # dS at the segment's first visited row: grad_final_state enters unshifted (the gradients'
     # init_shift 0); later segments start from the scan's state, one step further on.
+    if VARLEN:  # the sequence's grad_final_state (batch entry `sequence`), the start slot of the table
+        init_offset = sequence * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + slot) * D_K * D_V
+    else:
+        init_offset = b * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + seg * split - 1) * D_K * D_V
     state = _segment_start_state(
-        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv,
-        SEG_STATES, (bh * num_slots + seg * split - 1) * D_K * D_V, seg, cols_k, cols_v, tile_mask,
+        INIT, init_offset, stride_ik, stride_iv,
+        SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
         D_V, 1, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, 0, 1)
@@ -107,6 +127,12 @@ def _key_value_grad_kernel(
                               False, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
-        if seg == num_segments - 1:
-            _store_state(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k, cols_v,
-                         tile_mask)
+        if VARLEN:  # the segment that reaches the sequence's first row
+            last = seg_begin + segment_len >= N
+            final_batch = sequence
+        else:
+            last = seg == num_segments - 1
+            final_batch = b
+        if last:
+            _store_state(_head(FINAL, final_batch, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k,
+                         cols_v, tile_mask)

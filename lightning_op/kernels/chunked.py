@@ -32,43 +32,61 @@ segment boundary: they underflow for strong decays, they never overflow.
 Grouped heads: a program computes one head h of H (the most heads any input has) and reads head
 ``h // X_group`` of each input X (``q_group``, ``k_group``, ...: compute heads per head of X, runtime
 integers; a launch with equal head counts passes 1, which Triton compiles as a constant).
+
+Packed sequences (``VARLEN``): the rows of batch entry 0 hold several sequences. Each is cut into
+segments of its own (rows counted from its start, so chunks never straddle a boundary), listed
+in a table built on the device (``launch._packed_plan``); a program looks its segment up, reads
+that sequence's rows (``N`` becomes its length, so ``REVERSE`` walks it from its own end) and its
+initial and final states at batch index ``sequence``, and the scan runs per sequence. The table's
+pointers are None in dense launches, where ``VARLEN`` is off and the code is the dense code.
 """
 
 import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
-                     _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _segment_chunk, _segment_start_state,
-                     _segment_start_state_t, _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state,
-                     _update_state_t)
+                     _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _packed_piece, _packed_segment,
+                     _segment_chunk, _segment_start_state, _segment_start_state_t, _store_rows, _store_rows_t,
+                     _store_state, _store_state_t, _update_state, _update_state_t)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
 # compiled kernel serves all lengths; strides stay specialised for aligned, vectorised loads.
 @triton.jit(do_not_specialize=["N"])
 def _segment_state_kernel(
-    K, V, DECAY, SEG_STATES,
+    K, V, DECAY, SEG_STATES, PIECES,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     N, H, DK, DV, segment_len, num_segments, value_scale, k_group, v_group,
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
-    WEIGHT_VALUES: tl.constexpr = False,
+    WEIGHT_VALUES: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
 
     The grid covers every segment, so it is never empty; the last segment's own state is not
-    needed (nothing follows it) and its programs return at once."""
+    needed (nothing follows it) and its programs return at once. ``VARLEN`` (packed sequences):
+    program ``seg`` takes piece ``seg`` of the ``PIECES`` table (a piece of one sequence, rows
+    counted from its start, or none: it returns) and stores into slot ``seg``."""
     seg = tl.program_id(1)
-    if seg == num_segments - 1:
-        return
+    if VARLEN:
+        sequence, first_row, N, piece = _packed_piece(PIECES, seg)
+        if sequence < 0:
+            return
+    else:
+        if seg == num_segments - 1:
+            return
+        piece = seg
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     value_scale = tl.cast(value_scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
     k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
     v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
+    if VARLEN:  # the sequence's rows
+        k_ptr += first_row * stride_kn
+        v_ptr += first_row * stride_vn
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -78,7 +96,7 @@ def _segment_state_kernel(
         log2_lam = _log2_decay(DECAY, h)
 
     state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    seg_begin = seg * segment_len
+    seg_begin = piece * segment_len
     seg_last = seg_begin + segment_len - 1
     for start in range(seg_begin, seg_begin + segment_len, CHUNK):
         rows = start + idx
@@ -113,27 +131,84 @@ def _segment_state_kernel(
 
 
 @triton.jit
+def _packed_plan_kernel(
+    CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, num_sequences, num_segments, num_pieces, segment_len, split,
+    BLOCK: tl.constexpr,
+):
+    """The tables of a packed batch (``launch._packed_plan`` says what they hold), in one program:
+    sequences BLOCK at a time, each block's segments and pieces placed after those of the blocks
+    before it (running totals), then the surplus entries marked -1."""
+    lanes = tl.arange(0, BLOCK)
+    segments_before = tl.cast(0, tl.int32)
+    slots_before = tl.cast(0, tl.int32)
+    for start in range(0, num_sequences, BLOCK):
+        sequence = start + lanes
+        valid = sequence < num_sequences
+        first_row = tl.load(CU_SEQLENS + sequence, mask=valid, other=0).to(tl.int32)
+        length = tl.load(CU_SEQLENS + sequence + 1, mask=valid, other=0).to(tl.int32) - first_row
+        segments = tl.where(valid, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
+        slots = (segments - 1) * split  # negative for the lanes past the end: no slot
+        first_segment = segments_before + tl.cumsum(segments, 0) - segments
+        first_slot = slots_before + tl.cumsum(tl.maximum(slots, 0), 0) - tl.maximum(slots, 0)
+        row = SEQUENCES + sequence * 4
+        tl.store(row, first_slot, mask=valid)
+        tl.store(row + 1, slots, mask=valid)
+        tl.store(row + 2, first_segment, mask=valid)
+        tl.store(row + 3, length, mask=valid)
+        for index in range(0, tl.max(segments, 0)):
+            entry = SEGMENTS + (first_segment + index) * 5
+            taken = index < segments
+            tl.store(entry, sequence, mask=taken)
+            tl.store(entry + 1, first_row, mask=taken)
+            tl.store(entry + 2, length, mask=taken)
+            tl.store(entry + 3, index, mask=taken)
+            tl.store(entry + 4, first_slot + index * split - 1, mask=taken)
+        for index in range(0, tl.max(slots, 0)):
+            entry = PIECES + (first_slot + index) * 4
+            taken = index < slots
+            tl.store(entry, sequence, mask=taken)
+            tl.store(entry + 1, first_row, mask=taken)
+            tl.store(entry + 2, length, mask=taken)
+            tl.store(entry + 3, index, mask=taken)
+        segments_before += tl.sum(segments, 0)
+        slots_before += tl.sum(tl.maximum(slots, 0), 0)
+    for start in range(segments_before, num_segments, BLOCK):
+        tl.store(SEGMENTS + (start + lanes) * 5, -1, mask=start + lanes < num_segments)
+    for start in range(slots_before, num_pieces, BLOCK):
+        tl.store(PIECES + (start + lanes) * 4, -1, mask=start + lanes < num_pieces)
+
+
+@triton.jit
 def _segment_scan_kernel(
-    DECAY, INIT, SEG_STATES,
+    DECAY, INIT, SEG_STATES, SEQUENCES,
     stride_ib, stride_ih, stride_ik, stride_iv,
     H, DK, DV, segment_len, num_segments, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr = 1,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr = 1, VARLEN: tl.constexpr = False,
 ):
     """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start.
 
     One program per block of ``BLOCK_V`` state columns and batch*head: the columns are independent,
     so narrow blocks spread the scan's sequential chain over many programs. ``STAGES`` > 1
     pipelines the slots' loads (asynchronous copies that many slots ahead), so that each step of
-    the chain waits for one multiply-add, not for a round trip to memory."""
+    the chain waits for one multiply-add, not for a round trip to memory. ``VARLEN`` (packed
+    sequences): grid axis 1 is the sequence, whose slots are a run given by the ``SEQUENCES``
+    table (first slot, count, ...), scanned from its own initial state."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
+    if VARLEN:
+        sequence = tl.program_id(1)
+        first_slot = tl.load(SEQUENCES + 4 * sequence)
+        count = tl.load(SEQUENCES + 4 * sequence + 1)
+        state_batch = sequence.to(tl.int64)
+    else:
+        state_batch = b
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
     if HAS_INIT:
-        init_ptr = _head(INIT, b, h // init_group, stride_ib, stride_ih)
+        init_ptr = _head(INIT, state_batch, h // init_group, stride_ib, stride_ih)
         state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
         state = state.to(tl.float32)
     else:
@@ -142,8 +217,12 @@ def _segment_scan_kernel(
         log2_lam = _log2_decay(DECAY, h)
         first_decay = tl.exp2(log2_lam * (segment_len - 1 + INIT_SHIFT))
         later_decay = tl.exp2(log2_lam * segment_len)
-    slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
-    for g in tl.range(0, num_segments - 1, num_stages=STAGES):
+    if VARLEN:
+        slot_ptr = SEG_STATES + (bh * num_segments + first_slot) * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+    else:
+        slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+        count = num_segments - 1
+    for g in tl.range(0, count, num_stages=STAGES):
         own = tl.load(slot_ptr + g * DK * DV, mask=tile_mask, other=0.0)
         if HAS_DECAY:
             state = state * tl.where(g == 0, first_decay, later_decay)
@@ -153,7 +232,7 @@ def _segment_scan_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def _chunk_output_kernel(
-    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL,
+    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -168,7 +247,7 @@ def _chunk_output_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
-    UPDATE_ACCUMULATE: tl.constexpr = False,
+    UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -183,12 +262,21 @@ def _chunk_output_kernel(
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
+    if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
+        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+        if sequence < 0:
+            return
     b = bh // H
     h = bh % H
     q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
     k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
     v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     o_ptr = _head(O, b, h, stride_ob, stride_oh)
+    if VARLEN:  # the sequence's rows
+        q_ptr += first_row * stride_qn
+        k_ptr += first_row * stride_kn
+        v_ptr += first_row * stride_vn
+        o_ptr += first_row * stride_on
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -203,9 +291,15 @@ def _chunk_output_kernel(
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
+    if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
+        init_offset = sequence * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + slot) * DK * DV
+    else:
+        init_offset = b * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + seg * split - 1) * DK * DV
     state = _segment_start_state(
-        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv,
-        SEG_STATES, (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_k, cols_v, tile_mask,
+        INIT, init_offset, stride_ik, stride_iv,
+        SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
         stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
@@ -225,14 +319,20 @@ def _chunk_output_kernel(
                               ACCUMULATE or UPDATE_ACCUMULATE, WEIGHT_VALUES, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
-        if seg == num_segments - 1:
-            _store_state(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k, cols_v,
-                         tile_mask)
+        if VARLEN:  # the sequence's last segment
+            last = seg_begin + segment_len >= N
+            final_batch = sequence
+        else:
+            last = seg == num_segments - 1
+            final_batch = b
+        if last:
+            _store_state(_head(FINAL, final_batch, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k,
+                         cols_v, tile_mask)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _chunk_output_t_kernel(
-    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL,
+    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -246,7 +346,7 @@ def _chunk_output_t_kernel(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
 
@@ -265,21 +365,36 @@ def _chunk_output_t_kernel(
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
+    if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
+        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+        if sequence < 0:
+            return
     b = bh // H
     h = bh % H
     q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
     k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
     v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     o_ptr = _head(O, b, h, stride_ob, stride_oh)
+    if VARLEN:  # the sequence's rows
+        q_ptr += first_row * stride_qn
+        k_ptr += first_row * stride_kn
+        v_ptr += first_row * stride_vn
+        o_ptr += first_row * stride_on
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
     causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
     log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
+    if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
+        init_offset = sequence * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + slot) * DK * DV
+    else:
+        init_offset = b * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + seg * split - 1) * DK * DV
     states = _segment_start_state_t(
-        INIT, b * stride_ib + (h // init_group) * stride_ih, stride_ik, stride_iv, SEG_STATES,
-        (bh * num_slots + seg * split - 1) * DK * DV, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
+        INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
+        slot, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
         HAS_INIT, BLOCK_V, KEY_PARTS, PART,
     )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
@@ -301,6 +416,12 @@ def _chunk_output_t_kernel(
                                  DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
-        if seg == num_segments - 1:
-            _store_state_t(_head(FINAL, b, h, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v, valid_v,
-                           DK, KEY_PARTS, PART)
+        if VARLEN:  # the sequence's last segment
+            last = seg_begin + segment_len >= N
+            final_batch = sequence
+        else:
+            last = seg == num_segments - 1
+            final_batch = b
+        if last:
+            _store_state_t(_head(FINAL, final_batch, h, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v,
+                           valid_v, DK, KEY_PARTS, PART)

@@ -20,11 +20,14 @@ from .._layout import empty_bhnd
 from . import autotune
 from ._launch import launcher as _launcher
 from .backward import _key_value_grad_kernel
-from .chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_scan_kernel, _segment_state_kernel
+from .boundary import _block_scan_kernel, _block_state_kernel
+from .chunked import (_chunk_output_kernel, _chunk_output_t_kernel, _packed_plan_kernel, _segment_scan_kernel,
+                      _segment_state_kernel)
 from .config import LaunchConfig, cdiv, choose_config, choose_decode, next_power_of_2
 from .decode import _decode_step_kernel
 
-__all__ = ["linear_attention", "key_value_gradients", "decode_step", "SegmentStates", "state_itemsize_of"]
+__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decode_step", "SegmentStates",
+           "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -44,6 +47,7 @@ class SegmentStates:
     segment_len: int
     state_split: int
     transposed: bool = False
+    packed: bool = False  # of packed sequences: slots as ``_packed_plan`` lays them out
 
     def t(self) -> "SegmentStates":
         return dataclasses.replace(self, transposed=not self.transposed)
@@ -53,9 +57,10 @@ class SegmentStates:
         inner = self.states.shape[-1]
         return (1, inner) if self.transposed else (inner, 1)
 
-    def fits(self, cfg: "LaunchConfig", num_slots: int, dk: int, dv: int, device: torch.device) -> bool:
+    def fits(self, cfg: "LaunchConfig", num_slots: int, dk: int, dv: int, device: torch.device,
+             packed: bool = False) -> bool:
         tile = (dv, dk) if self.transposed else (dk, dv)
-        return (self.segment_len == cfg.segment_len and self.state_split == cfg.state_split
+        return (self.segment_len == cfg.segment_len and self.state_split == cfg.state_split and self.packed == packed
                 and self.states.dtype == torch.float32 and self.states.device == device
                 and tuple(self.states.shape[1:]) == (num_slots, *tile) and self.states.is_contiguous())
 
@@ -88,7 +93,7 @@ def linear_attention(
     value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
     store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
-    keep_start_states: Optional[list] = None,
+    keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -119,13 +124,21 @@ def linear_attention(
     torch.export / AOTInductor): kernels launch through ``torch.library.wrap_triton`` and nothing
     branches on N — ``segment_len`` must be given, all three kernels always launch, and N = 0 runs
     one empty segment (the output kernel still writes the final state).
+
+    ``cu_seqlens`` (packed sequences; int32 or int64 [S + 1], 0 = cu[0] <= ... <= cu[S] = N,
+    trusted): B is 1 and rows ``cu[s] .. cu[s+1] - 1`` are sequence s; no state crosses a boundary.
+    initial_state is then [S, Hi, Dk, Dv] (sequence s starts from entry s, with ``init_shift`` as
+    above) and the final state [S, H, Dk, Dv] (a sequence without rows keeps its initial state, or
+    zeros); ``reverse`` walks each sequence from its own end. Every sequence is cut into segments
+    of its own (see :func:`_packed_plan`: tables built on the device, nothing read on the host).
     """
     b, _, n, dk = query.shape
     dv = value.shape[-1]
     h = _compute_heads(query, key, value)
     device = query.device
     out = empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
-    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1  # batch entries or sequences
+    final = torch.empty(num_states, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if traceable:
         if segment_len is None:
             raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
@@ -148,6 +161,8 @@ def linear_attention(
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
         num_segments = cdiv(n_at_least_1, cfg.segment_len)
+        plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
+                                                            cfg.state_split, launch)
         if keep_start_states is not None:
             keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
         num_v_blocks = cdiv(dv, cfg.block_v)
@@ -160,18 +175,20 @@ def linear_attention(
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1:
             num_slots = _num_slots(num_segments, cfg.state_split)
-            if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device):
+            if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device,
+                                                                                plan is not None):
                 seg_states, state_strides = start_states.states, start_states.strides()
             else:
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments, h,
-                    value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch,
+                    value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch, plan=plan,
                 )
                 if keep_start_states is not None:
-                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split))
+                    keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split,
+                                                           packed=plan is not None))
         args = (
             query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
-            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            None if plan is None else plan.segments, *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             *_strides(initial_state), *_strides(final), *state_strides,
             n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
             *groups,
@@ -179,7 +196,9 @@ def linear_attention(
         flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,
                      STORE_FINAL=store_final, CHUNK=cfg.chunk, BLOCK_V=cfg.block_v, **types,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        grid = (b * h * num_v_blocks, num_segments)
+        if plan is not None:
+            flags["VARLEN"] = True
+        grid = (b * h * num_v_blocks, num_segments if plan is None else plan.segments.shape[0])
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
             part = min(cfg.block_k, 64)
@@ -253,6 +272,45 @@ def _dot_types_of(dtype: torch.dtype, allow_tf32: bool) -> tuple:
     ).items())
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedPlan:
+    """Where the programs of a packed batch work (int32 tables, see :func:`_packed_plan`)."""
+
+    segments: Tensor  # [M, 5]: sequence (-1: none), first row, length, index in the sequence, start slot
+    pieces: Tensor  # [P, 4]: sequence (-1: none), first row, length, index in the sequence
+    sequences: Tensor  # [S, 4]: first slot, slots, first segment, length
+
+
+def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct) -> PackedPlan:
+    """The tables of a packed batch, built on the device from ``cu_seqlens`` by one small kernel
+    (``chunked._packed_plan_kernel``): nothing is read on the host, and their sizes depend on N
+    and S alone, so N and S may be symbolic.
+
+    Sequence s of length n_s (``cu[s+1] - cu[s]``) is cut into ``max(1, ceil(n_s / L))`` segments
+    of L = ``segment_len`` rows counted from its start (a sequence without rows has one empty
+    segment, which writes its final state); all of them fit in M = ceil(N / L) + S entries, the
+    rest marked -1 (their programs return at once). Each segment but a sequence's last is cut into
+    ``state_split`` pieces whose own states take one slot each, sequence after sequence: at most
+    (ceil(N / L) - 1) * state_split of them, as in a batch of one sequence of N rows, so the slots
+    and the piece table keep :func:`_num_slots`' count (the last entry always -1). A segment
+    ``index > 0`` of sequence s starts from slot ``first_slot[s] + index * state_split - 1``."""
+    device = cu_seqlens.device
+    num_sequences = cu_seqlens.shape[0] - 1
+    num_segments = cdiv(n, segment_len)
+    plan = PackedPlan(torch.empty(num_segments + num_sequences, 5, dtype=torch.int32, device=device),
+                      torch.empty(_num_slots(num_segments, state_split), 4, dtype=torch.int32, device=device),
+                      torch.empty(num_sequences, 4, dtype=torch.int32, device=device))
+    launch(_packed_plan_kernel)[(1,)](
+        cu_seqlens, plan.segments, plan.pieces, plan.sequences, num_sequences, plan.segments.shape[0],
+        plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK,
+    )
+    return plan
+
+
+#: sequences per step of ``_packed_plan_kernel``
+PLAN_BLOCK = 256
+
+
 #: the segment scan's state columns per program and its pipelined loads (``_segment_scan_kernel``):
 #: a Dk x 32 float32 tile is 16 KiB at Dk = 128, four of them in flight
 SCAN_BLOCK_V, SCAN_STAGES = 32, 4
@@ -267,6 +325,7 @@ def _num_slots(num_segments, state_split: int):
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
+    plan: Optional["PackedPlan"] = None,
 ) -> Tensor:
     """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
     heads (key, value and initial state read per compute head as in :func:`linear_attention`),
@@ -274,7 +333,9 @@ def _segment_start_states(
     at piece g+1's start, so
     segment s starts from slot ``s * state_split - 1``; the last slot is unused. The state kernel's
     grid covers every piece (the last one's programs return at once), so it is never empty, also
-    when N is symbolic (``state_split`` is then 1)."""
+    when N is symbolic (``state_split`` is then 1). With a ``plan`` (packed sequences) the same
+    number of slots holds the pieces of every sequence's segments but its last, sequence after
+    sequence (:func:`_packed_plan`), and the scan runs per sequence."""
     b, _, n, dk = key.shape
     dv = value.shape[-1]
     h = heads
@@ -285,11 +346,12 @@ def _segment_start_states(
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
+    packed = {} if plan is None else dict(VARLEN=True)
     launch(_segment_state_kernel)[(b * h * num_v_blocks, num_pieces)](
-        key, value, decay_arg, seg_states,
+        key, value, decay_arg, seg_states, None if plan is None else plan.pieces,
         *key.stride(), *value.stride(),
         n, h, dk, dv, piece_len, num_pieces, value_scale, *_groups(h, key, value),
-        HAS_DECAY=has_decay, REVERSE=reverse,
+        HAS_DECAY=has_decay, REVERSE=reverse, **packed,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.state_accumulate,
         WEIGHT_VALUES=cfg.weight_values,
@@ -297,11 +359,11 @@ def _segment_start_states(
         num_stages=cfg.num_stages,
     )
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
-    launch(_segment_scan_kernel)[(b * h * cdiv(dv, scan_block_v),)](
+    launch(_segment_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
-        *_strides(initial_state),
+        None if plan is None else plan.sequences, *_strides(initial_state),
         h, dk, dv, piece_len, num_pieces, *_groups(h, initial_state),
-        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift,
+        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, **packed,
         BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
     )
     return seg_states
@@ -318,6 +380,7 @@ def key_value_gradients(
     *,
     store_final: bool = False,
     out_bnhd: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
     ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
@@ -327,14 +390,17 @@ def key_value_gradients(
     Grouped heads as in :func:`linear_attention`: H = the most heads among q, k, v and grad_out
     (usually q's and grad_out's; k and v may have fewer), grad_final_state [B, Hg, Dk, Dv] with Hg
     dividing H, decay [H]; dk and dv are [B, H, N, D] per compute head (the caller sums each
-    group's heads), dS_0 [B, H, Dk, Dv]."""
+    group's heads), dS_0 [B, H, Dk, Dv]. ``cu_seqlens``: packed sequences as in
+    :func:`linear_attention` (grad_final_state [S, Hg, Dk, Dv], dS_0 [S, H, Dk, Dv], each
+    sequence walked from its own end)."""
     b, _, n, dk = q.shape
     dv = v.shape[-1]
     h = _compute_heads(q, k, v, grad_out)
     device = q.device
     grad_k = empty_bhnd((b, h, n, dk), k.dtype, device, out_bnhd)
     grad_v = empty_bhnd((b, h, n, dv), v.dtype, device, out_bnhd)
-    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = torch.empty(num_states, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if n == 0:
         if final is not None:
             _copy_state(final, grad_final_state)
@@ -345,24 +411,26 @@ def key_value_gradients(
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
         num_segments = cdiv(n, cfg.segment_len)
+        plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n, cfg.segment_len, cfg.state_split)
         seg_states = final if final is not None else _placeholder(device)
         if num_segments > 1:
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
                 q, grad_out, decay, grad_final_state, cfg, num_segments, h, value_scale=scale, reverse=True,
-                init_shift=0,
+                init_shift=0, plan=plan,
             )
-        _direct(_key_value_grad_kernel)[(b * h, num_segments)](
+        packed = {} if plan is None else dict(VARLEN=True)
+        _direct(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
-            seg_states, final if final is not None else seg_states,
+            seg_states, final if final is not None else seg_states, None if plan is None else plan.segments,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
             *_strides(grad_final_state), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
             cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -373,6 +441,57 @@ def key_value_gradients(
     )
     launch_with(cfg)
     return grad_k, grad_v, final
+
+
+def boundary_states(
+    key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], block: int, *,
+    value_scale: float = 1.0, reverse: bool = False, init_shift: int = 1, cu_seqlens: Optional[Tensor] = None,
+) -> Tensor:
+    """float32 states of :func:`linear_attention` (same arguments) at every ``block`` rows of each
+    sequence, counted from the sequence's start in both directions (``boundary.py``): entry m is
+
+    - forward, the state entering row ``m * block`` (the one its key and value are added to):
+      ``lam * S_(m*block - 1)``, for m = 0 ``lam^init_shift * initial_state``;
+    - ``reverse``, the state after visiting rows ``n - 1`` down to ``m * block``, that row included.
+
+    Returns ``[B, H, ceil(N / block), Dk, Dv]``; H is the most heads among key, value, decay and
+    initial state, each read per compute head as in :func:`linear_attention`. With ``cu_seqlens``:
+    ``[1, H, ceil(N / block) + S, Dk, Dv]``, sequence s's ``max(1, ceil(n_s / block))`` entries
+    (one for a sequence without rows: forward ``lam^init_shift * initial``, reverse its initial
+    state) from entry ``sum_(s' < s) max(1, ceil(n_s' / block))`` on, the unused entries at the
+    end zeros: the segments of :func:`_packed_plan` with segments of ``block`` rows."""
+    if not block > 0:
+        raise ValueError(f"boundary_states: block must be positive, got {block}")
+    b, _, n, dk = key.shape
+    dv = value.shape[-1]
+    h = _compute_heads(key, value, *(x for x in (initial_state,) if x is not None))
+    if decay is not None:
+        h = torch.sym_max(h, decay.shape[0])
+    device = key.device
+    plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n, block, 1)
+    num_entries = cdiv(n, block) if plan is None else plan.segments.shape[0]
+    out = torch.empty(b, h, num_entries, dk, dv, dtype=torch.float32, device=device)
+    if plan is None and n == 0:
+        return out
+    block_k = max(16, next_power_of_2(dk))
+    block_v = max(16, min(64, next_power_of_2(dv)))
+    decay_arg = decay if decay is not None else out
+    flags = dict(HAS_DECAY=decay is not None, REVERSE=reverse, BLOCK_K=block_k, VARLEN=plan is not None)
+    _direct(_block_state_kernel)[(b * h * cdiv(dv, block_v), num_entries)](
+        key, value, decay_arg, out, None if plan is None else plan.segments,
+        *key.stride(), *value.stride(),
+        n, h, dk, dv, block, num_entries, value_scale, *_groups(h, key, value),
+        CHUNK=max(16, min(64, next_power_of_2(block))), BLOCK_V=block_v,
+        DOT_DTYPE=_dot_types(key.dtype)["DOT_DTYPE"], PRECISION="ieee", **flags, num_warps=4,
+    )
+    scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
+    _direct(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
+        decay_arg, initial_state if initial_state is not None else out, out,
+        None if plan is None else plan.sequences, *_strides(initial_state),
+        n, h, dk, dv, block, num_entries, *_groups(h, initial_state),
+        HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, BLOCK_V=scan_block_v, **flags, num_warps=4,
+    )
+    return out
 
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:

@@ -46,6 +46,25 @@ def _head(ptr, b, h, stride_b, stride_h):
     return ptr + b * stride_b + h * stride_h
 
 
+@triton.jit
+def _packed_segment(SEGMENTS, index):
+    """Entry ``index`` of a packed batch's segment table (``launch._packed_plan``): the sequence
+    (-1 where the table has no segment: the program returns), its first row (int64: offsets) and
+    length, the segment's index in it and the slot of its start state."""
+    entry = SEGMENTS + index * 5
+    return (tl.load(entry).to(tl.int64), tl.load(entry + 1).to(tl.int64), tl.load(entry + 2), tl.load(entry + 3),
+            tl.load(entry + 4))
+
+
+@triton.jit
+def _packed_piece(PIECES, index):
+    """Entry ``index`` of a packed batch's piece table (``launch._packed_plan``): the sequence (-1:
+    none), its first row (int64) and length, and the piece's index in it; the piece's own state goes
+    to slot ``index``."""
+    entry = PIECES + index * 4
+    return tl.load(entry), tl.load(entry + 1).to(tl.int64), tl.load(entry + 2), tl.load(entry + 3)
+
+
 # ---- rows of a chunk ----------------------------------------------------------------------------
 
 @triton.jit
