@@ -443,8 +443,9 @@ def _compiled(model, dynamic):
     graphs = []
 
     def keep(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        graphs.append(gm)  # once compiled: a graph whose compile makes dynamo trace again never runs
+        return compiled
 
     return torch.compile(model, backend=make_backend(keep), dynamic=dynamic, fullgraph=True), graphs
 
@@ -692,8 +693,8 @@ def handed_to_inductor(monkeypatch):
 
     graphs, rewrite = [], passes.rewrite_dynamo_graph
 
-    def keep(gm):
-        rewritten = rewrite(gm)
+    def keep(gm, *args):
+        rewritten = rewrite(gm, *args)
         if rewritten is not None:
             graphs.append(rewritten)
         return rewritten

@@ -221,8 +221,9 @@ def _traced(model, entry, dynamic=True, length=TRACE_LENGTH):
     graphs = []
 
     def keep(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        graphs.append(gm)  # once compiled: a graph whose compile makes dynamo trace again never runs
+        return compiled
 
     compiled = torch.compile(model, backend=make_backend(keep), dynamic=dynamic, fullgraph=True)
     with torch.no_grad():

@@ -30,8 +30,9 @@ def test_minimax_block_loop_is_rewritten_and_softmax_layer_is_not(entry):
     graphs = []  # what runs: the graphs the rewrite hands to aot_eager, or the program it returns
 
     def keep(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+        graphs.append(gm)  # once compiled: a graph whose compile makes dynamo trace again never runs
+        return compiled
 
     with torch.no_grad():
         want = model(ids, use_cache=False).logits

@@ -4,7 +4,8 @@ graph by its values and run on ``torch.ops.lightning.attn``.
 Entry points:
 
 - ``torch.compile(model, backend="lightning")``: Inductor plus the rewrite (``mode=`` and
-  ``options=`` go to Inductor). Dynamo finds the name through this package's
+  ``options=`` go to Inductor). :func:`compile` does the same and also traces ``Tensor.item()``
+  into the graph, so that masks built from slopes read one by one are rewritten too. Dynamo finds the name through this package's
   ``torch_dynamo_backends`` entry point when it is installed; :func:`register_backend` registers it
   by hand otherwise (a source tree on ``PYTHONPATH``).
   :func:`make_backend` pairs the rewrite with another compiler (``make_backend("aot_eager")``).
@@ -19,11 +20,11 @@ See ``recognise.py`` for what is recognised and how.
 
 import sys
 
-from .passes import lightning_backend, make_backend, rewrite, rewrite_graph
+from .passes import compile, lightning_backend, make_backend, rewrite, rewrite_graph
 from .report import RewriteRecord, clear_report, counters, report
 
 __all__ = [
-    "rewrite", "register_backend", "make_backend", "lightning_backend", "InductorPass", "rewrite_graph",
+    "rewrite", "compile", "register_backend", "make_backend", "lightning_backend", "InductorPass", "rewrite_graph",
     "report", "counters", "clear_report", "RewriteRecord",
 ]
 

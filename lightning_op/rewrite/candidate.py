@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import fx
@@ -73,6 +74,43 @@ def _from_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
     return y.contiguous()
 
 
+# A state's layouts: [B, H, Dk, Dv] as the op keeps it, [B, H, Dv, Dk] (written v^T k), and the
+# same with batch and heads flattened ([G, Dk, Dv], [G, Dv, Dk]) beside a [G, N, D] output.
+STATE_LAYOUTS = ("bhkv", "bhvk", "gkv", "gvk")
+
+
+def state_to_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A state in ``layout`` as [B, H, Dk, Dv]."""
+    if layout.startswith("g"):
+        x = x.unsqueeze(0)
+    return x.transpose(-1, -2) if layout.endswith("vk") else x
+
+
+def state_from_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A [B, H, Dk, Dv] state in ``layout``."""
+    if layout.endswith("vk"):
+        x = x.transpose(-1, -2)
+    return (x[0] if layout.startswith("g") else x).contiguous()
+
+
+def state_layouts(shape, reading: "Reading", key_dim, value_dim) -> list[str]:
+    """The layouts in which a tensor of ``shape`` is a state of this reading's batch and heads,
+    with key dim ``key_dim`` and value dim ``value_dim`` (sizes as ``size_key``)."""
+    keys = tuple(size_key(s) for s in shape)
+    if reading.out_layout == "gnd":
+        lead, prefix = (reading.heads,), "g"
+    else:
+        lead, prefix = (reading.batch, reading.heads), "bh"
+    if len(keys) != len(lead) + 2 or keys[:len(lead)] != lead:
+        return []
+    found = []
+    if keys[len(lead):] == (key_dim, value_dim):
+        found.append(prefix + "kv")
+    if keys[len(lead):] == (value_dim, key_dim):
+        found.append(prefix + "vk")
+    return found
+
+
 @dataclass(frozen=True)
 class Reading:
     """How the output's dims map to batch, heads, sequence and value dim (sizes as ``size_key``)."""
@@ -82,6 +120,16 @@ class Reading:
     heads: object
     length: object
     value_dim: object
+
+    def describe(self) -> str:
+        """The reading in the model's terms, for messages."""
+        dims = {"bhnd": "[B, H, N, D]", "bnhd": "[B, N, H, D]", "gnd": "[B*H, N, D]"}[self.out_layout]
+        return f"read as {dims}: H = {self.heads} heads, N = {self.length} positions"
+
+    def plausible(self) -> bool:
+        """Whether the axis read as the sequence is as long as the one read as heads (or symbolic):
+        where two readings fail alike, the message of the plausible one says more."""
+        return not isinstance(self.length, int) or not isinstance(self.heads, int) or self.length >= self.heads
 
     def layout_of(self, shape) -> list[str]:
         """The layouts in which a tensor of ``shape`` has this reading's batch, heads and sequence."""
@@ -123,6 +171,8 @@ class Candidate:
     reading: Reading
     region: list[fx.Node] = field(repr=False)  # graph order
     tolerance: float  # relative, of the probes: the rounding of the model's own constant masks
+    state_in: Optional[fx.Node] = None  # a state the model carries in (the op's initial_state)
+    state_layout: Optional[str] = None  # one of STATE_LAYOUTS
 
     @property
     def device(self) -> torch.device:
@@ -136,8 +186,24 @@ class Candidate:
             shapes.append((1, *s) if layout == "gnd" else (s[0], s[2], s[1], s[3]) if layout == "bnhd" else s)
         return shapes
 
-    def run(self, ev: g.Evaluator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The region on [B, H, N, D] q, k and v in float64: its output, as [B, H, N, Dv]."""
+    def state_shape(self, ev: g.Evaluator) -> tuple[int, int, int, int]:
+        """[B, H, Dk, Dv] at ``ev``'s sizes."""
+        (b, h, _, dk), _, (_, _, _, dv) = self.canonical_shapes(ev)
+        return b, h, dk, dv
+
+    def env(self, ev: g.Evaluator, q, k, v, state: Optional[torch.Tensor] = None) -> dict:
+        """Values for the region's inputs from [B, H, N, D] q, k, v and a [B, H, Dk, Dv] state
+        (zeros when not given) in float64."""
         env = {node: _from_canonical(x, layout) for node, x, layout in zip(self.inputs, (q, k, v), self.layouts)}
-        out = ev.run(self.region, env)[self.output]
+        if self.state_in is not None:
+            if state is None:
+                state = torch.zeros(self.state_shape(ev), dtype=torch.float64, device=q.device)
+            env[self.state_in] = state_from_canonical(state, self.state_layout)
+        return env
+
+    def run(self, ev: g.Evaluator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The region on [B, H, N, D] q, k and v (and the state carried in, zero unless given) in
+        float64: its output, as [B, H, N, Dv]."""
+        out = ev.run(self.region, self.env(ev, q, k, v, state))[self.output]
         return _to_canonical(out, self.reading.out_layout)

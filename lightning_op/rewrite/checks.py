@@ -5,18 +5,23 @@ takes its inputs, and whether its values are causal linear attention with a deca
 
 1. **Support.** The dtypes, head dims and device, as :func:`lightning_op.support.unsupported`
    states them for the op itself (plus what a graph adds: one dtype for q, k and v, known head dims).
-2. **Reading off.** Probing with one-hot q, k, v reads off ``o_t = c * lam_h^(t-s) [t >= s]``
-   directly: the scale ``c`` and each head's decay ``lam_h`` (:func:`read_off`).
-3. **Identity.** Random q, k, v then check ``o == c * ((Q K^T) * M) V`` (:func:`check_random`).
-   The region is a polynomial in q, k and v, so agreement on random inputs means identity
-   (Schwartz-Zippel), up to the rounding of the model's own constant masks, which sets the
-   candidate's tolerance.
+2. **Reading off.** Probing with one-hot q, k, v reads off ``o_t = c_h * lam_h^(t-s) [t >= s]``
+   directly: each head's weight ``c_h`` and decay ``lam_h`` (:func:`read_off`); for a state
+   carried in, its weight ``A_h`` in ``c_h ... + A_h lam_h^(t+1) q_t S`` (:func:`read_off_state`).
+3. **Identity.** Random q, k, v (and state) then check ``o == c * ((Q K^T) * M) V`` (plus the state's
+   term) (:func:`check_random`). The region is a polynomial in its inputs, so agreement on random
+   inputs means identity (Schwartz-Zippel), up to the rounding of the model's own constant masks,
+   which sets the candidate's tolerance.
 4. **Lengths.** For a symbolic sequence length, the same at the other lengths it can take
    (``lengths.py``).
+
+A state the model returns beside the output is checked the same way against the op's final state
+(:func:`check_final_state`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -27,7 +32,7 @@ from torch import fx
 from .. import reference
 from ..support import unsupported
 from . import graph as g
-from .candidate import Candidate, Reject, Stage
+from .candidate import Candidate, Reject, Stage, state_to_canonical
 from .lengths import check_lengths
 
 
@@ -40,6 +45,53 @@ def tolerance(region: list[fx.Node], classes: dict) -> float:
     return max((_TOLERANCE[d] for d in g.const_dtypes(region, classes)), default=_TOLERANCE[torch.float64])
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What the one-hot probes read off, per head h: ``o_t = weights[h] lam_h^(t-s) (q_t . k_s) v_s``
+    summed over s <= t and, for a state S carried in, ``+ state_weights[h] lam_h^(t+1) q_t S``."""
+
+    weights: torch.Tensor  # float64 [H] on the CPU: a position's weight on itself, per head
+    decay: Optional[torch.Tensor]  # float64 [H] on the CPU, rounded through float32 as the op takes it; None: no decay
+    state_weights: Optional[torch.Tensor] = None  # float64 [H]: the carried state's weight; None: no state in
+
+    def factors(self, tol: float) -> tuple[float, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """How the op computes it: ``(scale, q_factor, v_factor)`` for ``attn(q * q_factor[h], k,
+        v * v_factor[h], decay, scale, initial_state)``, a factor None where it is 1. A weight
+        common to every head is the op's scale; weights that differ by head stay in q (and where a
+        carried state is weighted apart from the new tokens, the ratio goes into v)."""
+        outer = self.weights if self.state_weights is None else self.state_weights
+        if _uniform(outer, tol):
+            scale, q_factor = float(outer.mean()), None
+        else:
+            scale, q_factor = 1.0, outer
+        ratio = self.weights / outer
+        v_factor = None if bool(((ratio - 1).abs() <= tol).all()) else ratio
+        return scale, q_factor, v_factor
+
+    def head_weights(self, tol: float) -> Optional[tuple[float, ...]]:
+        """The weight per head where it differs between heads (for the report), else None."""
+        return None if _uniform(self.weights, tol) else _floats(self.weights)
+
+
+def _uniform(values: torch.Tensor, tol: float) -> bool:
+    return bool((values - values.mean()).abs().max() <= tol * values.abs().max())
+
+
+def _floats(x: Optional[torch.Tensor]) -> Optional[tuple[float, ...]]:
+    return None if x is None else tuple(float(v) for v in x)
+
+
+@dataclass
+class FinalState:
+    """A state the model returns beside the output, verified to be ``factor[h]`` times the op's
+    final state (factor None: 1)."""
+
+    node: fx.Node
+    layout: str  # one of candidate.STATE_LAYOUTS
+    factor: Optional[tuple[float, ...]]
+    region: list[fx.Node] = field(repr=False)  # graph order: computed from k, v (and the state in) alone
+
+
 @dataclass
 class Match:
     """A verified candidate: what the replacement needs."""
@@ -49,30 +101,34 @@ class Match:
     layouts: tuple[str, str, str]  # "bhnd", "bnhd" or "gnd" for q, k, v
     out_layout: str
     decay: Optional[tuple[float, ...]]  # per head, None when every lam is 1
-    scale: float
+    scale: float  # the op's scale
     form: str  # "parallel", "cumsum" or "chunked"
     compute_dtype: torch.dtype
     region: list[fx.Node] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Fit:
-    """What the one-hot probes read off: ``o_t = scale * exp(-decay)^(t-s)`` for t >= s."""
-
-    scale: float
-    decay: Optional[torch.Tensor]  # float64 [H] on the CPU, rounded through float32 as the op takes it; None: no decay
+    q_factor: Optional[tuple[float, ...]] = None  # per head, multiplies q (weights that differ by head)
+    v_factor: Optional[tuple[float, ...]] = None  # per head, multiplies v (a carried state weighted apart)
+    head_weights: Optional[tuple[float, ...]] = None  # per head where they differ, for the report
+    state_in: Optional[fx.Node] = None  # the op's initial_state
+    state_layout: Optional[str] = None
+    final_states: list[FinalState] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # states left computed as they were, and why
+    fit: Optional[Fit] = field(default=None, repr=False)
 
 
 def verify(cand: Candidate, ev: g.Evaluator) -> Match:
     """The candidate as a :class:`Match`, or :class:`Reject` saying which check it failed."""
     compute_dtype = check_support(cand)
     fit = read_off(cand, ev)
+    if cand.state_in is not None:
+        fit = read_off_state(cand, ev, fit)
     check_random(cand, ev, fit, seed=0)
     check_random(cand, ev, fit, seed=1)
     check_lengths(cand, ev, lambda at_length: check_random(cand, at_length, fit, seed=2))
     decay = None if fit.decay is None else tuple(float(x) for x in fit.decay)
-    return Match(cand.output, cand.inputs, cand.layouts, cand.reading.out_layout, decay, fit.scale,
-                 _form(cand, ev.classes), compute_dtype, cand.region)
+    scale, q_factor, v_factor = fit.factors(cand.tolerance)
+    return Match(cand.output, cand.inputs, cand.layouts, cand.reading.out_layout, decay, scale,
+                 _form(cand, ev.classes), compute_dtype, cand.region, _floats(q_factor), _floats(v_factor),
+                 fit.head_weights(cand.tolerance), cand.state_in, cand.state_layout, fit=fit)
 
 
 def check_support(cand: Candidate) -> torch.dtype:
@@ -96,14 +152,25 @@ def check_support(cand: Candidate) -> torch.dtype:
     return torch.float32 if out_dtype == torch.float32 else q.dtype
 
 
+def _numbers(values, limit: int = 6) -> str:
+    """A few measured values, for a message."""
+    values = [float(x) for x in values]
+    shown = ", ".join(f"{x:.4g}" for x in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
 def read_off(cand: Candidate, ev: g.Evaluator) -> Fit:
-    """One-hot probes: the scale c and lam per head with o_t = c lam^(t-s) for t >= s."""
+    """One-hot probes: the weight c_h and lam_h per head with o_t = c_h lam_h^(t-s) for t >= s.
+    Messages say what was measured in the model's terms: the weight a position t (the query)
+    gives a position s (the key and value), in the heads and batch entries the candidate reads."""
     (b, h, n, dk), _, (_, _, _, dv) = cand.canonical_shapes(ev)
     if n < 2:
         raise Reject("sequence length 1: the decay cannot be read off")
     device, tol = cand.device, cand.tolerance
 
     def column(s):
+        """The output when q is 1 in key channel 0 at every position and k and v are 1 in channel 0
+        at position s alone: o_t[0] is the weight position t gives position s."""
         qc = torch.zeros(b, h, n, dk, dtype=torch.float64, device=device)
         qc[..., 0] = 1
         kc = torch.zeros(b, h, n, dk, dtype=torch.float64, device=device)
@@ -112,20 +179,26 @@ def read_off(cand: Candidate, ev: g.Evaluator) -> Fit:
         vc[:, :, s, 0] = 1
         out = cand.run(ev, qc, kc, vc)
         if tuple(out.shape) != (b, h, n, dv):
-            raise Reject(f"output shape {tuple(out.shape)} does not match q, k, v", Stage.SHAPES)
-        if out[..., 1:].abs().max() > 1e-9 * out[..., 0].abs().max().clamp(min=1e-300):
-            raise Reject("the output mixes value channels", Stage.SHAPES)
+            raise Reject(f"output shape {tuple(out.shape)} does not match q, k, v ([B, H, N, Dv] = "
+                         f"{[b, h, n, dv]})", Stage.SHAPES)
+        stray = out[..., 1:].abs()
+        if stray.max() > 1e-9 * out[..., 0].abs().max().clamp(min=1e-300):
+            head, at = divmod(int(stray.amax((0, 3)).argmax()), n)
+            raise Reject(f"value channel 0 of position {s} reaches other channels of the output (head {head}, "
+                         f"position {at}: {float(stray.max()):.4g}): the output mixes value channels", Stage.SHAPES)
         return out[..., 0].cpu()  # [B, H, N]
 
     first = column(0)
-    c = first[:, :, 0]
+    c = first[:, :, 0]  # [B, H]: position 0's weight on itself
     if bool((c == 0).any()):
-        raise Reject("zero weight on the diagonal: not a causal decay mask")
+        batch, head = (int(i) for i in (c == 0).nonzero()[0])
+        raise Reject(f"zero weight on the diagonal: position 0 gives itself weight 0 (head {head}, batch {batch}): "
+                     "not a causal decay mask")
     if (c - c[:1]).abs().max() > tol * c.abs().max():
-        raise Reject("the mask differs between batch entries")
+        head = int((c - c[:1]).abs().amax(0).argmax())
+        raise Reject(f"a position's weight on itself differs between batch entries: {_numbers(c[:, head])} in "
+                     f"head {head}")
     c = c[0]  # [H]
-    if (c - c.mean()).abs().max() > tol * c.abs().max():
-        raise Reject(f"the scale differs between heads ({c.tolist()[:4]}...)")
     ratio = first[0] / c[:, None]  # lam^t, [H, N]
     t = torch.arange(n, dtype=torch.float64)
     lams = []
@@ -133,42 +206,147 @@ def read_off(cand: Candidate, ev: g.Evaluator) -> Fit:
         r = ratio[head]
         valid = (t >= 1) & (r > 1e-4) & torch.isfinite(r)
         if not bool(valid.any()):
-            raise Reject("decay too strong to read off (lam ~ 0)")
+            raise Reject(f"in head {head} position 0 has weight {float(c[head]):.4g} on itself and "
+                         f"{float(first[0, head, 1]):.4g} from the next position: decay too strong to read off "
+                         "(lam ~ 0)")
         log_lam = float((t[valid] * torch.log(r[valid])).sum() / (t[valid] ** 2).sum())
         lams.append(math.exp(log_lam))
     lam = torch.tensor(lams, dtype=torch.float64)
     if bool((lam > 1 + tol).any()):
-        raise Reject(f"growing weights (lam = {lam.max().item():.6g} > 1): not a decay", Stage.DECAY)
+        head = int(lam.argmax())
+        raise Reject(f"in head {head} position 0's weight grows along the sequence (lam = {float(lam[head]):.6g} > 1; "
+                     f"given by t = 0, 1, ...: {_numbers(first[0, head])}): not a decay", Stage.DECAY)
     lam = lam.clamp(max=1.0)
     lam = torch.where((1 - lam).abs() <= 1e-12, torch.ones_like(lam), lam)
     expected = lam[:, None] ** t
-    if (ratio - expected).abs().max() > tol:
-        raise Reject("the weights along the sequence are not c * lam^(t-s): not a decay mask", Stage.DECAY)
+    misfit = (ratio - expected).abs()
+    if misfit.max() > tol:
+        head, at = divmod(int(misfit.argmax()), n)
+        raise Reject(f"in head {head} position t = {at} gives position 0 weight {float(first[0, head, at]):.4g}, where "
+                     f"c * lam^t predicts {float(c[head] * expected[head, at]):.4g} (c = {float(c[head]):.4g}, lam = "
+                     f"{float(lam[head]):.6g}; given by t = 0, 1, ...: {_numbers(first[0, head])}): not "
+                     "c * lam^(t-s), not a decay mask", Stage.DECAY)
     s = n // 2
     if s >= 1:
         col = column(s)[0] / c[:, None]
         if col[:, :s].abs().max() > 1e-9:
-            raise Reject("non-causal: a position attends to later positions", Stage.CAUSAL)
-        if (col[:, s:] - lam[:, None] ** t[: n - s]).abs().max() > tol:
-            raise Reject("the mask is not a function of t - s times [t >= s]: not a decay mask", Stage.CAUSAL)
+            head, at = divmod(int(col[:, :s].abs().argmax()), s)
+            raise Reject(f"position t = {at} gives the later position {s} weight {float(col[head, at] * c[head]):.4g} "
+                         f"in head {head}: non-causal", Stage.CAUSAL)
+        shifted = (col[:, s:] - lam[:, None] ** t[: n - s]).abs()
+        if shifted.max() > tol:
+            head, at = divmod(int(shifted.argmax()), n - s)
+            raise Reject(f"in head {head} position t = {s + at} gives position {s} weight "
+                         f"{float(col[head, s + at] * c[head]):.4g}, where position {at} gives position 0 "
+                         f"{float(first[0, head, at]):.4g}: the mask is not a function of t - s times [t >= s], "
+                         "not a decay mask", Stage.CAUSAL)
     decay = None if bool((lam == 1).all()) else (-torch.log(lam)).to(torch.float32).to(torch.float64)
-    return Fit(float(c.mean()), decay)
+    return Fit(c, decay)
+
+
+def read_off_state(cand: Candidate, ev: g.Evaluator, fit: Fit) -> Fit:
+    """The carried state's weight A_h per head: with k = v = 0, q 1 in key channel 0 and the state
+    1 in (key 0, value 0), o_t must be ``A_h lam_h^(t+1)`` in value channel 0 and zero elsewhere."""
+    b, h, dk, dv = cand.state_shape(ev)
+    n = cand.canonical_shapes(ev)[0][2]
+    device, tol = cand.device, cand.tolerance
+    qc = torch.zeros(b, h, n, dk, dtype=torch.float64, device=device)
+    qc[..., 0] = 1
+    kc = torch.zeros_like(qc)
+    vc = torch.zeros(b, h, n, dv, dtype=torch.float64, device=device)
+    state = torch.zeros(b, h, dk, dv, dtype=torch.float64, device=device)
+    state[:, :, 0, 0] = 1
+    out = cand.run(ev, qc, kc, vc, state).cpu()
+    what = f"the state carried in ({cand.state_in.name})"
+    if out[..., 1:].abs().max() > 1e-9 * out[..., 0].abs().max().clamp(min=1e-300):
+        raise Reject(f"{what} reaches other channels of the output than its value channel: not the state of this "
+                     "attention", Stage.VALUES)
+    lam = torch.ones(h, dtype=torch.float64) if fit.decay is None else torch.exp(-fit.decay)
+    powers = lam[:, None] ** torch.arange(1, n + 1, dtype=torch.float64)  # lam^(t+1), [H, N]
+    weights = out[0, :, 0, 0] / powers[:, 0]  # [H]
+    if bool((weights == 0).any()):
+        raise Reject(f"{what} does not reach the output in head {int((weights == 0).nonzero()[0])}", Stage.VALUES)
+    predicted = weights[None, :, None] * powers[None]
+    misfit = (out[..., 0] - predicted).abs() / weights.abs()[None, :, None]
+    if misfit.max() > tol:
+        batch, rest = divmod(int(misfit.argmax()), h * n)
+        head, at = divmod(rest, n)
+        raise Reject(f"{what} has weight {float(out[batch, head, at, 0]):.4g} at t = {at} in head {head} (batch "
+                     f"{batch}), where A * lam^(t+1) predicts {float(predicted[0, head, at]):.4g}: not the op's "
+                     "initial state", Stage.VALUES)
+    return Fit(fit.weights, fit.decay, weights)
+
+
+def _head_scaled(x: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if factor is None else x * factor.to(x.device)[None, :, None, None]
+
+
+def _expected(cand: Candidate, fit: Fit, q, k, v, state=None):
+    """(output, final state) of what the rewritten graph computes, in float64, [B, H, ...]."""
+    scale, q_factor, v_factor = fit.factors(cand.tolerance)
+    decay = None if fit.decay is None else fit.decay.to(q.device)
+    return reference.attention_forward_chunked(_head_scaled(q, q_factor), k, _head_scaled(v, v_factor), decay,
+                                               scale, state)
+
+
+def _random_inputs(cand: Candidate, ev: g.Evaluator, seed: int):
+    """Random [B, H, N, D] q, k, v and, where the model carries a state in, a [B, H, Dk, Dv] state."""
+    gen = torch.Generator().manual_seed(seed)
+    qc, kc, vc = (torch.randn(s, generator=gen, dtype=torch.float64).to(cand.device)
+                  for s in cand.canonical_shapes(ev))
+    state = None
+    if cand.state_in is not None:
+        state = torch.randn(cand.state_shape(ev), generator=gen, dtype=torch.float64).to(cand.device)
+    return qc, kc, vc, state
 
 
 def check_random(cand: Candidate, ev: g.Evaluator, fit: Fit, seed: int) -> None:
-    """The region against ``fit.scale * ((Q K^T) * M) V`` on random q, k, v at ``ev``'s sizes."""
-    shapes = cand.canonical_shapes(ev)
-    gen = torch.Generator().manual_seed(seed)
-    device = cand.device
-    qc, kc, vc = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes)
-    got = cand.run(ev, qc, kc, vc)
-    # the chunked form in float64: O(N) memory, so long static lengths can be checked too
-    decay = None if fit.decay is None else fit.decay.to(device)
-    want, _ = reference.attention_forward_chunked(qc, kc, vc, decay, fit.scale)
+    """The region against what the op computes from the fit, on random q, k, v (and a random state
+    carried in) at ``ev``'s sizes."""
+    qc, kc, vc, state = _random_inputs(cand, ev, seed)
+    got = cand.run(ev, qc, kc, vc, state)
+    want, _ = _expected(cand, fit, qc, kc, vc, state)
     err = ((got - want).norm() / want.norm()).item()
     if not err <= cand.tolerance:
-        raise Reject(f"output differs from c * ((Q K^T) * M) V on random inputs (relative error {err:.3g})",
-                     Stage.VALUES)
+        h, n = want.shape[1:3]
+        batch, rest = divmod(int((got - want).abs().amax(-1).argmax()), h * n)
+        raise Reject(f"output differs from c * ((Q K^T) * M) V on random inputs (relative error {err:.3g}, largest "
+                     f"in head {rest // n} at position {rest % n}, batch {batch})", Stage.VALUES)
+
+
+def check_final_state(cand: Candidate, ev: g.Evaluator, fit: Fit, node: fx.Node, layout: str,
+                      region: list[fx.Node], tolerance: float) -> FinalState:
+    """``node``, computed by ``region`` from k, v (and the state carried in), as a per-head factor
+    times the op's final state, on random inputs at ``ev``'s sizes and at the other lengths a
+    symbolic one takes; Reject otherwise."""
+
+    def measure(at: g.Evaluator, seed: int):
+        qc, kc, vc, state = _random_inputs(cand, at, seed)
+        got = at.run(region, cand.env(at, qc, kc, vc, state))[node]
+        _, want = _expected(cand, fit, qc, kc, vc, state)
+        got = state_to_canonical(got, layout)
+        if got.shape != want.shape:
+            raise Reject(f"{node.name} has shape {tuple(got.shape)} where the state has {tuple(want.shape)}",
+                         Stage.SHAPES)
+        return got, want
+
+    def agrees(got, want, factor):
+        scaled = factor.to(want.device)[None, :, None, None] * want
+        err = ((got - scaled).norm() / scaled.norm()).item()
+        if not err <= tolerance:
+            raise Reject(f"{node.name} is not the final state times a weight per head on random inputs (relative "
+                         f"error {err:.3g})", Stage.VALUES)
+
+    got, want = measure(ev, 0)
+    factor = ((got * want).sum((0, 2, 3)) / (want * want).sum((0, 2, 3)).clamp(min=1e-300)).cpu()
+    if bool((factor == 0).any()):
+        raise Reject(f"{node.name} is zero in head {int((factor == 0).nonzero()[0])}", Stage.VALUES)
+    agrees(got, want, factor)
+    agrees(*measure(ev, 1), factor)
+    check_lengths(dataclasses.replace(cand, output=node, region=region), ev,
+                  lambda at: agrees(*measure(at, 2), factor))
+    one = bool(((factor - 1).abs() <= tolerance).all())
+    return FinalState(node, layout, None if one else _floats(factor), region)
 
 
 def _form(cand: Candidate, classes: dict) -> str:

@@ -40,7 +40,13 @@ LINEAR_OPS = frozenset({"add", "sub", "neg", "div", "cumsum", "sum", "mean", "ca
                         "slice_scatter", "copy"})
 # Ops whose value depends on their tensor argument's shape only.
 SHAPE_ONLY_OPS = frozenset({"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+                            "empty_like", "new_empty", "new_empty_strided",
                             "sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+# Uninitialised allocations (an output written row by row): constants whose contents are undefined.
+# They are evaluated as zeros, never read as data: an element the model leaves unwritten is then
+# zero in the probes, where attention is not, so a region returning one is refused.
+UNINITIALISED_OPS = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided",
+                               "empty_permuted"})
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -420,7 +426,10 @@ class Evaluator:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), dummy)
         else:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.const)
-        return node.target(*args, **kwargs)
+        value = node.target(*args, **kwargs)
+        if op_name(node) in UNINITIALISED_OPS:
+            value.zero_()
+        return value
 
     def _bound(self, sym):
         return self.bindings[sym] if sym in self.bindings else self._hint(sym)

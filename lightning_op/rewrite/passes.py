@@ -4,6 +4,7 @@ graph pass. Every one leaves its graph exactly as it was on any internal error (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import pathlib
@@ -29,19 +30,21 @@ def rewrite_graph(gm: fx.GraphModule, placeholder_class: Callable[[fx.Node], str
     """
     written = g.written_in_place(gm.graph)
     classes = g.classify(gm.graph, placeholder_class, written)
-    records, renamed = [], {}
+    rewritten, renamed = [], {}
 
     def on_match(match):
-        location = location_of(match.output)
-        old_name = match.output.name
-        new = replace(gm, match)
-        renamed[old_name] = new.name
-        records.append(RewriteRecord(stage, True, location, match.form, match.decay, match.scale, match.out_layout))
+        states = [f"initial state {match.state_in.name}"] if match.state_in is not None else []
+        states += [f"final state {final.node.name}" for final in match.final_states]
+        rewritten.append((match, location_of(match.output), tuple(states)))
+        renamed.update({old: new.name for old, new in replace(gm, match).items()})
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():  # Inductor runs its passes under a fake mode; the probes need real tensors
         rejections = find_matches(gm, classes, const_values, on_match, written)
+    records = [RewriteRecord(stage, True, location, match.form, match.decay, match.scale, match.out_layout,
+                             head_weights=match.head_weights, states=states, notes=tuple(match.notes))
+               for match, location, states in rewritten]
     records.extend(RewriteRecord(stage, False, location_of(r.output), reason=r.reason) for r in rejections)
     if renamed:
         gm.graph.eliminate_dead_code()
@@ -139,18 +142,26 @@ def _renamed_spec(spec, renamed):
 
 # torch-level calls that any attention region needs; graphs without them are not traced to ATen
 _CONTRACTIONS = {"matmul", "bmm", "mm", "einsum", "cumsum", "__matmul__", "baddbmm", "tensordot"}
+# ... or a product of two tensors reduced by a sum: a contraction written elementwise
+# (``(q[:, t, :, :, None] * state).sum(-2)`` in a token loop)
+_PRODUCTS, _REDUCTIONS = {"mul", "__mul__"}, {"sum", "mean"}
+
+
+def _torch_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "")
+    return node.target if node.op == "call_method" else ""
 
 
 def _has_contraction(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
-        if node.op == "call_function":
-            name = getattr(node.target, "__name__", "")
-        elif node.op == "call_method":
-            name = node.target
-        else:
-            continue
+        name = _torch_name(node)
         if name in _CONTRACTIONS:
             return True
+        if name in _REDUCTIONS and node.args and isinstance(node.args[0], fx.Node):
+            product = node.args[0]
+            if _torch_name(product) in _PRODUCTS and all(isinstance(a, fx.Node) for a in product.args[:2]):
+                return True
     return False
 
 
@@ -178,9 +189,11 @@ def _dynamo_placeholder_class(grapharg) -> str:
     return g.CONST if _is_module_state(getattr(grapharg, "source", None)) else g.INPUT
 
 
-def rewrite_dynamo_graph(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
+def rewrite_dynamo_graph(gm: fx.GraphModule, records: Optional[list] = None) -> Optional[fx.GraphModule]:
     """Trace a dynamo graph to (pre-dispatch) ATen and rewrite it; None when nothing was rewritten.
-    A graph that writes in place is traced again, functionalized, and that trace is analysed."""
+    A graph that writes in place is traced again, functionalized, and that trace is analysed. The
+    records are published, or appended to ``records`` for the caller to publish once the graph has
+    compiled."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value") for n in placeholders]
     modes = [f.fake_mode for f in fakes if isinstance(f, torch.Tensor) and hasattr(f, "fake_mode")]
@@ -201,8 +214,11 @@ def rewrite_dynamo_graph(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
         kinds[traced] = _dynamo_placeholder_class(grapharg)
         if kinds[traced] == g.CONST:
             const_values[traced] = grapharg.example.detach()
-    records, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
-    _publish(records)
+    found, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
+    if records is None:
+        _publish(found)
+    else:
+        records.extend(found)
     return aten_gm if renamed else None
 
 
@@ -237,6 +253,14 @@ def _inner_compiler(inner: Union[str, Callable]) -> Callable:
     return lambda gm, example_inputs, **kwargs: backend(gm, example_inputs, **kwargs)
 
 
+def _restarts_dynamo(error: Exception) -> bool:
+    """Whether ``error`` asks dynamo to trace the frame again (``TensorifyScalarRestartAnalysis`` when a
+    float it left symbolic must be specialised): passed on, not taken for a failed compile."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    return isinstance(error, RestartAnalysis)
+
+
 def make_backend(inner: Union[str, Callable] = "inductor") -> Callable:
     """A ``torch.compile`` backend: the rewrite, then ``inner`` (``"inductor"``, the default, takes
     ``mode=`` and ``options=`` as ``torch.compile`` passes them; any registered backend name, e.g.
@@ -244,25 +268,72 @@ def make_backend(inner: Union[str, Callable] = "inductor") -> Callable:
     compile_inner = _inner_compiler(inner)
 
     def lightning_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-        rewritten = None
+        rewritten, records = None, []
         if _has_contraction(gm):
             try:
-                rewritten = rewrite_dynamo_graph(gm)
+                rewritten = rewrite_dynamo_graph(gm, records)
             except Exception as error:  # never break the user's compile
                 logger.warning("lightning backend: compiling the graph unchanged after an internal error: %r",
                                error, exc_info=True)
         if rewritten is not None:
             try:
-                return compile_inner(rewritten, example_inputs, **kwargs)
+                compiled = compile_inner(rewritten, example_inputs, **kwargs)
             except Exception as error:
+                if _restarts_dynamo(error):  # dynamo's own signal (specialise a float, trace again): no news
+                    raise
                 logger.warning("lightning backend: the rewritten graph failed to compile (%r); compiling the "
                                "original", error, exc_info=True)
+                records = [dataclasses.replace(r, rewritten=False, reason=f"the rewritten graph failed to compile "
+                                               f"({error!r}), so the original runs") if r.rewritten else r
+                           for r in records]
+            else:
+                _publish(records)
+                return compiled
+        _publish(records)
         return compile_inner(gm, example_inputs, **kwargs)
 
     return lightning_backend
 
 
 lightning_backend = make_backend("inductor")
+
+
+def _capturing_scalars():
+    """Dynamo traces ``Tensor.item()`` into the graph (as ``fullgraph=True`` does) instead of breaking
+    it there: slopes read one by one with ``.item()`` then build their mask inside the graph, where
+    the rewrite can check it, rather than arriving as an input it cannot."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)
+
+
+def compile(model: Optional[Callable] = None, *, fullgraph: bool = False, dynamic: Optional[bool] = None,
+            mode: Optional[str] = None, options: Optional[dict] = None, disable: bool = False,
+            inner: Union[str, Callable] = "inductor"):
+    """``torch.compile(model, backend="lightning", ...)`` that also rewrites attention whose mask is
+    built from slopes read with ``.item()``.
+
+    Under plain ``torch.compile`` without ``fullgraph=True``, dynamo breaks the graph at ``.item()``
+    unless ``torch._dynamo.config.capture_scalar_outputs`` is set, and the mask then reaches the
+    rewrite as an input of unknown value. This entry point sets that option for the frames it
+    compiles, and only while they are compiled and run (dynamo's ``backend_ctx_ctor``), leaving the
+    global setting as it was. Its arguments are ``torch.compile``'s; ``inner`` is the compiler behind
+    the rewrite (see :func:`make_backend`). Usable as a decorator (``@compile(dynamic=True)``).
+    """
+    if model is None:
+        return functools.partial(compile, fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=options,
+                                 disable=disable, inner=inner)
+    kwargs = {}
+    if mode is not None and mode != "default":
+        kwargs["mode"] = mode
+    if options:
+        kwargs["options"] = options
+    import torch._dynamo
+
+    backend = functools.partial(make_backend(inner), **kwargs)
+    # torch.compile drops a backend's context (its wrapper has none), so go through dynamo directly
+    backend.backend_ctx_ctor = _capturing_scalars
+    return torch._dynamo.optimize(backend, nopython=fullgraph, dynamic=dynamic, disable=disable)(model)
 
 
 # ----------------------------------------------------------------------------- Inductor pass

@@ -12,15 +12,19 @@ lightning-attention checkpoints) because it never matches a pattern of ops. Inst
 2. **Roles.** Probing the region in float64 with random leaves, a node whose doubling doubles
    ``o`` feeds exactly one factor of the trilinear form. The earliest such nodes, taken forward to
    a ``[B, H, N, D]`` or ``[B, N, H, D]`` (or ``[G, N, D]``) tensor, are q, k and v; the region
-   between them and ``o`` must depend on nothing else.
-3. **Checks.** Each reading of the region as q, k, v in their layouts is a
+   between them and ``o`` must depend on nothing else, but for a state carried in (a leaf shaped
+   like one, at zero while roles are found: the output is affine in it).
+3. **Checks.** Each reading of the region as q, k, v (and state) in their layouts is a
    :class:`~.candidate.Candidate`, checked apart from this matching (``checks.py``): does
    lightning::attn take its dtypes and head dims (``lightning_op.support``), do one-hot probes
-   read off ``o_t = c * lam_h^(t-s) [t >= s]``, do random q, k, v give ``c * ((Q K^T) * M) V``, at
-   the length traced and at the others a symbolic length can take (``lengths.py``).
+   read off ``o_t = c_h * lam_h^(t-s) [t >= s]`` (and the state's ``A_h lam_h^(t+1)``), do random
+   inputs give what the op will compute, at the length traced and at the others a symbolic length
+   can take (``lengths.py``).
+4. **States out.** Tensors shaped like a state, computed linearly from k and v alone and used
+   beyond the region, are checked against the op's final state (:meth:`Recogniser._final_states`).
 
-Anything else (softmax, a bias, a non-causal or non-decay mask, a learnable decay) fails one of
-these steps and is left alone, with the reason.
+Anything else (softmax, a bias, a non-causal or non-decay mask, a learnable or data-dependent decay)
+fails one of these steps and is left alone, with the reason in the model's terms.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import torch
 from torch import fx
 
 from . import graph as g
-from .candidate import PROBE_SIZE, Candidate, Reading, Reject, Stage, probe_limit, readings, size_key
-from .checks import Match, tolerance, verify
+from .candidate import (PROBE_SIZE, Candidate, Reading, Reject, Stage, probe_limit, readings, size_key,
+                        state_layouts)
+from .checks import Match, check_final_state, tolerance, verify
 from .report import logger
 
 _MAX_REGION_NODES = 20000
-_MAX_ROLE_PROBES = 48
+_MAX_ROLE_PROBES = 64
+_MAX_CARRIED_STATES = 3  # leaves tried as a state carried in, one at a time
+_MAX_FINAL_STATES = 4  # states returned beside one output that are checked against the op's final state
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Recogniser:
         return (
             val is not None and val.is_floating_point() and val.dim() in (3, 4)
             and self.classes.get(node) == g.INPUT and g.is_linear(node, self.classes)
+            and not _filled_further(node)
         )
 
     def region(self, output: fx.Node):
@@ -113,7 +121,7 @@ class Recogniser:
                     continue
                 if cls == g.PARAM and not g.is_linear(arg, self.classes):
                     raise Reject(f"the attention depends on trainable parameters beyond q, k, v ({arg.name}): "
-                                 "a learnable decay is not supported by lightning::attn", Stage.SUPPORT)
+                                 "lightning::attn takes no learnable decay or weight", Stage.SUPPORT)
                 if not g.is_linear(arg, self.classes):
                     raise Reject(f"the output depends on {arg.name} ({g.describe(arg)}) besides q, k and v")
                 stack.append(arg)
@@ -128,14 +136,47 @@ class Recogniser:
             return torch.randn(shape, generator=gen, dtype=torch.float64).to(val.device)
         return torch.ones(shape, dtype=val.dtype, device=val.device)
 
-    def _roles(self, output, order, leaves) -> list[fx.Node]:
-        """The earliest nodes that feed exactly one factor of the (trilinear) output."""
+    def _carried_states(self, output, leaves) -> tuple[list[fx.Node], list[fx.Node]]:
+        """The leaves that could be a state the model carries in: tensors of the model's data shaped
+        [B, H, x, y] ([G, x, y] beside a [G, N, D] output) with neither x nor y the sequence length;
+        and, apart, those shaped [B, H, N, N] at a static length N that equals the head dims (where
+        q, k or v look the same). The output is affine in such a state, not trilinear, so roles are
+        found with it at zero and the checks then read off its weight (``checks.read_off_state``)."""
+        clear, alike = [], []
+        for leaf in leaves:
+            val = g.tensor_val(leaf)
+            if val is None or not val.is_floating_point() or self.classes.get(leaf) != g.INPUT:
+                continue
+            keys = tuple(size_key(s) for s in val.shape)
+            for reading in readings(output):
+                if not reading.plausible():
+                    continue
+                lead = (reading.heads,) if reading.out_layout == "gnd" else (reading.batch, reading.heads)
+                rest = keys[len(lead):]
+                if keys[:len(lead)] != lead or len(rest) != 2:
+                    continue
+                if reading.length not in rest:
+                    clear.append(leaf)
+                elif isinstance(reading.length, int) and rest == (reading.length, reading.length):
+                    alike.append(leaf)
+                break
+        return clear[:_MAX_CARRIED_STATES], alike[:_MAX_CARRIED_STATES]
+
+    def _roles(self, output, order, leaves, carried: Optional[fx.Node] = None) -> list[fx.Node]:
+        """The earliest nodes that feed exactly one factor of the (trilinear) output, with the
+        state carried in (if any) at zero."""
         gen = torch.Generator().manual_seed(1234)
         leaf_env = {leaf: self._random(leaf, gen) for leaf in leaves if g.tensor_val(leaf) is not None}
+        if carried is not None:
+            leaf_env[carried] = torch.zeros_like(leaf_env[carried])
         base = self.evaluator.run(order, dict(leaf_env))
         f0 = base[output]
-        if not isinstance(f0, torch.Tensor) or f0.norm() == 0 or not torch.isfinite(f0).all():
-            raise Reject("the output is zero or not finite on random inputs")
+        if not isinstance(f0, torch.Tensor) or f0.norm() == 0:
+            return []  # a constant zero (a state before the first token): no attention
+        if not torch.isfinite(f0).all():
+            first = next(n for n in order if isinstance(base[n], torch.Tensor) and base[n].is_floating_point()
+                         and not torch.isfinite(base[n]).all())
+            raise Reject(f"the output is not finite on random inputs (from {first.name}, {g.describe(first)})")
         in_region = set(order) | set(leaves)
         roots, queue, seen, probes = [], [l for l in leaves if l in leaf_env and leaf_env[l].is_floating_point()], set(), 0
         while queue:
@@ -145,7 +186,9 @@ class Recogniser:
             seen.add(node)
             probes += 1
             if probes > _MAX_ROLE_PROBES:
-                raise Reject("too many candidate inputs")
+                self._factors_beside(output, roots, in_region, leaves)  # a gate per token: many factors
+                raise Reject(f"q, k and v not found among the first {_MAX_ROLE_PROBES} nodes probed (the output is a "
+                             "product of many factors)")
             degree = self._degree(node, output, order, base, f0)
             if degree == 1:
                 roots.append(node)
@@ -238,32 +281,162 @@ class Recogniser:
                 "trace with a dynamic sequence length (torch.compile(dynamic=True), or an export Dim) "
                 "so the region is verified at small lengths"
             )
-        roots = self._roles(output, order, leaves)
         region = set(order) | set(leaves)
-        latest: Optional[Reject] = None
-        for reading in readings(output):
-            layouts = self._inputs(output, roots, reading, region)
-            if layouts is None:
-                continue
-            for inputs in _assignments(layouts, reading, self.position):
-                try:
-                    candidate = self._candidate(output, inputs, tuple(layouts[x] for x in inputs), reading)
-                    return verify(candidate, self.evaluator)
-                except Reject as reject:
-                    if latest is None or reject.stage > latest.stage:
-                        latest = reject
+        latest: Optional[tuple[Reject, Reading]] = None
+        clear, alike = self._carried_states(output, leaves)
+        for carried in [*clear, *alike, None]:  # a q, k or v taken for a state zeroes the output: cheap
+            roots = self._roles(output, order, leaves, carried)
+            for reading in readings(output):
+                layouts = self._inputs(output, roots, reading, region)
+                if layouts is None:
+                    continue
+                for inputs in _assignments(layouts, reading, self.position):
+                    try:
+                        candidates = self._candidates(output, inputs, tuple(layouts[x] for x in inputs), reading,
+                                                      carried)
+                        for candidate in candidates:
+                            try:
+                                match = verify(candidate, self.evaluator)
+                            except Reject:
+                                if candidate is candidates[-1]:
+                                    raise
+                                continue
+                            self._final_states(candidate, match)
+                            return match
+                    except Reject as reject:
+                        # of readings failing at the same stage, the first plausible one tells most
+                        if latest is None or (reject.stage, reading.plausible()) > (latest[0].stage,
+                                                                                    latest[1].plausible()):
+                            latest = (reject, reading)
+            if latest is not None:
+                break  # the region has q, k and v with this state (or none): what they fail at is the news
         if latest is not None:
-            raise latest
+            reject, reading = latest
+            raise Reject(f"{reject} ({reading.describe()})", reject.stage)
+        self._factors_beside(output, roots, region, leaves)
         logger.debug("rewrite: %s is not trilinear in three [B, H, N, D]-like inputs (%d candidate inputs)",
                      output.name, len(roots))
         return None
 
-    def _candidate(self, output, inputs, layouts, reading: Reading) -> Candidate:
+    def _candidates(self, output, inputs, layouts, reading: Reading, carried: Optional[fx.Node]) -> list[Candidate]:
+        """The candidates of one assignment of q, k and v: with the state carried in read in each
+        layout its shape allows (or without one). Raises Reject when there is none."""
         for node in inputs:
             if self.classes.get(node) != g.INPUT:
                 raise Reject(f"{node.name} does not depend on the model's inputs (a learnable decay?)", Stage.SUPPORT)
-        region = self.between(set(inputs), output)
-        return Candidate(output, inputs, layouts, reading, region, tolerance(region, self.classes))
+        if carried is None:
+            region = self.between(set(inputs), output)
+            return [Candidate(output, inputs, layouts, reading, region, tolerance(region, self.classes))]
+        q, _, v = (g.tensor_val(x) for x in inputs)
+        state_options = state_layouts(g.tensor_val(carried).shape, reading, size_key(q.shape[-1]),
+                                      size_key(v.shape[-1]))
+        if not state_options:
+            raise Reject(f"the output depends on {carried.name} ({g.describe(carried)}, "
+                         f"{list(g.tensor_val(carried).shape)}) besides q, k and v, and it is shaped like no state "
+                         "of theirs")
+        region = self.between(set(inputs) | {carried}, output)
+        return [Candidate(output, inputs, layouts, reading, region, tolerance(region, self.classes), carried, layout)
+                for layout in state_options]
+
+    def _factors_beside(self, output, roots, region: set, leaves) -> None:
+        """Reject, saying why, where the output is a product of q, k and v with further factors of
+        the model's data (roots that are no q, k or v, or else the region's other leaves): weights
+        between positions or along the sequence computed from the inputs as q, k and v are (a decay
+        or gate that depends on the data), or given as inputs of the graph (a mask passed to the
+        model, or computed before a graph break)."""
+        for reading in readings(output):
+            if not reading.plausible():
+                continue
+            qkv, extra = [], []
+            for root in roots:
+                if self.classes.get(root) != g.INPUT:
+                    continue
+                found = self._descend(root, reading, region)
+                if found is not None and found[0] is output:
+                    continue  # past where the factors meet: no factor
+                shape = [size_key(s) for s in g.tensor_val(root).shape]
+                # a mask ([..., N, N]), or a factor broadcast over the features (a gate, a step size)
+                if shape.count(reading.length) >= 2 or found is None or g.tensor_val(found[0]).shape[-1] == 1:
+                    extra.append(root)
+                else:
+                    qkv.append(root)
+            if not extra:  # q, k, v and what they are computed from (x for v = x W + b) are no news
+                behind = _ancestors(qkv, region)
+                extra = [leaf for leaf in leaves if leaf not in behind and self.classes.get(leaf) == g.INPUT
+                         and g.tensor_val(leaf) is not None and g.tensor_val(leaf).is_floating_point()]
+            if len(qkv) != 3 or not extra:
+                continue
+            described = ", ".join(f"{n.name} ({g.describe(n)}, {list(g.tensor_val(n).shape)})" for n in extra[:3])
+            described += f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            extra_sources = _sources(extra, self.classes)
+            if extra_sources & _sources(qkv, self.classes):
+                raise Reject(f"besides q, k and v the output is a product with {described}, computed from the model's "
+                             "inputs as q, k and v are (a decay or gate that depends on the data): lightning::attn "
+                             "takes a fixed decay per head", Stage.SUPPORT)
+            names = ", ".join(n.name for n in sorted(extra_sources, key=self.position.__getitem__))
+            raise Reject(f"besides q, k and v the output is a product with {described}, which comes from inputs of "
+                         f"this graph ({names}), so its values are unknown where the graph is rewritten: a mask "
+                         "passed to the model, or one computed before a graph break (at Tensor.item() under "
+                         "torch.compile; compiling with `from lightning_op.rewrite import compile`, or with fullgraph=True, "
+                         "keeps it in the graph)")
+
+    # --- final states
+
+    def _descendants(self, node: fx.Node) -> set[fx.Node]:
+        """The nodes computed from ``node`` through linear ops."""
+        found, stack = set(), [node]
+        while stack:
+            for user in stack.pop().users:
+                if user not in found and self.classes.get(user) == g.INPUT and g.is_linear(user, self.classes):
+                    found.add(user)
+                    stack.append(user)
+        return found
+
+    def _final_states(self, cand: Candidate, match: Match) -> None:
+        """Find the states the model returns beside ``match``'s output (computed from k and v, and the
+        state carried in, alone), and keep in ``match`` those that are the op's final state times a
+        weight per head; each other state-shaped one gets a note saying why it keeps its computation."""
+        q, k, v = cand.inputs
+        region = set(cand.region)
+        sources = {k, v} | ({cand.state_in} if cand.state_in is not None else set())
+        key_dim, value_dim = (size_key(g.tensor_val(x).shape[-1]) for x in (q, v))
+        shaped = {}
+        for node in (self._descendants(k) & self._descendants(v)) - self._descendants(q):
+            val = g.tensor_val(node)
+            layouts = state_layouts(val.shape, cand.reading, key_dim, value_dim) if val is not None else []
+            if layouts:
+                shaped[node] = layouts
+        # the outermost: a state whose value is used beyond the region and beyond other such states (a
+        # transpose of it); a use for its shape alone (zeros_like) is no use of its value
+        outermost = [n for n in shaped if any(u not in region and u not in shaped and g.op_name(u) not in
+                                              g.SHAPE_ONLY_OPS for u in n.users)]
+        start = max(self.position[x] for x in (*cand.inputs, *sources))
+        claimed: set[fx.Node] = set()
+        for node in sorted(outermost, key=self.position.__getitem__, reverse=True)[:_MAX_FINAL_STATES]:
+            if node in claimed:
+                continue
+            try:
+                state_region = self.between(sources, node)
+            except Reject as reject:
+                logger.debug("rewrite: %s is no state of %s: %s", node.name, cand.output.name, reject)
+                continue
+            if min(self.position[u] for u in node.users) <= start:
+                match.notes.append(f"{node.name} keeps its computation: it is used before q, k and v are all computed")
+                continue
+            reasons = []
+            for layout in shaped[node]:
+                try:
+                    final = check_final_state(cand, self.evaluator, match.fit, node, layout, state_region,
+                                              max(cand.tolerance, tolerance(state_region, self.classes)))
+                except Exception as error:  # a Reject, or a region that cannot run on the probes
+                    reasons.append(str(error) if isinstance(error, Reject) else f"it could not be checked ({error!r})")
+                    continue
+                match.final_states.append(final)
+                claimed.update(state_region)
+                break
+            else:
+                match.notes.append(f"{node.name} ({g.describe(node)}, {list(g.tensor_val(node).shape)}) keeps its "
+                                   f"computation: {reasons[-1]}")
 
 
 def _assignments(inputs, reading: Reading, position):
@@ -275,6 +448,48 @@ def _assignments(inputs, reading: Reading, position):
             yield q, k, v
 
 
+# Writes into a part of a tensor, functionalized: the result is the tensor with the part written.
+_SCATTERS = frozenset({"select_scatter", "slice_scatter", "diagonal_scatter", "as_strided_scatter"})
+
+
+def _filled_further(node: fx.Node) -> bool:
+    """Whether ``node`` is a tensor being filled part by part (an output written row by row) whose
+    every use writes another part into it (``select_scatter(node, ...)``, or a view of the part
+    that ``copy`` overwrites, or none): not a result yet, only the last version is."""
+
+    def fills(use):
+        if g.op_name(use) in _SCATTERS:
+            return use.args[0] is node
+        return g.op_name(use) in g.VIEW_OPS and all(g.op_name(u) == "copy" and u.args[0] is use for u in use.users)
+
+    return bool(node.users) and all(fills(u) for u in node.users)
+
+
+def _ancestors(nodes, within: set) -> set[fx.Node]:
+    """``nodes`` and the nodes of ``within`` they are computed from."""
+    found, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(a for a in node.all_input_nodes if a in within)
+    return found
+
+
+def _sources(nodes, classes: dict) -> set[fx.Node]:
+    """The graph inputs of the model's data (placeholders of class input) that ``nodes`` are computed from."""
+    found, seen, stack = set(), set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder" and classes.get(node) == g.INPUT:
+            found.add(node)
+        stack.extend(node.all_input_nodes)
+    return found
+
+
 def _scaled(x, factor):
     if isinstance(x, (list, tuple)):
         return type(x)(_scaled(y, factor) for y in x)
@@ -283,13 +498,17 @@ def _scaled(x, factor):
 
 def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match, written: set):
     """Scan ``gm`` from its end for attention regions; ``on_match(match)`` rewrites each at once
-    (so later candidates see the rewritten graph). ``written``: ``graph.written_in_place(gm.graph)``.
-    Returns the rejections worth reporting."""
+    (so later candidates see the rewritten graph, its dead nodes gone). ``written``:
+    ``graph.written_in_place(gm.graph)``. Returns the rejections worth reporting; a candidate
+    around a rewritten one that got as far as the probes (a state carried in that is not the op's)
+    becomes a note of that match."""
     recogniser = Recogniser(gm, classes, const_values, written)
     rejections: list[Rejection] = []
+    matches: list[Match] = []
     done: set[fx.Node] = set()
+    alive = set(gm.graph.nodes)
     for node in reversed(list(gm.graph.nodes)):
-        if node in done or not recogniser.is_candidate(node):
+        if node in done or node not in alive or not recogniser.is_candidate(node):
             continue
         try:
             match = recogniser.analyse(node)
@@ -305,13 +524,26 @@ def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match
         if match is None:
             continue
         done.update(match.region)
+        for final in match.final_states:
+            done.update(final.region)
+        matches.append(match)
         on_match(match)
+        gm.graph.eliminate_dead_code()  # what the replacement left unused is no candidate
+        alive = set(gm.graph.nodes)
+        recogniser.position = {n: i for i, n in enumerate(gm.graph.nodes)}  # the replacement's nodes too
     # One reason per attention: overlapping regions are readings of the same one (its output,
     # or a transpose of it); the latest stage tells why. A region around a rewritten one
-    # (its output plus a bias, say) is no news.
+    # (its output plus a bias, say) is no news, unless it failed the probes themselves.
     kept: list[Rejection] = []
     for rejection in sorted(rejections, key=lambda r: (-r.stage, len(r.region))):
-        if rejection.region & done or any(rejection.region & k.region for k in kept):
+        if rejection.region & done:
+            if rejection.stage > Stage.MATCH:
+                around = next(m for m in matches if rejection.region & set(m.region)
+                              or any(rejection.region & set(f.region) for f in m.final_states))
+                if not around.notes or not around.notes[-1].startswith("a larger region"):
+                    around.notes.append(f"a larger region around it was left alone: {rejection.reason}")
+            continue
+        if any(rejection.region & k.region for k in kept):
             continue
         kept.append(rejection)
     return kept

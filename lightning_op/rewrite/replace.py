@@ -1,10 +1,14 @@
 """Replacing a recognised region by one ``lightning::attn`` call.
 
 Only core ATen ops are emitted around the call (``permute``, ``unsqueeze``, ``select``,
-``_to_copy``, ``full``, ``cat``), so the result is valid at every stage: a dynamo graph traced to
-ATen, an Inductor graph, an exported program before or after ``run_decompositions``. The decay
-is written into the graph as literals: nothing is added to a state dict, and a saved program
-carries it.
+``_to_copy``, ``full``, ``cat``, ``view``, ``mul``, ``clone``), so the result is valid at every
+stage: a dynamo graph traced to ATen, an Inductor graph, an exported program before or after
+``run_decompositions``. The decay and the weights per head are written into the graph as
+literals: nothing is added to a state dict, and a saved program carries them.
+
+Weights that differ by head multiply q (and v, where a carried state is weighted apart from the
+new tokens); a state the model carries in is the op's ``initial_state``, and a final state it
+returns is the op's, times its weight per head, in the model's layout and dtype.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ def _as_canonical(emit: _Emitter, node: fx.Node, layout: str, dtype: torch.dtype
     return node
 
 
+def _per_head(emit: _Emitter, values, device, dims: int) -> fx.Node:
+    """A float32 constant of ``values`` (one per head) shaped [H] followed by ``dims`` ones."""
+    parts = [emit(aten.full.default, [1], value, dtype=torch.float32, device=device) for value in values]
+    node = parts[0] if len(parts) == 1 else emit(aten.cat.default, parts)
+    return emit(aten.view.default, node, [len(values)] + [1] * dims)
+
+
 def _decay_node(emit: _Emitter, decay, device) -> Any:
     if decay is None:
         return None
@@ -65,17 +76,60 @@ def _decay_node(emit: _Emitter, decay, device) -> Any:
     return emit(aten.cat.default, parts)
 
 
-def replace(gm: fx.GraphModule, match: Match) -> fx.Node:
-    """Insert the op call before ``match.output``, route its users to it, drop the dead region."""
+def _scaled(emit: _Emitter, node: fx.Node, factor, device) -> fx.Node:
+    """``node`` ([B, H, ...]) times ``factor`` per head, in float32, back in its own dtype."""
+    if factor is None:
+        return node
+    dtype = g.tensor_val(node).dtype
+    node = emit(aten.mul.Tensor, node, _per_head(emit, factor, device, 2))
+    return node if dtype == torch.float32 else emit(aten._to_copy.default, node, dtype=dtype)
+
+
+def _state_as_canonical(emit: _Emitter, node: fx.Node, layout: str) -> fx.Node:
+    if layout.startswith("g"):
+        node = emit(aten.unsqueeze.default, node, 0)
+    if layout.endswith("vk"):
+        node = emit(aten.permute.default, node, [0, 1, 3, 2])
+    if g.tensor_val(node).dtype != torch.float32:
+        node = emit(aten._to_copy.default, node, dtype=torch.float32)
+    return node
+
+
+def _state_from_canonical(emit: _Emitter, node: fx.Node, final, like: fx.Node, device) -> fx.Node:
+    """The op's final state as the model's state ``like``: weighted, laid out and cast as it is."""
+    node = _scaled(emit, node, final.factor, device)
+    if final.layout.endswith("vk"):
+        node = emit(aten.permute.default, node, [0, 1, 3, 2])
+    if final.layout.startswith("g"):
+        node = emit(aten.select.int, node, 0, 0)
+    want = g.tensor_val(like)
+    if want.dtype != torch.float32:
+        node = emit(aten._to_copy.default, node, dtype=want.dtype)
+    new_val = g.tensor_val(node)
+    if want.is_contiguous() and new_val is not None and not new_val.is_contiguous():
+        node = emit(aten.clone.default, node, memory_format=torch.contiguous_format)
+    return node
+
+
+def replace(gm: fx.GraphModule, match: Match) -> dict[str, fx.Node]:
+    """Insert the op call before ``match.output`` (and before every user of a final state it
+    replaces), route their users to it, drop the dead regions. Returns the replaced nodes' names
+    with the nodes now standing for them."""
     graph = gm.graph
     output = match.output
     out_val = g.tensor_val(output)
-    with graph.inserting_before(output):
+    device = out_val.device
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = min([output] + [u for final in match.final_states for u in final.node.users], key=position.__getitem__)
+    renamed = {}
+    with graph.inserting_before(anchor):
         emit = _Emitter(graph, output)
         q, k, v = (_as_canonical(emit, node, layout, match.compute_dtype)
                    for node, layout in zip(match.inputs, match.layouts))
-        decay = _decay_node(emit, match.decay, out_val.device)
-        call = emit(torch.ops.lightning.attn.default, q, k, v, decay, match.scale, None)
+        q, v = _scaled(emit, q, match.q_factor, device), _scaled(emit, v, match.v_factor, device)
+        decay = _decay_node(emit, match.decay, device)
+        state = None if match.state_in is None else _state_as_canonical(emit, match.state_in, match.state_layout)
+        call = emit(torch.ops.lightning.attn.default, q, k, v, decay, match.scale, state)
         out = emit(operator.getitem, call, 0)
         if match.out_layout == "gnd":
             out = emit(aten.select.int, out, 0, 0)
@@ -87,8 +141,16 @@ def replace(gm: fx.GraphModule, match: Match) -> fx.Node:
         if out_val.is_contiguous() and new_val is not None and not new_val.is_contiguous():
             # users may `view` the output, which needs the strides the original had
             out = emit(aten.clone.default, out, memory_format=torch.contiguous_format)
+        renamed[output.name] = out
+        if match.final_states:
+            final_state = emit(operator.getitem, call, 1)
+            for final in match.final_states:
+                renamed[final.node.name] = _state_from_canonical(emit, final_state, final, final.node, device)
     output.replace_all_uses_with(out)
-    for node in reversed(match.region):
+    for final in match.final_states:
+        final.node.replace_all_uses_with(renamed[final.node.name])
+    dead = set(match.region).union(*(final.region for final in match.final_states))
+    for node in sorted(dead, key=position.__getitem__, reverse=True):
         if not node.users and not node.is_impure():
             graph.erase_node(node)
-    return out
+    return renamed

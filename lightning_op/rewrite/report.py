@@ -30,7 +30,11 @@ class RewriteRecord:
     head (``lam = exp(-decay)``), None for no decay. ``scale``: the recovered output scale.
     ``layout``: the output's layout, ``"bhnd"``, ``"bnhd"`` or ``"gnd"`` ([B*H, N, D]).
     ``location``: the module path and source line of the output. ``reason``: why a candidate
-    was left alone (empty for rewrites).
+    was left alone (empty for rewrites). ``head_weights``: the model's weight per head where it
+    differs between heads (a temperature or output scale per head; ``scale`` is then 1 and the
+    weights multiply q). ``states``: the states the op now carries (``"initial state <node>"``,
+    ``"final state <node>"``). ``notes``: states the model returns that keep their own
+    computation, and why.
     """
 
     stage: str
@@ -41,13 +45,23 @@ class RewriteRecord:
     scale: Optional[float] = None
     layout: Optional[str] = None
     reason: str = ""
+    head_weights: Optional[tuple[float, ...]] = None
+    states: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         if not self.rewritten:
             return f"[{self.stage}] left alone at {self.location}: {self.reason}"
-        decay = "none" if self.decay is None else "[" + ", ".join(f"{d:.4g}" for d in self.decay) + "]"
-        return (f"[{self.stage}] rewrote {self.form} linear attention at {self.location} "
-                f"(layout {self.layout}, scale {self.scale:.6g}, decay {decay})")
+        decay = _listed(self.decay) if self.decay is not None else "none"
+        scale = f"scale per head {_listed(self.head_weights)}" if self.head_weights else f"scale {self.scale:.6g}"
+        text = (f"[{self.stage}] rewrote {self.form} linear attention at {self.location} "
+                f"(layout {self.layout}, {scale}, decay {decay}")
+        text += "".join(f", {state}" for state in self.states) + ")"
+        return text + "".join(f"; {note}" for note in self.notes)
+
+
+def _listed(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def record(entry: RewriteRecord) -> None:
