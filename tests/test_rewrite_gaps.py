@@ -134,6 +134,14 @@ class PositionGain(Attention):
         return torch.einsum("bnhd,bnhde->bnhe", q, kv)
 
 
+class ExclusiveCumsum(Attention):
+    """The cumsum form shifted by one token: a position does not see itself ([B, N, H, D])."""
+
+    def attend(self, q, k, v):
+        kv = torch.cumsum(k.unsqueeze(-1) * v.unsqueeze(-2), dim=1) - k.unsqueeze(-1) * v.unsqueeze(-2)
+        return torch.einsum("bnhd,bnhde->bnhe", q, kv)
+
+
 class LearnedHeadScale(FrozenHeadOutputScale):
     """The output scale per head is trained: baking it would drop its gradient."""
 
@@ -548,10 +556,13 @@ def test_a_carried_state_the_op_would_decay_otherwise_is_not_its_initial_state(e
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_refusals_say_what_they_measured_in_the_models_terms(entry):
-    """The per-position gain in the [B, N, H, D] layout: the reason names positions and heads as the
-    model has them, with the weights measured, not numbers read along the wrong axis."""
-    reasons = _check_left_alone(_model(PositionGain), _inputs(False), entry, "read as [B, N, H, D]")
-    reason = next(r for r in reasons if "read as" in r)
-    assert f"H = {HEADS} heads, N = {LENGTH} positions" in reason
-    assert "position t = " in reason and "gives position" in reason, reason
+@pytest.mark.parametrize("cls,measured", [
+    (PositionGain, "position t = 10 gives position 10 weight 1.026, where position 0 gives position 0 0.5"),
+    (ExclusiveCumsum, "position 0 gives itself weight 0"),
+], ids=["per_position_gain", "exclusive_cumsum"])
+def test_refusals_say_what_they_measured_in_the_models_terms(cls, measured, entry):
+    """In the [B, N, H, D] layout the reason names positions and heads as the model has them, with
+    the weights measured; where both readings of the layout fail alike (the exclusive cumsum), the
+    one reading the sequence along N tells, not numbers read along the head axis."""
+    reasons = _check_left_alone(_model(cls), _inputs(False), entry, measured)
+    assert any(f"(read as [B, N, H, D]: H = {HEADS} heads, N = {LENGTH} positions)" in r for r in reasons), reasons
