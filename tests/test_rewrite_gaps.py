@@ -172,6 +172,24 @@ class TokenLoopInto(Attention):
         return out
 
 
+class PiecesInto(Attention):
+    """Blocks written into ``zeros_like``; the state of earlier blocks enters undecayed, so the whole
+    is no decayed attention, but each block's own part is."""
+
+    block = 8
+
+    def attend(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        b, h, n, d = q.shape
+        out, state = torch.zeros_like(v), torch.zeros(b, h, d, d)
+        for start in range(0, n, self.block):
+            qb, kb, vb = (t[:, :, start:start + self.block] for t in (q, k, v))
+            own = (qb @ kb.transpose(-1, -2) * _decay_mask(qb.shape[2])) @ vb
+            out[:, :, start:start + qb.shape[2]] = own + qb @ state
+            state = state + kb.transpose(-1, -2) @ vb
+        return out.transpose(1, 2)
+
+
 class BlockLoop(Attention):
     """The chunked block loop of lightning-attention checkpoints, blocks written into
     ``torch.empty``, the state carried in (when given) and returned."""
@@ -446,6 +464,17 @@ def test_a_trained_weight_per_head_stays_outside_the_op_and_trains(entry):
 def test_outputs_written_into_uninitialised_tensors(allocate, entry):
     record, _ = _check(_model(TokenLoopInto, allocate), _inputs(False), entry)
     assert record.decay == pytest.approx(DECAY, rel=1e-5)
+
+
+def test_the_pieces_of_a_refused_loop_written_into_a_tensor_train():
+    """Functionalized, the writes are ``aten.copy``, which autograd cannot differentiate: where the
+    rewrite replaces pieces and leaves the writes, the backend makes them differentiable (else the
+    rewritten graph fails to compile and the original runs)."""
+    model = _model(PiecesInto).train()
+    compiled, graphs = _compiled(model, train=True)
+    _assert_same_training(compiled, model, _inputs(False, 16))  # two blocks
+    assert _calls(graphs) == 2 and _calls(graphs, torch.ops.lightning.attn_bwd.default) == 2, report()
+    assert len(_rewritten()) == 2, report()
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

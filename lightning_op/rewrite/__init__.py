@@ -4,10 +4,11 @@ graph by its values and run on ``torch.ops.lightning.attn``.
 Entry points:
 
 - ``torch.compile(model, backend="lightning")``: Inductor plus the rewrite (``mode=`` and
-  ``options=`` go to Inductor). :func:`compile` does the same and also traces ``Tensor.item()``
-  into the graph, so that masks built from slopes read one by one are rewritten too. Dynamo finds the name through this package's
+  ``options=`` go to Inductor). Dynamo finds the name through this package's
   ``torch_dynamo_backends`` entry point when it is installed; :func:`register_backend` registers it
-  by hand otherwise (a source tree on ``PYTHONPATH``).
+  by hand otherwise (a source tree on ``PYTHONPATH``). :func:`compile` does the same and also
+  traces ``Tensor.item()`` into the graph, so that masks built from slopes read one by one are
+  rewritten too.
   :func:`make_backend` pairs the rewrite with another compiler (``make_backend("aot_eager")``).
 - :func:`rewrite`: ``ExportedProgram -> ExportedProgram``, for ``torch.export`` deployments.
 - :class:`InductorPass`: the rewrite as an Inductor ``joint_custom_pre_pass``, for users with

@@ -215,11 +215,37 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, records: Optional[list] = None) -> 
         if kinds[traced] == g.CONST:
             const_values[traced] = grapharg.example.detach()
     found, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
+    if renamed and stage.endswith("functionalized"):
+        _differentiable_copies(aten_gm)
     if records is None:
         _publish(found)
     else:
         records.extend(found)
     return aten_gm if renamed else None
+
+
+def _differentiable_copies(gm: fx.GraphModule) -> None:
+    """Functionalized writes (``out[:, t] = row``) become ``aten.copy(destination, source)``, which
+    autograd cannot differentiate: where a rewrite leaves some behind (the pieces of a loop whose
+    whole was refused), a training compile would fail. ``where(True, source, destination)`` in the
+    destination's dtype is the same value (the destination's own values, uninitialised ones too,
+    never enter) and differentiable."""
+    aten = torch.ops.aten
+    copies = [n for n in gm.graph.nodes if n.target is aten.copy.default]
+    for node in copies:
+        destination, source = node.args[:2]
+        with gm.graph.inserting_before(node):
+            everywhere = gm.graph.call_function(aten.ones_like.default, (destination,), {"dtype": torch.bool})
+            value = gm.graph.call_function(aten.where.self, (everywhere, source, destination))
+            if g.tensor_val(node) is not None and g.tensor_val(source) is not None \
+                    and g.tensor_val(source).dtype != g.tensor_val(node).dtype:
+                value = gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": g.tensor_val(node).dtype})
+        value.meta.update(node.meta)
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+    if copies:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _trace(gm: fx.GraphModule, fakes: list, fake_mode, functional: bool) -> fx.GraphModule:

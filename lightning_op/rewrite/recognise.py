@@ -377,8 +377,8 @@ class Recogniser:
             raise Reject(f"besides q, k and v the output is a product with {described}, which comes from inputs of "
                          f"this graph ({names}), so its values are unknown where the graph is rewritten: a mask "
                          "passed to the model, or one computed before a graph break (at Tensor.item() under "
-                         "torch.compile; compiling with `from lightning_op.rewrite import compile`, or with fullgraph=True, "
-                         "keeps it in the graph)")
+                         "torch.compile; compiling with `from lightning_op.rewrite import compile`, or with "
+                         "fullgraph=True, keeps it in the graph)")
 
     # --- final states
 
@@ -435,8 +435,10 @@ class Recogniser:
                 claimed.update(state_region)
                 break
             else:
-                match.notes.append(f"{node.name} ({g.describe(node)}, {list(g.tensor_val(node).shape)}) keeps its "
-                                   f"computation: {reasons[-1]}")
+                if any(u.op == "output" for u in node.users):  # returned beside the output: worth a note
+                    match.notes.append(f"{node.name} ({g.describe(node)}, {list(g.tensor_val(node).shape)}) keeps "
+                                       f"its computation: {reasons[-1]}")
+                logger.debug("rewrite: %s is no final state of %s: %s", node.name, cand.output.name, reasons[-1])
 
 
 def _assignments(inputs, reading: Reading, position):
