@@ -418,10 +418,14 @@ class Evaluator:
                 obj = getattr(obj, part)
             return obj
         if self._shape_only_arg(node):
-            def dummy(a):
+            def dummy(a):  # its layout too: zeros_like(v) keeps v's strides, and a later view needs them
                 if isinstance(a, fx.Node) and self.classes.get(a) not in (CONST, SYM):
-                    val = tensor_val(a)
-                    return torch.empty(self.shape(a), dtype=val.dtype, device=val.device)
+                    val, shape = tensor_val(a), self.shape(a)
+                    try:
+                        stride = tuple(int(self.size(s)) for s in val.stride())
+                    except Exception:  # a stride that cannot be evaluated: the default layout
+                        return torch.empty(shape, dtype=val.dtype, device=val.device)
+                    return torch.empty_strided(shape, stride, dtype=val.dtype, device=val.device)
                 return self.const(a) if isinstance(a, fx.Node) else a
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), dummy)
         else:
@@ -450,7 +454,14 @@ class Evaluator:
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
             args, kwargs = _float64_dtypes(args), _float64_dtypes(kwargs)
-            env[node] = node.target(*args, **kwargs)
+            try:
+                env[node] = node.target(*args, **kwargs)
+            except RuntimeError:
+                # a probe's tensor can be laid out otherwise than the model's (random leaves are
+                # contiguous): a view the model could take is the same values as a reshape
+                if op_name(node) not in ("view", "_unsafe_view") or not isinstance(args[0], torch.Tensor):
+                    raise
+                env[node] = args[0].reshape(args[1])
         return env
 
 

@@ -16,7 +16,7 @@ from torch import fx
 from .._export import require_program, with_graph
 from . import graph as g
 from .recognise import find_matches
-from .replace import replace
+from .replace import differentiable_copies, replace
 from .report import RewriteRecord, location_of, logger, record
 
 
@@ -115,6 +115,8 @@ def _rewrite_program(ep, stage: str):
             return g.CONST
 
         records, renamed = rewrite_graph(gm, placeholder_class, const_values, stage)
+        if renamed and stage.endswith("functionalized"):
+            differentiable_copies(gm)
     except Exception as error:  # never break the caller's program
         logger.warning("rewrite: left the program unchanged after an internal error: %r", error, exc_info=True)
         return None, []
@@ -216,36 +218,12 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, records: Optional[list] = None) -> 
             const_values[traced] = grapharg.example.detach()
     found, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
     if renamed and stage.endswith("functionalized"):
-        _differentiable_copies(aten_gm)
+        differentiable_copies(aten_gm)
     if records is None:
         _publish(found)
     else:
         records.extend(found)
     return aten_gm if renamed else None
-
-
-def _differentiable_copies(gm: fx.GraphModule) -> None:
-    """Functionalized writes (``out[:, t] = row``) become ``aten.copy(destination, source)``, which
-    autograd cannot differentiate: where a rewrite leaves some behind (the pieces of a loop whose
-    whole was refused), a training compile would fail. ``where(True, source, destination)`` in the
-    destination's dtype is the same value (the destination's own values, uninitialised ones too,
-    never enter) and differentiable."""
-    aten = torch.ops.aten
-    copies = [n for n in gm.graph.nodes if n.target is aten.copy.default]
-    for node in copies:
-        destination, source = node.args[:2]
-        with gm.graph.inserting_before(node):
-            everywhere = gm.graph.call_function(aten.ones_like.default, (destination,), {"dtype": torch.bool})
-            value = gm.graph.call_function(aten.where.self, (everywhere, source, destination))
-            if g.tensor_val(node) is not None and g.tensor_val(source) is not None \
-                    and g.tensor_val(source).dtype != g.tensor_val(node).dtype:
-                value = gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": g.tensor_val(node).dtype})
-        value.meta.update(node.meta)
-        node.replace_all_uses_with(value)
-        gm.graph.erase_node(node)
-    if copies:
-        gm.graph.lint()
-        gm.recompile()
 
 
 def _trace(gm: fx.GraphModule, fakes: list, fake_mode, functional: bool) -> fx.GraphModule:

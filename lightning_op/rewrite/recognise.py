@@ -88,7 +88,9 @@ class Recogniser:
         )
 
     def region(self, output: fx.Node):
-        """(nodes in graph order, leaves) of the linear region ending at ``output``; None if too big."""
+        """(nodes in graph order, leaves) of the linear region ending at ``output``; None if too big.
+        What a replacement emitted (no class: the op's output, laid out as the model had it) is a
+        leaf: already attention, and probed as one value."""
         region, leaves, stack = set(), set(), [output]
         while stack:
             node = stack.pop()
@@ -101,7 +103,7 @@ class Recogniser:
                 cls = self.classes.get(arg)
                 if cls in (g.CONST, g.SYM):
                     continue
-                if g.is_linear(arg, self.classes):
+                if cls is not None and g.is_linear(arg, self.classes):
                     stack.append(arg)
                 else:
                     leaves.add(arg)
@@ -539,7 +541,7 @@ def find_matches(gm: fx.GraphModule, classes: dict, const_values: dict, on_match
     kept: list[Rejection] = []
     for rejection in sorted(rejections, key=lambda r: (-r.stage, len(r.region))):
         if rejection.region & done:
-            if rejection.stage > Stage.MATCH:
+            if Stage.MATCH < rejection.stage < Stage.INTERNAL:  # internal errors are logged as warnings
                 around = next(m for m in matches if rejection.region & set(m.region)
                               or any(rejection.region & set(f.region) for f in m.final_states))
                 if not around.notes or not around.notes[-1].startswith("a larger region"):

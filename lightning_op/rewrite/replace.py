@@ -154,3 +154,27 @@ def replace(gm: fx.GraphModule, match: Match) -> dict[str, fx.Node]:
         if not node.users and not node.is_impure():
             graph.erase_node(node)
     return renamed
+
+
+def differentiable_copies(gm: fx.GraphModule) -> None:
+    """Functionalized writes (``out[:, t] = row``) are ``aten.copy(destination, source)``, which
+    autograd cannot differentiate: where a rewrite leaves some behind (the pieces of a loop whose
+    whole was refused), training would fail. ``where(True, source, destination)`` in the
+    destination's dtype is the same value (the destination's own values, uninitialised ones too,
+    never enter) and is differentiable."""
+    graph = gm.graph
+    copies = [n for n in graph.nodes if n.target is aten.copy.default]
+    for node in copies:
+        destination, source = node.args[:2]
+        with graph.inserting_before(node):
+            emit = _Emitter(graph, node)
+            everywhere = emit(aten.ones_like.default, destination, dtype=torch.bool)
+            value = emit(aten.where.self, everywhere, source, destination)
+            dtype = g.tensor_val(node).dtype if g.tensor_val(node) is not None else None
+            if dtype is not None and g.tensor_val(value) is not None and g.tensor_val(value).dtype != dtype:
+                value = emit(aten._to_copy.default, value, dtype=dtype)
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+    if copies:
+        graph.lint()
+        gm.recompile()
