@@ -371,6 +371,36 @@ def _ddp_training(rank, world, n=96, steps=3):
     return errors
 
 
+def _fsdp_training(rank, world, n=96, steps=2):
+    """The same under FSDP2 (``fully_shard``: parameters sharded over the ranks, gradients
+    reduce-scattered and averaged), each rank's gradient shard compared with one process's."""
+    from torch.distributed.fsdp import fully_shard
+
+    gen = torch.Generator().manual_seed(1)
+    x, target = torch.randn(1, n, 32, generator=gen), torch.randn(1, n, 32, generator=gen)
+    one, parallel = _Model(), _Model(group=dist.group.WORLD)
+    for layer in parallel.layers:
+        fully_shard(layer)
+    fully_shard(parallel)
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (one, parallel)]
+    piece = slice(rank * n // world, (rank + 1) * n // world)
+    errors = {}
+    for step in range(steps):
+        for optimiser in optimisers:
+            optimiser.zero_grad()
+        loss = torch.nn.functional.mse_loss(one(x), target)
+        loss.backward()
+        local = torch.nn.functional.mse_loss(parallel(x[:, piece]), target[:, piece])
+        local.backward()
+        errors[f"loss step {step}"] = rel_error(_sum_over_ranks(local.detach()) / world, loss)
+        errors[f"gradients step {step}"] = max(
+            rel_error(a.grad, b.grad.full_tensor()) for a, b in zip(one.parameters(), parallel.parameters())
+        )
+        for optimiser in optimisers:
+            optimiser.step()
+    return errors
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -430,6 +460,10 @@ def test_dtensor_sharded_over_the_sequence_points_at_context_parallelism(pools):
 
 def test_two_layer_model_under_ddp_trains_as_one_process(pools):
     _assert_within(pools(2).run(_ddp_training), FLOAT32)
+
+
+def test_two_layer_model_under_fsdp2_trains_as_one_process(pools):
+    _assert_within(pools(2).run(_fsdp_training), FLOAT32)
 
 
 def test_refuses_without_a_process_group():
