@@ -14,6 +14,16 @@ Implementations (``--impls``):
   torch_step          plain PyTorch: state.mul_(lam), state.baddbmm_(k^T, v), o = scale * q @ state
   torch_step_graph    the same captured
   torch_step_graph16  16 chained steps in one graph (in place, as ours_graph16)
+  ours_pooled         lightning_op.attn_step on a pool of 2B states, row b continuing slot
+                      state_indices[b] (a random permutation of B of the 2B slots, int32): the
+                      serving form; the same state values as ours, so the same outputs
+  ours_pooled_graph, ours_pooled_graph16  captured as ours_graph, ours_graph16
+  ours_gqa            grouped heads with shared states: k, v with --kv-heads heads (the first head
+                      of each group of ours' inputs), decay and state per kv head, one state read
+                      and written per group; checked against torch_step on k, v, decay and state
+                      repeated over the groups. Fewer bytes per step than the others (its own
+                      step_bytes)
+  ours_gqa_graph, ours_gqa_graph16  captured as ours_graph, ours_graph16
 
 A one-step replay mostly measures the graph launch (a few us), not the step; in a real decode loop
 the whole model's step is one graph, so the *_graph16 impls show the GPU time a step costs inside a
@@ -30,6 +40,7 @@ Bytes per step: the float32 state read and written plus q, k, v read and o writt
 
   python3 benchmarks/bench_decode.py                          # B = 1 ... 256, H 16, D 128, bf16
   python3 benchmarks/bench_decode.py --batches 1,256 --impls ours_graph,fla_graph
+  python3 benchmarks/bench_decode.py --impls ours,ours_pooled,ours_graph,ours_pooled_graph,ours_graph16,ours_pooled_graph16
   python benchmarks/bench_decode.py --smoke --out /tmp/smoke  # tiny fp32 shapes on CPU
 
 Writes results.csv, results.json and decode_latency.png under --out, and prints a table last.
@@ -55,7 +66,8 @@ from common import (Progress, Timer, add_common_arguments, apply_common_defaults
                     write_results)
 
 IMPLS = ("ours", "ours_graph", "ours_graph16", "fla", "fla_graph", "fla_graph16",
-         "torch_step", "torch_step_graph", "torch_step_graph16")
+         "torch_step", "torch_step_graph", "torch_step_graph16",
+         "ours_pooled", "ours_pooled_graph", "ours_pooled_graph16", "ours_gqa", "ours_gqa_graph", "ours_gqa_graph16")
 # impl-name suffix -> steps captured in one CUDA graph (one replay runs them all)
 GRAPH_SUFFIXES = {"_graph16": 16, "_graph": 1}
 TOKENS = 1  # one decode step
@@ -104,7 +116,9 @@ def _load_torch_step():
     return torch_step
 
 
-LOADERS = {"ours": (_load_ours, "lightning_op"), "fla": (_load_fla, "fla-core"), "torch_step": (_load_torch_step, None)}
+LOADERS = {"ours": (_load_ours, "lightning_op"), "ours_pooled": (_load_ours, "lightning_op"),
+           "ours_gqa": (_load_ours, "lightning_op"), "fla": (_load_fla, "fla-core"),
+           "torch_step": (_load_torch_step, None)}
 
 
 def load_impls(names: list[str], device: torch.device):
@@ -130,20 +144,38 @@ class Inputs:
     decay: Tensor  # float32 [H]
     scale: float
     initial_state: Tensor  # float32 [B, H, Dk, Dv]
+    pool: Tensor  # float32 [2B, H, Dk, Dv]: initial_state's rows at slots, the other slots random
+    slots: Tensor  # int32 [B]: the pool's slot of each row
+    kv: tuple[Tensor, Tensor]  # contiguous [B, Hkv, T, D]: the first head of each group of k, v
+    decay_kv: Tensor  # float32 [Hkv]
+    state_kv: Tensor  # float32 [B, Hkv, Dk, Dv]
 
-    @property
-    def step_bytes(self) -> int:
-        """State read and written, q, k, v read, o written: the least traffic of one step."""
-        return 2 * self.initial_state.nbytes + 4 * self.bhtd[0].nbytes
+    def step_bytes(self, base: str) -> int:
+        """States read and written, q, k, v read, o written: the least traffic of one step."""
+        q = self.bhtd[0]
+        if base == "ours_gqa":
+            return 2 * self.state_kv.nbytes + 2 * q.nbytes + 2 * self.kv[0].nbytes
+        return 2 * self.initial_state.nbytes + 4 * q.nbytes
+
+    def start_state(self, base: str) -> Tensor:
+        """The tensor a case's steps update (cloned by the case)."""
+        return {"ours_pooled": self.pool, "ours_gqa": self.state_kv}.get(base, self.initial_state)
 
 
-def make_inputs(batch: int, heads: int, head_dim: int, dtype, device, scale: float, seed: int) -> Inputs:
+def make_inputs(batch: int, heads: int, kv_heads: int, head_dim: int, dtype, device, scale: float,
+                seed: int) -> Inputs:
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (batch, TOKENS, heads, head_dim)
     bthd = tuple(torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
     bhtd = tuple(x.transpose(1, 2).contiguous() for x in bthd)
     state = torch.randn(batch, heads, head_dim, head_dim, generator=gen, device=device, dtype=torch.float32)
-    return Inputs(bhtd, bthd, lightning_op.slopes(heads).to(device), scale, state)
+    slots = torch.randperm(2 * batch, generator=gen, device=device)[:batch].to(torch.int32)
+    pool = torch.randn(2 * batch, heads, head_dim, head_dim, generator=gen, device=device, dtype=torch.float32)
+    pool[slots.long()] = state
+    group = heads // kv_heads
+    kv = tuple(x[:, ::group].contiguous() for x in bhtd[1:])
+    return Inputs(bhtd, bthd, lightning_op.slopes(heads).to(device), scale, state, pool, slots, kv,
+                  lightning_op.slopes(kv_heads).to(device), state[:, ::group].contiguous())
 
 
 def stepper(base: str, fn: Callable, x: Inputs) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
@@ -152,6 +184,12 @@ def stepper(base: str, fn: Callable, x: Inputs) -> Callable[[Tensor], tuple[Tens
     if base == "ours":
         q, k, v = x.bhtd
         return lambda state: (fn(q, k, v, state, x.decay, scale=x.scale), state)
+    if base == "ours_pooled":
+        q, k, v = x.bhtd
+        return lambda pool: (fn(q, k, v, pool, x.decay, scale=x.scale, state_indices=x.slots), pool)
+    if base == "ours_gqa":
+        q, k, v = x.bhtd[0], *x.kv
+        return lambda state: (fn(q, k, v, state, x.decay_kv, scale=x.scale), state)
     if base == "fla":
         q, k, v = x.bthd
         g_gamma = -x.decay  # fla takes the log of the per-step decay lam = exp(-decay)
@@ -255,15 +293,25 @@ def step_ms(fn: Callable[[], None], device: torch.device, rep_ms: float, block_m
 
 def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, timer: Timer, device, dtype,
               copy_bytes_per_s: float, progress: Progress) -> list[dict]:
-    x = make_inputs(batch, args.heads, args.head_dim, dtype, device, args.scale, args.seed)
-    references: dict[int, tuple[Tensor, Tensor]] = {}
+    x = make_inputs(batch, args.heads, args.kv_heads, args.head_dim, dtype, device, args.scale, args.seed)
+    references: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}
 
-    def reference(steps: int) -> tuple[Tensor, Tensor]:
+    def reference(steps: int, grouped: bool = False) -> tuple[Tensor, Tensor]:
         """(last output, final state) of torch_step run ``steps`` steps from the initial state,
-        computed on first use and kept for the batch."""
-        if steps not in references:
-            references[steps] = run_steps(stepper("torch_step", torch_step, x), x.initial_state.clone(), steps)
-        return references[steps]
+        computed on first use and kept for the batch; ``grouped``: ours_gqa's problem, k, v,
+        decay and state repeated over the groups, the state returned per kv head."""
+        if (steps, grouped) not in references:
+            if grouped:
+                group = args.heads // args.kv_heads
+                q, (k, v) = x.bhtd[0], (y.repeat_interleave(group, 1) for y in x.kv)
+                lam = torch.exp(-x.decay_kv).repeat_interleave(group).view(1, -1, 1, 1)
+                out, state = run_steps(lambda s: (torch_step(q, k, v, s, lam, x.scale), s),
+                                       x.state_kv.repeat_interleave(group, 1), steps)
+                references[steps, grouped] = out, state[:, ::group]
+            else:
+                references[steps, grouped] = run_steps(stepper("torch_step", torch_step, x), x.initial_state.clone(),
+                                                       steps)
+        return references[steps, grouped]
 
     reference(1)  # a batch whose reference step fails is skipped whole
     rows = []
@@ -272,7 +320,7 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
         row = {
             "B": batch, "H": args.heads, "D": args.head_dim, "T": TOKENS, "steps_per_call": steps,
             "dtype": str(dtype).removeprefix("torch."), "impl": name,
-            "step_us": math.nan, "kernel_us": math.nan, "step_bytes": x.step_bytes,
+            "step_us": math.nan, "kernel_us": math.nan, "step_bytes": x.step_bytes(base),
             "bytes_per_s": math.nan, "copy_fraction": math.nan,
             "err_out_vs_torch_step": math.nan, "err_state_vs_torch_step": math.nan, "error": "",
         }
@@ -281,19 +329,21 @@ def run_batch(batch: int, names: list[str], impls: dict[str, Callable], args, ti
         try:
             step_fn = stepper(base, impls[base], x)
             if kind == "graph":
-                case = graph_case(step_fn, x.initial_state, steps)
+                case = graph_case(step_fn, x.start_state(base), steps)
             else:
-                case = eager_case(step_fn, x.initial_state)
+                case = eager_case(step_fn, x.start_state(base))
             case.step()  # the first call: case.steps steps from the initial state
             out, state = case.last()
             if base in BTHD_OUTPUT:
                 out = out.transpose(1, 2)
-            reference_out, reference_state = reference(case.steps)
+            if base == "ours_pooled":
+                state = state.index_select(0, x.slots.long())  # the rows' slots of the pool
+            reference_out, reference_state = reference(case.steps, base == "ours_gqa")
             row["err_out_vs_torch_step"] = max_relative_error(out, reference_out)
             row["err_state_vs_torch_step"] = max_relative_error(state, reference_state)
             row["step_us"] = 1e3 * step_ms(case.step, device, args.rep_ms) / case.steps
             row["kernel_us"] = 1e3 * timer(case.step) / case.steps
-            row["bytes_per_s"] = x.step_bytes / (row["kernel_us"] * 1e-6)
+            row["bytes_per_s"] = row["step_bytes"] / (row["kernel_us"] * 1e-6)
             row["copy_fraction"] = row["bytes_per_s"] / copy_bytes_per_s
             progress.line(f"{name:<18} B={batch:<4}", (
                 f"step {row['step_us']:9.1f} us  kernel {row['kernel_us']:9.1f} us  "
@@ -315,6 +365,7 @@ def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, un
     return {
         **common_metadata(args, device, dtype, copy_bytes, copy_bytes_per_s, unavailable, versions),
         "heads": args.heads,
+        "kv_heads": args.kv_heads,
         "head_dim": args.head_dim,
         "tokens": TOKENS,
         "step_timing": ("CUDA events around blocks of back-to-back calls, median per call" if device.type == "cuda"
@@ -332,6 +383,9 @@ def metadata(args, device, dtype, timer: Timer, copy_bytes_per_s, copy_bytes, un
             "bytes_per_s = step_bytes / kernel time per step; copy_fraction = that / copy bandwidth (read + write)",
             "err_*_vs_torch_step: max |x - ref| / max |ref| of the last output and the final state after the "
             "first call (steps_per_call steps) from the same initial state, ref = torch_step run as many steps",
+            "ours_pooled: a pool of 2B states, rows continuing a random permutation of B slots (int32 indices); "
+            "ours_gqa: kv_heads heads of k, v, decay and state (shared by each group of query heads), its "
+            "step_bytes its own",
             "fla_graph replays one step from the captured state (no copy back of the new state); fla_graph16 "
             "feeds each step's new state to the next inside the graph and replays the 16 steps from the captured "
             "state; ours and torch_step graphs update one state in place, carried on across replays",
@@ -444,7 +498,21 @@ def print_table(rows: list[dict], meta: dict, impl_order: list[str]) -> None:
         print(f"targets: B={batches[0]} fla / ours step: one step per replay "
               f"{speedup_text(('fla', 'fla_graph'), ('ours', 'ours_graph'))} (best of eager, graph), "
               f"16 steps per graph {speedup_text(('fla_graph16',), ('ours_graph16',))} (want >= 2x); "
-              f"B={batches[-1]} best ours at {fraction_text} of copy (want >= 70%)")
+              f"B={batches[-1]} best ours at {fraction_text} of copy (want >= 70%); "
+              f"pooled / dense {pooled_text(rows, batches)} (want <= 1.05); B={batches[0]} pooled one-step "
+              f"graph {_best(rows, batches[0], ('ours_pooled_graph',), 'step_us'):.1f} us (want <= 5)")
+
+
+def pooled_text(rows: list[dict], batches: list[int]) -> str:
+    """The worst pooled / dense ratio over B: kernel times of the 16-step graphs where they ran,
+    else of the eager steps."""
+    for pooled, dense in (("ours_pooled_graph16", "ours_graph16"), ("ours_pooled", "ours")):
+        ratios = [_best(rows, b, (pooled,), "kernel_us") / _best(rows, b, (dense,), "kernel_us") for b in batches]
+        ratios = [(r, b) for r, b in zip(ratios, batches) if math.isfinite(r)]
+        if ratios:
+            worst, batch = max(ratios)
+            return f"{worst:.2f}x at B={batch} ({pooled} kernel)"
+    return "n/a"
 
 
 # ----------------------------------------------------------------------------- main
@@ -456,6 +524,8 @@ def parse_args(argv=None):
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--heads", type=int, default=None, help="default 16 (2 with --smoke)")
     parser.add_argument("--head-dim", type=int, default=None, help="Dk = Dv; default 128 (32 with --smoke)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="kv heads of ours_gqa; default heads // 4 (1 "
+                        "with --smoke)")
     add_common_arguments(parser, out=os.path.join("benchmarks", "out", "decode"),
                          dtype_help="of q, k, v (the state is float32); default bf16 (fp32 with --smoke)",
                          rep_help="time spent measuring each of step and kernel, default 100 (20 with --smoke)")
@@ -470,6 +540,9 @@ def parse_args(argv=None):
     args.impl_names = impl_names(parser, args.impls, IMPLS)
     args.heads = args.heads or (2 if args.smoke else 16)
     args.head_dim = args.head_dim or (32 if args.smoke else 128)
+    args.kv_heads = args.kv_heads or max(1, args.heads // (2 if args.smoke else 4))
+    if args.heads % args.kv_heads:
+        parser.error(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     apply_common_defaults(args)
     return args
 

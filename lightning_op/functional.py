@@ -71,9 +71,13 @@ def attn_step(
     and row b continues slot ``state_indices[b]``; a negative index marks a padding row (zeros
     out, no slot touched); slots not named are never written. With ``cu_seqlens`` (``[S + 1]``,
     batch 1) the rows are packed sequences, prefill chunks and single decode tokens mixed, and
-    sequence i continues ``state[state_indices[i]]`` (``state[i]`` without indices). These
-    forms gather the slots, run the tiled op and write the final states back (one launch per
-    sequence on a GPU until the kernels take packed sequences).
+    sequence i continues ``state[state_indices[i]]`` (``state[i]`` without indices).
+
+    Where the Triton kernels run (CUDA tensors), every call without ``cu_seqlens`` is one launch
+    of the decode kernel, pooled rows and grouped heads included: each state is read and written
+    once, a padding row reads nothing, and the slots are read on the device. Packed calls gather
+    the slots, run the tiled op and write the final states back; so do pooled and grouped steps
+    on the chunked CPU path (same results).
     """
     return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
 

@@ -750,40 +750,57 @@ def _check_step_grad(q, k, v, state, decay) -> None:
 #: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed
 #: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup instead of the
 #: full validation; what depends on values or addresses (scale, grad mode, decay signs, aliasing
-#: of the state) is still checked on every call.
+#: of the state, the slots named) is still checked on every call.
 _validated_steps: set = set()
 
 
 def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
-    if cu_seqlens is not None or state_indices is not None:
+    """The step on the decode kernel where the Triton backend runs (dense or pooled rows, grouped
+    heads or not); packed sequences, and pooled or grouped steps on the chunked CPU path, are
+    composed from the tiled op (``_pooled_step``)."""
+    if cu_seqlens is not None:
         validate_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
         return _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    _validate_rows_step(q, k, v, state, decay, scale, state_indices)
+    backend = _backend(q)
+    if backend.name == "triton" and (state_indices is not None or k.shape[1] != q.shape[1]):
+        from .kernels.decode import launch_decode_step
+
+        return launch_decode_step(q, k, v, state, prepare_decay(decay), scale, state_indices)
+    if state_indices is not None:
+        return _pooled_step(q, k, v, state, decay, scale, None, state_indices)
+    if k.shape[1] != q.shape[1]:
+        # grouped heads on the chunked path: the tiled op from the state, its final state copied back
+        out, final = _attn_impl(q, k, v, decay, scale, state)
+        state.copy_(final)
+        return out
+    return backend.step(q, k, v, state, prepare_decay(decay), scale)
+
+
+def _validate_rows_step(q, k, v, state, decay, scale, state_indices) -> None:
+    """``validate_step`` for a step without ``cu_seqlens``, the layout part once per signature."""
     # the state's strides too: whether it overlaps itself depends on them
-    signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay)) + (
-        state.stride(),)
+    signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay,
+                                                                                    state_indices)) + (state.stride(),)
     if signature in _validated_steps:
         _check_scale(scale)
         _check_step_grad(q, k, v, state, decay)
         _check_step_aliasing(q, k, v, state, decay)  # where the tensors are, not their shapes
-    else:
-        validate_step(q, k, v, state, decay, scale)
-        if len(_validated_steps) > 1024:
-            _validated_steps.clear()
-        _validated_steps.add(signature)
-    if k.shape[1] != q.shape[1]:
-        # grouped heads: the tiled op from the state, its final state copied back (no step kernel of their own)
-        out, final = _attn_impl(q, k, v, decay, scale, state)
-        state.copy_(final)
-        return out
-    decay = prepare_decay(decay)
-    return _backend(q).step(q, k, v, state, decay, scale)
+        if state_indices is not None:
+            _check_state_indices(state_indices, q.shape[0], state.shape[0], q, "rows")  # their values
+        return
+    validate_step(q, k, v, state, decay, scale, None, state_indices)
+    if len(_validated_steps) > 1024:
+        _validated_steps.clear()
+    _validated_steps.add(signature)
 
 
 def _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices):
-    """Rows (or packed sequences) continuing the states of their slots: the slots gathered, the
-    tiled op run from them, the final states written back. Padding rows (negative index) give
-    zeros and write nothing; no host read of the indices (a padding row writes the value that
-    another row of the call writes, or slot 0's own value back when every row is padding)."""
+    """Rows (or packed sequences) continuing the states of their slots, composed: the slots
+    gathered, the tiled op run from them, the final states written back. Padding rows (negative
+    index) give zeros and write nothing; no host read of the indices (a padding row writes the
+    value that another row of the call writes, or slot 0's own value back when every row is
+    padding)."""
     rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if state_indices is None:
         state_indices = torch.arange(rows, device=q.device)

@@ -1,6 +1,7 @@
 """The decode step over a pool of states addressed by slot, and prefill chunks mixed with decode
-tokens in one packed call: against the float64 recurrent oracle, slots not addressed untouched
-bitwise, padding rows, bad input leaving the pool untouched, torch.compile, and the module's
+tokens in one packed call: against the float64 recurrent oracle and a plain token loop, slots
+not addressed untouched bitwise, padding rows, grouped heads (own and shared states), which calls
+take the decode kernel, bad input leaving the pool untouched, torch.compile, and the module's
 StatePool against running each request alone."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 import lightning_op
 from lightning_op import reference
+from lightning_op._gates import TRITON_INTERPRETING
 from lightning_op.nn import LightningAttention, StatePool
 
 torch.manual_seed(0)
@@ -149,9 +151,10 @@ def test_module_serves_mixed_batches_from_a_pool():
 
 
 def test_pooled_step_reads_nothing_on_the_host():
-    """The slots' gather and write-back make no host read (a read would break CUDA-graph capture):
-    counted as ``aten._local_scalar_dense`` calls, validation (which reads the indices once in
-    eager mode) excluded, no decay and no packing (whose CPU paths read their values)."""
+    """The slots' gather and write-back, and the decode kernel's launch, make no host read (a read
+    would break CUDA-graph capture): counted as ``aten._local_scalar_dense`` calls, validation
+    (which reads the indices once in eager mode) excluded, no decay and no packing (whose CPU
+    paths read their values)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lightning_op import ops
@@ -170,3 +173,140 @@ def test_pooled_step_reads_nothing_on_the_host():
         ops._pooled_step(q, k, v, pool, None, 1.0, None, torch.tensor([4, -1, 2]))
         ops._pooled_step(q, k, v, pool, None, 1.0, None, torch.tensor([-1, -1, -1]))
     assert CountReads.reads == 0
+    if TRITON_INTERPRETING:  # the decode kernel's launch: the slots are read by the kernel alone
+        from lightning_op.kernels.decode import launch_decode_step
+
+        with torch.no_grad(), CountReads():
+            launch_decode_step(q, k, v, pool, None, 1.0, torch.tensor([4, -1, 2]))
+        assert CountReads.reads == 0
+
+
+# ----------------------------------------------------------------------------- the decode kernel's forms
+
+
+def _token_loop(q, k, v, states, decay, scale, slots=None):
+    """The step as a plain float64 loop over tokens, kv heads and shared states repeated to one per
+    query head: ``S <- lam S + k^T v``, ``o = scale q S``. ``states``: ``[B or P, Hs, Dk, Dv]``;
+    returns the outputs and the states after the step (a copy, only the named rows changed)."""
+    b, h, t, _ = q.shape
+    hs = states.shape[1]
+    kv_group, state_group = h // k.shape[1], h // hs
+    q, k, v = q.double(), k.double().repeat_interleave(kv_group, 1), v.double().repeat_interleave(kv_group, 1)
+    lam = torch.ones(h, dtype=torch.float64) if decay is None else torch.exp(-decay.double()).repeat_interleave(
+        h // decay.shape[0])
+    after = states.double().clone()
+    out = torch.zeros(b, h, t, v.shape[3], dtype=torch.float64)
+    for row in range(b):
+        slot = row if slots is None else int(slots[row])
+        if slot < 0:
+            continue
+        state = after[slot].repeat_interleave(state_group, 0)  # [H, Dk, Dv]
+        for token in range(t):
+            for head in range(h):
+                state[head] = lam[head] * state[head] + torch.outer(k[row, head, token], v[row, head, token])
+                out[row, head, token] = scale * q[row, head, token] @ state[head]
+        after[slot] = state[::state_group]  # the heads of a group computed the same state
+    return out, after
+
+
+# decay per query head (own states), per kv head (shared), none (shared), and equal head counts
+FORMS = {"own": (4, 2, 4), "shared": (4, 2, 2), "none": (4, 2, None), "equal": (2, 2, 2)}
+
+
+def _step_inputs(form, rows, tokens, seed):
+    """q, k, v as [B, N, H, D] storage read through transposed views, the decay and Hs."""
+    heads, kv_heads, decay_heads = FORMS[form]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, tokens, heads, D, generator=gen).transpose(1, 2)
+    k = torch.randn(rows, tokens, kv_heads, D, generator=gen).transpose(1, 2)
+    v = torch.randn(rows, tokens, kv_heads, 24, generator=gen).transpose(1, 2)  # Dv != Dk
+    decay = None if decay_heads is None else torch.rand(decay_heads, generator=gen) * torch.tensor([0.0, 3.0]).repeat(
+        decay_heads // 2)
+    return q, k, v, decay, reference.state_heads(heads, kv_heads, decay)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_pooled_rows_against_a_token_loop(cpu_backend, form, tokens, index_dtype):
+    """Rows continuing a random permutation of slots in a larger pool, a padding row holding NaNs:
+    outputs and named slots as the loop gives them, the padding row's outputs zero, every other
+    slot bitwise untouched."""
+    gen = torch.Generator().manual_seed(tokens)
+    q, k, v, decay, hs = _step_inputs(form, 5, tokens, seed=tokens)
+    for x in (q, k, v):
+        x[3] = float("nan")  # row 3 is padding: what it holds must not reach anything
+    pool = torch.randn(11, hs, D, 24, generator=gen)
+    before = pool.clone()
+    # slot 0 is never named: a padding row's index, clamped to 0, must not write there
+    slots = (torch.randperm(10, generator=gen)[:5] + 1).to(index_dtype)
+    slots[3] = -1
+    out = lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, state_indices=slots)
+    want, want_pool = _token_loop(q, k, v, before, decay, 0.5, slots)
+    assert out.shape == (5, q.shape[1], tokens, 24)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    named = slots[slots >= 0].long()
+    for row in (0, 1, 2, 4):
+        torch.testing.assert_close(out[row], want[row].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool[named], want_pool[named].float(), rtol=1e-5, atol=1e-5)
+    untouched = [slot for slot in range(11) if slot not in named.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("form", ["own", "shared", "none"])
+def test_grouped_heads_step_against_a_token_loop(cpu_backend, form, tokens):
+    """Grouped heads without a pool: per query head states read their group's k, v; a shared
+    state is updated once per token and read by all of the group's query heads."""
+    q, k, v, decay, hs = _step_inputs(form, 2, tokens, seed=10 + tokens)
+    state = torch.randn(2, hs, D, 24)
+    start = state.clone()
+    out = lightning_op.attn_step(q, k, v, state, decay, scale=0.5)
+    want, want_state = _token_loop(q, k, v, start, decay, 0.5)
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_which_calls_take_the_decode_kernel(cpu_backend, monkeypatch):
+    """Rows (dense with grouped heads, or pooled) take the decode kernel on the Triton backend;
+    packed steps stay composed, and the chunked CPU path never launches it."""
+    from lightning_op.kernels import decode
+
+    launches = []
+    real = decode.launch_decode_step
+    monkeypatch.setattr(decode, "launch_decode_step", lambda *a: launches.append(1) or real(*a))
+    q, k, v, decay, hs = _step_inputs("shared", 2, 1, seed=0)
+    pool = torch.randn(3, hs, D, 24)
+    lightning_op.attn_step(q, k, v, pool[:2], decay)
+    lightning_op.attn_step(q, k, v, pool, decay, state_indices=torch.tensor([2, -1]))
+    packed = [x.transpose(0, 2).reshape(1, x.shape[1], 2, x.shape[3]) for x in (q, k, v)]  # two 1-token sequences
+    lightning_op.attn_step(*packed, pool, decay, cu_seqlens=torch.tensor([0, 1, 2]), state_indices=torch.tensor([0, 1]))
+    assert len(launches) == (2 if cpu_backend == "triton" else 0)
+
+
+def test_kernel_step_edge_cases(cpu_backend):
+    """No tokens (nothing written), every row padding, and an empty pool."""
+    q, k, v, decay, hs = _step_inputs("own", 2, 0, seed=1)
+    pool = torch.randn(3, hs, D, 24)
+    before = pool.clone()
+    out = lightning_op.attn_step(q, k, v, pool, decay, state_indices=torch.tensor([1, 0]))
+    assert out.shape == (2, 4, 0, 24) and torch.equal(pool, before)
+    q, k, v, decay, hs = _step_inputs("own", 2, 1, seed=1)
+    out = lightning_op.attn_step(q, k, v, pool, decay, state_indices=torch.tensor([-1, -1]))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(pool, before)
+    out = lightning_op.attn_step(q, k, v, pool[:0], decay, state_indices=torch.tensor([-1, -1]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_repeated_pooled_steps_still_check_their_slots(cpu_backend):
+    """The layout of a pooled call is validated once; the slots' values are checked on every
+    call, before anything is written."""
+    decay = torch.tensor([0.1, 0.2])
+    pool = torch.randn(4, HKV, D, D)
+    q, k, v = _qkv(3, 1)
+    lightning_op.attn_step(q, k, v, pool, decay, state_indices=torch.tensor([0, 1, 2]))
+    before = pool.clone()
+    for slots, message in ((torch.tensor([0, 1, 1]), "more than once"), (torch.tensor([0, 4, 1]), "must be <")):
+        with pytest.raises(ValueError, match=message):
+            lightning_op.attn_step(q, k, v, pool, decay, state_indices=slots)
+        assert torch.equal(pool, before)

@@ -5,14 +5,34 @@ For each token t of the T given (T is small, 1 when generating)::
     S   <- lam * S + k_t^T v_t
     o_t  = scale * q_t S
 
-(``reference.attention_step``). One program per (value block, batch*head) (both on grid axis 0) keeps its Dk x BLOCK_V
-slice of the float32 state in registers across the T tokens, then writes it back where it was
-read: the state is read once and written once, and nothing is allocated but the output.
+(``reference.attention_step``). One program per (value block, batch * state head) (both on grid
+axis 0) keeps its Dk x BLOCK_V slice of the float32 state in registers across the T tokens, then
+writes it back where it was read: the state is read once and written once, and nothing is
+allocated but the output.
+
+Two switches, both off in the dense launch (which then compiles to the code it had without them):
+
+- a slot table (``SLOTS``): the state is a pool ``[P, Hs, Dk, Dv]`` and row b continues slot
+  ``SLOTS[b]``; a negative entry marks a padding row, whose loads are all masked off (its
+  outputs are stored as zeros, whatever q, k and v hold) and whose state is neither read nor
+  written;
+- grouped heads (k, v with Hkv heads, query head h reading kv head ``h // (H / Hkv)``): states
+  per query head read their group's k, v (``KV_GROUP`` query heads per kv head); states shared by
+  a group (``STATE_GROUP`` query heads per state) are updated once per token, after which each
+  of the group's query heads reads it for its output.
 """
 
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from ._launch import launcher
+from .config import cdiv, choose_decode, next_power_of_2
 from .stages import _block_and_head, _head
 
 
@@ -26,7 +46,11 @@ def _decode_step_kernel(
     stride_sb, stride_sh, stride_sk, stride_sv,
     T, H, DK, DV, scale,
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    SLOTS=None, stride_slot=1,
+    KV_GROUP: tl.constexpr = 1, STATE_GROUP: tl.constexpr = 1,
 ):
+    """H is the number of state heads; state head s belongs to query heads ``s * STATE_GROUP``
+    onwards and reads kv head ``s // KV_GROUP``."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
@@ -35,22 +59,64 @@ def _decode_step_kernel(
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
     valid_v = cols_v < DV
-    tile_mask = valid_k[:, None] & valid_v[None, :]
-    state_ptrs = _head(STATE, b, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
+    read_k = valid_k
+    read_v = valid_v
+    slot = b
+    if SLOTS is not None:
+        slot = tl.load(SLOTS + b * stride_slot).to(tl.int64)
+        # padding: nothing loaded, so the state stays zero and so do the outputs (even for NaN inputs)
+        read_k = cols_k < tl.where(slot >= 0, DK, 0)
+        read_v = cols_v < tl.where(slot >= 0, DV, 0)
+        slot = tl.maximum(slot, 0)
+    tile_mask = read_k[:, None] & read_v[None, :]
+    state_ptrs = _head(STATE, slot, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
     state = tl.load(state_ptrs, mask=tile_mask, other=0.0)
     if HAS_DECAY:
         lam = tl.exp(-tl.load(DECAY + h).to(tl.float32))
-    q_ptr = _head(Q, b, h, stride_qb, stride_qh) + cols_k * stride_qd
-    k_ptr = _head(K, b, h, stride_kb, stride_kh) + cols_k * stride_kd
-    v_ptr = _head(V, b, h, stride_vb, stride_vh) + cols_v * stride_vd
-    o_ptr = _head(O, b, h, stride_ob, stride_oh) + cols_v * stride_od
+    q_ptr = _head(Q, b, h * STATE_GROUP, stride_qb, stride_qh) + cols_k * stride_qd
+    k_ptr = _head(K, b, h // KV_GROUP, stride_kb, stride_kh) + cols_k * stride_kd
+    v_ptr = _head(V, b, h // KV_GROUP, stride_vb, stride_vh) + cols_v * stride_vd
+    o_ptr = _head(O, b, h * STATE_GROUP, stride_ob, stride_oh) + cols_v * stride_od
     for t in range(0, T):
-        q = tl.load(q_ptr + t * stride_qt, mask=valid_k, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + t * stride_kt, mask=valid_k, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + t * stride_vt, mask=valid_v, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + t * stride_qt, mask=read_k, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + t * stride_kt, mask=read_k, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + t * stride_vt, mask=read_v, other=0.0).to(tl.float32)
         if HAS_DECAY:
             state = state * lam
         state += k[:, None] * v[None, :]
         out = tl.sum(q[:, None] * state, axis=0) * scale
         tl.store(o_ptr + t * stride_ot, out.to(O.dtype.element_ty), mask=valid_v)
+        for g in tl.static_range(1, STATE_GROUP):  # the group's other query heads read the same state
+            q = tl.load(q_ptr + g * stride_qh + t * stride_qt, mask=read_k, other=0.0).to(tl.float32)
+            out = tl.sum(q[:, None] * state, axis=0) * scale
+            tl.store(o_ptr + g * stride_oh + t * stride_ot, out.to(O.dtype.element_ty), mask=valid_v)
     tl.store(state_ptrs, state, mask=tile_mask)
+
+
+def launch_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float,
+                       state_indices: Optional[Tensor] = None) -> Tensor:
+    """``reference.attention_step`` on the decode kernel, for dense, pooled and grouped-head steps
+    (inputs validated by ``ops.validate_step``, decay prepared by ``ops.prepare_decay``).
+
+    q ``[B, H, T, Dk]``, k ``[B, Hkv, T, Dk]``, v ``[B, Hkv, T, Dv]``, any strides; ``state``
+    float32 ``[B, Hs, Dk, Dv]``, or with ``state_indices`` (int32 / int64 ``[B]``, negative:
+    padding) a pool ``[P, Hs, Dk, Dv]``, updated in place; Hs is H or Hkv
+    (``reference.state_heads``). Returns ``[B, H, T, Dv]`` in q's dtype, the only allocation."""
+    b, h, t, dk = q.shape
+    hkv, hs, dv = k.shape[1], state.shape[1], v.shape[3]
+    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
+    if t == 0 or b == 0:
+        return out
+    block_k = max(16, next_power_of_2(dk))
+    block_v, num_warps = choose_decode(b * hs, dv, q.device)
+    arguments = (q, k, v, out, state, decay if decay is not None else state,
+                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(), t, hs, dk, dv, scale)
+    groups = dict(KV_GROUP=hs // hkv, STATE_GROUP=h // hs, num_warps=num_warps)
+    launch = launcher(_decode_step_kernel)[(b * hs * cdiv(dv, block_v),)]
+    if state_indices is None:
+        launch(*arguments, HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, **groups)
+    else:
+        # the table positionally: the remembering launcher keys a tensor argument by its dtype and
+        # alignment, a keyword one by the object (a new key every call)
+        launch(*arguments, decay is not None, block_k, block_v, state_indices, state_indices.stride(0), **groups)
+    return out
