@@ -346,3 +346,50 @@ def test_cuda_pooled_decode_and_mixed_step():
     assert rel_error(pool[3], final[0]) < 2e-5 and rel_error(pool[0], final[1]) < 2e-5
     for slot in (1, 2, 4, 5):
         assert torch.equal(pool[slot], before[slot])
+
+
+@pytest.mark.parametrize("decay_heads", [4, 2, 0], ids=["own-states", "shared-states", "no-decay"])
+def test_cuda_pooled_rows_and_grouped_heads_in_the_decode_kernel(decay_heads):
+    """attn_step's pooled and grouped rows (the decode kernel) against a float64 token loop, then
+    the same step captured in a CUDA graph and replayed: padding rows touch nothing."""
+    from lightning_op import reference
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    decay = torch.tensor([0.05, 0.8, 0.0, 2.0], device="cuda")[:decay_heads] if decay_heads else None
+    hs = reference.state_heads(4, 2, decay)
+    pool = torch.randn(9, hs, 64, 64, device="cuda", generator=gen)
+    slots = torch.tensor([7, -1, 2, 0], device="cuda", dtype=torch.int32)
+    q = torch.randn(4, 4, 1, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 2, 1, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+
+    def expected(before):
+        want = torch.zeros(4, 4, 1, 64, dtype=torch.float64, device="cuda")
+        states = before.double().clone()
+        for row, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            for h in range(4):
+                s = h if hs == 4 else h // 2
+                lam = 1.0 if decay is None else torch.exp(-decay[s if hs == 2 else h].double())
+                state = lam * before[slot, s].double() + k[row, h // 2, 0].double()[:, None] * v[row, h // 2, 0].double()[None]
+                want[row, h, 0] = 0.5 * q[row, h, 0].double() @ state
+                states[slot, s] = state
+        return want, states
+
+    before = pool.clone()
+    out = lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, state_indices=slots)
+    want, states = expected(before)
+    assert rel_error(out, want) < 1e-2 and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_error(pool, states) < 1e-5
+    for slot in (1, 3, 4, 5, 6, 8):
+        assert torch.equal(pool[slot], before[slot])
+
+    graph = torch.cuda.CUDAGraph()
+    static_out = torch.empty_like(out)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out.copy_(lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, state_indices=slots))
+    pool.copy_(before)  # capture ran nothing: start the replay from the same pool
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(static_out, want) < 1e-2 and rel_error(pool, states) < 1e-5
