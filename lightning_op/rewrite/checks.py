@@ -40,9 +40,11 @@ from .lengths import check_lengths
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def tolerance(region: list[fx.Node], classes: dict) -> float:
-    """The relative tolerance of the probes of ``region``: the rounding its constant masks carry."""
-    return max((_TOLERANCE[d] for d in g.const_dtypes(region, classes)), default=_TOLERANCE[torch.float64])
+def tolerance(region: list[fx.Node], classes: dict, also: Optional[torch.dtype] = None) -> float:
+    """The relative tolerance of the probes of ``region``: the rounding its constant masks carry
+    (and ``also``'s: the dtype of a decay passed live, which the model builds its mask in)."""
+    dtypes = g.const_dtypes(region, classes) | ({also} if also in _TOLERANCE else set())
+    return max((_TOLERANCE[d] for d in dtypes), default=_TOLERANCE[torch.float64])
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,10 @@ class Match:
     final_states: list[FinalState] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # states left computed as they were, and why
     fit: Optional[Fit] = field(default=None, repr=False)
+    decay_source: Optional[fx.Node] = None  # the decay passed live: computed from trainable parameters
+    decay_form: Optional[str] = None  # "slope": the source is the decay; "lam": it is exp(-decay)
+    kv_heads: Optional[int] = None  # k and v taken before their repetition: the op's grouped heads
+    shared_states: bool = False  # grouped, and the decay passed per kv head (a group shares its state)
 
 
 def verify(cand: Candidate, ev: g.Evaluator) -> Match:
@@ -121,14 +127,19 @@ def verify(cand: Candidate, ev: g.Evaluator) -> Match:
     fit = read_off(cand, ev)
     if cand.state_in is not None:
         fit = read_off_state(cand, ev, fit)
+    decay_form = None if cand.decay_source is None else live_decay_form(cand, ev, fit)
     check_random(cand, ev, fit, seed=0)
     check_random(cand, ev, fit, seed=1)
     check_lengths(cand, ev, lambda at_length: check_random(cand, at_length, fit, seed=2))
+    if decay_form is not None:
+        check_live_decay(cand, ev, fit, decay_form, seed=3)
+        check_lengths(cand, ev, lambda at_length: check_live_decay(cand, at_length, fit, decay_form, seed=4))
     decay = None if fit.decay is None else tuple(float(x) for x in fit.decay)
     scale, q_factor, v_factor = fit.factors(cand.tolerance)
     return Match(cand.output, cand.inputs, cand.layouts, cand.reading.out_layout, decay, scale,
                  _form(cand, ev.classes), compute_dtype, cand.region, _floats(q_factor), _floats(v_factor),
-                 fit.head_weights(cand.tolerance), cand.state_in, cand.state_layout, fit=fit)
+                 fit.head_weights(cand.tolerance), cand.state_in, cand.state_layout, fit=fit,
+                 decay_source=cand.decay_source, decay_form=decay_form)
 
 
 def check_support(cand: Candidate) -> torch.dtype:
@@ -347,6 +358,99 @@ def check_final_state(cand: Candidate, ev: g.Evaluator, fit: Fit, node: fx.Node,
                   lambda at: agrees(*measure(at, 2), factor))
     one = bool(((factor - 1).abs() <= tolerance).all())
     return FinalState(node, layout, None if one else _floats(factor), region)
+
+
+# ----------------------------------------------------------------------------- a decay passed live
+
+# What a decay computed from trainable parameters may be built with, by the range of its values.
+# The op takes slopes >= 0 (lam <= 1) and refuses others; the model would compute a growing mask
+# from them. So a source is passed live only where every value the parameters can take gives a
+# slope >= 0: a slope made nonnegative by its last op, or a lam in (0, 1].
+_NONNEGATIVE_OPS = frozenset({"exp", "softplus", "sigmoid", "abs", "relu", "sqrt", "square"})
+_MOVES = g.VIEW_OPS | g.CAST_OPS | {"repeat_interleave"}
+
+
+def _through_moves(node: fx.Node) -> fx.Node:
+    while g.op_name(node) in _MOVES and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _nonnegative(node: fx.Node) -> bool:
+    node = _through_moves(node)
+    name = g.op_name(node)
+    if name in ("clamp", "clamp_min"):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return isinstance(low, (int, float)) and low >= 0
+    if name == "pow" and len(node.args) > 1 and isinstance(node.args[1], (int, float)):
+        return node.args[1] % 2 == 0
+    return name in _NONNEGATIVE_OPS
+
+
+def _nonpositive(node: fx.Node) -> bool:
+    node = _through_moves(node)
+    return g.op_name(node) == "neg" and _nonnegative(node.args[0])
+
+
+def _in_unit_interval(node: fx.Node) -> bool:
+    """Whether every value of ``node`` is in (0, 1]: a sigmoid, or exp of something <= 0."""
+    node = _through_moves(node)
+    name = g.op_name(node)
+    return name == "sigmoid" or (name == "exp" and _nonpositive(node.args[0]))
+
+
+def live_decay_form(cand: Candidate, ev: g.Evaluator, fit: Fit) -> str:
+    """How the decay source gives the op's decay, from its current value against the decay read
+    off: ``"slope"`` (it is the decay) or ``"lam"`` (it is exp(-decay)); Reject where it is neither,
+    or where the parameters could make it a slope below 0."""
+    source = cand.decay_source
+    value = ev.const(source).detach().to(torch.float64).reshape(-1).cpu()
+    decay = torch.zeros_like(value) if fit.decay is None else fit.decay
+    what = f"{source.name} ({g.describe(source)}, computed from trainable parameters)"
+    for form, expected, in_range in (("slope", decay, _nonnegative), ("lam", torch.exp(-decay), _in_unit_interval)):
+        if value.shape == expected.shape and bool(((value - expected).abs() <= 1e-4 * expected.abs() + 1e-7).all()):
+            if not in_range(source):
+                raise Reject(f"the decay is {what}, which the parameters could make a slope below 0 (it is not built "
+                             "through exp, softplus, sigmoid, abs, ...): lightning::attn refuses negative slopes",
+                             Stage.SUPPORT)
+            return form
+    raise Reject(f"{what} is neither the decay read off ({_numbers(decay)}) nor exp(-decay)", Stage.DECAY)
+
+
+def check_live_decay(cand: Candidate, ev: g.Evaluator, fit: Fit, form: str, seed: int) -> None:
+    """The region at random parameter values: with the decay source at random decays (as slopes,
+    or as lam = exp(-slope)) and random q, k, v, it must compute the op with those decays and the
+    weights read off at the current values (which must therefore not depend on the parameters)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = len(fit.weights)
+    decay = 0.02 + 0.3 * torch.rand(heads, generator=gen, dtype=torch.float64)
+    shape = ev.shape(cand.decay_source)
+    value = (decay if form == "slope" else torch.exp(-decay)).reshape(shape).to(cand.device)
+    qc, kc, vc, state = _random_inputs(cand, ev, seed)
+    got = cand.run(ev, qc, kc, vc, state, decay_value=value)
+    want, _ = _expected(cand, Fit(fit.weights, decay, fit.state_weights), qc, kc, vc, state)
+    err = ((got - want).norm() / want.norm()).item()
+    if not err <= cand.tolerance:
+        raise Reject(f"with {cand.decay_source.name} at other values (decays {_numbers(decay)}), the output is not "
+                     f"the op's with those decays (relative error {err:.3g}): the parameters change more than the "
+                     "decay", Stage.VALUES)
+
+
+def check_repeat(ev: g.Evaluator, chain: list[fx.Node], source: fx.Node, source_layout: str, target: fx.Node,
+                 target_layout: str, groups: int) -> bool:
+    """Whether ``chain`` (graph order) computes ``target`` from ``source`` as the op's grouping reads
+    it: query head h sees kv head ``h // groups`` (``repeat_interleave`` on the head axis; Llama's
+    ``repeat_kv``), each in its layout, at ``ev``'s sizes. The chain only moves elements (views,
+    expands, repeats, casts: exact in float64) and is linear, so one random source decides."""
+    gen = torch.Generator().manual_seed(7)
+    val = g.tensor_val(source)
+    x = torch.randn(ev.shape(source), generator=gen, dtype=torch.float64).to(val.device)
+    got = ev.run(chain, {source: x})[target]
+    if not isinstance(got, torch.Tensor):
+        return False
+    got = got.transpose(1, 2) if target_layout == "bnhd" else got
+    want = (x.transpose(1, 2) if source_layout == "bnhd" else x).repeat_interleave(groups, dim=1)
+    return got.shape == want.shape and torch.equal(got, want)
 
 
 def _form(cand: Candidate, classes: dict) -> str:

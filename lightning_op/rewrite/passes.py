@@ -43,7 +43,9 @@ def rewrite_graph(gm: fx.GraphModule, placeholder_class: Callable[[fx.Node], str
     with unset_fake_temporarily():  # Inductor runs its passes under a fake mode; the probes need real tensors
         rejections = find_matches(gm, classes, const_values, on_match, written)
     records = [RewriteRecord(stage, True, location, match.form, match.decay, match.scale, match.out_layout,
-                             head_weights=match.head_weights, states=states, notes=tuple(match.notes))
+                             head_weights=match.head_weights, states=states, notes=tuple(match.notes),
+                             kv_heads=match.kv_heads, shared_states=match.shared_states,
+                             live_decay=None if match.decay_source is None else match.decay_source.name)
                for match, location, states in rewritten]
     records.extend(RewriteRecord(stage, False, location_of(r.output), reason=r.reason) for r in rejections)
     if renamed:
@@ -103,7 +105,8 @@ def _rewrite_program(ep, stage: str):
                 return g.INPUT
             if spec.kind == InputKind.PARAMETER:
                 value = ep.state_dict[spec.target]
-                if value.requires_grad:
+                if value.requires_grad:  # its current value, for a decay computed from it (passed live)
+                    const_values[node] = value.detach()
                     return g.PARAM
             elif spec.kind == InputKind.BUFFER:
                 value = ep.state_dict[spec.target] if spec.persistent else ep.constants[spec.target]
@@ -214,7 +217,7 @@ def rewrite_dynamo_graph(gm: fx.GraphModule, records: Optional[list] = None) -> 
     for original, traced in zip(placeholders, aten_placeholders):
         grapharg = original.meta.get("grapharg")
         kinds[traced] = _dynamo_placeholder_class(grapharg)
-        if kinds[traced] == g.CONST:
+        if kinds[traced] in (g.CONST, g.PARAM):  # a parameter's current value: a decay from it is passed live
             const_values[traced] = grapharg.example.detach()
     found, renamed = rewrite_graph(aten_gm, kinds.__getitem__, const_values, stage)
     if renamed and stage.endswith("functionalized"):

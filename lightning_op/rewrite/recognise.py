@@ -39,13 +39,19 @@ from torch import fx
 from . import graph as g
 from .candidate import (PROBE_SIZE, Candidate, Reading, Reject, Stage, probe_limit, readings, size_key,
                         state_layouts)
-from .checks import Match, check_final_state, tolerance, verify
+from .checks import Match, check_final_state, check_repeat, tolerance, verify
 from .report import logger
 
 _MAX_REGION_NODES = 20000
 _MAX_ROLE_PROBES = 64
 _MAX_CARRIED_STATES = 3  # leaves tried as a state carried in, one at a time
 _MAX_FINAL_STATES = 4  # states returned beside one output that are checked against the op's final state
+_MAX_REPEAT_CHAIN = 8  # ops walked back from k or v looking for the tensor before a repetition of its heads
+# Ops that only move or copy the elements of their one data argument: what repeats kv heads
+# (repeat_interleave; unsqueeze, expand and reshape as Llama's repeat_kv; an index_select of heads).
+_ELEMENT_MOVES = g.VIEW_OPS | g.CAST_OPS | {"repeat_interleave", "index_select"}
+_OTHER_LENGTH = 37  # a second length at which a symbolic repetition is checked
+_MAX_DECAY_SOURCES = 4  # tensors of one number per head tried as a learnable decay passed live
 
 
 @dataclass
@@ -109,8 +115,10 @@ class Recogniser:
                     leaves.add(arg)
         return sorted(region, key=self.position.__getitem__), sorted(leaves, key=self.position.__getitem__)
 
-    def between(self, inputs, output: fx.Node) -> list[fx.Node]:
-        """The nodes computing ``output`` from ``inputs`` and constants; rejects any other dependency."""
+    def between(self, inputs, output: fx.Node, decay_source: Optional[fx.Node] = None) -> list[fx.Node]:
+        """The nodes computing ``output`` from ``inputs`` and constants; rejects any other dependency.
+        With a ``decay_source`` (one of ``inputs``), what is computed from it and constants alone (a
+        mask built from a learnable decay) belongs to the region, whatever its ops."""
         region, stack = set(), [output]
         while stack:
             node = stack.pop()
@@ -121,9 +129,14 @@ class Recogniser:
                 cls = self.classes.get(arg)
                 if arg in inputs or cls in (g.CONST, g.SYM):
                     continue
+                if cls == g.PARAM and decay_source is not None and arg.op != "placeholder":
+                    stack.append(arg)  # a function of the decay source, or it reaches another parameter
+                    continue
                 if cls == g.PARAM and not g.is_linear(arg, self.classes):
-                    raise Reject(f"the attention depends on trainable parameters beyond q, k, v ({arg.name}): "
-                                 "lightning::attn takes no learnable decay or weight", Stage.SUPPORT)
+                    beyond = f"q, k, v and the decay {decay_source.name}" if decay_source is not None else "q, k, v"
+                    raise Reject(f"the attention depends on trainable parameters beyond {beyond} ({arg.name}): "
+                                 "lightning::attn takes a learnable decay, one number per head, but no other "
+                                 "learnable weight or mask", Stage.SUPPORT)
                 if not g.is_linear(arg, self.classes):
                     raise Reject(f"the output depends on {arg.name} ({g.describe(arg)}) besides q, k and v")
                 stack.append(arg)
@@ -304,6 +317,7 @@ class Recogniser:
                                     raise
                                 continue
                             self._final_states(candidate, match)
+                            self._ungroup(candidate, match)
                             return match
                     except Reject as reject:
                         # of readings failing at the same stage, the first plausible one tells most
@@ -326,19 +340,61 @@ class Recogniser:
         for node in inputs:
             if self.classes.get(node) != g.INPUT:
                 raise Reject(f"{node.name} does not depend on the model's inputs (a learnable decay?)", Stage.SUPPORT)
-        if carried is None:
-            region = self.between(set(inputs), output)
-            return [Candidate(output, inputs, layouts, reading, region, tolerance(region, self.classes))]
-        q, _, v = (g.tensor_val(x) for x in inputs)
-        state_options = state_layouts(g.tensor_val(carried).shape, reading, size_key(q.shape[-1]),
-                                      size_key(v.shape[-1]))
-        if not state_options:
-            raise Reject(f"the output depends on {carried.name} ({g.describe(carried)}, "
-                         f"{list(g.tensor_val(carried).shape)}) besides q, k and v, and it is shaped like no state "
-                         "of theirs")
-        region = self.between(set(inputs) | {carried}, output)
-        return [Candidate(output, inputs, layouts, reading, region, tolerance(region, self.classes), carried, layout)
-                for layout in state_options]
+        state_options: list[Optional[str]] = [None]
+        sources = set(inputs)
+        if carried is not None:
+            q, _, v = (g.tensor_val(x) for x in inputs)
+            state_options = state_layouts(g.tensor_val(carried).shape, reading, size_key(q.shape[-1]),
+                                          size_key(v.shape[-1]))
+            if not state_options:
+                raise Reject(f"the output depends on {carried.name} ({g.describe(carried)}, "
+                             f"{list(g.tensor_val(carried).shape)}) besides q, k and v, and it is shaped like no "
+                             "state of theirs")
+            sources.add(carried)
+        try:
+            regions = [(self.between(sources, output), None)]
+        except Reject as reject:
+            if reject.stage != Stage.SUPPORT:
+                raise
+            regions = self._live_decay_regions(sources, output, reading, reject)
+        candidates = []
+        for region, source in regions:
+            tol = tolerance(region, self.classes, None if source is None else g.tensor_val(source).dtype)
+            candidates.extend(Candidate(output, inputs, layouts, reading, region, tol, carried, layout, source)
+                              for layout in state_options)
+        return candidates
+
+    def _live_decay_regions(self, sources: set, output: fx.Node, reading: Reading,
+                            refused: Reject) -> list[tuple[list[fx.Node], fx.Node]]:
+        """(region, decay source) pairs where the attention's dependence on trainable parameters
+        goes through one tensor of one number per head (``softplus(p)``, ``log_p.exp()``,
+        ``sigmoid(p)``, viewed as [H, 1, 1] or not): a decay the op can take live. Nearest to the
+        output first, each one whose region reaches no parameter but through it; whether its
+        values are the decay is for the checks. Re-raises ``refused`` where there is none."""
+        heads = reading.heads
+        if not isinstance(heads, int):
+            raise refused
+        parameters, stack, seen = [], [output], set()
+        while stack:  # the parameter-dependent nodes the region reads, and what they are computed from
+            node = stack.pop()
+            for arg in node.all_input_nodes:
+                if arg in seen or arg in sources or self.classes.get(arg) not in (g.INPUT, g.PARAM):
+                    continue
+                seen.add(arg)
+                if self.classes.get(arg) == g.PARAM:
+                    parameters.append(arg)
+                stack.append(arg)
+        options = [n for n in sorted(parameters, key=self.position.__getitem__, reverse=True)
+                   if _one_per_head(g.tensor_val(n), heads)]
+        found = []
+        for source in options[:_MAX_DECAY_SOURCES]:
+            try:
+                found.append((self.between(sources | {source}, output, decay_source=source), source))
+            except Reject as reject:
+                refused = reject
+        if not found:
+            raise refused
+        return found
 
     def _factors_beside(self, output, roots, region: set, leaves) -> None:
         """Reject, saying why, where the output is a product of q, k and v with further factors of
@@ -441,6 +497,98 @@ class Recogniser:
                     match.notes.append(f"{node.name} ({g.describe(node)}, {list(g.tensor_val(node).shape)}) keeps "
                                        f"its computation: {reasons[-1]}")
                 logger.debug("rewrite: %s is no final state of %s: %s", node.name, cand.output.name, reasons[-1])
+
+
+    # --- grouped heads
+
+    def _ungroup(self, cand: Candidate, match: Match) -> None:
+        """Where k and v are both repetitions of fewer heads in the op's grouping (query head h reads
+        kv head ``h // (H / Hkv)``: ``repeat_interleave``, Llama's ``repeat_kv``), give the op the
+        tensors before the repetition, so the repeat leaves the graph once nothing else reads it.
+        Where the decay is the same in every head of a group and no state enters or leaves, it is
+        passed per kv head, so each group shares one state. The op computes the same either way
+        (``reference.attention_quadratic`` repeats k and v): only the repetition is checked here.
+        A repetition of another order (``.repeat``, which tiles: head h reads h mod Hkv) is not
+        the op's grouping and stays in the graph, feeding the op H heads."""
+        if cand.reading.out_layout == "gnd":
+            return
+        found = [self._repeated_from(node, layout, cand) for node, layout in zip(cand.inputs[1:], cand.layouts[1:])]
+        if any(f is None for f in found) or found[0][2] != found[1][2]:
+            return
+        (k, k_layout, kv_heads), (v, v_layout, _) = found
+        heads = len(match.fit.weights)
+        groups = heads // kv_heads
+        decay, tol = match.decay, cand.tolerance
+        per_group = decay is None or all(abs(decay[h] - decay[h - h % groups]) <= tol * max(decay) for h in
+                                         range(heads))
+        match.inputs = (match.inputs[0], k, v)
+        match.layouts = (match.layouts[0], k_layout, v_layout)
+        match.kv_heads = kv_heads
+        # a decay passed live has one number per query head: each keeps its state
+        match.shared_states = (per_group and match.state_in is None and not match.final_states
+                               and match.decay_source is None)
+
+    def _repeated_from(self, node: fx.Node, layout: str, cand: Candidate) -> Optional[tuple[fx.Node, str, int]]:
+        """(source, its layout, its heads Hkv) where ``node`` is ``source`` with each of its heads
+        repeated H / Hkv times in a row, computed through ops that only move elements; None else.
+        The nearest such source is taken (a slice of heads before the repeat stays the op's input)."""
+        val = g.tensor_val(node)
+        heads = size_key(val.shape[1 if layout == "bhnd" else 2])
+        if not isinstance(heads, int):
+            return None
+        evaluators = [self.evaluator, *self._other_lengths(cand)]
+        chain, current = [node], node
+        for _ in range(_MAX_REPEAT_CHAIN):
+            data = [a for a in current.all_input_nodes if self.classes.get(a) not in (g.CONST, g.SYM)]
+            if g.op_name(current) not in _ELEMENT_MOVES or len(data) != 1 or current.args[0] is not data[0]:
+                return None
+            source = data[0]
+            order = sorted(chain, key=self.position.__getitem__)
+            for source_layout, kv_heads in _grouped_layouts(g.tensor_val(source), val, layout, heads):
+                try:
+                    if all(check_repeat(ev, order, source, source_layout, node, layout, heads // kv_heads)
+                           for ev in evaluators):
+                        return source, source_layout, kv_heads
+                except Exception as error:  # a chain that cannot run on the probe: no proof, so no grouping
+                    logger.debug("rewrite: %s could not be checked as a repetition: %r", node.name, error)
+            chain.append(source)
+            current = source
+        return None
+
+    def _other_lengths(self, cand: Candidate) -> list[g.Evaluator]:
+        """An evaluator at a second sequence length where the length is symbolic."""
+        symbols = getattr(cand.reading.length, "free_symbols", set())
+        if not symbols:
+            return []
+        low, high = 2, None
+        for sym in symbols:
+            sym_low, sym_high = g.symbol_range(self.evaluator.shape_env, sym)
+            low = max(low, sym_low)
+            high = sym_high if high is None or sym_high is None else min(high, sym_high)
+        length = max(low, _OTHER_LENGTH if high is None else min(_OTHER_LENGTH, high))
+        return [self.evaluator.rebound({sym: length for sym in symbols})]
+
+
+def _one_per_head(val: Optional[torch.Tensor], heads: int) -> bool:
+    """A floating tensor holding one number per head along one axis ([H], [H, 1, 1], [1, H, 1, 1])."""
+    if val is None or not val.is_floating_point():
+        return False
+    sizes = [size_key(s) for s in val.shape]
+    return heads in sizes and all(s == 1 for i, s in enumerate(sizes) if i != sizes.index(heads))
+
+
+def _grouped_layouts(source: Optional[torch.Tensor], target: torch.Tensor, layout: str, heads: int):
+    """(layout, Hkv) readings of ``source`` as ``target`` ([B, H, N, D] or [B, N, H, D] in ``layout``)
+    with fewer heads Hkv dividing H, the other dims equal."""
+    if source is None or source.dim() != 4:
+        return []
+    keys = [size_key(s) for s in source.shape]
+    b, n, d = (size_key(target.shape[i]) for i in ((0, 2, 3) if layout == "bhnd" else (0, 1, 3)))
+    found = []
+    for source_layout, (sb, sh, sn, sd) in (("bhnd", keys), ("bnhd", (keys[0], keys[2], keys[1], keys[3]))):
+        if (sb, sn, sd) == (b, n, d) and isinstance(sh, int) and 0 < sh < heads and heads % sh == 0:
+            found.append((source_layout, sh))
+    return found
 
 
 def _assignments(inputs, reading: Reading, position):

@@ -4,7 +4,8 @@ Only core ATen ops are emitted around the call (``permute``, ``unsqueeze``, ``se
 ``_to_copy``, ``full``, ``cat``, ``view``, ``mul``, ``clone``), so the result is valid at every
 stage: a dynamo graph traced to ATen, an Inductor graph, an exported program before or after
 ``run_decompositions``. The decay and the weights per head are written into the graph as
-literals: nothing is added to a state dict, and a saved program carries them.
+literals: nothing is added to a state dict, and a saved program carries them; a decay computed from
+trainable parameters is the model's own tensor, passed live, so it keeps its gradient.
 
 Weights that differ by head multiply q (and v, where a carried state is weighted apart from the
 new tokens); a state the model carries in is the op's ``initial_state``, and a final state it
@@ -76,6 +77,30 @@ def _decay_node(emit: _Emitter, decay, device) -> Any:
     return emit(aten.cat.default, parts)
 
 
+def _live_decay(emit: _Emitter, match: Match) -> fx.Node:
+    """The model's own decay tensor as the op's ``[H]`` float32 decay, computed in the graph, so its
+    gradient reaches the parameters: the slope itself, or ``-log(lam)``."""
+    node = match.decay_source
+    node = emit(aten.view.default, node, [len(match.fit.weights)]) if g.tensor_val(node).dim() != 1 else node
+    if g.tensor_val(node).dtype != torch.float32:
+        node = emit(aten._to_copy.default, node, dtype=torch.float32)
+    if match.decay_form == "lam":
+        node = emit(aten.neg.default, emit(aten.log.default, node))
+    return node
+
+
+def _op_decay(match: Match):
+    """The decay as the op takes it: per kv head where a group shares its state; per query head where
+    k and v are grouped but each query head keeps its own state (zeros where the model has no decay:
+    without one the op would share the state, whose heads a carried or returned state has apart)."""
+    if match.kv_heads is None:
+        return match.decay
+    heads = len(match.fit.weights)
+    if match.shared_states:
+        return None if match.decay is None else match.decay[:: heads // match.kv_heads]
+    return (0.0,) * heads if match.decay is None else match.decay
+
+
 def _scaled(emit: _Emitter, node: fx.Node, factor, device) -> fx.Node:
     """``node`` ([B, H, ...]) times ``factor`` per head, in float32, back in its own dtype."""
     if factor is None:
@@ -127,7 +152,8 @@ def replace(gm: fx.GraphModule, match: Match) -> dict[str, fx.Node]:
         q, k, v = (_as_canonical(emit, node, layout, match.compute_dtype)
                    for node, layout in zip(match.inputs, match.layouts))
         q, v = _scaled(emit, q, match.q_factor, device), _scaled(emit, v, match.v_factor, device)
-        decay = _decay_node(emit, match.decay, device)
+        decay = (_live_decay(emit, match) if match.decay_source is not None
+                 else _decay_node(emit, _op_decay(match), device))
         state = None if match.state_in is None else _state_as_canonical(emit, match.state_in, match.state_layout)
         call = emit(torch.ops.lightning.attn.default, q, k, v, decay, match.scale, state)
         out = emit(operator.getitem, call, 0)

@@ -34,7 +34,11 @@ class RewriteRecord:
     differs between heads (a temperature or output scale per head; ``scale`` is then 1 and the
     weights multiply q). ``states``: the states the op now carries (``"initial state <node>"``,
     ``"final state <node>"``). ``notes``: states the model returns that keep their own
-    computation, and why.
+    computation, and why. ``kv_heads``: where k and v were repeated for grouped query heads, the
+    heads the op reads them with instead (the repeat is gone); ``shared_states``: each group of
+    query heads then shares one state (the decay passed per kv head). ``live_decay``: where the
+    decay is computed from trainable parameters, the graph node passed to the op as it (``decay``
+    holds its values when the graph was rewritten); it trains.
     """
 
     stage: str
@@ -48,6 +52,9 @@ class RewriteRecord:
     head_weights: Optional[tuple[float, ...]] = None
     states: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    kv_heads: Optional[int] = None
+    shared_states: bool = False
+    live_decay: Optional[str] = None
 
     def __str__(self) -> str:
         if not self.rewritten:
@@ -56,6 +63,10 @@ class RewriteRecord:
         scale = f"scale per head {_listed(self.head_weights)}" if self.head_weights else f"scale {self.scale:.6g}"
         text = (f"[{self.stage}] rewrote {self.form} linear attention at {self.location} "
                 f"(layout {self.layout}, {scale}, decay {decay}")
+        if self.live_decay is not None:
+            text += f" live from {self.live_decay}"
+        if self.kv_heads is not None:
+            text += f", {self.kv_heads} kv heads" + (" sharing states" if self.shared_states else "")
         text += "".join(f", {state}" for state in self.states) + ")"
         return text + "".join(f"; {note}" for note in self.notes)
 
