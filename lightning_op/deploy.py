@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import backends, ops, reference
 from ._export import require_program, with_graph
 from .kernels import linear_attention
 
@@ -43,26 +43,46 @@ _ATTN_SCHEMA = str(torch.ops.lightning.attn.default._schema).removeprefix("light
 
 @torch.library.triton_op("lightning::attn_inference", mutates_args=(), schema=_ATTN_SCHEMA)
 def attn_inference(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = None, scale: float = 1.0,
-                   initial_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``lightning::attn``'s forward (same schema, arguments and results), traceable into a package.
+                   initial_state: Optional[Tensor] = None,
+                   cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``lightning::attn``'s forward (same schema, arguments and results), traceable into a package:
+    grouped heads and packed sequences (``cu_seqlens``) included.
 
-    This function is also the op's fake, so it must run on fake tensors with a symbolic N: no
-    branch on N and no reads of values where tracing (real calls check the decays as ``lightning::attn`` does).
-    CPU tensors never reach ``wrap_triton`` (it cannot trace interpreted kernels).
+    This function is also the op's fake, so it must run on fake tensors with symbolic N and S: no
+    branch on them and no reads of values where tracing (real calls check the decays and
+    ``cu_seqlens`` as ``lightning::attn`` does). CPU tensors never reach ``wrap_triton`` (it
+    cannot trace interpreted kernels).
 
     Reach it through :func:`for_package` after export. Exporting a direct call with a dynamic
     length fails: the CPU form's padding to whole chunks adds shape guards (N > 64, N not a
     multiple of 64) that export reports; the AOTInductor package does not check them, and the
     tests run CPU packages at N = 1, 63, 64, 65 and 300.
     """
-    ops.validate(q, k, v, decay, scale, initial_state)
+    ops.validate(q, k, v, decay, scale, initial_state, cu_seqlens)
     decay, initial_state = ops.prepare_decay(decay), ops.as_float32(initial_state)
     if q.device.type == "cuda":
-        return linear_attention(
-            q, k, v, decay, out_scale=scale, initial_state=initial_state, segment_len=SEGMENT_LEN, traceable=True
-        )
-    out, final = reference.attention_forward_scan(q, k, v, decay, scale, initial_state)
+        return kernel_forward(q, k, v, decay, scale, initial_state, cu_seqlens)
+    out, final = reference.attention_forward_scan(q, k, v, decay, scale, initial_state, cu_seqlens=cu_seqlens)
     return out, final.to(torch.float32)
+
+
+def kernel_forward(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], scale: float,
+                   initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The CUDA body of :func:`attn_inference` on prepared inputs: the kernels launched through
+    ``wrap_triton`` with N and S symbolic. A packed batch's work tables are sized from N and S
+    alone (``ceil(N / SEGMENT_LEN) + S`` segments, see ``kernels.launch._packed_plan``) and built on
+    the device, so nothing is read on the host. Grouped heads run per query head, as
+    ``backends.forward`` does: a decay ``[Hkv]`` is repeated over each group, and where a group
+    shares its state the group's first head's is returned (contiguous, as ``lightning::attn``'s fake)."""
+    h = q.shape[1]
+    out, final = linear_attention(
+        q, k, v, backends.compute_decay(decay, h), out_scale=scale, initial_state=initial_state,
+        segment_len=SEGMENT_LEN, traceable=True, cu_seqlens=cu_seqlens,
+    )
+    state_heads = reference.state_heads(h, k.shape[1], decay)
+    if state_heads < h:
+        final = final[:, :: h // state_heads].contiguous()
+    return out, final
 
 
 # every op of this library that a package could call; only attn has a standalone twin

@@ -21,7 +21,7 @@ Every gradient of the op is itself a causal linear attention, running forward or
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -304,69 +304,153 @@ def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None
 SCAN_STEPS_SYMBOLIC = 26
 
 
-def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):
+class _Pieces(NamedTuple):
+    """Where :func:`attention_forward_scan` puts the rows: P pieces of C slots, each piece holding
+    rows of one sequence only, every sequence ending at the last slot of its last piece (so it is
+    zero-padded at the front of its first piece). All index tensors, sized by shapes alone."""
+
+    count: Any  # P (an int, or a SymInt when traced)
+    source: Tensor  # [P * C]: 1 + the row each slot holds, 0 for a padding slot (row 0 of the padded input)
+    offset: Tensor  # [P, C]: each slot's position in its sequence (negative in the padding)
+    slot_of_row: Tensor  # [N]: where each row sits
+    sequence: Optional[Tensor]  # [P]: each piece's sequence (S for surplus pieces); None for one sequence
+    last: Tensor  # [S']: the last piece of each sequence (S' = S, or 1 without cu_seqlens)
+    length: Tensor  # [S']: each sequence's length
+    has_rows: Optional[Tensor]  # [S']: whether each sequence has rows (None without cu_seqlens)
+
+
+def _scan_pieces(cu_seqlens: Optional[Tensor], n, chunk_size: int, device) -> _Pieces:
+    """The pieces of :func:`attention_forward_scan`. Without ``cu_seqlens``, the N rows (of every
+    batch entry) are one sequence in ``ceil(max(N, 1) / C)`` pieces, the first padded at the front
+    (as many pieces as chunks; one all-padding piece when N = 0, so the final state has a piece to
+    be read from). With it, sequence s of ``n_s`` rows gets ``ceil(n_s / C)`` pieces of its own
+    (none when empty), in order; P = ceil(N / C) + S bounds their sum from the shapes alone, and
+    the surplus pieces hold padding only. Nothing is read on the host."""
+    c = chunk_size
+    if cu_seqlens is None:
+        count = (torch.sym_max(n, 1) + c - 1) // c
+        pad = count * c - n
+        offset = torch.arange(count * c, device=device) - pad
+        return _Pieces(count, torch.where(offset >= 0, offset + 1, 0), offset.view(count, c),
+                       torch.arange(n, device=device) + pad, None, torch.full((1,), count - 1, device=device),
+                       torch.full((1,), n, device=device), None)
+    bounds = cu_seqlens.to(torch.int64)
+    num_sequences = bounds.shape[0] - 1
+    starts, lengths = bounds[:-1], bounds.diff()
+    piece_ends = ((lengths + c - 1) // c).cumsum(0)  # one past each sequence's last piece
+    shift = piece_ends * c - lengths  # the slot of each sequence's first row
+    count = (n + c - 1) // c + num_sequences
+    sequence = torch.searchsorted(piece_ends, torch.arange(count, device=device), right=True)  # S: surplus
+    owner = sequence.clamp(max=num_sequences - 1)  # a sequence to index with (surplus pieces are masked)
+    offset = torch.arange(count * c, device=device).view(count, c) - shift[owner][:, None]
+    real = (offset >= 0) & (sequence < num_sequences)[:, None]
+    source = torch.where(real, starts[owner][:, None] + offset + 1, 0).flatten()
+    rows = torch.arange(n, device=device)
+    row_sequence = torch.searchsorted(bounds, rows, right=True) - 1  # the non-empty sequence holding each row
+    slot_of_row = rows - starts[row_sequence] + shift[row_sequence]
+    return _Pieces(count, source, offset, slot_of_row, sequence, (piece_ends - 1).clamp(min=0), lengths, lengths > 0)
+
+
+def attention_forward_scan(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64, cu_seqlens=None):
     """The op's forward with no Python control flow on N, so it traces with a symbolic length
     (torch.export, AOTInductor) into ATen ops: what ``lightning::attn_inference`` runs off the GPU.
+    Grouped heads and packed sequences (``cu_seqlens``, then with a symbolic number of sequences
+    too) as in :func:`attention_quadratic`.
 
     The same tiling as :func:`linear_attention_chunked`, with its loop over chunks replaced by a
-    prefix scan. The sequence is zero-padded at the front to whole chunks (zero keys and values add
-    nothing, and the last chunk ends at the last token). Per chunk c, with U_c its own state
-    ``sum_i lam^(C-1-i) k_i^T v_i``, the state after it is ``P_c = sum_{c' <= c} lam^(C(c-c')) U_c'``,
-    computed by doubling (``P_c += lam^(C s) P_(c-s)`` for s = 1, 2, 4, ...); chunk c starts from
-    ``P_(c-1)``. The initial state enters in closed form: ``scale * lam^(t+1) q_t S_(-1)`` and
-    ``lam^N S_(-1)``. Every exponent is >= 0, as elsewhere. Memory is one float32 Dk x Dv state per
-    chunk (O(N Dk Dv / C)), more than the loop's, and the scan costs log2(N / C) passes over them.
-    Returns ``(out in q's dtype, final state in the compute dtype)``.
+    prefix scan. The rows go to pieces of C = ``chunk_size`` slots (:func:`_scan_pieces`): each
+    sequence is zero-padded at the front to whole pieces (zero keys and values add nothing, and
+    its last piece ends at its last row), so a piece never holds two sequences and needs no
+    boundary mask. Per piece p, with U_p its own state ``sum_i lam^(C-1-i) k_i^T v_i``, the state
+    after it is ``P_p = sum_{p' <= p, same sequence} lam^(C(p-p')) U_p'``, computed by doubling
+    (``P_p += lam^(C s) P_(p-s)`` for s = 1, 2, 4, ..., where p - s is of p's sequence: the
+    factor between pieces of two sequences is 0); a piece starts from ``P_(p-1)`` of its sequence.
+    The initial state enters in closed form: ``scale * lam^(t+1) q_t S_(-1)`` for row t of its
+    sequence and ``lam^n S_(-1)``. Every exponent is >= 0, as elsewhere.
+
+    Grouped heads: a kv head's query heads are rows of one product with its keys, and states
+    are computed once per state head (``state_heads``), not per query head. Memory is one state
+    per piece (O((N / C + S) Dk Dv) per state head), more than the loop's, and the scan costs
+    log2(pieces) passes over them. Returns ``(out in q's dtype, final state in the compute dtype)``.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, n, dk = q.shape
-    dv = v.shape[-1]
+    hkv, dv = k.shape[1], v.shape[-1]
+    hs = state_heads(h, hkv, decay)
+    group, state_group = h // hkv, hs // hkv  # query heads and state heads per kv head
+    reading = group // state_group  # query heads reading each state
+    c = chunk_size
     device = q.device
-    num_chunks = (n + chunk_size - 1) // chunk_size
-    pad = num_chunks * chunk_size - n
     zero = torch.zeros((), dtype=compute, device=device)
+    pieces = _scan_pieces(cu_seqlens, n, c, device)
+    p = pieces.count
+    # state-shaped tensors are [B, Hkv, P, state_group, Dk, Dv]; query rows [B, Hkv, P, state_group, reading * C, Dk]
 
-    def chunked(x):  # [B, H, N, D] -> [B, H, chunks, C, D], padded at the front
-        x = torch.nn.functional.pad(x.to(compute), (0, 0, pad, 0))
-        return x.reshape(b, h, num_chunks, chunk_size, x.shape[-1])
+    def powers(exponent):  # lam^exponent as [Hkv (or 1), state_group (or 1), *exponent.shape]
+        weight = decay_powers(decay, exponent, zero)
+        return weight.reshape(1, 1, *weight.shape[1:]) if decay is None else weight.unflatten(0, (hkv, state_group))
 
-    def powers(exponent):  # lam^exponent as [H (or 1), *exponent.shape]
-        return decay_powers(decay, exponent, zero).expand(-1, *exponent.shape)
+    def per_state(weight):  # [Hkv', Gs', X] -> [1, Hkv', X, Gs', 1, 1], to multiply states
+        return weight.permute(0, 2, 1)[None, :, :, :, None, None]
 
-    q_c, k_c, v_c = chunked(q), chunked(k), chunked(v)
-    idx = torch.arange(chunk_size, device=device)
-    mask = decay_mask(decay, chunk_size, dtype=compute, device=device)[None, :, None]  # [1, H, 1, C, C]
-    query_weight = powers(idx + 1).reshape(1, -1, 1, chunk_size, 1)
-    key_weight = powers(chunk_size - 1 - idx).reshape(1, -1, 1, chunk_size, 1)
+    def in_pieces(x):  # [B, X, N, D] -> [B, X, P, C, D]: slot j holds row source[j] - 1, or zeros
+        x = torch.nn.functional.pad(x.to(compute), (0, 0, 1, 0))
+        return x.index_select(2, pieces.source).unflatten(2, (p, c))
 
+    def of_sequences(state):  # [B or S, Hs, Dk, Dv] -> [B or 1, Hkv, 1 or S, Gs, Dk, Dv]
+        state = state.to(compute).reshape(-1, hkv, state_group, dk, dv)
+        return state[:, :, None] if cu_seqlens is None else state.transpose(0, 1)[None]
+
+    def linked(source):  # [P] bool: piece source (< p) of the same sequence as p
+        same = source >= 0
+        if pieces.sequence is not None:
+            same = same & (pieces.sequence.index_select(0, source.clamp(min=0)) == pieces.sequence)
+        return same[:, None, None, None]
+
+    q_p = in_pieces(q).unflatten(1, (hkv, state_group, reading)).permute(0, 1, 4, 2, 3, 5, 6).contiguous()
+    k_p, v_p = in_pieces(k), in_pieces(v)  # [B, Hkv, P, C, D]
+    idx = torch.arange(c, device=device)
+
+    def weighted_rows(weight):  # q_p * weight ([Hkv', P or 1, Gs', C]) as [B, Hkv, P, Gs, reading * C, Dk]
+        return (q_p * weight[None, :, :, :, None, :, None]).flatten(4, 5)
+
+    mask = decay_mask(decay, c, dtype=compute, device=device)
+    mask = mask.reshape(-1, 1 if decay is None else state_group, 1, c, c)[None, :, None]  # [1, Hkv', 1, Gs', 1, C, C]
     causal = idx[:, None] >= idx[None, :]
-    out = _chunk_product(torch.where(causal, (q_c @ k_c.transpose(-1, -2)) * mask, 0.0), v_c)
-    own = (k_c * key_weight).transpose(-1, -2) @ v_c  # U_c: [B, H, chunks, Dk, Dv]
+    scores = (q_p.flatten(3, 5) @ k_p.transpose(-1, -2)).view(b, hkv, p, state_group, reading, c, c)
+    scores = torch.where(causal, scores * mask, 0.0).flatten(3, 4)  # [B, Hkv, P, group, C, C]
+    out = _chunk_product(scores, v_p[:, :, :, None])  # [B, Hkv, P, group, C, Dv]
+    key_weight = powers(c - 1 - idx)[None, :, None, :, :, None]  # [1, Hkv', 1, Gs', C, 1]
+    own = (k_p[:, :, :, None] * key_weight).transpose(-1, -2) @ v_p[:, :, :, None]  # U_p
 
-    chunk_ids = torch.arange(num_chunks, device=device)
-    steps = SCAN_STEPS_SYMBOLIC if isinstance(num_chunks, torch.SymInt) else max(0, num_chunks - 1).bit_length()
-    after = own  # P_c
+    piece_ids = torch.arange(p, device=device)
+    steps = SCAN_STEPS_SYMBOLIC if isinstance(p, torch.SymInt) else max(0, p - 1).bit_length()
+    after = own  # P_p
     for step in range(steps):
         shift = 1 << step
-        source = chunk_ids - shift
-        weight = powers(torch.tensor([chunk_size * shift], device=device)) * (source >= 0).to(compute)  # [H, chunks]
+        source = piece_ids - shift
+        weight = per_state(powers(torch.tensor([c * shift], device=device)))
         earlier = after.index_select(2, source.clamp(min=0))
-        # where, not a zero weight: a NaN state of chunk 0 must not reach the chunks it precedes
-        after = after + torch.where((source >= 0)[:, None, None], weight[None, :, :, None, None] * earlier, 0.0)
-    source = chunk_ids - 1
-    before = torch.where((source >= 0)[:, None, None], after.index_select(2, source.clamp(min=0)), 0.0)
-    out = out + (q_c * query_weight) @ before
-    out = out.reshape(b, h, num_chunks * chunk_size, dv)[:, :, pad:]
+        # where, not a zero weight: a NaN state must not reach pieces it does not precede
+        after = after + torch.where(linked(source), weight * earlier, 0.0)
+    source = piece_ids - 1
+    before = torch.where(linked(source), after.index_select(2, source.clamp(min=0)), 0.0)
+    query_weight = powers(idx + 1)[:, None]  # [Hkv', 1, Gs', C]
+    out = out + (weighted_rows(query_weight) @ before).unflatten(4, (reading, c)).flatten(3, 4)
 
-    # the final state: every chunk's own state, decayed to the last token
-    to_end = powers(chunk_size * (num_chunks - 1 - chunk_ids))  # [H, chunks]
-    final = (own * to_end[None, :, :, None, None]).sum(2)
+    final = after.index_select(2, pieces.last)  # [B, Hkv, S', Gs, Dk, Dv]
+    if pieces.has_rows is not None:  # an empty sequence's last piece is another sequence's
+        final = torch.where(pieces.has_rows[:, None, None, None], final, 0.0)
     if initial_state is not None:
-        state = initial_state.to(compute)
-        positions = torch.arange(n, device=device)
-        out = out + (q.to(compute) * powers(positions + 1)[..., None]) @ state
-        final = final + powers(torch.full((1,), n, device=device))[..., None] * state
-    return (scale * out).to(q.dtype), final
+        state = of_sequences(initial_state)
+        if cu_seqlens is not None:  # each piece reads its sequence's (surplus pieces: the last one's, unused)
+            state = state.index_select(2, pieces.sequence.clamp(max=state.shape[2] - 1))
+        # [Hkv', P, Gs', C]: lam^(t+1) for row t of its sequence; padding slots (zero q) clamped to lam^0
+        row_weight = powers((pieces.offset + 1).clamp(min=0)).transpose(1, 2)
+        out = out + (weighted_rows(row_weight) @ state).unflatten(4, (reading, c)).flatten(3, 4)
+        final = final + per_state(powers(pieces.length)) * of_sequences(initial_state)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h, p * c, dv).index_select(2, pieces.slot_of_row)
+    return (scale * out).to(q.dtype), final.transpose(1, 2).reshape(-1, hs, dk, dv).contiguous()
 
 
 def attention_step(q, k, v, state, decay=None, scale=1.0):
