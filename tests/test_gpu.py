@@ -393,3 +393,32 @@ def test_cuda_pooled_rows_and_grouped_heads_in_the_decode_kernel(decay_heads):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_error(static_out, want) < 1e-2 and rel_error(pool, states) < 1e-5
+
+
+def test_cuda_package_of_packed_grouped_heads(tmp_path):
+    """test_deploy's packed, grouped-head model (decay [H] and [Hkv], initial states) as a CUDA
+    package through the Triton kernels, exported with N and the number of sequences dynamic, run
+    without lightning_op at other counts: zero-length sequences, N across a 2048-row segment."""
+    from lightning_op.deploy import for_package
+
+    from _helpers import run_script
+    from test_deploy import _PackedGrouped, _packed_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    model = _PackedGrouped().cuda().eval()
+
+    def inputs(lengths):
+        return tuple(x.cuda() for x in _packed_inputs(lengths, gen))
+
+    rows, sequences = torch.export.Dim("rows", min=1, max=1 << 16), torch.export.Dim("sequences", min=1, max=1 << 12)
+    ep = torch.export.export(model, inputs([40, 0, 60]),
+                             dynamic_shapes=({1: rows}, {0: sequences + 1}, {0: sequences}, {0: sequences}))
+    torch._inductor.aoti_compile_and_package(for_package(ep), package_path=str(tmp_path / "model_aoti.pt2"))
+    all_lengths = ([77], [0, 130, 0, 7, 1], [3000, 1, 2100])
+    with torch.no_grad():
+        cases = [(f"lengths {lengths}", x, model(*x)) for lengths in all_lengths for x in [inputs(lengths)]]
+    torch.save(cases, tmp_path / "cases.pt")
+    out = run_script("examples/run_package.py", str(tmp_path))
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff| vs eager" in line]
+    assert len(diffs) == len(all_lengths) and max(diffs) < 1e-3, out
+    assert "lightning_op imported: False" in out

@@ -31,13 +31,16 @@ for stage in "${stages[@]}"; do
   start=$(date +%s)
   case "$stage" in
     tests)   # the GPU suite and the kernel tests (on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py),
-             # a ninth builds and loads the package (about 200 s of it alone); -v ends a line per test, so a shard cut off by its limit still shows how far it got
+             # a ninth and a tenth build and load the packages (about 200 s each); -v ends a line per test, so a shard cut off by its limit still shows how far it got
+             # each AOTInductor package build (about 200 s) gets a process of its own
              pkg=tests/test_gpu.py::test_cuda_package_runs_without_lightning_op
+             pkg2=tests/test_gpu.py::test_cuda_package_of_packed_grouped_heads
              rm -f /tmp/tests-*.log   # a warm machine keeps the last call's logs
              timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider "$pkg" >/tmp/tests-pkg.log 2>&1 &
+             timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider "$pkg2" >/tmp/tests-pkg2.log 2>&1 &
              for i in 0 1 2 3 4 5 6 7; do
                LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-300}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels.py \
-                 --deselect "$pkg" -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
+                 --deselect "$pkg" --deselect "$pkg2" -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
              done
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
              grep -h -E "passed|failed|error" /tmp/tests-*.log | tail -9
