@@ -39,6 +39,14 @@ in a table built on the device (``launch._packed_plan``); a program looks its se
 that sequence's rows (``N`` becomes its length, so ``REVERSE`` walks it from its own end) and its
 initial and final states at batch index ``sequence``, and the scan runs per sequence. The table's
 pointers are None in dense launches, where ``VARLEN`` is off and the code is the dense code.
+
+Row dot products (``ROW_DOT``, both output kernels): for each output row t, ``<out_t, R_t>`` with
+a second [B, Hr, N, Dv] tensor R (``DOT_WITH``, read at head ``h // dot_group``), computed in
+float32 from the unrounded rows and stored at ``DOTS[v block, b, h, position]`` (one float32 row
+per block of value columns; the launcher sums them, so the result does not depend on timing).
+The decay's gradient needs ``<q_t, dq_t>`` and ``<k_t, dk_t>`` that way (``backends.backward``).
+The option's arguments are keywords left out (None) when it is off, so existing launches compile
+as before.
 """
 
 import triton
@@ -46,8 +54,8 @@ import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
                      _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _packed_piece, _packed_segment,
-                     _segment_chunk, _segment_start_state, _segment_start_state_t, _store_rows, _store_rows_t,
-                     _store_state, _store_state_t, _update_state, _update_state_t)
+                     _segment_chunk, _segment_start_state, _segment_start_state_t, _store_row_dots, _store_row_dots_t,
+                     _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state, _update_state_t)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -248,6 +256,8 @@ def _chunk_output_kernel(
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
     UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
+    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
+    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -258,7 +268,8 @@ def _chunk_output_kernel(
     at 128 and 256: ``choose_config``). ``UPDATE_ACCUMULATE``: only the state update accumulates in
     place (the output's products as in the other form): at D = 128 on sm_90 that loop has fewer
     instructions than either form and no spills (``benchmarks/registers.py``); the output's
-    accumulated product is what spills there."""
+    accumulated product is what spills there. ``ROW_DOT``: the rows' dot products with R (see the
+    module's docstring)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     seg = tl.program_id(1)
@@ -277,6 +288,12 @@ def _chunk_output_kernel(
         k_ptr += first_row * stride_kn
         v_ptr += first_row * stride_vn
         o_ptr += first_row * stride_on
+    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
+        w_ptr = _head(DOT_WITH, b, h // dot_group, stride_wb, stride_wh)
+        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows
+        if VARLEN:
+            w_ptr += first_row * stride_wn
+            dots_ptr += first_row
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -315,6 +332,8 @@ def _chunk_output_kernel(
         out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
                           CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        if ROW_DOT:
+            _store_row_dots(dots_ptr, out, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N, REVERSE)
         state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
                               ACCUMULATE or UPDATE_ACCUMULATE, WEIGHT_VALUES, DOT_DTYPE, PRECISION)
 
@@ -347,6 +366,8 @@ def _chunk_output_t_kernel(
     CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False,
+    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
+    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
 ):
     """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
 
@@ -380,6 +401,12 @@ def _chunk_output_t_kernel(
         k_ptr += first_row * stride_kn
         v_ptr += first_row * stride_vn
         o_ptr += first_row * stride_on
+    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
+        w_ptr = _head(DOT_WITH, b, h // dot_group, stride_wb, stride_wh)
+        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows
+        if VARLEN:
+            w_ptr += first_row * stride_wn
+            dots_ptr += first_row
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
@@ -412,6 +439,9 @@ def _chunk_output_t_kernel(
         out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
                               DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows_t(o_ptr, stride_on, stride_od, out_t, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        if ROW_DOT:
+            _store_row_dots_t(dots_ptr, out_t, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N,
+                              REVERSE)
         states = _update_state_t(states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
                                  DOT_DTYPE, PRECISION)
 

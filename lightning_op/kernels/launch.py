@@ -7,6 +7,7 @@ is imported for the kernels to run on CPU tensors through Triton's interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -88,12 +89,31 @@ def _direct(kernel):
     return _launcher(kernel)
 
 
+class _Dispatched:
+    """``_Dispatched(kernel)[grid](...)``: an eager launch through Triton's own dispatch, on the
+    device of the first CUDA tensor among the positional arguments. For launches that pass tensors
+    by keyword, which the remembering launcher would key by identity (it keys keyword arguments by
+    value)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            device = next((x.device for x in args if isinstance(x, Tensor) and x.is_cuda), None)
+            with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+                return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
 def linear_attention(
     query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
     value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
     store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
+    row_dot_with: Optional[Tensor] = None, row_dots: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -131,6 +151,12 @@ def linear_attention(
     above) and the final state [S, H, Dk, Dv] (a sequence without rows keeps its initial state, or
     zeros); ``reverse`` walks each sequence from its own end. Every sequence is cut into segments
     of its own (see :func:`_packed_plan`: tables built on the device, nothing read on the host).
+
+    ``row_dot_with`` (R: [B, Hr, N, Dv], any strides, Hr dividing H, read per compute head as the
+    other inputs) and ``row_dots`` (contiguous float32 [B, H, N]): the call also writes
+    ``row_dots[b, h, t] = <out[b, h, t], R[b, h // (H // Hr), t]>``, in float32 from the output
+    rows before they are rounded to query's dtype (``chunked.py``, ``ROW_DOT``). Where the value
+    columns are split over programs, each block's products are summed afterwards (deterministic).
     """
     b, _, n, dk = query.shape
     dv = value.shape[-1]
@@ -198,16 +224,28 @@ def linear_attention(
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if plan is not None:
             flags["VARLEN"] = True
+        launch_output, dots = launch, None
+        if row_dot_with is not None:
+            # one float32 row per block of value columns, summed below
+            dots = row_dots if num_v_blocks == 1 else torch.empty(num_v_blocks, b, h, n, dtype=torch.float32,
+                                                                  device=device)
+            flags.update(ROW_DOT=True, DOT_WITH=row_dot_with, DOTS=dots, **dict(zip(
+                ("stride_wb", "stride_wh", "stride_wn", "stride_wd"), row_dot_with.stride())),
+                dot_group=h // row_dot_with.shape[1], dots_stride_v=b * h * n, dots_rows=n)
+            if not traceable:
+                launch_output = _Dispatched
         grid = (b * h * num_v_blocks, num_segments if plan is None else plan.segments.shape[0])
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
             part = min(cfg.block_k, 64)
-            launch(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+            launch_output(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
         else:
-            launch(_chunk_output_kernel)[grid](
+            launch_output(_chunk_output_kernel)[grid](
                 *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
                 UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
             )
+        if dots is not None and dots is not row_dots:
+            torch.sum(dots, 0, out=row_dots)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(

@@ -107,6 +107,26 @@ def _store_rows_t(ptr, stride_n, stride_d, tile_t, rows, row_valid, cols, col_va
     tl.store(ptr + offsets, tile_t.to(ptr.dtype.element_ty), mask=row_valid[None, :] & col_valid[:, None])
 
 
+@triton.jit
+def _store_row_dots(dots_ptr, tile, ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N,
+                    REVERSE: tl.constexpr):
+    """Each row of a float32 [rows, cols] tile dotted with the same row and columns of a [N, D]
+    matrix given by strides, stored as float32 at the row's position of ``dots_ptr``: taken from
+    the tile before it is rounded to the output's type (a sum of such products, as the decay's
+    gradient is, loses about 2% at long N from bfloat16 rows)."""
+    other = _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE).to(tl.float32)
+    tl.store(dots_ptr + _positions(rows, N, REVERSE), tl.sum(tile * other, 1), mask=row_valid)
+
+
+@triton.jit
+def _store_row_dots_t(dots_ptr, tile_t, ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N,
+                      REVERSE: tl.constexpr):
+    """``_store_row_dots`` of a [cols, rows] tile (the rows transposed)."""
+    offsets = _positions(rows, N, REVERSE).to(tl.int64)[None, :] * stride_n + cols[:, None] * stride_d
+    other_t = tl.load(ptr + offsets, mask=row_valid[None, :] & col_valid[:, None], other=0.0).to(tl.float32)
+    tl.store(dots_ptr + _positions(rows, N, REVERSE), tl.sum(tile_t * other_t, 0), mask=row_valid)
+
+
 # ---- decay --------------------------------------------------------------------------------------
 
 @triton.jit
