@@ -182,7 +182,9 @@ def main() -> None:
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants
                       q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
-                      PIECES=None)
+                      PIECES=None,
+                      # the decay gradient's row sums off, as every launch without it
+                      ROW_DOT=False)
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
