@@ -37,10 +37,20 @@ def _run(q, k, v, decay, init, *, reverse, init_shift, segment_len, out_scale=0.
     return (out, final), expected
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("reverse, init_shift", [(False, 1), (True, 0)], ids=["forward", "reverse"])
-@pytest.mark.parametrize("segment_len", [None, 64, 128], ids=["one-segment", "seg64", "seg128"])
-def test_segments_and_directions(dtype, reverse, init_shift, segment_len):
+# every direction and segmenting in float32; each 16-bit dtype takes each segmenting once, in
+# both directions between them, so every pair is met in float32 and in one 16-bit dtype
+SEGMENT_CASES = [(torch.float32, reverse, segment_len) for reverse in (False, True) for segment_len in (None, 64, 128)]
+SEGMENT_CASES += [(torch.float16, False, 64), (torch.float16, True, 128), (torch.float16, False, None),
+                  (torch.bfloat16, True, 64), (torch.bfloat16, False, 128), (torch.bfloat16, True, None)]
+
+
+@pytest.mark.parametrize(
+    "dtype, reverse, segment_len", SEGMENT_CASES,
+    ids=[f"{'reverse' if r else 'forward'}-{'one-segment' if s is None else f'seg{s}'}-{str(d)[6:]}"
+         for d, r, s in SEGMENT_CASES],
+)
+def test_segments_and_directions(dtype, reverse, segment_len):
+    init_shift = 0 if reverse else 1
     q, k, v = make_inputs(2, 3, 200, 24, 40, dtype, DEVICE, seed=4)
     decay = torch.tensor([1e-5, 0.05, 30.0], device=DEVICE)
     init = torch.randn(2, 3, 24, 40, device=DEVICE)
@@ -172,13 +182,19 @@ def test_forced_configs_compute_the_same_function(changes, monkeypatch):
         assert rel_error(got, want) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# the two widest shapes (the slowest under the interpreter) with decay and dS_0 only: "plain" is met
+# fused and composed at 128 padded columns by (150, 32, 80), in the two-pass fallback by (70, 16, 144)
+KEY_VALUE_SHAPES = [(1, 16, 16, None, True), (150, 32, 80, 64, True), (203, 128, 128, 128, True),
+                    (97, 24, 40, None, True), (130, 200, 40, 64, False), (70, 16, 144, None, False)]
+KEY_VALUE_CASES = [(*shape, dtype, with_decay, with_decay)
+                   for shape in KEY_VALUE_SHAPES for dtype in (torch.float32, torch.bfloat16)
+                   for with_decay in (True, False) if with_decay or shape[1] < 128]
+
+
 @pytest.mark.parametrize(
-    "n, dk, dv, segment_len, fused",
-    [(1, 16, 16, None, True), (150, 32, 80, 64, True), (203, 128, 128, 128, True), (97, 24, 40, None, True),
-     (130, 200, 40, 64, False), (70, 16, 144, None, False)],
+    "n, dk, dv, segment_len, fused, dtype, with_decay, with_grad_final", KEY_VALUE_CASES,
+    ids=[f"{'decay+dS' if c[6] else 'plain'}-{'-'.join(map(str, c[:5]))}-{c[5]}" for c in KEY_VALUE_CASES],
 )
-@pytest.mark.parametrize("with_decay, with_grad_final", [(True, True), (False, False)], ids=["decay+dS", "plain"])
 def test_key_value_gradients_fused_and_composed(n, dk, dv, segment_len, fused, dtype, with_decay, with_grad_final,
                                                 monkeypatch):
     """The fused dk/dv pass (heads up to 128 wide) and its two-pass fallback (wider heads) both
@@ -437,10 +453,11 @@ def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, 
         return real(key, value, *args, **kwargs)
 
     monkeypatch.setattr(kernels.launch, "_segment_start_states", counted)
-    q, k, v = make_inputs(2, 2, 300, dk, dv, torch.float32, DEVICE, seed=11)
+    # 200 rows: four forward segments of 64 (the last partial), two of 128 where the backward recuts
+    q, k, v = make_inputs(2, 2, 200, dk, dv, torch.float32, DEVICE, seed=11)
     decay = torch.tensor([0.01, 0.3], device=DEVICE)
     init = torch.randn(2, 2, dk, dv, device=DEVICE) if with_init else None
-    grad_out = torch.randn(2, 2, 300, dv, device=DEVICE)
+    grad_out = torch.randn(2, 2, 200, dv, device=DEVICE)
     grad_final = torch.randn(2, 2, dk, dv, device=DEVICE)
     expected_out, expected_final, expected_grads = oracle(q, k, v, decay, 0.7, init, grad_out, grad_final)
 
