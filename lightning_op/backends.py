@@ -34,7 +34,8 @@ class Backend:
     options, which a backend may ignore. ``step`` is the decode step. ``fused_key_value_gradients`` (or None) computes
     :func:`key_value_gradients` in one pass where ``fused_fits(dk, dv, itemsize)``. ``row_dots``:
     ``linear_attention`` also takes ``row_dot_with`` and ``row_dots`` (``kernels.linear_attention``:
-    each output row's dot product with a second tensor, from the unrounded row).
+    each output row's dot product with a second tensor, from the unrounded row), and the fused
+    pass ``key_row_dots`` (``kernels.key_value_gradients``: each dk row's with k's).
     ``boundary_states`` (or None): ``kernels.boundary_states``'s arguments and result."""
 
     name: str
@@ -149,13 +150,15 @@ def key_value_gradients(
     sequence) when ``store_final``. Grouped heads: dk and dv per query head (``decay`` is too).
 
     ``key_row_dots`` (float32 [B, H, N], on a backend with ``row_dots``): receives ``<k_t, dk_t>``
-    per query head, from dk's rows before they are rounded; the fused pass has no such output, so
-    the two linear attentions run.
+    per query head, from dk's rows before they are rounded, in the fused pass or in dk's linear
+    attention.
     """
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
-    if key_row_dots is None and backend.fused_key_value_gradients is not None and backend.fused_fits(
+    if backend.fused_key_value_gradients is not None and backend.fused_fits(
             q.shape[-1], v.shape[-1], q.element_size()) and (
             backend.fused_forms or (cu_seqlens is None and k.shape[1] == q.shape[1])):
+        if key_row_dots is not None:
+            extra["key_row_dots"] = key_row_dots
         return backend.fused_key_value_gradients(grad_out, grad_final_state, q, k, v, decay, scale,
                                                  store_final=store_final, out_bnhd=out_bnhd, **extra)
     gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)

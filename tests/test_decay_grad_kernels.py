@@ -1,8 +1,9 @@
 """The decay's gradient on the Triton path, through the interpreter on CPU: the output kernels'
-row dot products (``row_dot_with`` / ``row_dots``) against torch, and ``backends.backward``'s
-decay gradient (boundary states from ``kernels.boundary_states``, row sums from the passes)
-against autograd through the float64 quadratic oracle, with blocks short enough that every
-sequence crosses several block boundaries."""
+row dot products (``row_dot_with`` / ``row_dots``) and the fused dk / dv pass's (``key_row_dots``)
+against torch, and ``backends.backward``'s decay gradient (boundary states from
+``kernels.boundary_states``, row sums from the dq pass and the fused dk / dv pass) against
+autograd through the float64 quadratic oracle, with blocks short enough that every sequence
+crosses several block boundaries."""
 
 import dataclasses
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lightning_op import backends, reference
-from lightning_op.kernels import config_override, linear_attention
+from lightning_op.kernels import config_override, key_value_gradients, linear_attention
 
 from _helpers import rel_error
 
@@ -77,6 +78,46 @@ def test_row_dots_of_the_output_rows(dtype, reverse, transposed, packed, block_v
         assert (rounded - want).abs().max() > 10 * (dots - want).abs().max()
 
 
+@pytest.mark.parametrize(
+    "dtype, h, hkv, batch, packed, segment_len",
+    [(torch.float32, 2, 2, 2, False, None),
+     (torch.bfloat16, 4, 2, 1, True, 32),
+     (torch.float32, 4, 1, 2, False, 32)],
+    ids=["dense", "packed-grouped-segments-bf16", "grouped-segments"],
+)
+def test_key_row_dots_of_the_fused_pass(dtype, h, hkv, batch, packed, segment_len):
+    """``key_row_dots[b, h, t] = <dk_t, k_t>`` of the fused dk / dv pass, dk per compute head h and
+    k read at head h // group, in float32 from dk's unrounded rows: dk, dv and dS_0 as without the
+    option, whole sequences or cut into segments of several programs each (rows walked from each
+    packed sequence's own end)."""
+    gen = torch.Generator().manual_seed(4)
+    n = sum(LENGTHS) if packed else 131
+    q, grad_out = _rows(gen, batch, h, n, DK, dtype), _rows(gen, batch, h, n, DV, dtype)
+    k, v = _rows(gen, batch, hkv, n, DK, dtype), _rows(gen, batch, hkv, n, DV, dtype)
+    decay = torch.tensor([0.01, 0.3, 0.05, 1.0][:h], device=DEVICE)
+    cu = _cu(LENGTHS) if packed else None
+    grad_final = torch.randn(len(LENGTHS) if packed else batch, hkv, DK, DV, generator=gen).to(DEVICE)
+    arguments = dict(store_final=True, cu_seqlens=cu)
+    dots = torch.full((batch, h, n), float("nan"), device=DEVICE)
+    forced = {} if segment_len is None else dict(kv_chunk=16, kv_segment_len=segment_len)
+    with config_override(**forced):
+        dk, dv, ds0 = key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.7, key_row_dots=dots, **arguments)
+        plain = key_value_gradients(grad_out, grad_final, q, k, v, decay, 0.7, **arguments)
+        # the unrounded rows: the same pass on float32 copies (the interpreter's products are float32)
+        wide_dk = key_value_gradients(grad_out.float(), grad_final, q.float(), k.float(), v.float(), decay, 0.7,
+                                      **arguments)[0]
+    for got, want in zip((dk, dv, ds0), plain):  # the option leaves the gradients as they are
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    keys = k.float().repeat_interleave(h // hkv, 1)
+    want = (wide_dk * keys).sum(-1)
+    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if dtype == torch.float32:  # torch's products of the pass's own dk
+        torch.testing.assert_close(dots, (dk * keys).sum(-1), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    else:  # from the rounded rows the products would be this far off
+        rounded = (dk.float() * keys).sum(-1)
+        assert (rounded - want).abs().max() > 10 * (dots - want).abs().max()
+
+
 # ----------------------------------------------------------------------------- the decay's gradient
 
 
@@ -94,13 +135,18 @@ def _oracle(q, k, v, decay, scale, init, cu, grad_out, grad_final):
 
 
 def _recording(backend, calls):
-    """``backend`` with its linear attention recording each pass's input dtypes."""
+    """``backend`` with its linear attention and its fused dk / dv pass recording each pass: which
+    one, its input dtypes and whether it computed row sums."""
 
     def linear_attention(query, key, value, *args, **kwargs):
-        calls.append((query.dtype, key.dtype, value.dtype, "row_dot_with" in kwargs))
+        calls.append(("linear", query.dtype, key.dtype, value.dtype, "row_dot_with" in kwargs))
         return backend.linear_attention(query, key, value, *args, **kwargs)
 
-    return dataclasses.replace(backend, linear_attention=linear_attention)
+    def fused(grad_out, grad_final_state, q, k, v, *args, **kwargs):
+        calls.append(("fused", q.dtype, k.dtype, v.dtype, "key_row_dots" in kwargs))
+        return backend.fused_key_value_gradients(grad_out, grad_final_state, q, k, v, *args, **kwargs)
+
+    return dataclasses.replace(backend, linear_attention=linear_attention, fused_key_value_gradients=fused)
 
 
 CASES = {
@@ -117,8 +163,9 @@ CASES = {
 def test_decay_gradient_of_the_kernels(case, monkeypatch):
     """Every gradient of ``backends.backward`` on the Triton backend with ``decay_grad``, against
     the float64 oracle: boundary states every ``BLOCK`` rows from the kernels (the reference's
-    block walk is never called), row sums from the dq and dk passes, which run in the inputs'
-    type (no float32 copies of 16-bit inputs)."""
+    block walk is never called), row sums from the dq pass and the fused dk / dv pass (dk and dv
+    from one pass, as without the decay's gradient), which run in the inputs' type (no float32
+    copies of 16-bit inputs)."""
     h, hkv, decay_heads, b, lengths, dtype, with_init, with_grad_final = CASES[case]
     gen = torch.Generator().manual_seed(2)
     n = 131 if lengths is None else sum(lengths)
@@ -139,8 +186,9 @@ def test_decay_gradient_of_the_kernels(case, monkeypatch):
     backend = _recording(backends.triton(), calls)
     dq, dk, dv, d_init, d_decay = backends.backward(backend, grad_out, grad_final, q, k, v, decay, 0.7, init,
                                                     cu_seqlens=cu, decay_grad=True, decay_block=BLOCK)
-    assert all(call[:3] == (dtype,) * 3 for call in calls), calls
-    assert sum(call[3] for call in calls) == 2  # the dq and dk passes computed the row sums
+    assert all(call[1:4] == (dtype,) * 3 for call in calls), calls
+    # dq's pass and the fused dk / dv pass, each with its row sums
+    assert [(call[0], call[4]) for call in calls] == [("linear", True), ("fused", True)], calls
     want = _oracle(q, k, v, decay, 0.7, init, cu, grad_out, grad_final)
     assert d_decay.dtype == torch.float32 and d_decay.shape == decay.shape
     tolerance = TOLERANCE[dtype]

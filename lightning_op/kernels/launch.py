@@ -419,6 +419,7 @@ def key_value_gradients(
     store_final: bool = False,
     out_bnhd: bool = False,
     cu_seqlens: Optional[Tensor] = None,
+    key_row_dots: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
     ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
@@ -430,7 +431,12 @@ def key_value_gradients(
     dividing H, decay [H]; dk and dv are [B, H, N, D] per compute head (the caller sums each
     group's heads), dS_0 [B, H, Dk, Dv]. ``cu_seqlens``: packed sequences as in
     :func:`linear_attention` (grad_final_state [S, Hg, Dk, Dv], dS_0 [S, H, Dk, Dv], each
-    sequence walked from its own end)."""
+    sequence walked from its own end).
+
+    ``key_row_dots`` (contiguous float32 [B, H, N]): the pass also writes ``key_row_dots[b, h, t]
+    = <dk[b, h, t], k[b, h // (H // Hk), t]>``, in float32 from dk's rows before they are rounded
+    to k's dtype (``backward.py``, ``ROW_DOT``); a program holds whole rows, so there are no
+    partial sums."""
     b, _, n, dk = q.shape
     dv = v.shape[-1]
     h = _compute_heads(q, k, v, grad_out)
@@ -458,7 +464,9 @@ def key_value_gradients(
                 init_shift=0, plan=plan,
             )
         packed = {} if plan is None else dict(VARLEN=True)
-        _direct(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
+        # a tensor passed by keyword: Triton's own dispatch (the remembering launcher keys keywords by value)
+        launch, dots = (_direct, {}) if key_row_dots is None else (_Dispatched, dict(ROW_DOT=True, DOTS=key_row_dots))
+        launch(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
             seg_states, final if final is not None else seg_states, None if plan is None else plan.segments,
@@ -468,7 +476,7 @@ def key_value_gradients(
             cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed, **dots,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
