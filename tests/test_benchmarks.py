@@ -19,6 +19,7 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "results.csv").exists()
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"metadata", "results"} <= set(data)
+    assert data["metadata"]["autotune"] is None  # no --autotune: none recorded
     rows = data["results"]
     by_impl = {}
     for row in rows:
@@ -32,20 +33,28 @@ def test_bench_smoke(tmp_path):
     assert naive_errors and max(naive_errors) < 1e-4
 
 
-def test_bench_autotune_flag_is_recorded(tmp_path):
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    """One run of ours with --autotune and a time budget of 0 s (the first shape only), read by
+    the two tests below: (its output, its folder)."""
+    out_dir = tmp_path_factory.mktemp("bench_budget")
+    out = run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--autotune", "--budget-s", "0",
+                     "--out", str(out_dir))
+    return out, out_dir
+
+
+def test_bench_autotune_flag_is_recorded(budget_run):
     """--autotune enables the autotuner with its cache beside the results (on CPU nothing is timed:
-    the heuristic runs), and the metadata says so."""
-    run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--autotune", "--out", str(tmp_path))
-    meta = json.loads((tmp_path / "results.json").read_text())["metadata"]
-    assert meta["autotune"] == str(tmp_path / "autotune.json")
-    run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--out", str(tmp_path / "plain"))
-    assert json.loads((tmp_path / "plain" / "results.json").read_text())["metadata"]["autotune"] is None
+    the heuristic runs), and the metadata says so (test_bench_smoke: a run without it records none)."""
+    _, out_dir = budget_run
+    meta = json.loads((out_dir / "results.json").read_text())["metadata"]
+    assert meta["autotune"] == str(out_dir / "autotune.json")
 
 
-def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(tmp_path):
-    out = run_script("benchmarks/bench.py", "--smoke", "--impls", "ours", "--budget-s", "0", "--out", str(tmp_path))
+def test_bench_time_budget_stops_between_shapes_and_keeps_the_results(budget_run):
+    out, out_dir = budget_run
     assert "time budget of 0 s spent: not run B1 N256 H2 D32" in out
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    rows = json.loads((out_dir / "results.json").read_text())["results"]
     assert [row["N"] for row in rows] == [128]
 
 
