@@ -133,8 +133,8 @@ def _attention(q, k, v, decay, scale, initial_state, exchange, local):
     """The context-parallel attention of ``local``'s per-rank pieces over ``exchange``: ``(out, final_state)``."""
     if decay is not None and decay.requires_grad and torch.is_grad_enabled() and not local.differentiates_decay:
         raise ValueError(
-            "context_parallel_attn: decay requires grad, but the op's backward gives no decay gradient yet; pass "
-            "decay.detach() (or keep it in a buffer) to train with a fixed decay"
+            f"context_parallel_attn: decay requires grad, but the local attention {type(local).__name__} gives no "
+            "decay gradient; pass decay.detach() (or keep it in a buffer) to train with a fixed decay"
         )
     return _ContextParallelAttention.apply(q, k, v, decay, initial_state, scale, exchange, local)
 
