@@ -52,9 +52,8 @@ as before.
 import triton
 import triton.language as tl
 
-from .stages import (_block_and_head, _bound_scores, _causal_bound, _chunk_mask, _chunk_rows, _chunk_rows_t,
-                     _chunk_scores, _chunk_scores_t, _dot, _dot_acc, _finite_values, _head, _key_parts, _load_rows,
-                     _log2_decay, _mark_reached, _marked_values, _packed_piece, _packed_segment, _reach_pattern,
+from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
+                     _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _packed_piece, _packed_segment,
                      _segment_chunk, _segment_start_state, _segment_start_state_t, _store_row_dots, _store_row_dots_t,
                      _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state, _update_state_t)
 
@@ -306,7 +305,6 @@ def _chunk_output_kernel(
     causal = idx[:, None] >= idx[None, :]
     log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[:, None], idx[None, :], value_scale, score_out_scale,
                                  HAS_DECAY)
-    reach = _reach_pattern(causal)
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
@@ -330,17 +328,9 @@ def _chunk_output_kernel(
         q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        scores = _bound_scores(_chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION),
-                               _causal_bound(causal, DOT_DTYPE), HAS_DECAY, DOT_DTYPE)
-        if BLOCK_K <= 64:  # a NaN or inf in v reaches its own and later rows only (stages: non-finite values)
-            finite_v, marks = _finite_values(v, DOT_DTYPE)
-            out = _chunk_rows(q, state, scores, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE,
-                              False, CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-            out = _mark_reached(out, reach, marks)
-            v = _marked_values(finite_v, marks, DOT_DTYPE)
-        else:  # wider keys: the fix spills (registers.py, bf16 D = 128: 32 -> 652 bytes)
-            out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
-                              CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
+        out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
+                          CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
         if ROW_DOT:
             _store_row_dots(dots_ptr, out, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N, REVERSE)
@@ -422,7 +412,6 @@ def _chunk_output_t_kernel(
     idx = tl.arange(0, CHUNK)
     causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
     log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
-    bound_t = _causal_bound(causal_t, DOT_DTYPE)
 
     if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
         init_offset = sequence * stride_ib + (h // init_group) * stride_ih
@@ -445,7 +434,7 @@ def _chunk_output_t_kernel(
         ks = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
         # the scores in full, masked, then the state's share (the order timed fastest on the H200)
-        scores_t = _chunk_scores_t(ks, qs, mask_t, bound_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
+        scores_t = _chunk_scores_t(ks, qs, mask_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
                                    PRECISION)
         out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
                               DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)

@@ -14,12 +14,6 @@ a chunk's boundary (see ``chunked``): ``_row_decay`` (the state's share of row i
 import triton
 import triton.language as tl
 
-from .._gates import TRITON_INTERPRETING
-
-#: The type of the reach product's operands (``_mark_reached``): bfloat16 holds 2**127 whatever the
-#: inputs' type; the interpreter's bfloat16 products are wrong, so float32 there.
-REACH_DTYPE = tl.constexpr(tl.float32 if TRITON_INTERPRETING else tl.bfloat16)
-
 
 @triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -197,85 +191,6 @@ def _chunk_scores(a, b, mask, scale, out_scale, HAS_DECAY: tl.constexpr, DOT_DTY
     return _mask_scores(_dot(a, tl.trans(b), DOT_DTYPE, PRECISION), mask, scale, out_scale, HAS_DECAY)
 
 
-# ---- non-finite values of later rows ------------------------------------------------------------
-# Within a chunk, 0 * NaN = NaN would carry a NaN or inf of a later row into the earlier rows'
-# outputs: through the mask's zeros (a key row's NaN spoils its whole column of scores) and
-# through the scores' zeros in ``scores @ values``. The output kernels keep earlier rows exact, as
-# ``reference._chunk_product`` does; the rows that do read such a value still come out non-finite,
-# though not always the same one as in the reference (inf where it has NaN, say).
-
-@triton.jit
-def _causal_bound(causal, DOT_DTYPE: tl.constexpr):
-    """The bound ``_bound_scores`` applies: +inf where a query row sees the key row, 0 elsewhere."""
-    return tl.where(causal, float("inf"), 0.0).to(DOT_DTYPE)
-
-
-@triton.jit
-def _bound_scores(scores, bound, HAS_DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Decayed scores (``_mask_scores``) in the product's type with the masked entries exactly 0:
-    there they are 0 * (q . k), NaN for a key row with a NaN or inf, and min(NaN, 0) is 0 (a
-    minimum returns its other operand for NaN) while min(x, +inf) keeps every seen entry, a NaN
-    becoming +inf. One packed minimum per two 16-bit entries after the conversion the product
-    needs anyway: a select compiles to 16-bit selects there, sunk past the conversion, and
-    unpacks the causal pattern's bits, 3x the instructions (sm_90). Without decay the mask is
-    already a select (``_mask_scores``)."""
-    if HAS_DECAY:
-        scores = tl.minimum(scores.to(DOT_DTYPE), bound)
-    return scores
-
-
-@triton.jit
-def _value_limit(DOT_DTYPE: tl.constexpr):
-    """The largest finite value of the product's type, in that type (a float returned from a
-    branch is a float32 scalar, which would widen the tiles it meets to float32)."""
-    if DOT_DTYPE == tl.float16:
-        limit = 65504.0
-    elif DOT_DTYPE == tl.bfloat16:
-        limit = 3.3895313892515355e38
-    else:
-        limit = 3.4028234663852886e38
-    return limit
-
-
-@triton.jit
-def _finite_values(v, DOT_DTYPE: tl.constexpr):
-    """(v clamped to finite values, marks: 16 where v is NaN or inf, else 0), in the product's type.
-    The clamped values go into ``scores @ values``, whose zero scores then give exactly 0 for every
-    later row (any finite value would do); the rows that see a clamped value are made non-finite
-    by ``_mark_reached``. Minimum and maximum map NaN to their other operand; x - x is 0 for
-    finite x and NaN for NaN and inf."""
-    v = v.to(DOT_DTYPE)
-    limit = _value_limit(DOT_DTYPE)
-    return tl.minimum(tl.maximum(v, -limit), limit), tl.minimum(v - v, 16.0)
-
-
-@triton.jit
-def _marked_values(finite_v, marks, DOT_DTYPE: tl.constexpr):
-    """The values again, +inf where marked (16 * 2**127, or 16 * 2**15 in float16, overflows the
-    type): the state update must carry them. Rebuilt from the two tiles the output needs rather
-    than keeping the loaded values alive beside them, which spills at D = 64 on sm_90."""
-    if DOT_DTYPE == tl.float16:
-        marked = finite_v + marks * 32768.0
-    else:
-        marked = finite_v + marks * 1.7014118346046923e38
-    return marked
-
-
-@triton.jit
-def _reach_pattern(causal):
-    """The reach product's left operand: 2**127 where query row i sees key row j, else 0."""
-    return (causal.to(tl.float32) * 1.7014118346046923e38).to(REACH_DTYPE)
-
-
-@triton.jit
-def _mark_reached(acc, reach, marks):
-    """``acc + reach @ marks``: output [i, c] gains 2**127 * 16 = 2**131 (past float32's range:
-    +inf) for each value of column c at a row j <= i that ``_finite_values`` marked, and exactly 0
-    otherwise. Both operands are finite, so no 0 * NaN arises; a tensor-core product instead of a
-    reduction over the chunk's rows and a mask built from it (about 4x the added instructions at D = 64)."""
-    return tl.dot(reach, marks.to(REACH_DTYPE), acc)
-
-
 @triton.jit
 def _state_share(x, state, TRANSPOSE_STATE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
                  STATE_PRECISION: tl.constexpr):
@@ -417,14 +332,13 @@ def _segment_start_state_t(
 
 
 @triton.jit
-def _chunk_scores_t(ks, qs, mask_t, bound_t, scale, out_scale, HAS_DECAY: tl.constexpr, KEY_PARTS: tl.constexpr,
+def _chunk_scores_t(ks, qs, mask_t, scale, out_scale, HAS_DECAY: tl.constexpr, KEY_PARTS: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """``(k q^T) * M^T`` ([s, i]), the product summed over the key parts; masked entries exactly 0
-    (``_bound_scores``)."""
+    """``(k q^T) * M^T`` ([s, i]), the product summed over the key parts."""
     scores_t = _dot(ks[0], tl.trans(qs[0]), DOT_DTYPE, PRECISION)
     for part in tl.static_range(1, KEY_PARTS):
         scores_t = _dot_acc(scores_t, ks[part], tl.trans(qs[part]), DOT_DTYPE, PRECISION)
-    return _bound_scores(_mask_scores(scores_t, mask_t, scale, out_scale, HAS_DECAY), bound_t, HAS_DECAY, DOT_DTYPE)
+    return _mask_scores(scores_t, mask_t, scale, out_scale, HAS_DECAY)
 
 
 @triton.jit
