@@ -94,6 +94,14 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     missing = [param.name for param in kernel.params if param.is_constexpr and param.name not in constexprs]
     if missing:
         raise SystemExit(f"registers.py: {kernel.__name__} needs its options {missing}")
+    # the row sums' arguments (the only keywords defaulting to None) are left out of a launch
+    # while ROW_DOT is off: None, a constant (as integers they would add parameters to the PTX and
+    # change its digest); on, they are integers as any other (a group divisor of 1 a constant)
+    for param in kernel.params:
+        if param.default is None and not constexprs.get("ROW_DOT"):
+            constexprs.setdefault(param.name, None)
+    if constexprs.get("ROW_DOT") and "dot_group" in kernel.arg_names:
+        constexprs.setdefault("dot_group", 1)
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
@@ -165,6 +173,8 @@ def main() -> None:
     parser.add_argument("--transposed", action="store_true",
                         help="the forward output pass as _chunk_output_t_kernel (config transposed=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
+    parser.add_argument("--row-dot", action="store_true",
+                        help="the decay gradient's row sums on (ROW_DOT: forward output and fused dk/dv)")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
     # the launcher's dot types (float16's products with the state in tf32), tf32 off
@@ -183,17 +193,19 @@ def main() -> None:
                       # segment tables (None), which a launch makes constants
                       q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
                       PIECES=None,
-                      # the decay gradient's row sums off, as every launch without it
-                      ROW_DOT=False)
+                      # the decay gradient's row sums off, as every launch without it, unless asked
+                      ROW_DOT=args.row_dot)
+        # the row sums' tensors where they are on (else None, as a launch leaves them out)
+        row_dots = dict(DOT_WITH=bf16, DOTS=f32) if args.row_dot else {}
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
              dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
-             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
+             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32, **row_dots)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
-                  FINAL=f32)),
+                  FINAL=f32, **row_dots)),
             ("segment state", _segment_state_kernel, args.stages or 3,
              # accumulating at every head dim, as choose_config's state_accumulate
              dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),

@@ -26,16 +26,8 @@ import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _head, _load_rows,
-                     _mask_scores, _packed_segment, _positions, _segment_chunk, _segment_start_state, _store_rows,
+                     _mask_scores, _packed_segment, _segment_chunk, _segment_start_state, _store_row_dots, _store_rows,
                      _store_state, _update_state)
-
-
-@triton.jit
-def _store_key_row_dots(dots_ptr, dk, k, rows, row_valid, N):
-    """``<dk_i, k_i>`` of each row of a chunk walked from the end, stored as float32 at the row's
-    position: dk is the float32 tile before it is rounded to dk's type, k the rows the chunk
-    loaded (columns past Dk read as zero)."""
-    tl.store(dots_ptr + _positions(rows, N, True), tl.sum(dk * k.to(tl.float32), 1), mask=row_valid)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -143,8 +135,8 @@ def _key_value_grad_kernel(
         dk = _chunk_rows(v, state, vdo, q, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, True, CHUNK,
                          DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N, True)
-        if ROW_DOT:
-            _store_key_row_dots(dots_ptr, dk, k, rows, row_valid, N)
+        if ROW_DOT:  # k's rows read again: kept live from dv's product on, they spill more (registers.py)
+            _store_row_dots(dots_ptr, dk, k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, True)
         # dS <- lam^(length-1+shift) dS + scale sum_i lam^(length-1-i) q_i^T do_i
         state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, UPDATE_ACCUMULATE,
                               False, DOT_DTYPE, PRECISION)
