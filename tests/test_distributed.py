@@ -343,45 +343,26 @@ class _Model(torch.nn.Module):
         return self.head(x)
 
 
-def _ddp_training(rank, world, n=96, steps=3):
-    """A 2-layer model trained with each rank holding 1/world of one sequence, under DDP: the
-    losses and gradients of one process holding all of it."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    gen = torch.Generator().manual_seed(1)
-    x, target = torch.randn(1, n, 32, generator=gen), torch.randn(1, n, 32, generator=gen)
-    one, parallel = _Model(), DistributedDataParallel(_Model(group=dist.group.WORLD))
-    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (one, parallel)]
-    piece = slice(rank * n // world, (rank + 1) * n // world)
-    errors = {}
-    for step in range(steps):
-        for optimiser in optimisers:
-            optimiser.zero_grad()
-        loss = torch.nn.functional.mse_loss(one(x), target)
-        loss.backward()
-        # each rank's mean over its equal share: DDP's average of the gradients is the whole mean's
-        local = torch.nn.functional.mse_loss(parallel(x[:, piece]), target[:, piece])
-        local.backward()
-        errors[f"loss step {step}"] = rel_error(_sum_over_ranks(local.detach()) / world, loss)
-        errors[f"gradients step {step}"] = max(
-            rel_error(a.grad, b.grad) for a, b in zip(one.parameters(), parallel.module.parameters())
-        )
-        for optimiser in optimisers:
-            optimiser.step()
-    return errors
-
-
-def _fsdp_training(rank, world, n=96, steps=2):
-    """The same under FSDP2 (``fully_shard``: parameters sharded over the ranks, gradients
-    reduce-scattered and averaged), each rank's gradient shard compared with one process's."""
-    from torch.distributed.fsdp import fully_shard
-
+def _wrapped_training(rank, world, wrapper, n=96, steps=2):
+    """A 2-layer model trained with each rank holding 1/world of one sequence, under ``wrapper``
+    ("ddp": DistributedDataParallel; "fsdp2": ``fully_shard``, parameters sharded over the ranks,
+    gradients reduce-scattered and averaged): the losses and gradients of one process holding all
+    of it (under FSDP2, each rank's gradient shard gathered whole)."""
     gen = torch.Generator().manual_seed(1)
     x, target = torch.randn(1, n, 32, generator=gen), torch.randn(1, n, 32, generator=gen)
     one, parallel = _Model(), _Model(group=dist.group.WORLD)
-    for layer in parallel.layers:
-        fully_shard(layer)
-    fully_shard(parallel)
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        parallel = DistributedDataParallel(parallel)
+        parameters, whole = parallel.module.parameters, lambda grad: grad
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in parallel.layers:
+            fully_shard(layer)
+        fully_shard(parallel)
+        parameters, whole = parallel.parameters, lambda grad: grad.full_tensor()
     optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (one, parallel)]
     piece = slice(rank * n // world, (rank + 1) * n // world)
     errors = {}
@@ -390,11 +371,12 @@ def _fsdp_training(rank, world, n=96, steps=2):
             optimiser.zero_grad()
         loss = torch.nn.functional.mse_loss(one(x), target)
         loss.backward()
+        # each rank's mean over its equal share: the wrappers' average of the gradients is the whole mean's
         local = torch.nn.functional.mse_loss(parallel(x[:, piece]), target[:, piece])
         local.backward()
         errors[f"loss step {step}"] = rel_error(_sum_over_ranks(local.detach()) / world, loss)
         errors[f"gradients step {step}"] = max(
-            rel_error(a.grad, b.grad.full_tensor()) for a, b in zip(one.parameters(), parallel.parameters())
+            rel_error(a.grad, whole(b.grad)) for a, b in zip(one.parameters(), parameters())
         )
         for optimiser in optimisers:
             optimiser.step()
@@ -458,12 +440,9 @@ def test_dtensor_sharded_over_the_sequence_points_at_context_parallelism(pools):
         assert "sequence" in message and "context_parallel_attn" in message, message
 
 
-def test_two_layer_model_under_ddp_trains_as_one_process(pools):
-    _assert_within(pools(2).run(_ddp_training), FLOAT32)
-
-
-def test_two_layer_model_under_fsdp2_trains_as_one_process(pools):
-    _assert_within(pools(2).run(_fsdp_training), FLOAT32)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_layer_model_trains_as_one_process(pools, wrapper):
+    _assert_within(pools(2).run(_wrapped_training, wrapper=wrapper, steps=3 if wrapper == "ddp" else 2), FLOAT32)
 
 
 def test_refuses_without_a_process_group():
