@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_op
-from lightning_op.rewrite import clear_report, make_backend, report
+from lightning_op.rewrite import clear_report, report
+from test_rewrite_gaps import _run  # both entry points, with the graphs each runs
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LENGTH = 32, 4, 2, 16, 20
 GROUP = HEADS // KV_HEADS
@@ -116,39 +117,6 @@ def _model(cls, *args):
 
 def _inputs(length=LENGTH, seed=1):
     return (torch.randn(2, length, HIDDEN, generator=torch.Generator().manual_seed(seed)),)
-
-
-def _compiled(model, dynamic=False, train=False):
-    """``torch.compile`` through the rewrite with aot_eager (or ``aot_autograd`` keeping the forward
-    and backward graphs when training) behind it; the graphs it ran are appended to the list."""
-    graphs = []
-
-    def keep(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return gm
-
-    def keep_rewritten(gm, example_inputs, **kwargs):
-        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
-        graphs.append(gm)
-        return compiled
-
-    if train:
-        from torch._dynamo.backends.common import aot_autograd
-
-        inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
-    else:
-        inner = keep_rewritten
-    return torch.compile(model, backend=make_backend(inner), dynamic=dynamic), graphs
-
-
-def _run(model, args, entry, dynamic=False, train=False):
-    """(a callable running the rewritten model, the graphs it runs) through ``entry``: "export"
-    (``lightning_op.rewrite`` of ``torch.export``) or "dynamo" (see ``_compiled``)."""
-    if entry == "dynamo":
-        return _compiled(model, dynamic=dynamic, train=train)
-    shapes = ({1: torch.export.Dim("n", min=4, max=256)},) if dynamic else None
-    ep = lightning_op.rewrite(torch.export.export(model, args, dynamic_shapes=shapes))
-    return ep.module(), [ep.graph_module]
 
 
 def _op_nodes(graphs, op=torch.ops.lightning.attn.default):
