@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["empty_bhnd", "in_layout", "stored_bnhd"]
+__all__ = ["empty_bhnd", "in_layout", "stored_bnhd", "output_bnhd"]
 
 
 def empty_bhnd(shape, dtype: torch.dtype, device, bnhd: bool = False) -> Tensor:
@@ -35,3 +35,23 @@ def stored_bnhd(x: Tensor) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return statically_known_true(x.stride(1) < x.stride(2))
+
+
+def output_bnhd(q: Tensor) -> bool:
+    """Whether the op's output is stored as [B, N, H, Dv], the layout q is stored in: then
+    ``out.transpose(1, 2).reshape(B, N, H * Dv)`` before an output projection is a view, not a copy.
+
+    The op's fake and its kernels both decide with this function, so the strides a traced graph
+    expects are the ones the kernels write: sizes known to the tracer are compared without a
+    guard; where symbolic sizes leave the comparison open (a dynamic head count), it is decided by
+    the example's values under a guard (a graph traced for one layout is not reused for the other)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+
+    if q.shape[1] == 1:  # one head: the two layouts are the same storage order
+        return False
+    rows_apart = q.stride(1) < q.stride(2)
+    if statically_known_true(rows_apart):
+        return True
+    if statically_known_true(q.stride(1) >= q.stride(2)):
+        return False
+    return guard_or_false(rows_apart)

@@ -45,7 +45,9 @@ def lightning_attn(
             ``initial_state[s]`` (or zeros); no state crosses a boundary; states are ``[S, Hs, Dk, Dv]``.
 
     Returns:
-        ``out`` ``[B, H, N, Dv]`` in q's dtype, or ``(out, final_state)``.
+        ``out`` ``[B, H, N, Dv]`` in q's dtype, or ``(out, final_state)``. For a q stored as
+        ``[B, N, H, Dk]`` (a ``transpose(1, 2)`` view) the output is stored as ``[B, N, H, Dv]``
+        too, so ``out.transpose(1, 2)`` is contiguous.
 
     Differentiable in q, k, v, decay and initial_state; works under ``torch.compile`` and ``torch.export``.
     """

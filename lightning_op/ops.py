@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import backends, reference
 from ._gates import HAS_TRITON, cpu_backend
-from ._layout import empty_bhnd, in_layout, stored_bnhd
+from ._layout import empty_bhnd, in_layout, output_bnhd, stored_bnhd
 from .support import DTYPES, unsupported
 
 __all__ = ["attn", "attn_bwd", "attn_eager", "attn_step", "validate", "validate_backward", "validate_step", "prepare_decay",
@@ -300,16 +300,17 @@ def attn(
 ) -> tuple[Tensor, Tensor]:
     """Causal linear attention with per-head decay: returns ``(out [B,H,N,Dv], final_state fp32)``."""
     validate(q, k, v, decay, scale, initial_state, cu_seqlens)
-    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
 
 
-def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None):
+def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None, out_bnhd=False):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
-    passes ``keep_start_states``: see ``kernels.linear_attention``)."""
+    passes ``keep_start_states``: see ``kernels.linear_attention``). ``out_bnhd``: the output
+    stored as [B, N, H, Dv] (the op's, for q in that layout: ``output_bnhd``)."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
     decay, initial_state = prepare_decay(decay), as_float32(initial_state)
     out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states,
-                                  cu_seqlens=cu_seqlens)
+                                  cu_seqlens=cu_seqlens, out_bnhd=out_bnhd)
     return out, final.to(torch.float32)
 
 
@@ -325,7 +326,8 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
     validate(q, k, v, decay, scale, initial_state, cu_seqlens)
     b, h, n, dk = q.shape
     dv = v.shape[3]
-    return q.new_empty(b, h, n, dv), q.new_empty(final_state_shape(q, k, v, decay, cu_seqlens), dtype=torch.float32)
+    out = empty_bhnd((b, h, n, dv), q.dtype, q.device, output_bnhd(q))
+    return out, q.new_empty(final_state_shape(q, k, v, decay, cu_seqlens), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -422,12 +424,19 @@ def _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=None):
         grad_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     decay_grad = decay is not None and ctx.needs_input_grad[3]
     dq, dk, dv, d_init, d_decay = (attn_bwd_fn or torch.ops.lightning.attn_bwd)(
-        grad_out.contiguous(), None if grad_final_state is None else grad_final_state.contiguous(),
+        _readable_grad(grad_out), None if grad_final_state is None else grad_final_state.contiguous(),
         q, k, v, decay, ctx.scale, initial_state, stored_bnhd(q), cu_seqlens, decay_grad,
     )
     d_init = d_init.to(initial_state.dtype) if ctx.has_initial_state else None
     d_decay = d_decay.to(decay.dtype) if decay_grad else None
     return dq, dk, dv, d_decay, None, d_init, None
+
+
+def _readable_grad(grad_out: Tensor) -> Tensor:
+    """The output's gradient in one of the two layouts the kernels are tuned for, copied only from
+    another (an expanded zero-stride gradient, say): the gradient of an output stored as
+    [B, N, H, Dv] usually comes back in that layout, and reading it in place saves a copy of it."""
+    return in_layout(grad_out, stored_bnhd(grad_out))
 
 
 attn.register_autograd(_backward, setup_context=_setup_context)
@@ -454,7 +463,8 @@ class _EagerAttention(torch.autograd.Function):
         # the forward's segment start states (B*H*segments float32 states, none when one segment
         # covers N): the backward's dq pass starts from them instead of a pass of its own over k, v
         kept = []
-        output = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, keep_start_states=kept)
+        output = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, keep_start_states=kept,
+                            out_bnhd=output_bnhd(q))
         _setup_context(ctx, (q, k, v, decay, scale, initial_state, cu_seqlens), output)
         ctx.forward_states = kept[0] if kept else None
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros to fill and read
@@ -624,7 +634,7 @@ def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
 def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
         return _EagerAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
-    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
 
 
 # ----------------------------------------------------------------------------- decode step

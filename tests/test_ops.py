@@ -94,6 +94,68 @@ def test_gradients_come_back_in_the_inputs_layout(cpu_backend):
         torch.library.opcheck(torch.ops.lightning.attn_bwd.default, inputs)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_output_comes_back_in_the_query_layout(cpu_backend, packed):
+    """q seen through transpose(1, 2) of [B, N, H, D] storage: the output is stored the same way,
+    so the usual transpose(1, 2).reshape(B, N, H * Dv) before an output projection is a view, on
+    every entry (the wrapper, the op, its fake: opcheck), with the values of the contiguous call;
+    a contiguous q keeps a contiguous output. Grouped heads and packed sequences too."""
+    b, n, h, hkv, dk, dv = (1, 37, 4, 2, 16, 24) if packed else (2, 37, 4, 2, 16, 24)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(b, n, h, dk, generator=gen).transpose(1, 2)
+    k = torch.randn(b, n, hkv, dk, generator=gen).transpose(1, 2)
+    v = torch.randn(b, n, hkv, dv, generator=gen).transpose(1, 2)
+    decay = torch.tensor([0.1, 2.0])
+    cu = torch.tensor([0, 10, 10, n]) if packed else None
+    want, want_final = lightning_attn(*(x.contiguous() for x in (q, k, v)), decay, cu_seqlens=cu,
+                                      output_final_state=True)
+    assert want.is_contiguous()
+    for out, final in (lightning_attn(q, k, v, decay, cu_seqlens=cu, output_final_state=True),
+                       torch.ops.lightning.attn(q, k, v, decay, 1.0, None, cu)):
+        assert out.stride() == (n * h * dv, dv, h * dv, 1)
+        flat = out.transpose(1, 2).reshape(b, n, h * dv)
+        assert flat.data_ptr() == out.data_ptr() and flat._base is not None  # a view, no copy
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final, want_final, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.lightning.attn.default, (q, k, v, decay, 1.0, None, cu))
+    # one head: both layouts are one storage order, and the output is contiguous
+    one = torch.randn(b, n, 1, dk, generator=gen).transpose(1, 2)
+    assert torch.ops.lightning.attn(one, one, one[..., :dk], None, 1.0, None, cu)[0].is_contiguous()
+
+
+def test_gradient_of_an_output_in_the_query_layout_is_read_in_place(cpu_backend, monkeypatch):
+    """The gradient of an output stored as [B, N, H, Dv] reaches the backward op without a copy
+    (the op reads either layout); gradients in any other layout (expanded, sliced) are copied
+    into one and give the same values."""
+    from lightning_op import ops
+
+    gen = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(2, 21, 3, 16, generator=gen, requires_grad=True) for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in leaves)
+    decay = torch.tensor([0.0, 0.5, 3.0])
+    seen = []
+    real = ops._attn_bwd_impl
+
+    def spy(grad_out, *args, **kwargs):
+        seen.append(grad_out)
+        return real(grad_out, *args, **kwargs)
+
+    want = oracle(*(x.detach() for x in (q, k, v)), decay, 1.0, None,
+                  torch.ones(2, 3, 21, 16, dtype=torch.float64), None)[2]
+    stored = torch.ones(2, 21, 3, 16).transpose(1, 2)
+    for grad_out in (stored, torch.ones(()).expand(2, 3, 21, 16), torch.ones(2, 3, 21, 32)[..., ::2]):
+        seen.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "_attn_bwd_impl", spy)
+            grads = torch.autograd.grad(lightning_attn(q, k, v, decay), (q, k, v), grad_out)
+        if grad_out is stored:
+            assert seen[0] is grad_out
+        else:
+            assert seen[0].stride() in ((1008, 336, 16, 1), (1008, 16, 48, 1))
+        for got, ref in zip(grads, want):
+            assert rel_error(got, ref) < TOLERANCE[torch.float32]
+
+
 def test_gradient_layout_check_allocates_nothing_when_the_layout_is_right():
     """attn_bwd's final layout check must not allocate a gradient-sized buffer (that would add
     0.25 GiB of peak memory at the main benchmark shape); it copies only a tensor in the wrong layout."""
