@@ -20,6 +20,28 @@ if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _inductor_cache_for_this_source() -> None:
+    """Inductor's on-disk caches key a graph on its code, not on a custom op's fake: a graph
+    compiled while the op's fake reported other strides would be served again, stale (torch 2.13).
+    One cache directory per state of the package's source keeps reruns warm and never stale."""
+    import hashlib
+    import pathlib
+    import tempfile
+
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    package = pathlib.Path(__file__).resolve().parent.parent / "lightning_op"
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_lightning_op_{digest.hexdigest()[:16]}")
+
+
+_inductor_cache_for_this_source()
+
+
 def _shard(items):
     """``LIGHTNING_TEST_SHARD=i/n`` keeps every n-th collected test starting at the i-th, so n
     processes can share a slow run (the GPU suite is mostly Triton compilation, which is per process)."""
