@@ -85,6 +85,11 @@ def loop_profile(cubin: bytes) -> str:
     return f"loop {len(ops)} instructions ({local} local)"
 
 
+#: the row sums' keyword arguments (``chunked.py``, ``backward.py``), integers where ROW_DOT is on
+ROW_DOT_ARGS = {"DOT_WITH", "DOTS", "stride_wb", "stride_wh", "stride_wn", "stride_wd", "dot_group",
+                "dots_stride_v", "dots_rows"}
+
+
 def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stages: int) -> str:
     # as a launch on contiguous tensors specialises them: unit strides of the last dim become
     # constants, other integers are 32-bit
@@ -98,7 +103,8 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     # while ROW_DOT is off: None, a constant (as integers they would add parameters to the PTX and
     # change its digest); on, they are integers as any other (a group divisor of 1 a constant)
     for param in kernel.params:
-        if param.default is None and not constexprs.get("ROW_DOT"):
+        if param.default is None and param.name not in pointers and not (
+                constexprs.get("ROW_DOT") and param.name in ROW_DOT_ARGS):
             constexprs.setdefault(param.name, None)
     if constexprs.get("ROW_DOT") and "dot_group" in kernel.arg_names:
         constexprs.setdefault("dot_group", 1)
@@ -192,7 +198,7 @@ def main() -> None:
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants
                       q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
-                      PIECES=None,
+                      PIECES=None, POOLED=False,
                       # the decay gradient's row sums off, as every launch without it, unless asked
                       ROW_DOT=args.row_dot)
         # the row sums' tensors where they are on (else None, as a launch leaves them out)

@@ -77,9 +77,10 @@ def attn_step(
 
     Where the Triton kernels run (CUDA tensors), every call without ``cu_seqlens`` is one launch
     of the decode kernel, pooled rows and grouped heads included: each state is read and written
-    once, a padding row reads nothing, and the slots are read on the device. Packed calls gather
-    the slots, run the tiled op and write the final states back; so do pooled and grouped steps
-    on the chunked CPU path (same results).
+    once, a padding row reads nothing, and the slots are read on the device. Packed calls run the
+    tiled kernels, which read each sequence's state from its slot and write it back in place.
+    On the chunked CPU path pooled, grouped and packed steps gather the slots, run the tiled op
+    and write the final states back (same results).
     """
     return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
 

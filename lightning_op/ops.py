@@ -766,10 +766,13 @@ _validated_steps: set = set()
 
 def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
     """The step on the decode kernel where the Triton backend runs (dense or pooled rows, grouped
-    heads or not); packed sequences, and pooled or grouped steps on the chunked CPU path, are
-    composed from the tiled op (``_pooled_step``)."""
+    heads or not), packed sequences on its tiled kernels reading and writing pool rows in place;
+    pooled, grouped and packed steps on the chunked CPU path are composed from the tiled op
+    (``_pooled_step``)."""
     if cu_seqlens is not None:
         validate_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+        if _backend(q).name == "triton":
+            return _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices)
         return _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     _validate_rows_step(q, k, v, state, decay, scale, state_indices)
     backend = _backend(q)
@@ -803,6 +806,20 @@ def _validate_rows_step(q, k, v, state, decay, scale, state_indices) -> None:
     if len(_validated_steps) > 1024:
         _validated_steps.clear()
     _validated_steps.add(signature)
+
+
+def _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices):
+    """Packed sequences continuing states of a pool on the Triton kernels: the tiled kernels read
+    each sequence's initial state from its row of the pool and write its final state back there
+    (``kernels.linear_attention``'s ``state_rows``), so a prefill chunk runs at the tiled kernels'
+    speed and no state is gathered or scattered around the call."""
+    from .kernels import linear_attention
+
+    if state_indices is None:
+        state_indices = torch.arange(cu_seqlens.shape[0] - 1, device=q.device)
+    out, _ = linear_attention(q, k, v, backends.compute_decay(prepare_decay(decay), q.shape[1]), out_scale=scale,
+                              initial_state=state, cu_seqlens=cu_seqlens, state_rows=state_indices)
+    return out
 
 
 def _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices):

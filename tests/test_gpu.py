@@ -330,22 +330,42 @@ def test_cuda_packed_sequences(dtype, layout):
 
 
 def test_cuda_pooled_decode_and_mixed_step():
+    """A mixed step (decode tokens, a prefill chunk of several segments, padding) continuing pool
+    rows in place in the tiled kernels, groups sharing their states and heads with their own,
+    then the same step captured in a CUDA graph and replayed."""
     from lightning_op import reference
 
-    decay = torch.tensor([0.05, 0.8], device="cuda")
-    pool = torch.randn(6, 2, 64, 64, device="cuda")
-    before = pool.clone()
-    cu = torch.tensor([0, 1, 500, 501], device="cuda")
-    slots = torch.tensor([3, 0, -1], device="cuda")
-    q, k, v = (0.5 * torch.randn(1, heads, 501, 64, device="cuda") for heads in (4, 2, 2))
-    out = lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=slots)
-    want, final = reference.attention_recurrent(q.double(), k.double(), v.double(), decay.double(), 1.0,
-                                                before[slots.clamp(min=0)].double(), cu)
-    assert rel_error(out[:, :, :500], want[:, :, :500]) < 2e-5
-    assert torch.equal(out[:, :, 500:], torch.zeros_like(out[:, :, 500:]))
-    assert rel_error(pool[3], final[0]) < 2e-5 and rel_error(pool[0], final[1]) < 2e-5
-    for slot in (1, 2, 4, 5):
-        assert torch.equal(pool[slot], before[slot])
+    for decay in (torch.tensor([0.05, 0.8], device="cuda"), torch.tensor([0.05, 0.8, 0.01, 0.3], device="cuda")):
+        hs = decay.shape[0]
+        pool = torch.randn(6, hs, 64, 64, device="cuda")
+        cu = torch.tensor([0, 1, 3000, 3001, 3700], device="cuda")
+        slots = torch.tensor([3, 0, -1, 5], device="cuda")
+        q, k, v = (0.5 * torch.randn(1, heads, 3700, 64, device="cuda") for heads in (4, 2, 2))
+
+        def check(out, before):
+            live = slots.clamp(min=0)
+            want, final = reference.attention_recurrent(
+                q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
+                decay.double().repeat_interleave(4 // hs), 1.0,
+                before[live].double().repeat_interleave(4 // hs, 1), cu)
+            final = final[:, :: 4 // hs]
+            assert rel_error(out[:, :, :3000], want[:, :, :3000]) < 2e-5
+            assert rel_error(out[:, :, 3001:], want[:, :, 3001:]) < 2e-5
+            assert torch.equal(out[:, :, 3000:3001], torch.zeros_like(out[:, :, 3000:3001]))
+            for index, slot in ((0, 3), (1, 0), (3, 5)):
+                assert rel_error(pool[slot], final[index]) < 2e-5
+            for slot in (1, 2, 4):
+                assert torch.equal(pool[slot], before[slot])
+
+        before = pool.clone()
+        check(lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=slots), before)
+        pool.copy_(before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=slots)
+        pool.copy_(before)
+        graph.replay()
+        check(out, before)
 
 
 @pytest.mark.parametrize("decay_heads", [4, 2, 0], ids=["own-states", "shared-states", "no-decay"])

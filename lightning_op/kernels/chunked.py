@@ -141,11 +141,15 @@ def _segment_state_kernel(
 @triton.jit
 def _packed_plan_kernel(
     CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, num_sequences, num_segments, num_pieces, segment_len, split,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, POOLED: tl.constexpr = False, STATE_ROWS=None, lead_all=None,
 ):
     """The tables of a packed batch (``launch._packed_plan`` says what they hold), in one program:
     sequences BLOCK at a time, each block's segments and pieces placed after those of the blocks
-    before it (running totals), then the surplus entries marked -1."""
+    before it (running totals), then the surplus entries marked -1. ``POOLED``: the states are
+    rows ``STATE_ROWS[s]`` of a pool, read and written in place: a sequence whose row is negative
+    (padding) gets no segment; a sequence cut into several segments (every one, with ``lead_all``)
+    gets a lead slot ahead of its pieces, where the scan copies its initial state for segment 0 to
+    start from, so that no program of the output pass reads a pool row that another one writes."""
     lanes = tl.arange(0, BLOCK)
     segments_before = tl.cast(0, tl.int32)
     slots_before = tl.cast(0, tl.int32)
@@ -154,8 +158,14 @@ def _packed_plan_kernel(
         valid = sequence < num_sequences
         first_row = tl.load(CU_SEQLENS + sequence, mask=valid, other=0).to(tl.int32)
         length = tl.load(CU_SEQLENS + sequence + 1, mask=valid, other=0).to(tl.int32) - first_row
-        segments = tl.where(valid, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
-        slots = (segments - 1) * split  # negative for the lanes past the end: no slot
+        if POOLED:
+            live = valid & (tl.load(STATE_ROWS + sequence, mask=valid, other=-1) >= 0)
+            segments = tl.where(live, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
+            lead = tl.where(live & ((segments > 1) | (lead_all != 0)), 1, 0)
+            slots = tl.where(live, (segments - 1) * split + lead, 0)
+        else:
+            segments = tl.where(valid, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
+            slots = (segments - 1) * split  # negative for the lanes past the end: no slot
         first_segment = segments_before + tl.cumsum(segments, 0) - segments
         first_slot = slots_before + tl.cumsum(tl.maximum(slots, 0), 0) - tl.maximum(slots, 0)
         row = SEQUENCES + sequence * 4
@@ -170,10 +180,20 @@ def _packed_plan_kernel(
             tl.store(entry + 1, first_row, mask=taken)
             tl.store(entry + 2, length, mask=taken)
             tl.store(entry + 3, index, mask=taken)
-            tl.store(entry + 4, first_slot + index * split - 1, mask=taken)
-        for index in range(0, tl.max(slots, 0)):
-            entry = PIECES + (first_slot + index) * 4
-            taken = index < slots
+            if POOLED:  # segment 0 starts from the lead slot (none: from the pool row)
+                tl.store(entry + 4, tl.where(lead > 0, first_slot + index * split, -1), mask=taken)
+            else:
+                tl.store(entry + 4, first_slot + index * split - 1, mask=taken)
+        if POOLED:  # the lead slot holds no piece
+            tl.store(PIECES + first_slot * 4, -1, mask=lead > 0)
+            first_piece = first_slot + lead
+            pieces = slots - lead
+        else:
+            first_piece = first_slot
+            pieces = slots
+        for index in range(0, tl.max(pieces, 0)):
+            entry = PIECES + (first_piece + index) * 4
+            taken = index < pieces
             tl.store(entry, sequence, mask=taken)
             tl.store(entry + 1, first_row, mask=taken)
             tl.store(entry + 2, length, mask=taken)
@@ -193,6 +213,7 @@ def _segment_scan_kernel(
     H, DK, DV, segment_len, num_segments, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr = 1, VARLEN: tl.constexpr = False,
+    POOLED: tl.constexpr = False, STATE_ROWS=None,
 ):
     """In place: slot g of SEG_STATES goes from segment g's own state to the state at segment g+1's start.
 
@@ -201,7 +222,9 @@ def _segment_scan_kernel(
     pipelines the slots' loads (asynchronous copies that many slots ahead), so that each step of
     the chain waits for one multiply-add, not for a round trip to memory. ``VARLEN`` (packed
     sequences): grid axis 1 is the sequence, whose slots are a run given by the ``SEQUENCES``
-    table (first slot, count, ...), scanned from its own initial state."""
+    table (first slot, count, ...), scanned from its own initial state. ``POOLED``: that state is
+    row ``STATE_ROWS[sequence]`` of a pool, and the run's first slot (the lead slot, see
+    ``_packed_plan_kernel``) receives a copy of it; sequences without slots return at once."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
@@ -209,7 +232,12 @@ def _segment_scan_kernel(
         sequence = tl.program_id(1)
         first_slot = tl.load(SEQUENCES + 4 * sequence)
         count = tl.load(SEQUENCES + 4 * sequence + 1)
-        state_batch = sequence.to(tl.int64)
+        if POOLED:
+            if count <= 0:  # one segment from the pool row, or padding: nothing to scan
+                return
+            state_batch = tl.load(STATE_ROWS + sequence).to(tl.int64)
+        else:
+            state_batch = sequence.to(tl.int64)
     else:
         state_batch = b
     cols_k = tl.arange(0, BLOCK_K)
@@ -227,6 +255,10 @@ def _segment_scan_kernel(
         later_decay = tl.exp2(log2_lam * segment_len)
     if VARLEN:
         slot_ptr = SEG_STATES + (bh * num_segments + first_slot) * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+        if POOLED:  # the lead slot: segment 0's start, a copy of the pool row
+            tl.store(slot_ptr, state, mask=tile_mask)
+            slot_ptr += DK * DV
+            count -= 1
     else:
         slot_ptr = SEG_STATES + bh * num_segments * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
         count = num_segments - 1
@@ -258,6 +290,7 @@ def _chunk_output_kernel(
     UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
     ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
     stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
+    POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -277,6 +310,10 @@ def _chunk_output_kernel(
         sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
         if sequence < 0:
             return
+        if POOLED:  # the sequence's states are a pool row
+            state_row = tl.load(STATE_ROWS + sequence).to(tl.int64)
+        else:
+            state_row = sequence
     b = bh // H
     h = bh % H
     q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
@@ -309,14 +346,19 @@ def _chunk_output_kernel(
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
     if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
-        init_offset = sequence * stride_ib + (h // init_group) * stride_ih
+        init_offset = state_row * stride_ib + (h // init_group) * stride_ih
+        if POOLED:  # from the lead slot where the sequence has one, else from the pool row
+            start_seg = tl.where(slot >= 0, 1, 0)
+        else:
+            start_seg = seg
         slot = (bh * num_slots + slot) * DK * DV
     else:
         init_offset = b * stride_ib + (h // init_group) * stride_ih
         slot = (bh * num_slots + seg * split - 1) * DK * DV
+        start_seg = seg
     state = _segment_start_state(
         INIT, init_offset, stride_ik, stride_iv,
-        SEG_STATES, slot, seg, cols_k, cols_v, tile_mask,
+        SEG_STATES, slot, start_seg, cols_k, cols_v, tile_mask,
         stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V,
     )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
@@ -338,14 +380,18 @@ def _chunk_output_kernel(
                               ACCUMULATE or UPDATE_ACCUMULATE, WEIGHT_VALUES, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
+        final_head = h
         if VARLEN:  # the sequence's last segment
             last = seg_begin + segment_len >= N
-            final_batch = sequence
+            final_batch = state_row
+            if POOLED:  # a shared state is written by its group's first head
+                final_head = h // final_group
+                last = last & (h % final_group == 0)
         else:
             last = seg == num_segments - 1
             final_batch = b
         if last:
-            _store_state(_head(FINAL, final_batch, h, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k,
+            _store_state(_head(FINAL, final_batch, final_head, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k,
                          cols_v, tile_mask)
 
 
@@ -368,6 +414,7 @@ def _chunk_output_t_kernel(
     STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False,
     ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
     stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
+    POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
 ):
     """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
 
@@ -390,6 +437,10 @@ def _chunk_output_t_kernel(
         sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
         if sequence < 0:
             return
+        if POOLED:  # the sequence's states are a pool row
+            state_row = tl.load(STATE_ROWS + sequence).to(tl.int64)
+        else:
+            state_row = sequence
     b = bh // H
     h = bh % H
     q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
@@ -414,14 +465,19 @@ def _chunk_output_t_kernel(
     log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
     if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
-        init_offset = sequence * stride_ib + (h // init_group) * stride_ih
+        init_offset = state_row * stride_ib + (h // init_group) * stride_ih
+        if POOLED:  # from the lead slot where the sequence has one, else from the pool row
+            start_seg = tl.where(slot >= 0, 1, 0)
+        else:
+            start_seg = seg
         slot = (bh * num_slots + slot) * DK * DV
     else:
         init_offset = b * stride_ib + (h // init_group) * stride_ih
         slot = (bh * num_slots + seg * split - 1) * DK * DV
+        start_seg = seg
     states = _segment_start_state_t(
         INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
-        slot, seg, cols_v, valid_v, DK, stride_sk, stride_sv,
+        slot, start_seg, cols_v, valid_v, DK, stride_sk, stride_sv,
         HAS_INIT, BLOCK_V, KEY_PARTS, PART,
     )
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
@@ -446,12 +502,16 @@ def _chunk_output_t_kernel(
                                  DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
+        final_head = h
         if VARLEN:  # the sequence's last segment
             last = seg_begin + segment_len >= N
-            final_batch = sequence
+            final_batch = state_row
+            if POOLED:  # a shared state is written by its group's first head
+                final_head = h // final_group
+                last = last & (h % final_group == 0)
         else:
             last = seg == num_segments - 1
             final_batch = b
         if last:
-            _store_state_t(_head(FINAL, final_batch, h, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v,
+            _store_state_t(_head(FINAL, final_batch, final_head, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v,
                            valid_v, DK, KEY_PARTS, PART)

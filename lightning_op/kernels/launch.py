@@ -114,6 +114,7 @@ def linear_attention(
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
     row_dot_with: Optional[Tensor] = None, row_dots: Optional[Tensor] = None,
+    state_rows: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -157,14 +158,32 @@ def linear_attention(
     ``row_dots[b, h, t] = <out[b, h, t], R[b, h // (H // Hr), t]>``, in float32 from the output
     rows before they are rounded to query's dtype (``chunked.py``, ``ROW_DOT``). Where the value
     columns are split over programs, each block's products are summed afterwards (deterministic).
+
+    ``state_rows`` (with ``cu_seqlens``; int32 or int64 [S], trusted: rows of the pool, none twice):
+    ``initial_state`` is a pool [P, Hi, Dk, Dv] of float32 states, and sequence s starts from row
+    ``state_rows[s]`` and its final state is written back there, in place (head ``h // (H // Hi)``,
+    by the group's first compute head); a negative row marks padding: its output rows are zeros and
+    no row of the pool is read or written. Returns ``(out, initial_state)``. No program of the
+    output pass reads a row another writes: a sequence cut into segments, or whose state a group
+    of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
+    Forward only (``reverse``, ``init_shift`` and ``row_dots`` keep their defaults).
     """
     b, _, n, dk = query.shape
     dv = value.shape[-1]
     h = _compute_heads(query, key, value)
     device = query.device
-    out = empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
-    num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1  # batch entries or sequences
-    final = torch.empty(num_states, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
+    pooled = state_rows is not None
+    if pooled:  # padding sequences' rows are never written: zeros from the start
+        if cu_seqlens is None or initial_state is None or reverse or row_dot_with is not None or traceable:
+            raise ValueError("linear_attention: state_rows needs cu_seqlens and a pool as initial_state, "
+                             "forward and eager only")
+        out = torch.zeros(b, h, n, dv, dtype=query.dtype, device=device)
+        final = initial_state
+        store_final = True
+    else:
+        out = empty_bhnd((b, h, n, dv), query.dtype, device, out_bnhd)
+        num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1  # batch entries or sequences
+        final = torch.empty(num_states, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if traceable:
         if segment_len is None:
             raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
@@ -173,7 +192,7 @@ def linear_attention(
     else:
         launch = _direct
         if n == 0:
-            if final is not None:
+            if final is not None and not pooled:  # (a pool's rows keep their states)
                 _copy_state(final, initial_state)
             return out, final
         n_at_least_1 = n
@@ -185,10 +204,15 @@ def linear_attention(
     decay_arg = decay if has_decay else out
     init_arg = initial_state if has_init else out
 
+    # a pooled state shared by a group of compute heads is read by all of them and written by one
+    lead_all = pooled and h > initial_state.shape[1]
+
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
         num_segments = cdiv(n_at_least_1, cfg.segment_len)
+        lead_slots = _lead_slots(num_segments, cu_seqlens.shape[0] - 1, lead_all) if pooled else 0
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
-                                                            cfg.state_split, launch)
+                                                            cfg.state_split, launch, state_rows=state_rows,
+                                                            lead_all=lead_all)
         if keep_start_states is not None:
             keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
         num_v_blocks = cdiv(dv, cfg.block_v)
@@ -199,8 +223,8 @@ def linear_attention(
             seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
         num_slots, state_strides = 0, (dv, 1)
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
-        if traceable or num_segments > 1:
-            num_slots = _num_slots(num_segments, cfg.state_split)
+        if traceable or num_segments > 1 or lead_all:
+            num_slots = _num_slots(num_segments, cfg.state_split) + lead_slots
             if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device,
                                                                                 plan is not None):
                 seg_states, state_strides = start_states.states, start_states.strides()
@@ -208,6 +232,7 @@ def linear_attention(
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments, h,
                     value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch, plan=plan,
+                    state_rows=state_rows, lead_slots=lead_slots,
                 )
                 if keep_start_states is not None:
                     keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split,
@@ -225,6 +250,9 @@ def linear_attention(
         if plan is not None:
             flags["VARLEN"] = True
         launch_output, dots = launch, None
+        if pooled:
+            flags.update(POOLED=True, STATE_ROWS=state_rows, final_group=h // initial_state.shape[1])
+            launch_output = _Dispatched
         if row_dot_with is not None:
             # one float32 row per block of value columns, summed below
             dots = row_dots if num_v_blocks == 1 else torch.empty(num_v_blocks, b, h, n, dtype=torch.float32,
@@ -251,7 +279,8 @@ def linear_attention(
     cfg = autotune.select(
         "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize,
                                          state_itemsize=state_itemsize), launch_with,
-        device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None,
+        # a pooled launch updates the pool in place: it cannot be repeated to time candidates
+        device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None and not pooled,
     )
     launch_with(cfg)
     return out, final
@@ -319,7 +348,8 @@ class PackedPlan:
     sequences: Tensor  # [S, 4]: first slot, slots, first segment, length
 
 
-def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct) -> PackedPlan:
+def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct, *,
+                 state_rows: Optional[Tensor] = None, lead_all: bool = False) -> PackedPlan:
     """The tables of a packed batch, built on the device from ``cu_seqlens`` by one small kernel
     (``chunked._packed_plan_kernel``): nothing is read on the host, and their sizes depend on N
     and S alone, so N and S may be symbolic.
@@ -331,18 +361,32 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     ``state_split`` pieces whose own states take one slot each, sequence after sequence: at most
     (ceil(N / L) - 1) * state_split of them, as in a batch of one sequence of N rows, so the slots
     and the piece table keep :func:`_num_slots`' count (the last entry always -1). A segment
-    ``index > 0`` of sequence s starts from slot ``first_slot[s] + index * state_split - 1``."""
+    ``index > 0`` of sequence s starts from slot ``first_slot[s] + index * state_split - 1``.
+
+    ``state_rows`` (pooled states, see :func:`linear_attention`): padding sequences get no
+    segment, and a sequence of several segments (every sequence, ``lead_all``) a lead slot before
+    its pieces, which the scan fills with its initial state and its segment 0 starts from (segment
+    ``index`` then from ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots."""
     device = cu_seqlens.device
     num_sequences = cu_seqlens.shape[0] - 1
     num_segments = cdiv(n, segment_len)
+    lead_slots = 0 if state_rows is None else _lead_slots(num_segments, num_sequences, lead_all)
     plan = PackedPlan(torch.empty(num_segments + num_sequences, 5, dtype=torch.int32, device=device),
-                      torch.empty(_num_slots(num_segments, state_split), 4, dtype=torch.int32, device=device),
+                      torch.empty(_num_slots(num_segments, state_split) + lead_slots, 4, dtype=torch.int32,
+                                  device=device),
                       torch.empty(num_sequences, 4, dtype=torch.int32, device=device))
-    launch(_packed_plan_kernel)[(1,)](
+    pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all))
+    (_Dispatched if pooled else launch)(_packed_plan_kernel)[(1,)](
         cu_seqlens, plan.segments, plan.pieces, plan.sequences, num_sequences, plan.segments.shape[0],
-        plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK,
+        plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK, **pooled,
     )
     return plan
+
+
+def _lead_slots(num_segments: int, num_sequences: int, lead_all: bool) -> int:
+    """Lead slots of a pooled plan: one per sequence with ``lead_all``, else one per sequence of
+    more than one segment (longer than a segment, so fewer than ``num_segments``)."""
+    return num_sequences if lead_all else num_segments - 1
 
 
 #: sequences per step of ``_packed_plan_kernel``
@@ -363,7 +407,7 @@ def _num_slots(num_segments, state_split: int):
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
-    plan: Optional["PackedPlan"] = None,
+    plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None, lead_slots: int = 0,
 ) -> Tensor:
     """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
     heads (key, value and initial state read per compute head as in :func:`linear_attention`),
@@ -373,13 +417,15 @@ def _segment_start_states(
     grid covers every piece (the last one's programs return at once), so it is never empty, also
     when N is symbolic (``state_split`` is then 1). With a ``plan`` (packed sequences) the same
     number of slots holds the pieces of every sequence's segments but its last, sequence after
-    sequence (:func:`_packed_plan`), and the scan runs per sequence."""
+    sequence (:func:`_packed_plan`), and the scan runs per sequence. ``state_rows``: the initial
+    states are rows of a pool, copied to the lead slots (``lead_slots`` more slots, see
+    :func:`_packed_plan`)."""
     b, _, n, dk = key.shape
     dv = value.shape[-1]
     h = heads
     num_v_blocks = cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
-    num_pieces = _num_slots(num_segments, cfg.state_split)
+    num_pieces = _num_slots(num_segments, cfg.state_split) + lead_slots
     seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
@@ -397,11 +443,13 @@ def _segment_start_states(
         num_stages=cfg.num_stages,
     )
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
-    launch(_segment_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
+    pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows)
+    (_Dispatched if pooled else launch)(_segment_scan_kernel)[
+        (b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         None if plan is None else plan.sequences, *_strides(initial_state),
         h, dk, dv, piece_len, num_pieces, *_groups(h, initial_state),
-        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, **packed,
+        HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, **packed, **pooled,
         BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
     )
     return seg_states
