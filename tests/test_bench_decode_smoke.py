@@ -1,5 +1,5 @@
-"""The decode benchmark runner works (CPU smoke mode): it writes its results and ours agrees with
-the plain PyTorch step."""
+"""The decode and serving benchmark runners work (CPU smoke mode): they write their results and
+ours agrees with the other ways (the plain PyTorch step; the packed serving call)."""
 
 import json
 
@@ -35,3 +35,15 @@ def test_bench_decode_smoke(tmp_path):
     last = stdout.rstrip().splitlines()[-1]
     assert last.startswith("targets:")  # the table comes last
     assert "one step per replay" in last and "16 steps per graph" in last
+
+
+def test_bench_serve_smoke(tmp_path):
+    """The mixed-step runner: the three ways agree with the packed call (outputs and pool) and the
+    table comes last."""
+    stdout = run_script("benchmarks/bench_serve.py", "--smoke", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [row["way"] for row in rows] == ["packed", "composed", "per_call"]
+    for row in rows:
+        assert row["eager_ms"] > 0
+        assert row["err_out_vs_packed"] < 1e-5 and row["err_pool_vs_packed"] < 1e-5
+    assert stdout.rstrip().splitlines()[-1].startswith("| per_call |")
