@@ -398,3 +398,28 @@ def test_environment_variable_is_read_at_import(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", str(tmp_path / "autotune.json")]
+
+
+def test_packed_calls_are_a_class_of_their_own(autotune, monkeypatch, tmp_path):
+    """A pack of sequences and a dense call of the same B*H and N do not share a choice: the
+    packed call's key says so, a dense entry is not used for it nor a packed one for a dense call;
+    a packed decode step that updates a pool in place times nothing (a repeat would advance it)."""
+    q, k, v, decay = _inputs()
+    cu = torch.tensor([0, 50, 50, SHAPE["n"]], device=DEVICE)
+    packed_key = _forward_key(autotune) + ";packed=1"
+    _write_cache(tmp_path / "autotune.json", {_forward_key(autotune): {"config": {"block_v": 16}},
+                                              packed_key: {"config": {"num_warps": 8}}})
+    spy = _spy(monkeypatch)
+    lightning_attn(q, k, v, decay, cu_seqlens=cu)
+    assert _used(spy) == {**DEFAULT, "num_warps": 8}
+    _forward_checked(q, k, v, decay)
+    assert _used(spy) == {**DEFAULT, "BLOCK_V": 16}
+    lightning_op.enable_autotune(tmp_path / "fresh.json")
+    timer = Timer()
+    with autotune._fake_timing(timer):
+        pool = torch.randn(4, SHAPE["h"], SHAPE["dk"], SHAPE["dv"], device=DEVICE)
+        lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=torch.tensor([2, 0, 3]))
+        assert not timer.calls
+        lightning_attn(q, k, v, decay, cu_seqlens=cu)
+        assert timer.calls  # an ordinary packed call is tuned, under its own key
+    assert list(json.loads((tmp_path / "fresh.json").read_text())["entries"]) == [packed_key]

@@ -143,11 +143,11 @@ def _device_tag(device: torch.device) -> str:
 
 def _key_string(key: tuple) -> str:
     """The cache file's readable form of a key."""
-    tag, version, kind, dtype, dk, dv, batch_heads, n, has_decay, reverse = key
+    tag, version, kind, dtype, dk, dv, batch_heads, n, has_decay, reverse, *packed = key
     return (
         f"{tag};triton={triton.__version__};kernels={version};kind={kind};"
         f"dtype={str(dtype).removeprefix('torch.')};dk={dk};dv={dv};bh={batch_heads};n={n};"
-        f"decay={int(has_decay)};reverse={int(reverse)}"
+        f"decay={int(has_decay)};reverse={int(reverse)}" + (";packed=1" if any(packed) else "")
     )
 
 
@@ -157,14 +157,16 @@ def _key_string(key: tuple) -> str:
 def select(
     kind: str, choose: Callable[[], LaunchConfig], launch: Callable[[LaunchConfig], None],
     device: torch.device, dtype: torch.dtype, dk: int, dv: int, batch_heads: int, n, has_decay: bool,
-    reverse: bool, may_tune: bool,
+    reverse: bool, may_tune: bool, packed: bool = False,
 ) -> LaunchConfig:
     """The launch configuration of one call of kind ``kind``.
 
     ``choose()`` is the call's ``choose_config`` (it reads the override table, which candidates
     fill); ``launch(cfg)`` runs the call's kernels with ``cfg`` and may be repeated (they write
-    their outputs, never accumulate into them); ``may_tune`` is False for traced launches and
-    explicit segment lengths. The caller still launches the returned configuration itself.
+    their outputs, never accumulate into them); ``may_tune`` is False for traced launches,
+    explicit segment lengths and launches that update a state in place. ``packed`` calls
+    (``cu_seqlens``) form classes of their own: the same B*H and N cut into many sequences is
+    other work than one dense batch. The caller still launches the returned configuration itself.
     """
     state = _state
     if not state.enabled or any_forced():
@@ -172,7 +174,7 @@ def select(
     if not (isinstance(n, int) and isinstance(batch_heads, int) and isinstance(dk, int) and isinstance(dv, int)):
         return choose()  # symbolic sizes (a traced launch): no class to look up
     key = (_device_tag(device), KERNEL_VERSION, kind, dtype, dk, dv, next_power_of_2(batch_heads),
-           next_power_of_2(n), has_decay, reverse)
+           next_power_of_2(n), has_decay, reverse) + ((True,) if packed else ())
     changes = state.choices.get(key)
     if changes is None:
         changes = _from_file(state, key, kind)

@@ -281,6 +281,7 @@ def linear_attention(
                                          state_itemsize=state_itemsize), launch_with,
         # a pooled launch updates the pool in place: it cannot be repeated to time candidates
         device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None and not pooled,
+        packed=cu_seqlens is not None,
     )
     launch_with(cfg)
     return out, final
@@ -531,7 +532,7 @@ def key_value_gradients(
     itemsize = q.element_size()
     cfg = autotune.select(
         "key_value", lambda: choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=itemsize),
-        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, True,
+        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, True, packed=cu_seqlens is not None,
     )
     launch_with(cfg)
     return grad_k, grad_v, final
