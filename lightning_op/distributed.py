@@ -75,8 +75,9 @@ class OpAttention:
     """The per-rank pieces of context parallelism, from ``torch.ops.lightning.attn`` and ``attn_bwd``.
 
     ``forward`` and ``backward`` are the op's; ``state`` and ``state_gradient`` are the state-only
-    passes, run here through the op forward with its output discarded. Another object with these
-    four methods (tests pass a float64 reference) can stand in for it.
+    passes: on the Triton kernels ``kernels.final_state`` (k and v, or q and the output's gradient,
+    read once; nothing of N rows written), elsewhere the op forward with its output discarded.
+    Another object with these four methods (tests pass a float64 reference) can stand in for it.
     """
 
     #: whether ``backward`` returns the decay's gradient
@@ -87,6 +88,11 @@ class OpAttention:
 
     def state(self, q, k, v, decay) -> Tensor:
         """The state the tokens leave from a zero start (float32, the final state's shape)."""
+        if _state_only_kernels(q):
+            from .kernels import final_state
+
+            # compute heads: H with a decay [H], else k's (the heads that share a state compute it once)
+            return final_state(k, v, ops.prepare_decay(decay), _state_block(q.shape[2]))
         return ops.attn_eager(q, k, v, decay, 1.0, None)[1]
 
     def state_gradient(self, q, grad_out, decay, scale, state_heads) -> Tensor:
@@ -96,8 +102,13 @@ class OpAttention:
         h = q.shape[1]
         if decay is not None and decay.shape[0] != h:  # one slope per state head
             decay = decay.repeat_interleave(h // decay.shape[0])
-        keys, values = q.flip(2), grad_out.flip(2)
-        state = ops.attn_eager(keys, keys, values, decay, 1.0, None)[1]
+        if _state_only_kernels(q):
+            from .kernels import final_state
+
+            state = final_state(q, grad_out, ops.prepare_decay(decay), _state_block(q.shape[2]), reverse=True)
+        else:
+            keys, values = q.flip(2), grad_out.flip(2)
+            state = ops.attn_eager(keys, keys, values, decay, 1.0, None)[1]
         if decay is not None:
             state = state * torch.exp(-decay.detach().to(state.dtype)).reshape(1, -1, 1, 1)
         return (scale * state).unflatten(1, (state_heads, -1)).sum(2)
@@ -112,6 +123,18 @@ class OpAttention:
 
 
 OP_ATTENTION = OpAttention()
+
+
+def _state_only_kernels(x: Tensor) -> bool:
+    """Whether the state-only passes launch the Triton kernels directly: where the op runs on them
+    and nothing traces the call (compiled and traced calls go through the op, which graphs hold)."""
+    return not ops._dispatcher_observed(x) and ops._backend(x).name == "triton"
+
+
+def _state_block(n: int) -> int:
+    """Rows per block of a state-only pass: blocks run in parallel, and a scan walks them, so at
+    least 1024 rows and at most 64 blocks."""
+    return max(1024, 1 << max(0, (n - 1) // 64).bit_length())
 
 
 class GroupExchange:

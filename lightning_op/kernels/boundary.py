@@ -84,12 +84,14 @@ def _block_scan_kernel(
     stride_ib, stride_ih, stride_ik, stride_iv,
     N, H, DK, DV, block, num_entries, init_group,
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr, REVERSE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, STORE_END: tl.constexpr = False,
 ):
     """In place, per sequence (``VARLEN``: grid axis 1, its entries from the ``SEQUENCES`` table;
     else the batch entry's ``ceil(N / block)``): each block's own state becomes its entry
     (forward ``E_(m+1) = lam^rows_m E_m + lam own_m``; reverse ``R_m = lam^(rows_m - 1 + shift)
-    R_(m+1) + own_m``, the first visited block's shift ``INIT_SHIFT``)."""
+    R_(m+1) + own_m``, the first visited block's shift ``INIT_SHIFT``). ``STORE_END`` (forward,
+    dense): entry ``count`` also receives the final state ``S_(N-1) = lam^(rows - 1) E_last + own_last``
+    (no division by lam: exact for vanishing decays)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     b = bh // H
     h = bh % H
@@ -134,6 +136,13 @@ def _block_scan_kernel(
             rows = tl.minimum(block, length - m * block)
             own = tl.load(entry_ptr + m * DK * DV, mask=tile_mask, other=0.0)
             tl.store(entry_ptr + m * DK * DV, state, mask=tile_mask)
+            if STORE_END:
+                if m == count - 1:
+                    if HAS_DECAY:
+                        end = state * tl.exp2(log2_lam * (rows - 1).to(tl.float32)) + own
+                    else:
+                        end = state + own
+                    tl.store(entry_ptr + count * DK * DV, end, mask=tile_mask)
             if HAS_DECAY:  # E_(m+1) = lam (lam^(rows-1) E_m + own_m), every exponent >= 0
                 lam = tl.exp2(log2_lam)
                 state = state * tl.exp2(log2_lam * rows.to(tl.float32)) + own * lam

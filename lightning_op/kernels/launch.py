@@ -589,6 +589,47 @@ def boundary_states(
     return out
 
 
+def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int, *, value_scale: float = 1.0,
+                reverse: bool = False) -> Tensor:
+    """The float32 state ``[B, H, Dk, Dv]`` that :func:`linear_attention` (same arguments, no
+    initial state) ends in, without its outputs: one parallel pass over key and value in blocks of
+    ``block`` rows and a scan over the blocks (``boundary.py``), so key and value are read once
+    and nothing of N rows is written. Forward ``sum_t lam^(N-1-t) value_scale key_t^T value_t``;
+    ``reverse`` (the walk from the end) ``sum_t lam^t value_scale key_t^T value_t``. H as in
+    :func:`boundary_states`."""
+    if not block > 0:
+        raise ValueError(f"final_state: block must be positive, got {block}")
+    b, _, n, dk = key.shape
+    dv = value.shape[-1]
+    h = _compute_heads(key, value)
+    if decay is not None:
+        h = max(h, decay.shape[0])
+    device = key.device
+    if n == 0:
+        return torch.zeros(b, h, dk, dv, dtype=torch.float32, device=device)
+    count = cdiv(n, block)
+    # forward: one more entry, the final state; reverse: entry 0 is the whole walk
+    num_entries = count + (0 if reverse else 1)
+    out = torch.empty(b, h, num_entries, dk, dv, dtype=torch.float32, device=device)
+    block_k = max(16, next_power_of_2(dk))
+    block_v = max(16, min(64, next_power_of_2(dv)))
+    decay_arg = decay if decay is not None else out
+    flags = dict(HAS_DECAY=decay is not None, REVERSE=reverse, BLOCK_K=block_k, VARLEN=False)
+    _direct(_block_state_kernel)[(b * h * cdiv(dv, block_v), count)](
+        key, value, decay_arg, out, None, *key.stride(), *value.stride(),
+        n, h, dk, dv, block, num_entries, value_scale, *_groups(h, key, value),
+        CHUNK=max(16, min(64, next_power_of_2(block))), BLOCK_V=block_v,
+        DOT_DTYPE=_dot_types(key.dtype)["DOT_DTYPE"], PRECISION="ieee", **flags, num_warps=4,
+    )
+    scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
+    end = {} if reverse else dict(STORE_END=True)
+    _Dispatched(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1)](
+        decay_arg, out, out, None, *_strides(None), n, h, dk, dv, block, num_entries, 1,
+        HAS_INIT=False, INIT_SHIFT=1, BLOCK_V=scan_block_v, **flags, **end, num_warps=4,
+    )
+    return out[:, :, 0 if reverse else count]
+
+
 def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:
     """``reference.attention_step`` on the Triton decode kernel: updates the float32 ``state``
     [B, H, Dk, Dv] in place (any strides) and returns the output [B, H, T, Dv] in q's dtype."""
