@@ -30,7 +30,7 @@ summary=()
 for stage in "${stages[@]}"; do
   start=$(date +%s)
   case "$stage" in
-    tests)   # the GPU suite and the kernel tests (on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py),
+    tests)   # the GPU suite and the kernel tests (tests/test_kernels*.py, the decay gradient's; on CUDA there); eight processes share the compile-bound run (see LIGHTNING_TEST_SHARD in tests/conftest.py),
              # a ninth and a tenth build and load the packages (about 200 s each); -v ends a line per test, so a shard cut off by its limit still shows how far it got
              # each AOTInductor package build (about 200 s) gets a process of its own
              pkg=tests/test_gpu.py::test_cuda_package_runs_without_lightning_op
@@ -39,7 +39,7 @@ for stage in "${stages[@]}"; do
              timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider "$pkg" >/tmp/tests-pkg.log 2>&1 &
              timeout "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider "$pkg2" >/tmp/tests-pkg2.log 2>&1 &
              for i in 0 1 2 3 4 5 6 7; do
-               LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-300}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels.py \
+               LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-300}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels*.py tests/test_decay_grad_kernels.py \
                  --deselect "$pkg" --deselect "$pkg2" -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
              done
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
