@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: (family, switch): the form switches a census flips
-SWITCHES = [("forward", "accumulate"), ("forward", "weight_values"), ("forward", "state_accumulate"),
-            ("forward", "update_accumulate"), ("forward", "transposed"), ("key_value", "accumulate"),
-            ("key_value", "update_accumulate"), ("key_value", "late_dk_scores"), ("key_value", "state_accumulate")]
+SWITCHES = [("forward", "accumulate"), ("forward", "state_accumulate"), ("forward", "update_accumulate"),
+            ("forward", "transposed"), ("key_value", "accumulate"), ("key_value", "update_accumulate"),
+            ("key_value", "late_dk_scores")]
 #: (B, N, H, D): the main shape, one long sequence cut in segments, and the narrow and wide heads
 SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128), (2, 32768, 16, 128), (8, 8192, 16, 64), (8, 8192, 16, 256)]
 SMOKE_SHAPES = [(1, 200, 2, 32)]

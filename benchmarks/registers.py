@@ -168,8 +168,6 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=None, help="default: as choose_config")
     parser.add_argument("--block-v", type=int, default=None, help="value columns per program (default: D)")
     parser.add_argument("--chunk", type=int, default=64, help="rows per chunk (default 64)")
-    parser.add_argument("--weight-values", type=int, choices=(0, 1), default=0,
-                        help="the state update's row weights on v instead of k (WEIGHT_VALUES)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
     parser.add_argument("--late-dk-scores", type=int, choices=(0, 1), default=0,
@@ -192,8 +190,8 @@ def main() -> None:
         # update_accumulate as choose_config: on at D = 65-128 (bf16) unless given
         update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"],
-                      ACCUMULATE=bool(accumulate), WEIGHT_VALUES=bool(args.weight_values),
-                      UPDATE_ACCUMULATE=bool(update), LATE_DK_SCORES=bool(args.late_dk_scores),
+                      ACCUMULATE=bool(accumulate), UPDATE_ACCUMULATE=bool(update),
+                      LATE_DK_SCORES=bool(args.late_dk_scores),
                       KEY_PARTS=d // min(d, 64), PART=min(d, 64),
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants

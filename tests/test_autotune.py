@@ -157,7 +157,7 @@ def test_corrupt_file_warns_and_is_replaced(autotune, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("config", [{"bogus": 1}, {"num_warps": 3}, {"block_v": 24}, {"num_stages": "2"},
                                     {"kv_num_warps": 8}, {"decode_block_v": 16}, "block_v=16", {"chunk": 4096},
-                                    {"block_v": 512}, {"num_stages": 64}])
+                                    {"block_v": 512}, {"num_stages": 64}, {"weight_values": 1}])
 def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     """Unknown names, values config_override refuses, another kind's parameters: timed afresh."""
     _write_cache(tmp_path / "autotune.json", {_forward_key(autotune): {"config": config}})
@@ -317,14 +317,13 @@ def test_candidates_of_a_segmented_launch():
     assert _candidates("key_value", whole, 3000, 4096) == [
         {"accumulate": 1}, {"kv_update_accumulate": 1}, {"kv_late_dk_scores": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4},
         {"kv_num_stages": 1},
-        {"kv_num_stages": 3}, {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096}, {"kv_state_split": 2},
-        {"kv_state_accumulate": 1}]
+        {"kv_num_stages": 3}, {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096},
+        {"kv_state_split": 2}]
     one_segment = LaunchConfig(64, 64, 64, 4096, 4, 3, 1, True)
     assert len(_candidates("forward", one_segment, 4000, 4096)) == 4
-    # keys wider than the value block: also the value-row weighting, one stage fewer
+    # keys wider than the value block: the update's row weights stay on the keys (no other form)
     wide = LaunchConfig(64, 256, 64, 8192, 8, 3, 1, False)
-    assert {"weight_values": 1, "num_stages": 2} in _candidates("forward", wide, 8192, 8192)
-    assert not any("weight_values" in c for c in _candidates("forward", cfg, 8000, 8192))
+    assert not any("weight_values" in c for c in _candidates("forward", wide, 8192, 8192))
     # keys of 128: the other output kernel, either way round
     assert {"transposed": 0} in _candidates("forward", dataclasses.replace(cfg, transposed=True), 8000, 8192)
     # keys wider than 128, transposed (bfloat16's default): the other kernel in its own tiles;

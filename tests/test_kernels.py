@@ -86,18 +86,15 @@ def test_head_dims(dk, dv, dtype):
     assert rel_error(final, final_ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("weight_values", [0, 1])
 @pytest.mark.parametrize("accumulate", [0, 1])
-def test_keys_wider_than_the_value_block(accumulate, weight_values):
-    """Keys wider than the value block, with the state update's row weights on the keys or
-    (``weight_values``) on the values: both kernel forms, in the segment-state pass too (several
-    segments and pieces)."""
+def test_keys_wider_than_the_value_block(accumulate):
+    """Keys wider than the value block (the state update's row weights on the wider key tile):
+    both kernel forms, in the segment-state pass too (several segments and pieces)."""
     from lightning_op.kernels import config_override
 
     q, k, v = make_inputs(1, 2, 150, 96, 40, torch.float32, DEVICE, seed=7)
     decay = torch.tensor([0.05, 2.0], device=DEVICE)
-    with config_override(accumulate=accumulate, weight_values=weight_values, chunk=16, block_v=16, segment_len=64,
-                         state_split=2):
+    with config_override(accumulate=accumulate, chunk=16, block_v=16, segment_len=64, state_split=2):
         (out, final), (out_ref, final_ref) = _run(q, k, v, decay, None, reverse=False, init_shift=1,
                                                  segment_len=None)
     assert rel_error(out, out_ref) < TOLERANCE[torch.float32]
@@ -146,12 +143,8 @@ def test_bad_segment_length():
      dict(chunk=16, segment_len=64, state_split=2), dict(chunk=16, segment_len=64, state_split=4, kv_state_split=2),
      dict(accumulate=0, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
      dict(accumulate=1, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
-     dict(weight_values=1, chunk=16, segment_len=64, state_split=2),
-     dict(accumulate=0, state_accumulate=1, kv_state_accumulate=0, chunk=16, segment_len=64, kv_segment_len=48,
-          state_split=2),
-     dict(accumulate=1, state_accumulate=0, kv_state_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48),
+     dict(accumulate=1, state_accumulate=0, chunk=16, segment_len=64, kv_segment_len=48),
      dict(accumulate=0, update_accumulate=1, chunk=16, segment_len=64, state_split=2),
-     dict(accumulate=0, update_accumulate=1, weight_values=1, chunk=16, segment_len=64),
      dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
           state_split=2),
      dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48),
@@ -244,9 +237,13 @@ def test_config_override_validates_and_restores():
     with pytest.raises(ValueError, match="accumulate must be 0 or 1"):
         with config_override(accumulate=2):
             pass
-    with pytest.raises(ValueError, match="kv_state_accumulate must be 0 or 1"):
-        with config_override(kv_state_accumulate=-1):
+    with pytest.raises(ValueError, match="kv_update_accumulate must be 0 or 1"):
+        with config_override(kv_update_accumulate=-1):
             pass
+    for name in ("weight_values", "kv_state_accumulate"):  # not parameters: each has one form, built in
+        with pytest.raises(ValueError, match=f"unknown parameters \\['{name}'\\]"):
+            with config_override(**{name: 1}):
+                pass
     with pytest.raises(ValueError, match="num_warps must be a positive int"):
         with config_override(kv_num_warps=0):
             pass

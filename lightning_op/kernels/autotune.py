@@ -242,10 +242,6 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
             changes.append({"late_dk_scores": int(not cfg.late_dk_scores)})
     if forward and cfg.block_v >= 32:  # fewer registers per program, more programs
         changes.append({"block_v": cfg.block_v // 2})
-    if forward and cfg.block_k > cfg.block_v and not cfg.weight_values:
-        # wide keys: the state update's row weights on the narrower value tile (more shared
-        # memory, hence one stage fewer)
-        changes.append({"weight_values": 1, "num_stages": max(1, cfg.num_stages - 1)})
     if forward and cfg.transposed and cfg.block_k > 128:
         # wide keys: the other output kernel in its own tiles (value blocks of 64, three stages)
         changes.append({"transposed": 0, "block_v": 64, "num_stages": 3})
@@ -267,7 +263,8 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
         changes.append({"state_split": 2 * cfg.state_split})
         if cfg.state_split > 1:
             changes.append({"state_split": cfg.state_split // 2})
-        changes.append({"state_accumulate": int(not cfg.state_accumulate)})  # the state pass's form
+        if forward:  # the state pass's form (the fused backward's always accumulates)
+            changes.append({"state_accumulate": int(not cfg.state_accumulate)})
     return [to_flat(family, change) for change in changes]
 
 

@@ -139,7 +139,7 @@ def _key_value_grad_kernel(
             _store_row_dots(dots_ptr, dk, k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, True)
         # dS <- lam^(length-1+shift) dS + scale sum_i lam^(length-1-i) q_i^T do_i
         state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, UPDATE_ACCUMULATE,
-                              False, DOT_DTYPE, PRECISION)
+                              DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
         if VARLEN:  # the segment that reaches the sequence's first row

@@ -69,7 +69,7 @@ def _segment_state_kernel(
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
-    WEIGHT_VALUES: tl.constexpr = False, VARLEN: tl.constexpr = False,
+    VARLEN: tl.constexpr = False,
 ):
     """Segment ``seg``'s own contribution sum_s lam^(end-s) key_s^T value_s (end = its last row).
 
@@ -117,20 +117,14 @@ def _segment_state_kernel(
             # it underflows, never overflows), and value_scale: the state is never rescaled
             if HAS_DECAY:
                 weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
-                if WEIGHT_VALUES:  # the weight on the value rows (see stages._update_state)
-                    v = v * weight[:, None]
-                else:
-                    k = k * weight[:, None]
+                k = k * weight[:, None]
             else:
                 k = k * value_scale
             state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
         else:
             if HAS_DECAY:  # row weight lam^(CHUNK-1-i), the state decayed by a chunk
                 weight = tl.exp2(log2_lam * (CHUNK - 1 - idx).to(tl.float32))
-                if WEIGHT_VALUES:
-                    v = v * weight[:, None]
-                else:
-                    k = k * weight[:, None]
+                k = k * weight[:, None]
                 state = state * tl.exp2(log2_lam * CHUNK)
             state += _dot(tl.trans(k), v, DOT_DTYPE, PRECISION) * value_scale
 
@@ -286,7 +280,7 @@ def _chunk_output_kernel(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, WEIGHT_VALUES: tl.constexpr = False,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
     UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
     ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
     stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
@@ -294,7 +288,6 @@ def _chunk_output_kernel(
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
-    ``WEIGHT_VALUES``: the state update ``k^T v`` takes the row weights on v, not k.
     ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
     value_scale folded into the mask and the keys, instead of each product in a temporary of its
     own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
@@ -377,7 +370,7 @@ def _chunk_output_kernel(
         if ROW_DOT:
             _store_row_dots(dots_ptr, out, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N, REVERSE)
         state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
-                              ACCUMULATE or UPDATE_ACCUMULATE, WEIGHT_VALUES, DOT_DTYPE, PRECISION)
+                              ACCUMULATE or UPDATE_ACCUMULATE, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
         final_head = h

@@ -32,7 +32,6 @@ class LaunchConfig:
     num_stages: int = 3
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
-    weight_values: bool = False  # the state update's row weights on v, not k (WEIGHT_VALUES)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
@@ -98,7 +97,6 @@ _WARPS = Parameter("num_warps", "power_of_two", "warps per program", cached_maxi
 _STAGES = Parameter("num_stages", "count", "software-pipelining stages of the loads", cached_maximum=4)
 _SEGMENT = Parameter("segment_len", "count", "rows per segment, rounded up to whole chunks (segments run in parallel)")
 _SPLIT = Parameter("state_split", "power_of_two", "pieces per segment in the segment-state pass")
-_STATE_ACCUMULATE = Parameter("state_accumulate", "flag", "the segment-state pass's ACCUMULATE form")
 _UPDATE_ACCUMULATE = Parameter("update_accumulate", "flag", "the state update alone accumulating (UPDATE_ACCUMULATE)")
 _ACCUMULATE = Parameter("accumulate", "flag", "the kernels' ACCUMULATE form (products accumulated in place)")
 
@@ -106,17 +104,17 @@ FORWARD = Family("forward", (
     _CHUNK,
     Parameter("block_v", "tile", "value columns per program", cached_maximum=256),
     _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE,
-    Parameter("weight_values", "flag", "the state update's row weights on v, not k (WEIGHT_VALUES)"),
-    _STATE_ACCUMULATE, _UPDATE_ACCUMULATE,
-    Parameter("transposed", "flag", "the output pass as _chunk_output_t_kernel (its own form: accumulate, "
-                                    "weight_values and update_accumulate do not apply to it)"),
+    Parameter("state_accumulate", "flag", "the segment-state pass's ACCUMULATE form"),
+    _UPDATE_ACCUMULATE,
+    Parameter("transposed", "flag", "the output pass as _chunk_output_t_kernel (its own form: accumulate "
+                                    "and update_accumulate do not apply to it)"),
 ))
 KEY_VALUE = Family("key_value", (
-    _CHUNK, _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE, _STATE_ACCUMULATE, _UPDATE_ACCUMULATE,
+    _CHUNK, _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE, _UPDATE_ACCUMULATE,
     Parameter("late_dk_scores", "flag", "the dk scores after dv's store (LATE_DK_SCORES)"),
     Parameter("fused", "flag", "0: the two-pass composition instead of the fused pass (for comparisons)"),
 ), flat_prefix="kv_", shared=frozenset({"chunk", "num_warps", "num_stages", "segment_len", "state_split", "accumulate",
-                                        "state_accumulate", "update_accumulate"}))
+                                        "update_accumulate"}))
 DECODE = Family("decode", (
     Parameter("block_v", "power_of_two", "value columns per program"),
     Parameter("num_warps", "count", "warps per program"),
@@ -207,13 +205,12 @@ def config_override(*, forward: Optional[dict] = None, key_value: Optional[dict]
     ``config_override(forward=dict(chunk=32), key_value=dict(fused=0))``.
 
     The flat spelling is kept too: unprefixed names (``chunk``, ``block_v``, ``num_warps``,
-    ``num_stages``, ``segment_len``, ``state_split``, ``accumulate``, ``weight_values``,
-    ``state_accumulate``, ``update_accumulate``, ``transposed``) are forward parameters that also
-    apply to the fused backward where it has them; ``kv_``-prefixed names (``kv_chunk``,
-    ``kv_num_warps``, ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``,
-    ``kv_state_accumulate``, ``kv_update_accumulate``, ``kv_late_dk_scores``, ``kv_fused``) apply
-    to the fused backward only and win there; ``decode_block_v`` and ``decode_num_warps`` to the
-    decode step.
+    ``num_stages``, ``segment_len``, ``state_split``, ``accumulate``, ``state_accumulate``,
+    ``update_accumulate``, ``transposed``) are forward parameters that also apply to the fused
+    backward where it has them; ``kv_``-prefixed names (``kv_chunk``, ``kv_num_warps``,
+    ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``, ``kv_update_accumulate``,
+    ``kv_late_dk_scores``, ``kv_fused``) apply to the fused backward only and win there;
+    ``decode_block_v`` and ``decode_num_warps`` to the decode step.
     """
     for name, value in flat.items():
         family = _FLAT[name][0] if name in _FLAT else FORWARD
@@ -384,12 +381,11 @@ def _choose_config(
                 state_split *= 2
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
-    weight_values = False if whole_value else bool(pick("weight_values", 0))
-    state_accumulate = bool(pick("state_accumulate", 1))
+    state_accumulate = bool(pick("state_accumulate", 1))  # key_value has no such parameter: always on
     update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        weight_values, state_accumulate, update_accumulate, late_dk_scores, transposed)
+                        state_accumulate, update_accumulate, late_dk_scores, transposed)
 
 
 def choose_decode(batch_heads: int, dv: int, device: torch.device) -> tuple[int, int]:

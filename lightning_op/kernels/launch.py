@@ -269,7 +269,7 @@ def linear_attention(
             launch_output(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
         else:
             launch_output(_chunk_output_kernel)[grid](
-                *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate, WEIGHT_VALUES=cfg.weight_values,
+                *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate,
                 UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
             )
         if dots is not None and dots is not row_dots:
@@ -439,7 +439,6 @@ def _segment_start_states(
         HAS_DECAY=has_decay, REVERSE=reverse, **packed,
         CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"], ACCUMULATE=cfg.state_accumulate,
-        WEIGHT_VALUES=cfg.weight_values,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

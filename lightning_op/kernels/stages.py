@@ -235,21 +235,15 @@ def _chunk_rows(
 @triton.jit
 def _update_state(
     state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY: tl.constexpr, IN_PLACE: tl.constexpr,
-    WEIGHT_VALUES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``S <- lam^(length-1+shift) S + value_scale sum_s lam^(length-1-s) k_s^T v_s`` over a chunk.
-    ``IN_PLACE``: the product accumulates onto the decayed state, value_scale in the key weights.
-    ``WEIGHT_VALUES``: the weights go on the value rows instead of the key rows (at D = 256 a 64 x
-    64 float32 temporary instead of 64 x 256; that one needed 240 KB of shared memory with 3
-    stages on triton 3.6, past the H200's 227 KB)."""
+    ``IN_PLACE``: the product accumulates onto the decayed state, value_scale in the key weights."""
     if HAS_DECAY:
         weight = _key_decay(log2_lam, idx, length)
         if IN_PLACE:
             weight = weight * value_scale
-        if WEIGHT_VALUES:
-            v = v * weight[:, None]
-        else:
-            k = k * weight[:, None]
+        k = k * weight[:, None]
         state = state * _chunk_decay(log2_lam, length, shift)
     elif IN_PLACE:
         k = k * value_scale
