@@ -53,9 +53,10 @@ import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
-                     _dot_acc, _head, _key_parts, _load_rows, _log2_decay, _packed_piece, _packed_segment,
-                     _segment_chunk, _segment_start_state, _segment_start_state_t, _store_row_dots, _store_row_dots_t,
-                     _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state, _update_state_t)
+                     _dot_acc, _final_at, _head, _key_parts, _load_rows, _log2_decay, _output_segment, _packed_piece,
+                     _rows_at, _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot,
+                     _store_row_dots, _store_row_dots_t, _store_rows, _store_rows_t, _store_state, _store_state_t,
+                     _update_state, _update_state_t)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -298,32 +299,21 @@ def _chunk_output_kernel(
     module's docstring)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    seg = tl.program_id(1)
-    if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
-        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+    # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
+    sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
+                                                                   VARLEN, POOLED)
+    if VARLEN:
         if sequence < 0:
             return
-        if POOLED:  # the sequence's states are a pool row
-            state_row = tl.load(STATE_ROWS + sequence).to(tl.int64)
-        else:
-            state_row = sequence
     b = bh // H
     h = bh % H
-    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
-    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
-    o_ptr = _head(O, b, h, stride_ob, stride_oh)
-    if VARLEN:  # the sequence's rows
-        q_ptr += first_row * stride_qn
-        k_ptr += first_row * stride_kn
-        v_ptr += first_row * stride_vn
-        o_ptr += first_row * stride_on
+    q_ptr = _rows_at(Q, b, h // q_group, stride_qb, stride_qh, stride_qn, first_row, VARLEN)
+    k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
+    v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
+    o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
     if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
-        w_ptr = _head(DOT_WITH, b, h // dot_group, stride_wb, stride_wh)
-        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows
-        if VARLEN:
-            w_ptr += first_row * stride_wn
-            dots_ptr += first_row
+        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
+        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -338,17 +328,8 @@ def _chunk_output_kernel(
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
-    if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
-        init_offset = state_row * stride_ib + (h // init_group) * stride_ih
-        if POOLED:  # from the lead slot where the sequence has one, else from the pool row
-            start_seg = tl.where(slot >= 0, 1, 0)
-        else:
-            start_seg = seg
-        slot = (bh * num_slots + slot) * DK * DV
-    else:
-        init_offset = b * stride_ib + (h // init_group) * stride_ih
-        slot = (bh * num_slots + seg * split - 1) * DK * DV
-        start_seg = seg
+    init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
+                                               num_slots, split, DK, DV, VARLEN, POOLED)
     state = _segment_start_state(
         INIT, init_offset, stride_ik, stride_iv,
         SEG_STATES, slot, start_seg, cols_k, cols_v, tile_mask,
@@ -373,19 +354,11 @@ def _chunk_output_kernel(
                               ACCUMULATE or UPDATE_ACCUMULATE, DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
-        final_head = h
-        if VARLEN:  # the sequence's last segment
-            last = seg_begin + segment_len >= N
-            final_batch = state_row
-            if POOLED:  # a shared state is written by its group's first head
-                final_head = h // final_group
-                last = last & (h % final_group == 0)
-        else:
-            last = seg == num_segments - 1
-            final_batch = b
+        last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
+                                                  final_group, VARLEN, POOLED)
         if last:
-            _store_state(_head(FINAL, final_batch, final_head, stride_fb, stride_fh), stride_fk, stride_fv, state, cols_k,
-                         cols_v, tile_mask)
+            final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
+            _store_state(final_ptr, stride_fk, stride_fv, state, cols_k, cols_v, tile_mask)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -425,49 +398,29 @@ def _chunk_output_t_kernel(
     states and the initial and final states keep their [Dk, Dv] layout in memory."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    seg = tl.program_id(1)
-    if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
-        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+    # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
+    sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
+                                                                   VARLEN, POOLED)
+    if VARLEN:
         if sequence < 0:
             return
-        if POOLED:  # the sequence's states are a pool row
-            state_row = tl.load(STATE_ROWS + sequence).to(tl.int64)
-        else:
-            state_row = sequence
     b = bh // H
     h = bh % H
-    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh)
-    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
-    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
-    o_ptr = _head(O, b, h, stride_ob, stride_oh)
-    if VARLEN:  # the sequence's rows
-        q_ptr += first_row * stride_qn
-        k_ptr += first_row * stride_kn
-        v_ptr += first_row * stride_vn
-        o_ptr += first_row * stride_on
+    q_ptr = _rows_at(Q, b, h // q_group, stride_qb, stride_qh, stride_qn, first_row, VARLEN)
+    k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
+    v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
+    o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
     if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
-        w_ptr = _head(DOT_WITH, b, h // dot_group, stride_wb, stride_wh)
-        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows
-        if VARLEN:
-            w_ptr += first_row * stride_wn
-            dots_ptr += first_row
+        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
+        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
     causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
     log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
-    if VARLEN:  # the sequence's initial state (batch entry `sequence`), the start slot of the table
-        init_offset = state_row * stride_ib + (h // init_group) * stride_ih
-        if POOLED:  # from the lead slot where the sequence has one, else from the pool row
-            start_seg = tl.where(slot >= 0, 1, 0)
-        else:
-            start_seg = seg
-        slot = (bh * num_slots + slot) * DK * DV
-    else:
-        init_offset = b * stride_ib + (h // init_group) * stride_ih
-        slot = (bh * num_slots + seg * split - 1) * DK * DV
-        start_seg = seg
+    init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
+                                               num_slots, split, DK, DV, VARLEN, POOLED)
     states = _segment_start_state_t(
         INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
         slot, start_seg, cols_v, valid_v, DK, stride_sk, stride_sv,
@@ -495,16 +448,9 @@ def _chunk_output_t_kernel(
                                  DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:
-        final_head = h
-        if VARLEN:  # the sequence's last segment
-            last = seg_begin + segment_len >= N
-            final_batch = state_row
-            if POOLED:  # a shared state is written by its group's first head
-                final_head = h // final_group
-                last = last & (h % final_group == 0)
-        else:
-            last = seg == num_segments - 1
-            final_batch = b
+        last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
+                                                  final_group, VARLEN, POOLED)
         if last:
-            _store_state_t(_head(FINAL, final_batch, final_head, stride_fb, stride_fh), stride_fk, stride_fv, states, cols_v,
+            final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
+            _store_state_t(final_ptr, stride_fk, stride_fv, states, cols_v,
                            valid_v, DK, KEY_PARTS, PART)

@@ -57,6 +57,77 @@ def _packed_segment(SEGMENTS, index):
 
 
 @triton.jit
+def _output_segment(SEGMENTS, STATE_ROWS, seg, N, VARLEN: tl.constexpr, POOLED: tl.constexpr):
+    """What an output program walks: ``(sequence, first_row, N, seg, slot, state_row)``. Dense: the
+    segment ``seg`` of its batch entry's N rows (the other values unused). ``VARLEN``: entry
+    ``seg`` of the packed plan (``_packed_segment``; sequence -1: no segment, the program returns),
+    whose states are at batch entry ``state_row``: the sequence's, or with ``POOLED`` its pool row
+    ``STATE_ROWS[sequence]`` (read only for a real segment)."""
+    sequence = 0
+    first_row = 0
+    slot = 0
+    state_row = 0
+    if VARLEN:
+        sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
+        if POOLED:
+            state_row = tl.load(STATE_ROWS + sequence, mask=sequence >= 0, other=0).to(tl.int64)
+        else:
+            state_row = sequence
+    return sequence, first_row, N, seg, slot, state_row
+
+
+@triton.jit
+def _rows_at(ptr, b, head, stride_b, stride_h, stride_n, first_row, VARLEN: tl.constexpr):
+    """Row 0 of ``head`` of batch entry ``b``; ``VARLEN``: of the sequence starting at ``first_row``."""
+    ptr = _head(ptr, b, head, stride_b, stride_h)
+    if VARLEN:
+        ptr += first_row * stride_n
+    return ptr
+
+
+@triton.jit
+def _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group, num_slots, split, DK, DV,
+                VARLEN: tl.constexpr, POOLED: tl.constexpr):
+    """Where an output program's segment starts: ``(init_offset, slot offset, start_seg)`` for
+    ``_segment_start_state`` (segment 0 from the initial state at ``init_offset``, a later one
+    from the scanned states' slot). ``VARLEN``: the plan's start slot and the sequence's initial
+    state; ``POOLED``: segment 0 from the lead slot where the sequence has one (slot >= 0)."""
+    if VARLEN:
+        init_offset = state_row * stride_ib + (h // init_group) * stride_ih
+        if POOLED:
+            start_seg = tl.where(slot >= 0, 1, 0)
+        else:
+            start_seg = seg
+        slot = (bh * num_slots + slot) * DK * DV
+    else:
+        init_offset = b * stride_ib + (h // init_group) * stride_ih
+        slot = (bh * num_slots + seg * split - 1) * DK * DV
+        start_seg = seg
+    return init_offset, slot, start_seg
+
+
+@triton.jit
+def _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row, final_group,
+              VARLEN: tl.constexpr, POOLED: tl.constexpr):
+    """``(whether this program stores the final state, batch entry, head)``: the last segment of
+    its batch entry, or ``VARLEN`` of its sequence, at that entry's (or pool row's) head;
+    ``POOLED`` with a state shared by a group of heads, only the group's first head, at the
+    state's head. (The caller takes the address under its branch: computed before it, the
+    forward's code changes.)"""
+    final_head = h
+    if VARLEN:
+        last = seg_begin + segment_len >= N
+        final_batch = state_row
+        if POOLED:
+            final_head = h // final_group
+            last = last & (h % final_group == 0)
+    else:
+        last = seg == num_segments - 1
+        final_batch = b
+    return last, final_batch, final_head
+
+
+@triton.jit
 def _packed_piece(PIECES, index):
     """Entry ``index`` of a packed batch's piece table (``launch._packed_plan``): the sequence (-1:
     none), its first row (int64) and length, and the piece's index in it; the piece's own state goes
