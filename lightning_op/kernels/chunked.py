@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
-                     _dot_acc, _final_at, _head, _key_parts, _load_rows, _log2_decay, _output_segment, _packed_piece,
-                     _rows_at, _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot,
+                     _dot_acc, _final_at, _head, _key_parts, _load_rows, _log2_decay, _output_program, _packed_piece,
+                     _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot,
                      _store_row_dots, _store_row_dots_t, _store_rows, _store_rows_t, _store_state, _store_state_t,
                      _update_state, _update_state_t)
 
@@ -297,23 +297,17 @@ def _chunk_output_kernel(
     instructions than either form and no spills (``benchmarks/registers.py``); the output's
     accumulated product is what spills there. ``ROW_DOT``: the rows' dot products with R (see the
     module's docstring)."""
-    pid_v, bh = _block_and_head(DV, BLOCK_V)
-    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
-    sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
-                                                                   VARLEN, POOLED)
+    (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
+     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
+        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
+        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
     if VARLEN:
         if sequence < 0:
             return
-    b = bh // H
-    h = bh % H
-    q_ptr = _rows_at(Q, b, h // q_group, stride_qb, stride_qh, stride_qn, first_row, VARLEN)
-    k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
-    v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
-    o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
-    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
-        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
-        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
+    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -396,23 +390,17 @@ def _chunk_output_t_kernel(
     and bfloat16's wider ones): forward 1.355 ms against 1.804 for ``_chunk_output_kernel`` at B8
     N8K H16 D256 (value blocks of 128, two stages), 0.339 against 0.372 at D = 128. The segment
     states and the initial and final states keep their [Dk, Dv] layout in memory."""
-    pid_v, bh = _block_and_head(DV, BLOCK_V)
-    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
-    sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
-                                                                   VARLEN, POOLED)
+    (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
+     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
+        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
+        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
     if VARLEN:
         if sequence < 0:
             return
-    b = bh // H
-    h = bh % H
-    q_ptr = _rows_at(Q, b, h // q_group, stride_qb, stride_qh, stride_qn, first_row, VARLEN)
-    k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
-    v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
-    o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
-    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
-        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
-        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
+    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)

@@ -86,6 +86,35 @@ def _rows_at(ptr, b, head, stride_b, stride_h, stride_n, first_row, VARLEN: tl.c
 
 
 @triton.jit
+def _output_program(
+    Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
+    q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows,
+    BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, POOLED: tl.constexpr, ROW_DOT: tl.constexpr,
+):
+    """An output program's work: its value block and compute head, its segment
+    (``_output_segment``: the caller returns where ``VARLEN``'s sequence is -1), and row 0 of its
+    segment's sequence in q, k, v, the output and, with ``ROW_DOT``, R and DOTS (else q's, unused):
+    ``(pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q, k, v, o, w, dots)``."""
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
+    sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
+                                                                   VARLEN, POOLED)
+    b = bh // H
+    h = bh % H
+    q_ptr = _rows_at(Q, b, h // q_group, stride_qb, stride_qh, stride_qn, first_row, VARLEN)
+    k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
+    v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
+    o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
+    w_ptr = q_ptr
+    dots_ptr = q_ptr
+    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
+        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
+        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
+    return pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr
+
+
+@triton.jit
 def _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group, num_slots, split, DK, DV,
                 VARLEN: tl.constexpr, POOLED: tl.constexpr):
     """Where an output program's segment starts: ``(init_offset, slot offset, start_seg)`` for
