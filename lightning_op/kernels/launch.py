@@ -24,8 +24,8 @@ from .backward import _key_value_grad_kernel
 from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import (_chunk_output_kernel, _chunk_output_t_kernel, _packed_plan_kernel, _segment_scan_kernel,
                       _segment_state_kernel)
-from .config import LaunchConfig, cdiv, choose_config, choose_decode, next_power_of_2
-from .decode import _decode_step_kernel
+from .config import LaunchConfig, cdiv, choose_config, next_power_of_2
+from .decode import launch_decode_step
 
 __all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decode_step", "SegmentStates",
            "state_itemsize_of"]
@@ -631,18 +631,6 @@ def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int,
 
 def decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Optional[Tensor], scale: float) -> Tensor:
     """``reference.attention_step`` on the Triton decode kernel: updates the float32 ``state``
-    [B, H, Dk, Dv] in place (any strides) and returns the output [B, H, T, Dv] in q's dtype."""
-    b, h, t, dk = q.shape
-    dv = v.shape[-1]
-    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
-    if t == 0:
-        return out
-    block_k = max(16, next_power_of_2(dk))
-    block_v, num_warps = choose_decode(b * h, dv, q.device)
-    _direct(_decode_step_kernel)[(b * h * cdiv(dv, block_v),)](
-        q, k, v, out, state, decay if decay is not None else state,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(),
-        t, h, dk, dv, scale,
-        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=num_warps,
-    )
-    return out
+    [B, H, Dk, Dv] in place (any strides) and returns the output [B, H, T, Dv] in q's dtype (the
+    dense form of :func:`.decode.launch_decode_step`)."""
+    return launch_decode_step(q, k, v, state, decay, scale)
