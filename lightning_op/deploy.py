@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import backends, ops, reference
 from ._export import require_program, with_graph
+from ._layout import empty_bhnd, output_bnhd
 from .kernels import linear_attention
 
 __all__ = ["attn_inference", "for_package", "SEGMENT_LEN"]
@@ -63,6 +64,8 @@ def attn_inference(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor] = No
     if q.device.type == "cuda":
         return kernel_forward(q, k, v, decay, scale, initial_state, cu_seqlens)
     out, final = reference.attention_forward_scan(q, k, v, decay, scale, initial_state, cu_seqlens=cu_seqlens)
+    if output_bnhd(q):  # stored as lightning::attn stores it (the graph's later views were traced on that)
+        out = empty_bhnd(out.shape, out.dtype, out.device, True).copy_(out)
     return out, final.to(torch.float32)
 
 
@@ -73,11 +76,12 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], sca
     alone (``ceil(N / SEGMENT_LEN) + S`` segments, see ``kernels.launch._packed_plan``) and built on
     the device, so nothing is read on the host. Grouped heads run per query head, as
     ``backends.forward`` does: a decay ``[Hkv]`` is repeated over each group, and where a group
-    shares its state the group's first head's is returned (contiguous, as ``lightning::attn``'s fake)."""
+    shares its state the group's first head's is returned (contiguous, as ``lightning::attn``'s fake).
+    The output is stored in q's layout, as ``lightning::attn`` stores it."""
     h = q.shape[1]
     out, final = linear_attention(
         q, k, v, backends.compute_decay(decay, h), out_scale=scale, initial_state=initial_state,
-        segment_len=SEGMENT_LEN, traceable=True, cu_seqlens=cu_seqlens,
+        segment_len=SEGMENT_LEN, traceable=True, cu_seqlens=cu_seqlens, out_bnhd=output_bnhd(q),
     )
     state_heads = reference.state_heads(h, k.shape[1], decay)
     if state_heads < h:

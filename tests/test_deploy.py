@@ -28,6 +28,7 @@ def test_attn_inference_equals_attn_on_cpu(n, decay_kind, with_init, dtype):
     out, final = torch.ops.lightning.attn_inference(q, k, v, decay, 0.6, init)
     expected_out, expected_final = torch.ops.lightning.attn(q, k, v, decay, 0.6, init)
     assert out.dtype == expected_out.dtype and final.dtype == torch.float32
+    assert out.stride() == expected_out.stride()  # stored as attn stores it: q's [B, N, H, D] layout
     assert rel_error(out, expected_out) < TOLERANCE[dtype]
     assert rel_error(final, expected_final) < TOLERANCE[torch.float32]
 
