@@ -54,8 +54,8 @@ def _key_value_grad_kernel(
     and dv; scale is folded into the mask in both forms). ``LATE_DK_SCORES`` (the other form only):
     dk's chunk scores ``(v do^T) * M`` are computed after dv is stored instead of beside dv's; on
     sm_90 at D = 128 that halves the loop's spills (``benchmarks/registers.py``: 1169 -> 1075
-    instructions, 102 -> 50 local accesses); on the H200 4.8% faster forward+backward at the main
-    shape (RESULTS.md, 2026-12-02), the default for keys up to 128 wide. ``VARLEN`` (packed
+    instructions, 102 -> 50 local accesses) and is faster (benchmarks/RESULTS.md), the default for
+    keys up to 128 wide. ``VARLEN`` (packed
     sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence and walks
     it from the sequence's end; dS_0 is stored per sequence. ``ROW_DOT``: dk's rows dotted with
     k's (see the module's docstring)."""

@@ -386,10 +386,9 @@ def _chunk_output_t_kernel(
     the update as loaded, and with eight warps each warp group owns 64 value rows of the state, so
     one program covers 128 value columns and reads q and k once for them. Keys wider than 64 are
     split into parts so that the state's 16-bit copy for that product is one part at a time.
-    On the H200 (RESULTS.md, 2026-12-02; the default since then for 16-bit keys of 65-128 columns
-    and bfloat16's wider ones): forward 1.355 ms against 1.804 for ``_chunk_output_kernel`` at B8
-    N8K H16 D256 (value blocks of 128, two stages), 0.339 against 0.372 at D = 128. The segment
-    states and the initial and final states keep their [Dk, Dv] layout in memory."""
+    It is the faster form for 16-bit keys of 65-128 columns and bfloat16's wider ones (the default
+    there; timings in benchmarks/RESULTS.md). The segment states and the initial and final states
+    keep their [Dk, Dv] layout in memory."""
     # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
     (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
      q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(

@@ -314,8 +314,8 @@ def _chunk_rows(
     product accumulates onto the state's share.
     Otherwise each product has its own tile, and one fused multiply-add per element combines
     them: written as a sum, the compiler would accumulate the one product onto the other, as the
-    other form does, which spills at D = 128 (registers.py); measured 0-4% faster forward than
-    three scaling passes (H200, RESULTS.md 2026-12-02)."""
+    other form does, which spills at D = 128 (registers.py), and it times faster than three
+    scaling passes (benchmarks/RESULTS.md)."""
     if ACCUMULATE:
         inter = _state_share(x, state, TRANSPOSE_STATE, STATE_DOT_DTYPE, STATE_PRECISION)
         if HAS_DECAY:
