@@ -45,11 +45,13 @@ def output_bnhd(q: Tensor) -> bool:
     expects are the ones the kernels write: sizes known to the tracer are compared without a
     guard; where symbolic sizes leave the comparison open (a dynamic head count), it is decided by
     the example's values under a guard (a graph traced for one layout is not reused for the other)."""
-    from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
-
     if q.shape[1] == 1:  # one head: the two layouts are the same storage order
         return False
     rows_apart = q.stride(1) < q.stride(2)
+    if isinstance(rows_apart, bool):  # concrete sizes (every eager call): nothing to prove
+        return rows_apart
+    from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+
     if statically_known_true(rows_apart):
         return True
     if statically_known_true(q.stride(1) >= q.stride(2)):

@@ -209,7 +209,6 @@ def linear_attention(
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
         num_segments = cdiv(n_at_least_1, cfg.segment_len)
-        lead_slots = _lead_slots(num_segments, cu_seqlens.shape[0] - 1, lead_all) if pooled else 0
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
                                                             cfg.state_split, launch, state_rows=state_rows,
                                                             lead_all=lead_all)
@@ -224,7 +223,8 @@ def linear_attention(
         num_slots, state_strides = 0, (dv, 1)
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1 or lead_all:
-            num_slots = _num_slots(num_segments, cfg.state_split) + lead_slots
+            # a packed plan's piece table has a row per slot (lead slots included)
+            num_slots = _num_slots(num_segments, cfg.state_split) if plan is None else plan.pieces.shape[0]
             if not traceable and start_states is not None and start_states.fits(cfg, num_slots, dk, dv, device,
                                                                                 plan is not None):
                 seg_states, state_strides = start_states.states, start_states.strides()
@@ -232,7 +232,7 @@ def linear_attention(
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments, h,
                     value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch, plan=plan,
-                    state_rows=state_rows, lead_slots=lead_slots,
+                    state_rows=state_rows,
                 )
                 if keep_start_states is not None:
                     keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split,
@@ -408,7 +408,7 @@ def _num_slots(num_segments, state_split: int):
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
-    plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None, lead_slots: int = 0,
+    plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None,
 ) -> Tensor:
     """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
     heads (key, value and initial state read per compute head as in :func:`linear_attention`),
@@ -419,14 +419,13 @@ def _segment_start_states(
     when N is symbolic (``state_split`` is then 1). With a ``plan`` (packed sequences) the same
     number of slots holds the pieces of every sequence's segments but its last, sequence after
     sequence (:func:`_packed_plan`), and the scan runs per sequence. ``state_rows``: the initial
-    states are rows of a pool, copied to the lead slots (``lead_slots`` more slots, see
-    :func:`_packed_plan`)."""
+    states are rows of a pool, copied to the plan's lead slots (:func:`_packed_plan`)."""
     b, _, n, dk = key.shape
     dv = value.shape[-1]
     h = heads
     num_v_blocks = cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
-    num_pieces = _num_slots(num_segments, cfg.state_split) + lead_slots
+    num_pieces = _num_slots(num_segments, cfg.state_split) if plan is None else plan.pieces.shape[0]
     seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
