@@ -43,9 +43,10 @@ class Stage(enum.IntEnum):
     DECAY = 2  # the weights along the sequence are not c * lam^(t - s) with lam <= 1
     CAUSAL = 3  # a position sees later ones, or the mask is no function of t - s
     VALUES = 4  # random q, k, v disagree, at the traced length or at another a symbolic one takes
-    SUPPORT = 5  # attention, perhaps, but not what lightning::attn takes (dtypes, head dims, a learnable decay)
-    IN_PLACE = 6  # part of the region is written in place, which the probes cannot follow
-    INTERNAL = 7  # the recogniser failed: reported, never a reason to rewrite
+    PACKED = 5  # attention over one sequence, but its mask per packed sequence is not the op's (packing.py)
+    SUPPORT = 6  # attention, perhaps, but not what lightning::attn takes (dtypes, head dims, a learnable decay)
+    IN_PLACE = 7  # part of the region is written in place, which the probes cannot follow
+    INTERNAL = 8  # the recogniser failed: reported, never a reason to rewrite
 
 
 class Reject(Exception):
@@ -176,6 +177,7 @@ class Candidate:
     # a tensor computed from trainable parameters alone, one number per head, that the mask is built
     # from: the decay passed to the op live (its value here is the parameters' current one)
     decay_source: Optional[fx.Node] = None
+    packing: Optional[object] = None  # packing.Packing: a mask per packed sequence, all true while probed
 
     @property
     def device(self) -> torch.device:

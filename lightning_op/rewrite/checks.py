@@ -119,6 +119,7 @@ class Match:
     decay_form: Optional[str] = None  # "slope": the source is the decay; "lam": it is exp(-decay)
     kv_heads: Optional[int] = None  # k and v taken before their repetition: the op's grouped heads
     shared_states: bool = False  # grouped, and the decay passed per kv head (a group shares its state)
+    packing: Optional[object] = None  # packing.Packing: the op's cu_seqlens come from its boundaries
 
 
 def verify(cand: Candidate, ev: g.Evaluator) -> Match:
@@ -298,6 +299,19 @@ def _expected(cand: Candidate, fit: Fit, q, k, v, state=None):
     decay = None if fit.decay is None else fit.decay.to(q.device)
     return reference.attention_forward_chunked(_head_scaled(q, q_factor), k, _head_scaled(v, v_factor), decay,
                                                scale, state)
+
+
+def masked_expected(cand: Candidate, fit: Fit, q, k, v, weights: torch.Tensor) -> torch.Tensor:
+    """What the op computes from the fit with every score (t, s) also weighted by ``weights[t, s]``
+    ([N, N], float64): ``c ((Q K^T) * M * W) V``, written out in float64, [B, H, N, Dv]."""
+    scale, q_factor, v_factor = fit.factors(cand.tolerance)
+    q, v = _head_scaled(q, q_factor), _head_scaled(v, v_factor)
+    n = q.shape[2]
+    t = torch.arange(n, dtype=torch.float64, device=q.device)
+    gap = t[:, None] - t[None, :]
+    decay = torch.zeros(q.shape[1], dtype=torch.float64) if fit.decay is None else fit.decay
+    mask = torch.exp(-decay.to(q.device)[:, None, None] * gap.clamp(min=0)) * (gap >= 0)
+    return scale * ((q @ k.transpose(-1, -2)) * mask * weights) @ v
 
 
 def _random_inputs(cand: Candidate, ev: g.Evaluator, seed: int):

@@ -333,14 +333,17 @@ def shape_env_of(graph: fx.Graph):
 
 class Evaluator:
     """Evaluates constant nodes (in their own dtype) and regions (in float64) of one graph, for one
-    binding of the shape symbols (``bindings``: sympy symbol -> int; unbound symbols take their hint)."""
+    binding of the shape symbols (``bindings``: sympy symbol -> int; unbound symbols take their hint).
+    ``overrides`` gives constants their value instead of computing it: a tensor, or a function of
+    the evaluator (a packing mask, all true at whatever length is bound)."""
 
     def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict, bindings: Optional[dict] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, overrides: Optional[dict] = None):
         self.gm, self.classes, self.const_values = gm, classes, const_values
         self.shape_env = shape_env_of(gm.graph)
         self.bindings = dict(bindings or {})
         self.device = device
+        self.overrides = dict(overrides or {})
         self._memo: dict[fx.Node, Any] = {}
 
     # sizes
@@ -370,7 +373,13 @@ class Evaluator:
 
     def rebound(self, bindings: dict) -> "Evaluator":
         """An evaluator of the same graph with these symbols bound to other values."""
-        return Evaluator(self.gm, self.classes, self.const_values, {**self.bindings, **bindings}, self.device)
+        return Evaluator(self.gm, self.classes, self.const_values, {**self.bindings, **bindings}, self.device,
+                         self.overrides)
+
+    def with_overrides(self, overrides: dict) -> "Evaluator":
+        """An evaluator of the same graph and sizes with these constants given their values."""
+        return Evaluator(self.gm, self.classes, self.const_values, self.bindings, self.device,
+                         {**self.overrides, **overrides})
 
     # constants
     def const(self, node: fx.Node) -> Any:
@@ -394,6 +403,9 @@ class Evaluator:
         return op_name(node) in SHAPE_ONLY_OPS
 
     def _eval_const(self, node: fx.Node) -> Any:
+        if node in self.overrides:
+            value = self.overrides[node]
+            return value(self) if callable(value) else value
         cls = self.classes.get(node)
         if cls == SYM and node.op == "call_function" and node.all_input_nodes and all(
                 self.classes.get(a) in (CONST, SYM) for a in node.all_input_nodes):

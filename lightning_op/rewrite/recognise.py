@@ -40,6 +40,7 @@ from . import graph as g
 from .candidate import (PROBE_SIZE, Candidate, Reading, Reject, Stage, probe_limit, readings, size_key,
                         state_layouts)
 from .checks import Match, check_final_state, check_repeat, tolerance, verify
+from .packing import Packing, check_packed, find_packings, packing_of, reclassify
 from .report import logger
 
 _MAX_REGION_NODES = 20000
@@ -78,9 +79,12 @@ class Recogniser:
     and the readings of each region as a :class:`Candidate`, which :func:`checks.verify` checks."""
 
     def __init__(self, gm: fx.GraphModule, classes: dict, const_values: dict, written: set):
-        self.classes = classes
+        # a mask per packed sequence is a constant here, all true (one sequence); packing.py proves the rest
+        self.packings, self.unproven_packings = find_packings(gm, classes)
+        self.classes = classes = reclassify(classes, self.packings)
         self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.evaluator = g.Evaluator(gm, classes, const_values, _probe_bindings(gm))
+        overrides = {p.same: p.all_true for p in self.packings.values()}
+        self.evaluator = g.Evaluator(gm, classes, const_values, _probe_bindings(gm), overrides=overrides)
         self.written = written  # g.written_in_place of the graph
 
     # --- regions
@@ -138,6 +142,7 @@ class Recogniser:
                                  "lightning::attn takes a learnable decay, one number per head, but no other "
                                  "learnable weight or mask", Stage.SUPPORT)
                 if not g.is_linear(arg, self.classes):
+                    self._refuse_unproven_packing([arg])
                     raise Reject(f"the output depends on {arg.name} ({g.describe(arg)}) besides q, k and v")
                 stack.append(arg)
         return sorted(region, key=self.position.__getitem__)
@@ -312,6 +317,8 @@ class Recogniser:
                         for candidate in candidates:
                             try:
                                 match = verify(candidate, self.evaluator)
+                                if candidate.packing is not None:
+                                    check_packed(candidate, match, self.evaluator)
                             except Reject:
                                 if candidate is candidates[-1]:
                                     raise
@@ -360,7 +367,8 @@ class Recogniser:
         candidates = []
         for region, source in regions:
             tol = tolerance(region, self.classes, None if source is None else g.tensor_val(source).dtype)
-            candidates.extend(Candidate(output, inputs, layouts, reading, region, tol, carried, layout, source)
+            packing = packing_of(region, self.packings)
+            candidates.extend(Candidate(output, inputs, layouts, reading, region, tol, carried, layout, source, packing)
                               for layout in state_options)
         return candidates
 
@@ -424,6 +432,7 @@ class Recogniser:
                          and g.tensor_val(leaf) is not None and g.tensor_val(leaf).is_floating_point()]
             if len(qkv) != 3 or not extra:
                 continue
+            self._refuse_unproven_packing(extra)
             described = ", ".join(f"{n.name} ({g.describe(n)}, {list(g.tensor_val(n).shape)})" for n in extra[:3])
             described += f" and {len(extra) - 3} more" if len(extra) > 3 else ""
             extra_sources = _sources(extra, self.classes)
@@ -437,6 +446,16 @@ class Recogniser:
                          "passed to the model, or one computed before a graph break (at Tensor.item() under "
                          "torch.compile; compiling with `from lightning_op.rewrite import compile`, or with "
                          "fullgraph=True, keeps it in the graph)")
+
+    def _refuse_unproven_packing(self, nodes) -> None:
+        """Reject, saying why, where ``nodes`` are computed from a comparison of sequence ids that
+        is no proven packing (``packing.find_packings``)."""
+        if not self.unproven_packings:
+            return
+        behind = _ancestors(nodes, set(self.position))
+        for same, reason in self.unproven_packings.items():
+            if same in behind:
+                raise Reject(f"the output is masked per packed sequence ({same.name}), and {reason}", Stage.PACKED)
 
     # --- final states
 
@@ -454,6 +473,8 @@ class Recogniser:
         """Find the states the model returns beside ``match``'s output (computed from k and v, and the
         state carried in, alone), and keep in ``match`` those that are the op's final state times a
         weight per head; each other state-shaped one gets a note saying why it keeps its computation."""
+        if cand.packing is not None:
+            return  # a state summed over the sequences of a packed batch is none of the op's states
         q, k, v = cand.inputs
         region = set(cand.region)
         sources = {k, v} | ({cand.state_in} if cand.state_in is not None else set())

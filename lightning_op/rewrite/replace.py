@@ -89,6 +89,25 @@ def _live_decay(emit: _Emitter, match: Match) -> fx.Node:
     return node
 
 
+def _cu_seqlens(emit: _Emitter, match: Match, q: fx.Node) -> fx.Node:
+    """The op's ``cu_seqlens`` for a packed batch, computed in the graph from the model's boundaries
+    X: ``[0, clamp(X + shift, 0, N), N]`` in int64 on q's device (``packing.py`` says why these are
+    the sequences of the model's ids, whatever X holds)."""
+    packing = match.packing
+    q_val = g.tensor_val(q)
+    length = q_val.shape[2]
+    n = emit(aten.sym_size.int, q, 2) if isinstance(length, torch.SymInt) else int(length)
+    bounds = packing.boundaries
+    if g.tensor_val(bounds).dtype != torch.int64 or g.tensor_val(bounds).device != q_val.device:
+        bounds = emit(aten._to_copy.default, bounds, dtype=torch.int64, device=q_val.device)
+    if packing.shift:
+        bounds = emit(aten.add.Tensor, bounds, packing.shift)
+    start = emit(aten.full.default, [1], 0, dtype=torch.int64, device=q_val.device)
+    end = emit(aten.full.default, [1], n, dtype=torch.int64, device=q_val.device)
+    cu = emit(aten.cat.default, [start, bounds, end])
+    return emit(aten.minimum.default, emit(aten.clamp_min.default, cu, 0), end)
+
+
 def _op_decay(match: Match):
     """The decay as the op takes it: per kv head where a group shares its state; per query head where
     k and v are grouped but each query head keeps its own state (zeros where the model has no decay:
@@ -155,7 +174,8 @@ def replace(gm: fx.GraphModule, match: Match) -> dict[str, fx.Node]:
         decay = (_live_decay(emit, match) if match.decay_source is not None
                  else _decay_node(emit, _op_decay(match), device))
         state = None if match.state_in is None else _state_as_canonical(emit, match.state_in, match.state_layout)
-        call = emit(torch.ops.lightning.attn.default, q, k, v, decay, match.scale, state)
+        cu_seqlens = None if match.packing is None else _cu_seqlens(emit, match, q)
+        call = emit(torch.ops.lightning.attn.default, q, k, v, decay, match.scale, state, cu_seqlens)
         out = emit(operator.getitem, call, 0)
         if match.out_layout == "gnd":
             out = emit(aten.select.int, out, 0, 0)
