@@ -93,12 +93,20 @@ def test_for_package_refuses_other_lightning_ops():
         for_package(torch.nn.Linear(2, 2))
 
 
+def _package(program, path) -> None:
+    """AOTInductor's CPU package of ``program``, its C++ kernels not vectorised: vectorising them
+    (Inductor's own codegen, the same for every graph) doubles the build on two cores, mostly in
+    sympy tiling analysis of the dynamic shapes, and is no part of what these tests check."""
+    with torch._inductor.config.patch({"cpp.simdlen": 0}):
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
 @pytest.mark.slow
 def test_cpu_package_runs_without_lightning_op(tmp_path):
     torch.manual_seed(0)
     model = _TwoLayers().eval()
     ep, states = _export(model)
-    torch._inductor.aoti_compile_and_package(for_package(ep), package_path=str(tmp_path / "model_aoti.pt2"))
+    _package(for_package(ep), tmp_path / "model_aoti.pt2")
     with torch.no_grad():
         # lengths on both sides of whole chunks of 64, and one token
         cases = [(f"{n} tokens", (x, states), model(x, states))
@@ -301,7 +309,7 @@ def test_cpu_package_of_packed_grouped_heads(tmp_path):
                              dynamic_shapes=({1: rows}, {0: sequences + 1}, {0: sequences}, {0: sequences}))
     standalone = for_package(ep)
     assert _lightning_targets(standalone) == ["lightning.attn_inference.default"] * 2
-    torch._inductor.aoti_compile_and_package(standalone, package_path=str(tmp_path / "model_aoti.pt2"))
+    _package(standalone, tmp_path / "model_aoti.pt2")
     all_lengths = ([77], [1, 63], [64, 0, 65, 3], [0, 130, 0, 7, 1], [300, 20])
     with torch.no_grad():
         cases = [(f"lengths {lengths}", inputs, model(*inputs))
