@@ -4,7 +4,7 @@ Importing this package registers ``torch.ops.lightning.attn`` and ``torch.ops.li
 """
 
 from . import nn, ops  # noqa: F401  (importing ops registers the ops)
-from . import distributed  # noqa: F401  (registers the DTensor sharding rules)
+from . import distributed  # noqa: F401  (registers the DTensor sharding rules once DTensor is imported)
 from .functional import attn_step, disable_autotune, enable_autotune, lightning_attn
 from .reference import slopes
 from .rewrite import report as rewrite_report, rewrite

@@ -24,6 +24,9 @@ rank's share: the terms of ``S_r`` and of its share of ``S_final``, whose decay 
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from typing import Optional, Union
 
 import torch
@@ -327,5 +330,48 @@ def _register_sharding_rules() -> None:
         ]
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``action`` right after the first import of module ``name`` completes: importing the
+    DTensor package costs about 0.9 s, which ``import lightning_op`` should not spend for users who
+    never shard, while a DTensor must find the rules as soon as one can exist."""
+
+    def __init__(self, name: str, action) -> None:
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot; and the real spec is found by the finders after this one
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRun(spec.loader, self.action)
+        return spec
+
+
+class _ThenRun(importlib.abc.Loader):
+    """A module's own loader, then ``action`` once the module has run; anything else is the loader's."""
+
+    def __init__(self, loader, action) -> None:
+        self._loader, self._action = loader, action
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._action()
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _when_imported(name: str, action) -> None:
+    """``action()`` now if module ``name`` is imported, else right after its first import."""
+    if name in sys.modules:
+        action()
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, action))
+
+
 if dist.is_available():
-    _register_sharding_rules()
+    _when_imported("torch.distributed.tensor", _register_sharding_rules)

@@ -281,6 +281,30 @@ def _compiled(rank, world, lengths):
     return errors
 
 
+_ORDERS = {  # what a process imports, in order; then whether DTensor was loaded, and the rules
+    "lightning_op": "import lightning_op\nloaded = 'torch.distributed.tensor' in sys.modules\n"
+                    "import torch.distributed.tensor",
+    "torch.distributed.tensor": "import torch.distributed.tensor\nimport lightning_op\nloaded = None",
+    "torch._dynamo": "import lightning_op\nimport torch._dynamo  # imports the DTensor package itself\nloaded = None",
+}
+_RULES = """
+from torch.distributed.tensor._api import DTensor
+strategies = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
+print(loaded, sorted(str(op) for op in strategies if op.namespace == "lightning"))
+"""
+
+
+@pytest.mark.parametrize("first", list(_ORDERS))
+def test_sharding_rules_are_registered_whichever_is_imported_first(first):
+    """``import lightning_op`` does not import the DTensor package (about 0.9 s); the rules are
+    registered when it is imported, before or after, directly or through another package."""
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + _ORDERS[first] + _RULES], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    loaded = "False" if first == "lightning_op" else "None"
+    assert result.stdout.strip() == f"{loaded} ['lightning.attn.default', 'lightning.attn_bwd.default']", result.stdout
+
+
 def _dtensor(rank, world, placement):
     """The op on batch- or head-sharded DTensors: the local op, no collective, forward and backward."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
