@@ -13,9 +13,10 @@ import multiprocessing
 import os
 import queue
 import re
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -38,9 +39,9 @@ FLOAT64 = 1e-12
 # ----------------------------------------------------------------------------- process pools
 
 
-def _serve(rank, world, port, tasks, results):
+def _serve(rank, world, store, tasks, results):
     torch.set_num_threads(1)  # several ranks share few cores: spinning thread pools would slow them all
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     while (task := tasks.get()) is not None:
         fn, kwargs = task
         try:
@@ -54,14 +55,15 @@ class RankPool:
     """``world`` processes joined in a gloo group, running module-level task functions."""
 
     def __init__(self, world: int) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # a file store, not a TCP one on a port probed free: test processes running side by side
+        # (pytest -n) could take the same port between the probe and the bind
+        self.folder = tempfile.mkdtemp(prefix="lightning_op_ranks_")
+        store = os.path.join(self.folder, "store")
         context = multiprocessing.get_context("spawn")
         self.world, self.results = world, context.Queue()
         self.tasks = [context.Queue() for _ in range(world)]
         self.processes = [
-            context.Process(target=_serve, args=(rank, world, port, self.tasks[rank], self.results), daemon=True)
+            context.Process(target=_serve, args=(rank, world, store, self.tasks[rank], self.results), daemon=True)
             for rank in range(world)
         ]
         for process in self.processes:
@@ -105,6 +107,7 @@ class RankPool:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
