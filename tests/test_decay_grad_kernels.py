@@ -67,8 +67,9 @@ def test_row_dots_of_the_output_rows(dtype, reverse, transposed, packed, block_v
         out, final = linear_attention(q, k, v, decay, row_dot_with=with_, row_dots=dots, **arguments)
         # the unrounded rows: the same call on float32 copies (the interpreter's products are float32)
         wide_out, wide_final = linear_attention(q.float(), k.float(), v.float(), decay, **arguments)
-    # the option leaves the outputs as they are (16-bit inputs: a configuration of their own)
-    exact = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    # the option leaves the outputs as they are (16-bit inputs: a configuration of their own, whose
+    # tensor-core products on a GPU round the scores to 16 bits, where the float32 copies' do not)
+    exact = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=3e-2)
     torch.testing.assert_close(out.float(), wide_out, **exact)
     torch.testing.assert_close(final, wide_final, **exact)
     want = (wide_out * with_.float().repeat_interleave(2, 1)).sum(-1)
@@ -109,6 +110,13 @@ def test_key_row_dots_of_the_fused_pass(dtype, h, hkv, batch, packed, segment_le
     for got, want in zip((dk, dv, ds0), plain):  # the option leaves the gradients as they are
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     keys = k.float().repeat_interleave(h // hkv, 1)
+    if DEVICE == "cuda" and dtype != torch.float32:
+        # a GPU's 16-bit products round the pass's intermediates, so the float32 copies' dk is another
+        # dk: the dots must be those of this pass's rows before their rounding to 16 bits
+        rounded = (dk.float() * keys).sum(-1)
+        bound = (dk.float().abs() * keys.abs()).sum(-1) * 2.0 ** -8
+        assert ((dots - rounded).abs() <= bound + 1e-6).all()
+        return
     want = (wide_dk * keys).sum(-1)
     torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     if dtype == torch.float32:  # torch's products of the pass's own dk

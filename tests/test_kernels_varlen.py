@@ -282,7 +282,7 @@ def test_the_plan_of_a_packed_batch():
     assert plan.segments.shape[0] == -(-sum(many) // 64) + len(many)
     assert plan.segments[:, 0].tolist() == torch.arange(len(many)).repeat_interleave(counts).tolist() + \
         [-1] * (plan.segments.shape[0] - int(counts.sum()))
-    assert torch.equal(plan.sequences[:, 2].long(), first) and plan.pieces[:, 0].max() == len(many) - 1
+    assert torch.equal(plan.sequences[:, 2].long().cpu(), first) and plan.pieces[:, 0].max() == len(many) - 1
 
 
 def test_traced_with_symbolic_lengths(monkeypatch):
@@ -320,7 +320,8 @@ def _boundary_loop(k, v, decay, init, block, value_scale, reverse, init_shift, c
     compute head): forward, the state entering row m * block of each sequence; reverse, the state
     after visiting its rows from the end down to row m * block."""
     h, dk, dv = k.shape[1], k.shape[-1], v.shape[-1]
-    lam = torch.ones(h, 1, 1, dtype=torch.float64) if decay is None else torch.exp(-decay.double()).reshape(h, 1, 1)
+    lam = torch.ones(h, 1, 1, dtype=torch.float64, device=k.device) if decay is None else \
+        torch.exp(-decay.double()).reshape(h, 1, 1)
     bounds = cu.tolist()
     entries = []
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
