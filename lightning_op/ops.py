@@ -693,8 +693,7 @@ def _check_state_indices(indices, rows, slots, q: Tensor, what: str) -> None:
     if torch.compiler.is_compiling() or not _has_values(indices) or isinstance(slots, torch.SymInt) or (
             indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # traced or captured: the values are not read
-    used = indices[indices >= 0]
-    if indices.is_cuda and not bool((used >= slots).any() | (used.unique().numel() != used.numel())):
+    if indices.is_cuda and not bool(_slots_out_of_range_or_repeated(indices, slots)):
         return  # the one host read
     values = [x for x in indices.tolist() if x >= 0]
     if any(x >= slots for x in values):
@@ -704,6 +703,16 @@ def _check_state_indices(indices, rows, slots, q: Tensor, what: str) -> None:
         twice = sorted({x for x in values if values.count(x) > 1})
         raise ValueError(f"lightning attn_step: state_indices names slot(s) {twice[:8]} more than once; each row or "
                          "sequence needs its own slot")
+
+
+def _slots_out_of_range_or_repeated(indices: Tensor, slots: int) -> Tensor:
+    """A 0-d bool on the indices' device: some index is >= ``slots``, or names a slot twice
+    (negative ones, padding, never collide). Shapes never depend on the values, so nothing is read
+    on the host before the caller's one read of the result (a boolean mask, ``unique`` or
+    ``nonzero`` would each wait for the device)."""
+    padding = -1 - torch.arange(indices.shape[0], device=indices.device, dtype=indices.dtype)
+    ordered = torch.sort(torch.where(indices >= 0, indices, padding)).values
+    return (indices >= slots).any() | (ordered[1:] == ordered[:-1]).any()
 
 
 def _check_step_aliasing(q, k, v, state, decay) -> None:

@@ -310,3 +310,17 @@ def test_repeated_pooled_steps_still_check_their_slots(cpu_backend):
         with pytest.raises(ValueError, match=message):
             lightning_op.attn_step(q, k, v, pool, decay, state_indices=slots)
         assert torch.equal(pool, before)
+
+
+def test_the_device_side_check_of_slots_against_a_python_reading():
+    """The check a CUDA call makes before its one host read (``ops._slots_out_of_range_or_repeated``,
+    sync-free), on random indices with padding, repeats and slots past the pool, against Python."""
+    from lightning_op.ops import _slots_out_of_range_or_repeated
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        rows, slots = int(torch.randint(0, 9, (), generator=gen)), int(torch.randint(1, 9, (), generator=gen))
+        indices = torch.randint(-3, slots + 1, (rows,), generator=gen, dtype=torch.int32 if trial % 2 else torch.int64)
+        used = [x for x in indices.tolist() if x >= 0]
+        want = any(x >= slots for x in used) or len(set(used)) != len(used)
+        assert bool(_slots_out_of_range_or_repeated(indices, slots)) == want, (indices, slots)
