@@ -102,8 +102,11 @@ def _defaults(kernel) -> tuple[tuple[str, ...], tuple[tuple[str, object], ...]]:
     """(every parameter's name in order, (name, default) of those with one) of a ``@triton.jit`` kernel."""
     import inspect
 
+    # a None default (an operand the call's constexpr switches leave unread) goes in as 0: a None
+    # argument would become a constexpr of the compiled kernel, which the AOTInductor launcher
+    # still passes a slot for, shifting the arguments after it
     parameters = inspect.signature(kernel.fn).parameters
-    return tuple(parameters), tuple((name, p.default) for name, p in parameters.items()
+    return tuple(parameters), tuple((name, 0 if p.default is None else p.default) for name, p in parameters.items()
                                     if p.default is not inspect.Parameter.empty)
 
 
