@@ -90,10 +90,11 @@ def _direct(kernel):
 
 
 def _traced(kernel):
-    """Traceable launches: ``torch.library.wrap_triton(kernel)``, with every parameter the call
-    leaves to its default passed explicitly. torch 2.11's tracing of user Triton kernels checks the
-    argument count against the kernel's whole signature (its mutation analysis then fails, and an
-    AOTInductor build of the graph emits a launcher call without its grid)."""
+    """Traceable launches: ``torch.library.wrap_triton(kernel)``, with every parameter passed, in
+    the kernel's order. torch 2.11's tracing of user Triton kernels checks the argument count
+    against the kernel's whole signature (its mutation analysis then fails, and an AOTInductor build
+    of the graph emits a launcher call without its grid), and the built launcher hands the kernel
+    its runtime arguments in the order the call named them."""
     return _WithDefaults(torch.library.wrap_triton(kernel), _defaults(kernel))
 
 
@@ -119,7 +120,9 @@ class _WithDefaults:
 
         def run(*args, **kwargs):
             given = set(self.names[:len(args)]) | kwargs.keys()
-            return call(*args, **kwargs, **{name: value for name, value in self.defaults if name not in given})
+            merged = {**kwargs, **{name: value for name, value in self.defaults if name not in given}}
+            # in the signature's order: the AOTInductor launcher passes them to the kernel in this order
+            return call(*args, **{name: merged[name] for name in self.names[len(args):] if name in merged})
 
         return run
 
