@@ -89,44 +89,6 @@ def _direct(kernel):
     return _launcher(kernel)
 
 
-def _traced(kernel):
-    """Traceable launches: ``torch.library.wrap_triton(kernel)``, with every parameter passed, in
-    the kernel's order. torch 2.11's tracing of user Triton kernels checks the argument count
-    against the kernel's whole signature (its mutation analysis then fails, and an AOTInductor build
-    of the graph emits a launcher call without its grid), and the built launcher hands the kernel
-    its runtime arguments in the order the call named them."""
-    return _WithDefaults(torch.library.wrap_triton(kernel), _defaults(kernel))
-
-
-@functools.lru_cache(maxsize=None)
-def _defaults(kernel) -> tuple[tuple[str, ...], tuple[tuple[str, object], ...]]:
-    """(every parameter's name in order, (name, default) of those with one) of a ``@triton.jit`` kernel."""
-    import inspect
-
-    # a None default (an operand the call's constexpr switches leave unread) goes in as 0: a None
-    # argument would become a constexpr of the compiled kernel, which the AOTInductor launcher
-    # still passes a slot for, shifting the arguments after it
-    parameters = inspect.signature(kernel.fn).parameters
-    return tuple(parameters), tuple((name, 0 if p.default is None else p.default) for name, p in parameters.items()
-                                    if p.default is not inspect.Parameter.empty)
-
-
-class _WithDefaults:
-    def __init__(self, wrapped, defaults) -> None:
-        self.wrapped, (self.names, self.defaults) = wrapped, defaults
-
-    def __getitem__(self, grid):
-        call = self.wrapped[grid]
-
-        def run(*args, **kwargs):
-            given = set(self.names[:len(args)]) | kwargs.keys()
-            merged = {**kwargs, **{name: value for name, value in self.defaults if name not in given}}
-            # in the signature's order: the AOTInductor launcher passes them to the kernel in this order
-            return call(*args, **{name: merged[name] for name in self.names[len(args):] if name in merged})
-
-        return run
-
-
 class _Dispatched:
     """``_Dispatched(kernel)[grid](...)``: an eager launch through Triton's own dispatch, on the
     device of the first CUDA tensor among the positional arguments. For launches that pass tensors
@@ -225,7 +187,7 @@ def linear_attention(
     if traceable:
         if segment_len is None:
             raise ValueError("linear_attention: traceable launches need a fixed segment_len (N may be symbolic)")
-        launch = _traced
+        launch = torch.library.wrap_triton
         n_at_least_1 = torch.sym_max(n, 1)
     else:
         launch = _direct
