@@ -306,11 +306,8 @@ def masked_expected(cand: Candidate, fit: Fit, q, k, v, weights: torch.Tensor) -
     ([N, N], float64): ``c ((Q K^T) * M * W) V``, written out in float64, [B, H, N, Dv]."""
     scale, q_factor, v_factor = fit.factors(cand.tolerance)
     q, v = _head_scaled(q, q_factor), _head_scaled(v, v_factor)
-    n = q.shape[2]
-    t = torch.arange(n, dtype=torch.float64, device=q.device)
-    gap = t[:, None] - t[None, :]
-    decay = torch.zeros(q.shape[1], dtype=torch.float64) if fit.decay is None else fit.decay
-    mask = torch.exp(-decay.to(q.device)[:, None, None] * gap.clamp(min=0)) * (gap >= 0)
+    decay = None if fit.decay is None else fit.decay.to(q.device)
+    mask = reference.decay_mask(decay, q.shape[2], dtype=torch.float64, device=q.device)
     return scale * ((q @ k.transpose(-1, -2)) * mask * weights) @ v
 
 
