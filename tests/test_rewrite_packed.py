@@ -19,19 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_op
-from lightning_op.rewrite import clear_report, report
+from lightning_op.rewrite import report
 from test_rewrite_forms import GAMMAS, GROUP, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, _decay_mask, repeat_kv
-from test_rewrite_gaps import _compiled
+from test_rewrite_gaps import _compiled, _fresh  # noqa: F401  (_fresh: an autouse fixture, active here too)
 
 SLOPES = [-math.log(g) for g in GAMMAS]
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    clear_report()
-    yield
-    torch._dynamo.reset()
 
 
 class Packed(nn.Module):
@@ -164,6 +156,14 @@ def _run(model, args, entry, train=False):
     return ep.module(), [ep.graph_module]
 
 
+def _run_static(model, args, entry):
+    """(a callable running the rewritten model, the graphs it runs), traced at the given sizes."""
+    if entry == "export":
+        ep = lightning_op.rewrite(torch.export.export(model, args))
+        return ep.module(), [ep.graph_module]
+    return _compiled(model)
+
+
 def _op_nodes(graphs):
     return [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.lightning.attn.default]
 
@@ -246,11 +246,7 @@ def test_packed_look_alikes_are_left_alone(cls, bounds, phrase, entry):
     model = _model(cls)
     x, cu = _args(cls, TRACED)
     bounds = cu if bounds is None else bounds
-    if entry == "export":
-        ep = lightning_op.rewrite(torch.export.export(model, (x, bounds)))
-        run, graphs = ep.module(), [ep.graph_module]
-    else:
-        run, graphs = _compiled(model)
+    run, graphs = _run_static(model, (x, bounds), entry)
     with torch.no_grad():
         torch.testing.assert_close(run(x, bounds), model(x, bounds), rtol=1e-5, atol=1e-5)
     assert not _op_nodes(graphs) and not _rewritten(), report()
@@ -263,11 +259,7 @@ def test_a_packed_mask_over_a_batch_of_rows_is_left_alone(entry):
     """The op takes packed sequences in a batch of one; two rows sharing one packing stay as they are."""
     model = _model(Packed)
     x, cu = _args(Packed, TRACED, batch=2)
-    if entry == "export":
-        ep = lightning_op.rewrite(torch.export.export(model, (x, cu)))
-        run, graphs = ep.module(), [ep.graph_module]
-    else:
-        run, graphs = _compiled(model)
+    run, graphs = _run_static(model, (x, cu), entry)
     with torch.no_grad():
         torch.testing.assert_close(run(x, cu), model(x, cu), rtol=1e-5, atol=1e-5)
     assert not _op_nodes(graphs)
