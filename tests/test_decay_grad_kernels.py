@@ -42,6 +42,14 @@ def _rows(gen, b, heads, n, d, dtype):
 # ----------------------------------------------------------------------------- row dot products
 
 
+def _assert_dots_of_unrounded_rows(dots, rounded_rows, weights):
+    """``dots[..., t] = <x_t, weights_t>`` for rows x whose bf16 rounding is ``rounded_rows``: each
+    within the rounding's bound (2^-8 of each product) of the rounded rows' dots."""
+    rows = rounded_rows.float()
+    bound = (rows.abs() * weights.abs()).sum(-1) * 2.0 ** -8
+    assert ((dots - (rows * weights).sum(-1)).abs() <= bound + 1e-6).all()
+
+
 @pytest.mark.parametrize(
     "dtype, reverse, transposed, packed, block_v",
     [(torch.float32, False, 0, False, 16),
@@ -76,8 +84,7 @@ def test_row_dots_of_the_output_rows(dtype, reverse, transposed, packed, block_v
     if DEVICE == "cuda" and dtype != torch.float32:
         # a GPU's 16-bit products round the scores the float32 copies keep, so their rows are other
         # rows: the dots must be those of this call's rows before their rounding to 16 bits
-        rounded = (out.float() * rows).sum(-1)
-        assert ((dots - rounded).abs() <= (out.float().abs() * rows.abs()).sum(-1) * 2.0 ** -8 + 1e-6).all()
+        _assert_dots_of_unrounded_rows(dots, out, rows)
         return
     want = (wide_out * rows).sum(-1)
     torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -120,9 +127,7 @@ def test_key_row_dots_of_the_fused_pass(dtype, h, hkv, batch, packed, segment_le
     if DEVICE == "cuda" and dtype != torch.float32:
         # a GPU's 16-bit products round the pass's intermediates, so the float32 copies' dk is another
         # dk: the dots must be those of this pass's rows before their rounding to 16 bits
-        rounded = (dk.float() * keys).sum(-1)
-        bound = (dk.float().abs() * keys.abs()).sum(-1) * 2.0 ** -8
-        assert ((dots - rounded).abs() <= bound + 1e-6).all()
+        _assert_dots_of_unrounded_rows(dots, dk, keys)
         return
     want = (wide_dk * keys).sum(-1)
     torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
