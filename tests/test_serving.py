@@ -312,6 +312,27 @@ def test_repeated_pooled_steps_still_check_their_slots(cpu_backend):
         assert torch.equal(pool, before)
 
 
+def test_decode_kernel_leaves_slots_past_the_pool_alone():
+    """A slot past the pool (which only an unchecked call, captured or compiled, can pass) is a
+    padding row to the decode kernel: zero outputs, nothing written, the memory after the pool
+    included; the other rows step as usual."""
+    if not TRITON_INTERPRETING:
+        pytest.skip("the decode kernel runs interpreted on CPU-only machines")
+    from lightning_op.kernels.decode import launch_decode_step
+
+    q, k, v, decay, hs = _step_inputs("own", 3, 2, seed=3)
+    memory = torch.randn(5, hs, D, 24)
+    pool, after_pool = memory[:3], memory[3:].clone()
+    start = pool.clone()
+    slots = torch.tensor([3, 1, 4], dtype=torch.int32)  # both past the pool, inside the memory after it
+    out = launch_decode_step(q, k, v, pool, decay, 0.5, slots)
+    assert torch.equal(memory[3:], after_pool)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    want, want_state = _token_loop(q[1:2], k[1:2], v[1:2], start, decay, 0.5, torch.tensor([1]))
+    torch.testing.assert_close(out[1:2], want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool, want_state.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_device_side_check_of_slots_against_a_python_reading():
     """The check a CUDA call makes before its one host read (``ops._slots_out_of_range_or_repeated``,
     sync-free), on random indices with padding, repeats and slots past the pool, against Python."""

@@ -12,9 +12,11 @@ allocated but the output.
 
 Two switches, both off in the dense launch (which then compiles to the code it had without them):
 
-- a slot table (``SLOTS``): the state is a pool ``[P, Hs, Dk, Dv]`` and row b continues slot
-  ``SLOTS[b]``; a negative entry marks a padding row, whose loads are all masked off (its
-  outputs are stored as zeros, whatever q, k and v hold) and whose state is neither read nor
+- a slot table (``SLOTS``): the state is a pool ``[P, Hs, Dk, Dv]`` (``P = NUM_SLOTS``) and row b
+  continues slot ``SLOTS[b]``; a negative entry marks a padding row, whose loads are all masked
+  off (its outputs are stored as zeros, whatever q, k and v hold) and whose state is neither read
+  nor written. An entry >= P is treated the same way: eager calls refuse it before the launch,
+  but captured and compiled calls cannot read the table, and a slot past the pool must never be
   written;
 - grouped heads (k, v with Hkv heads, query head h reading kv head ``h // (H / Hkv)``): states
   per query head read their group's k, v (``KV_GROUP`` query heads per kv head); states shared by
@@ -36,7 +38,7 @@ from .config import cdiv, choose_decode, next_power_of_2
 from .stages import _block_and_head, _head
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NUM_SLOTS"])
 def _decode_step_kernel(
     Q, K, V, O, STATE, DECAY,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -46,7 +48,7 @@ def _decode_step_kernel(
     stride_sb, stride_sh, stride_sk, stride_sv,
     T, H, DK, DV, scale,
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    SLOTS=None, stride_slot=1,
+    SLOTS=None, stride_slot=1, NUM_SLOTS=0,
     KV_GROUP: tl.constexpr = 1, STATE_GROUP: tl.constexpr = 1,
 ):
     """H is the number of state heads; state head s belongs to query heads ``s * STATE_GROUP``
@@ -64,10 +66,12 @@ def _decode_step_kernel(
     slot = b
     if SLOTS is not None:
         slot = tl.load(SLOTS + b * stride_slot).to(tl.int64)
-        # padding: nothing loaded, so the state stays zero and so do the outputs (even for NaN inputs)
-        read_k = cols_k < tl.where(slot >= 0, DK, 0)
-        read_v = cols_v < tl.where(slot >= 0, DV, 0)
-        slot = tl.maximum(slot, 0)
+        # padding (or a slot past the pool): nothing loaded, so the state stays zero and so do the
+        # outputs (even for NaN inputs), and the masked store writes nothing
+        in_pool = (slot >= 0) & (slot < NUM_SLOTS)
+        read_k = cols_k < tl.where(in_pool, DK, 0)
+        read_v = cols_v < tl.where(in_pool, DV, 0)
+        slot = tl.where(in_pool, slot, 0)
     tile_mask = read_k[:, None] & read_v[None, :]
     state_ptrs = _head(STATE, slot, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
     state = tl.load(state_ptrs, mask=tile_mask, other=0.0)
@@ -118,5 +122,6 @@ def launch_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Op
     else:
         # the table positionally: the remembering launcher keys a tensor argument by its dtype and
         # alignment, a keyword one by the object (a new key every call)
-        launch(*arguments, decay is not None, block_k, block_v, state_indices, state_indices.stride(0), **groups)
+        launch(*arguments, decay is not None, block_k, block_v, state_indices, state_indices.stride(0), state.shape[0],
+               **groups)
     return out
