@@ -667,7 +667,10 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
         if state.device != q.device:
             raise ValueError(f"lightning attn_step: state is on {state.device} but q is on {q.device}")
         rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        _check_state_indices(state_indices, rows, state.shape[0], q, "sequences" if cu_seqlens is not None else "rows")
+        # rows on CUDA take the decode kernel, which leaves slots past the pool alone: their checked
+        # indices may be remembered; packed sequences' tiled kernels take the slots as they are
+        _check_state_indices(state_indices, rows, state.shape[0], q, "sequences" if cu_seqlens is not None else "rows",
+                             remember=cu_seqlens is None)
     if state.dtype != torch.float32:
         raise TypeError(f"lightning attn_step: state must be float32 (it is updated in place), got {state.dtype}")
     if _overlaps_itself(state):
@@ -679,7 +682,16 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
     _check_step_aliasing(q, k, v, state, decay)
 
 
-def _check_state_indices(indices, rows, slots, q: Tensor, what: str) -> None:
+def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: bool = False) -> None:
+    """The indices' type, shape and device, and their values where they can be read: each < the
+    pool's ``slots``, none named twice (negative ones, padding, never collide).
+
+    The values are one host read, a copy of the indices and no kernel (a reduction on the device
+    first, then a read of its verdict, costs a dozen launches for the same wait). ``remember``
+    (the decode kernel's steps, whose kernel also leaves slots past the pool alone): CUDA indices
+    that passed are not read again until their version counter, address or layout changes
+    (``_remembered_indices``), so the layers of one decode step, and steps of an unchanged batch,
+    make no host read at all."""
     if not isinstance(indices, Tensor):
         raise TypeError(f"lightning attn_step: state_indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -690,29 +702,55 @@ def _check_state_indices(indices, rows, slots, q: Tensor, what: str) -> None:
                    f"entries but the call has {rows} {what} (one slot each)")
     if indices.device != q.device:
         raise ValueError(f"lightning attn_step: state_indices is on {indices.device} but q is on {q.device}")
+    _check_state_index_values(indices, slots, remember)
+
+
+def _check_state_index_values(indices: Tensor, slots, remember: bool = False) -> None:
+    """:func:`_check_state_indices`' value part, for indices of a validated type, shape and device."""
+    if remember and type(indices) is Tensor and _remembers(indices):  # a real CUDA tensor: not traced
+        # a view is remembered through its base, which outlives it: per-step views of one buffer hit too
+        owner = indices if indices._base is None else indices._base
+        key = (id(owner), indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, slots)
+        seen = _remembered_indices.get(key)
+        if seen is not None and seen[0]() is owner and seen[1] == indices._version:
+            return
+    else:
+        remember = False
     if torch.compiler.is_compiling() or not _has_values(indices) or isinstance(slots, torch.SymInt) or (
             indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # traced or captured: the values are not read
-    if indices.is_cuda and not bool(_slots_out_of_range_or_repeated(indices, slots)):
-        return  # the one host read
-    values = [x for x in indices.tolist() if x >= 0]
-    if any(x >= slots for x in values):
+    _check_slot_values(indices.tolist(), slots)
+    if not remember:
+        return
+    if len(_remembered_indices) > 1024:
+        _remembered_indices.clear()
+    _remembered_indices[key] = (weakref.ref(owner), indices._version)
+
+
+#: CUDA state_indices whose values passed: (id of the tensor or its view's base, address, shape,
+#: strides, dtype, pool slots) -> (weak reference to that tensor, version counter when read).
+#: A write the version counter does not see (through ``.data``, DLPack, a kernel of another library,
+#: a CUDA-graph replay) is missed, as for remembered decays; the decode kernel still never touches a
+#: slot past the pool, and a slot named twice then races between its rows.
+_remembered_indices: dict = {}
+
+
+def _remembers(indices: Tensor) -> bool:
+    """CPU indices are read on every call (no device to wait for; NumPy views write behind the
+    version counter), and so are inference tensors (they keep no version counter)."""
+    return indices.is_cuda and not indices.is_inference()
+
+
+def _check_slot_values(values: list, slots: int) -> None:
+    """Raise unless every non-negative entry of ``values`` is < ``slots`` and none repeats."""
+    used = [x for x in values if x >= 0]
+    if any(x >= slots for x in used):
         raise ValueError(f"lightning attn_step: state_indices must be < the pool's {slots} slots (negative: padding), "
-                         f"got {max(values)}")
-    if len(set(values)) != len(values):
-        twice = sorted({x for x in values if values.count(x) > 1})
+                         f"got {max(used)}")
+    if len(set(used)) != len(used):
+        twice = sorted({x for x in used if used.count(x) > 1})
         raise ValueError(f"lightning attn_step: state_indices names slot(s) {twice[:8]} more than once; each row or "
                          "sequence needs its own slot")
-
-
-def _slots_out_of_range_or_repeated(indices: Tensor, slots: int) -> Tensor:
-    """A 0-d bool on the indices' device: some index is >= ``slots``, or names a slot twice
-    (negative ones, padding, never collide). Shapes never depend on the values, so nothing is read
-    on the host before the caller's one read of the result (a boolean mask, ``unique`` or
-    ``nonzero`` would each wait for the device)."""
-    padding = -1 - torch.arange(indices.shape[0], device=indices.device, dtype=indices.dtype)
-    ordered = torch.sort(torch.where(indices >= 0, indices, padding)).values
-    return (indices >= slots).any() | (ordered[1:] == ordered[:-1]).any()
 
 
 def _check_step_aliasing(q, k, v, state, decay) -> None:
@@ -809,7 +847,7 @@ def _validate_rows_step(q, k, v, state, decay, scale, state_indices) -> None:
         _check_step_grad(q, k, v, state, decay)
         _check_step_aliasing(q, k, v, state, decay)  # where the tensors are, not their shapes
         if state_indices is not None:
-            _check_state_indices(state_indices, q.shape[0], state.shape[0], q, "rows")  # their values
+            _check_state_index_values(state_indices, state.shape[0], remember=True)  # the layout is in the signature
         return
     validate_step(q, k, v, state, decay, scale, None, state_indices)
     if len(_validated_steps) > 1024:

@@ -312,6 +312,80 @@ def test_repeated_pooled_steps_still_check_their_slots(cpu_backend):
         assert torch.equal(pool, before)
 
 
+@pytest.fixture
+def remembering(monkeypatch):
+    """Checked slots remembered as CUDA ones are, for CPU indices too, in a fresh table; yields the
+    list of host reads of slot values (one entry per read)."""
+    from lightning_op import ops
+
+    reads = []
+    check = ops._check_slot_values
+    monkeypatch.setattr(ops, "_remembered_indices", {})
+    monkeypatch.setattr(ops, "_remembers", lambda indices: not indices.is_inference())
+    monkeypatch.setattr(ops, "_check_slot_values", lambda values, slots: reads.append(values) or check(values, slots))
+    return reads
+
+
+def test_slot_checks_against_a_python_reading(remembering):
+    """Random indices (padding, repeats, slots past the pool), each tensor checked against pools of
+    several sizes and again after writes in place: raises exactly when Python says it should."""
+    from lightning_op.ops import _check_state_indices
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.zeros(1)
+    for trial in range(100):
+        rows = int(torch.randint(0, 9, (), generator=gen))
+        indices = torch.randint(-3, 9, (rows,), generator=gen, dtype=torch.int32 if trial % 2 else torch.int64)
+        for _ in range(6):
+            if rows and torch.rand((), generator=gen) < 0.5:
+                indices[int(torch.randint(0, rows, (), generator=gen))] = int(torch.randint(-3, 9, (), generator=gen))
+            slots = int(torch.randint(1, 9, (), generator=gen))
+            used = [x for x in indices.tolist() if x >= 0]
+            want = any(x >= slots for x in used) or len(set(used)) != len(used)
+            for _ in range(2):  # the second call may be answered from the remembered check
+                try:
+                    _check_state_indices(indices, rows, slots, q, "rows", remember=True)
+                    raised = False
+                except ValueError:
+                    raised = True
+                assert raised == want, (indices, slots)
+
+
+def test_remembered_slots_are_read_again_after_any_change(cpu_backend, remembering):
+    """Slots that passed are not read again while unchanged; a write in place (to them or to the
+    buffer they view), another pool size or another view is read again, before anything is written."""
+    decay = torch.tensor([0.1, 0.2])
+    pool = torch.randn(4, HKV, D, D)
+    q, k, v = _qkv(3, 1)
+
+    def step(slots, state=pool):
+        return lightning_op.attn_step(q, k, v, state, decay, state_indices=slots)
+
+    def refused(slots, message, state=pool):
+        before = pool.clone()
+        with pytest.raises(ValueError, match=message):
+            step(slots, state)
+        assert torch.equal(pool, before)
+
+    slots = torch.tensor([0, 3, -1])
+    step(slots)
+    step(slots)
+    assert len(remembering) == 1
+    slots[1] = 0
+    refused(slots, "more than once")
+    slots[1] = 2
+    step(slots)
+    refused(slots, "must be < the pool's 2 slots", state=pool[:2])
+    buffer = torch.tensor([0, 1, 2, 3])
+    step(buffer[1:])
+    reads = len(remembering)
+    step(buffer[1:])  # a new view of the same buffer
+    assert len(remembering) == reads
+    buffer[3] = 1
+    refused(buffer[1:], "more than once")
+    step(buffer[:3])
+
+
 def test_decode_kernel_leaves_slots_past_the_pool_alone():
     """A slot past the pool (which only an unchecked call, captured or compiled, can pass) is a
     padding row to the decode kernel: zero outputs, nothing written, the memory after the pool
@@ -331,17 +405,3 @@ def test_decode_kernel_leaves_slots_past_the_pool_alone():
     want, want_state = _token_loop(q[1:2], k[1:2], v[1:2], start, decay, 0.5, torch.tensor([1]))
     torch.testing.assert_close(out[1:2], want.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pool, want_state.float(), rtol=1e-5, atol=1e-5)
-
-
-def test_the_device_side_check_of_slots_against_a_python_reading():
-    """The check a CUDA call makes before its one host read (``ops._slots_out_of_range_or_repeated``,
-    sync-free), on random indices with padding, repeats and slots past the pool, against Python."""
-    from lightning_op.ops import _slots_out_of_range_or_repeated
-
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(300):
-        rows, slots = int(torch.randint(0, 9, (), generator=gen)), int(torch.randint(1, 9, (), generator=gen))
-        indices = torch.randint(-3, slots + 1, (rows,), generator=gen, dtype=torch.int32 if trial % 2 else torch.int64)
-        used = [x for x in indices.tolist() if x >= 0]
-        want = any(x >= slots for x in used) or len(set(used)) != len(used)
-        assert bool(_slots_out_of_range_or_repeated(indices, slots)) == want, (indices, slots)
