@@ -765,9 +765,12 @@ def _check_step_aliasing(q, k, v, state, decay) -> None:
 def _may_share_memory(a: Tensor, b: Tensor) -> bool:
     """Whether the bytes ``a`` and ``b`` span intersect (conservative for interleaved strides, as
     PyTorch's own in-place overlap check is). Traced tensors are not checked: the real call is."""
-    if not (_has_values(a) and _has_values(b)) or any(
+    # plain tensors (not fake, functional or meta) have concrete sizes and storage: the tracing
+    # checks below cost about a quarter of an eager decode step's host time (19 of 72 us on an H100)
+    plain = type(a) is Tensor and type(b) is Tensor and not (a.is_meta or b.is_meta)
+    if not plain and (not (_has_values(a) and _has_values(b)) or any(
         isinstance(d, torch.SymInt) for x in (a, b) for d in (*x.shape, *x.stride())
-    ):
+    )):
         return False
     if a.numel() == 0 or b.numel() == 0:
         return False

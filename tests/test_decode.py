@@ -163,6 +163,24 @@ def test_step_refuses_inputs_aliasing_the_state(cpu_backend):
     attn_step(own_q, k, v, own_state)
 
 
+def test_aliasing_check_of_tensors_without_values():
+    """Plain tensors take the aliasing check's short way; meta and fake tensors (tracing) have no
+    memory to compare and are never refused, and a Parameter is compared as any tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_op.ops import _may_share_memory
+
+    buffer = torch.randn(8)
+    assert _may_share_memory(buffer[:4], buffer[3:]) and not _may_share_memory(buffer[:4], buffer[4:])
+    meta = torch.empty(8, device="meta")
+    assert not _may_share_memory(meta[:4], meta[3:])
+    with FakeTensorMode():
+        fake = torch.empty(8)
+        assert not _may_share_memory(fake[:4], fake[3:])
+    parameter = torch.nn.Parameter(torch.randn(8))
+    assert _may_share_memory(parameter, parameter.detach()[3:])
+
+
 def test_repeated_steps_validate_once_but_still_check_values(monkeypatch):
     """A decode loop pays the full validation once per argument layout; scale, grad mode and
     decay signs are still checked on every call, and new layouts are validated afresh."""
