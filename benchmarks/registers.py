@@ -57,7 +57,7 @@ def ptxas() -> str:
 
 
 def loop_profile(cubin: bytes) -> str:
-    """The kernel's largest loop in SASS (``nvdisasm`` from the triton wheel): its instructions per
+    """The kernel's first long loop in SASS (``nvdisasm`` from the triton wheel): its instructions per
     iteration and, of those, local-memory loads and stores (spills paid on every chunk). Counted
     per warp; three of three variants with fewer loop instructions and no more spills also ran
     faster on the H200 (benchmarks/NOTES.md, "Kernel forms chosen by their SASS")."""
@@ -71,18 +71,28 @@ def loop_profile(cubin: bytes) -> str:
     finally:
         os.unlink(f.name)
     labels = {line.strip()[:-1]: i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
-    loop = None  # (first line, last line) of the longest backward branch's body
+    loops = []  # (first line, last line) of each backward branch's body, outermost ones kept
     for i, line in enumerate(sass):
         target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
-            if loop is None or i - labels[target.group(1)] > loop[1] - loop[0]:
-                loop = (labels[target.group(1)], i)
-    if loop is None:
+            loops.append((labels[target.group(1)], i))
+    loops = [a for a in loops if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in loops)]
+    if not loops:
         return "no loop"
-    ops = [m.group(1) for line in sass[loop[0]:loop[1] + 1]
-           if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
-    local = sum(op.startswith(("LDL", "STL")) for op in ops)
-    return f"loop {len(ops)} instructions ({local} local)"
+
+    def profile(loop):
+        ops = [m.group(1) for line in sass[loop[0]:loop[1] + 1]
+               if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+        return len(ops), sum(op.startswith(("LDL", "STL")) for op in ops)
+
+    # the first long loop is the walk every program runs; a kernel with an exact walk (the output
+    # kernels, ``stages``: non-finite inputs) runs its second one only after a NaN or inf
+    profiles = [profile(loop) for loop in sorted(loops)]
+    profiles = [p for p in profiles if p[0] >= 100] or profiles
+    text = f"loop {profiles[0][0]} instructions ({profiles[0][1]} local)"
+    if len(profiles) > 1:
+        text += ", then " + ", ".join(f"{n} ({local} local)" for n, local in profiles[1:])
+    return text
 
 
 #: the row sums' keyword arguments (``chunked.py``, ``backward.py``), integers where ROW_DOT is on

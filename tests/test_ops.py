@@ -746,10 +746,7 @@ def test_decay_tangent_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("decay", [None, torch.tensor([0.1, 2.0])], ids=["no-decay", "decay"])
-def test_garbage_in_later_rows_does_not_reach_earlier_outputs(cpu_backend, dtype, decay, request):
-    if cpu_backend == "triton":  # strict: passing would mean the kernels were fixed, and this marker goes
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the Triton output kernels still multiply later rows' values by the mask's zeros "
-                     "(zeroing them costs registers the D = 128 kernel does not have; see README limits)"))
+def test_garbage_in_later_rows_does_not_reach_earlier_outputs(cpu_backend, dtype, decay):
     """NaN or inf at a token (padding left uninitialised, say) leaves every earlier output exactly
     as it is with finite values there, also in the token's own 64-row chunk; the outputs that do
     depend on it, and the final state where k or v carry it, are not finite."""

@@ -52,11 +52,12 @@ as before.
 import triton
 import triton.language as tl
 
-from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t, _chunk_scores, _chunk_scores_t, _dot,
-                     _dot_acc, _final_at, _head, _key_parts, _load_rows, _log2_decay, _output_program, _packed_piece,
-                     _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot,
-                     _store_row_dots, _store_row_dots_t, _store_rows, _store_rows_t, _store_state, _store_state_t,
-                     _update_state, _update_state_t)
+from .stages import (_any_non_finite, _any_non_finite_t, _block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t,
+                     _chunk_scores, _chunk_scores_t, _dot, _dot_acc, _exact_scores, _final_at, _finite_values, _head,
+                     _key_parts, _load_rows, _log2_decay, _output_program, _packed_piece,
+                     _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot, _store_row_dots,
+                     _store_row_dots_t, _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state,
+                     _update_state_t)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -265,38 +266,24 @@ def _segment_scan_kernel(
         tl.store(slot_ptr + g * DK * DV, state, mask=tile_mask)
 
 
-@triton.jit(do_not_specialize=["N"])
-def _chunk_output_kernel(
-    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_ib, stride_ih, stride_ik, stride_iv,
-    stride_fb, stride_fh, stride_fk, stride_fv,
-    stride_sk, stride_sv,
-    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-    q_group, k_group, v_group, init_group,
-    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
-    UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
-    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
-    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
-    POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
+@triton.jit
+def _output_pass(
+    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr,
+    VARLEN: tl.constexpr, ROW_DOT: tl.constexpr, POOLED: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """Outputs of one segment for one block of value columns, walking its chunks in order.
-
-    ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
-    value_scale folded into the mask and the keys, instead of each product in a temporary of its
-    own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
-    at 128 and 256: ``choose_config``). ``UPDATE_ACCUMULATE``: only the state update accumulates in
-    place (the output's products as in the other form): at D = 128 on sm_90 that loop has fewer
-    instructions than either form and no spills (``benchmarks/registers.py``); the output's
-    accumulated product is what spills there. ``ROW_DOT``: the rows' dot products with R (see the
-    module's docstring)."""
+    """``_chunk_output_kernel``'s walk of its segment, its arguments grouped as the kernel's call
+    names them; whether the state it ends in holds a NaN or inf. ``EXACT``: outputs of the rows
+    before a NaN or inf in k or v as if it were finite (stages: the exact walk)."""
+    (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS) = tensors
+    (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+     stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk, stride_sv,
+     stride_wb, stride_wh, stride_wn, stride_wd) = strides
+    (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+     q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group) = sizes
     # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
     (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
      q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
@@ -306,7 +293,7 @@ def _chunk_output_kernel(
         q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
     if VARLEN:
         if sequence < 0:
-            return
+            return False
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -339,20 +326,162 @@ def _chunk_output_kernel(
         k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
         scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
-        out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
-                          CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        if EXACT:
+            finite_v, first = _finite_values(v, idx, CHUNK)
+            scores = _exact_scores(scores, idx[:, None] >= idx[None, :])
+            out = _chunk_rows(q, state, scores, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE,
+                              False, CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+            out = tl.where(idx[:, None] >= first[None, :], float("nan"), out)
+        else:
+            out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
+                              CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
         if ROW_DOT:
             _store_row_dots(dots_ptr, out, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N, REVERSE)
         state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
                               ACCUMULATE or UPDATE_ACCUMULATE, DOT_DTYPE, PRECISION)
 
+    # a pass that the exact one repeats leaves the final state to it: that state may be the row
+    # this program started from (a pool row read and written in place)
+    redo = False if EXACT else _any_non_finite(state)
     if STORE_FINAL:
         last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
                                                   final_group, VARLEN, POOLED)
-        if last:
+        if last & (redo == 0):
             final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
             _store_state(final_ptr, stride_fk, stride_fv, state, cols_k, cols_v, tile_mask)
+    return redo
+
+
+@triton.jit(do_not_specialize=["N"])
+def _chunk_output_kernel(
+    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    stride_fb, stride_fh, stride_fk, stride_fv,
+    stride_sk, stride_sv,
+    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+    q_group, k_group, v_group, init_group,
+    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
+    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
+    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
+    POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
+):
+    """Outputs of one segment for one block of value columns, walking its chunks in order.
+
+    ``ACCUMULATE``: the chunk's own products accumulate onto the state's (``_dot_acc``), with
+    value_scale folded into the mask and the keys, instead of each product in a temporary of its
+    own, scaled and added (fewer float32 tiles live; on the H200 faster at 64-wide heads, slower
+    at 128 and 256: ``choose_config``). ``UPDATE_ACCUMULATE``: only the state update accumulates in
+    place (the output's products as in the other form): at D = 128 on sm_90 that loop has fewer
+    instructions than either form and no spills (``benchmarks/registers.py``); the output's
+    accumulated product is what spills there. ``ROW_DOT``: the rows' dot products with R (see the
+    module's docstring)."""
+
+    tensors = (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS)
+    strides = (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+               stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk,
+               stride_sv, stride_wb, stride_wh, stride_wn, stride_wd)
+    sizes = (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+             q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group)
+    # A NaN or inf in k or v leaves the state non-finite: then the segment is walked again, exactly
+    # (stages). The second pass recomputes what it needs from the arguments; values kept from the
+    # first one would stay live through its loop and spill there.
+    if _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, BLOCK_K,
+                    BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, ACCUMULATE, UPDATE_ACCUMULATE,
+                    VARLEN, ROW_DOT, POOLED, False):
+        _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, BLOCK_K,
+                     BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, ACCUMULATE, UPDATE_ACCUMULATE,
+                     VARLEN, ROW_DOT, POOLED, True)
+
+
+@triton.jit
+def _output_pass_t(
+    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr,
+    PART: tl.constexpr, BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr, ROW_DOT: tl.constexpr,
+    POOLED: tl.constexpr, EXACT: tl.constexpr,
+):
+    """``_output_pass`` of ``_chunk_output_t_kernel``: the state as S^T in key parts, the outputs
+    transposed."""
+    (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS) = tensors
+    (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+     stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk, stride_sv,
+     stride_wb, stride_wh, stride_wn, stride_wd) = strides
+    (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+     q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group) = sizes
+    # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
+    (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
+     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
+        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
+        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
+    if VARLEN:
+        if sequence < 0:
+            return False
+    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid_v = cols_v < DV
+    idx = tl.arange(0, CHUNK)
+    causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
+    log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
+
+    init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
+                                               num_slots, split, DK, DV, VARLEN, POOLED)
+    states = _segment_start_state_t(
+        INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
+        slot, start_seg, cols_v, valid_v, DK, stride_sk, stride_sv,
+        HAS_INIT, BLOCK_V, KEY_PARTS, PART,
+    )
+    first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
+
+    seg_begin = seg * segment_len
+    seg_end = tl.minimum(seg_begin + segment_len, N)
+    for start in range(seg_begin, seg_end, CHUNK):
+        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
+        qs = _key_parts(q_ptr, stride_qn, stride_qd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
+        ks = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        # the scores in full, masked, then the state's share (the order timed fastest on the H200)
+        scores_t = _chunk_scores_t(ks, qs, mask_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
+                                   PRECISION)
+        if EXACT:
+            finite_v, first = _finite_values(v, idx, CHUNK)
+            scores_t = _exact_scores(scores_t, idx[:, None] <= idx[None, :])
+            out_t = _chunk_rows_t(qs, states, scores_t, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY,
+                                  KEY_PARTS, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+            out_t = tl.where(idx[None, :] >= first[:, None], float("nan"), out_t)
+        else:
+            out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
+                                  DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+        _store_rows_t(o_ptr, stride_on, stride_od, out_t, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        if ROW_DOT:
+            _store_row_dots_t(dots_ptr, out_t, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N,
+                              REVERSE)
+        states = _update_state_t(states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
+                                 DOT_DTYPE, PRECISION)
+
+    redo = False if EXACT else _any_non_finite_t(states, KEY_PARTS)  # as in _output_pass
+    if STORE_FINAL:
+        last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
+                                                  final_group, VARLEN, POOLED)
+        if last & (redo == 0):
+            final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
+            _store_state_t(final_ptr, stride_fk, stride_fv, states, cols_v,
+                           valid_v, DK, KEY_PARTS, PART)
+    return redo
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -389,55 +518,18 @@ def _chunk_output_t_kernel(
     It is the faster form for 16-bit keys of 65-128 columns and bfloat16's wider ones (the default
     there; timings in benchmarks/RESULTS.md). The segment states and the initial and final states
     keep their [Dk, Dv] layout in memory."""
-    # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
-    (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
-     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
-        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
-        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
-    if VARLEN:
-        if sequence < 0:
-            return
-    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid_v = cols_v < DV
-    idx = tl.arange(0, CHUNK)
-    causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
-    log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
 
-    init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
-                                               num_slots, split, DK, DV, VARLEN, POOLED)
-    states = _segment_start_state_t(
-        INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
-        slot, start_seg, cols_v, valid_v, DK, stride_sk, stride_sv,
-        HAS_INIT, BLOCK_V, KEY_PARTS, PART,
-    )
-    first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
-
-    seg_begin = seg * segment_len
-    seg_end = tl.minimum(seg_begin + segment_len, N)
-    for start in range(seg_begin, seg_end, CHUNK):
-        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
-        qs = _key_parts(q_ptr, stride_qn, stride_qd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
-        ks = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
-        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        # the scores in full, masked, then the state's share (the order timed fastest on the H200)
-        scores_t = _chunk_scores_t(ks, qs, mask_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
-                                   PRECISION)
-        out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
-                              DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-        _store_rows_t(o_ptr, stride_on, stride_od, out_t, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        if ROW_DOT:
-            _store_row_dots_t(dots_ptr, out_t, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N,
-                              REVERSE)
-        states = _update_state_t(states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
-                                 DOT_DTYPE, PRECISION)
-
-    if STORE_FINAL:
-        last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
-                                                  final_group, VARLEN, POOLED)
-        if last:
-            final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
-            _store_state_t(final_ptr, stride_fk, stride_fv, states, cols_v,
-                           valid_v, DK, KEY_PARTS, PART)
+    tensors = (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS)
+    strides = (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+               stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk,
+               stride_sv, stride_wb, stride_wh, stride_wn, stride_wd)
+    sizes = (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
+             q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group)
+    # as in _chunk_output_kernel: a second, exact walk where the first ends in a non-finite state
+    if _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, KEY_PARTS,
+                      PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN, ROW_DOT, POOLED,
+                      False):
+        _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
+                       KEY_PARTS, PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN,
+                       ROW_DOT, POOLED, True)

@@ -291,6 +291,54 @@ def _chunk_scores(a, b, mask, scale, out_scale, HAS_DECAY: tl.constexpr, DOT_DTY
     return _mask_scores(_dot(a, tl.trans(b), DOT_DTYPE, PRECISION), mask, scale, out_scale, HAS_DECAY)
 
 
+# ---- non-finite inputs: the exact walk ----------------------------------------------------------
+# In a chunk's products a masked score is 0 and 0 * NaN = NaN, so a NaN or inf in a later row's k
+# or v would reach the earlier rows of its chunk (for k through its column of scores, for v
+# through ``scores @ v``). Every such value also reaches the state the walk carries (the update
+# multiplies it in), and a non-finite state stays non-finite. So an output program walks its
+# segment as usual, checks the state it ends in once, and only where it is not finite walks the
+# segment again in the exact form: masked scores selected to 0, the chunk's product taken with
+# the non-finite values as 0, and the outputs that read one (its column, from its row on) set to
+# NaN afterwards, as ``reference._chunk_product`` does. The usual walk costs one check per
+# program; the outputs that do read a NaN or inf are NaN, where the reference may give inf.
+
+@triton.jit
+def _is_finite(x):
+    """True where x is neither NaN nor inf (every comparison with NaN is false)."""
+    return tl.abs(x.to(tl.float32)) <= 3.4028234663852886e38
+
+
+@triton.jit
+def _any_non_finite(state):
+    """Whether a float32 state tile holds a NaN or inf."""
+    return tl.max(tl.where(_is_finite(state), 0, 1)) > 0
+
+
+@triton.jit
+def _any_non_finite_t(states, KEY_PARTS: tl.constexpr):
+    """``_any_non_finite`` of a state held in key parts (``_chunk_output_t_kernel``)."""
+    found = _any_non_finite(states[0])
+    for part in tl.static_range(1, KEY_PARTS):
+        found = found | _any_non_finite(states[part])
+    return found
+
+
+@triton.jit
+def _exact_scores(scores, seen):
+    """Scores with every masked entry exactly 0 (``seen``: where the query row sees the key row)."""
+    return tl.where(seen, scores, 0.0)
+
+
+@triton.jit
+def _finite_values(v, idx, CHUNK: tl.constexpr):
+    """(v with its NaN and inf as 0, in v's type; per column, the first row (of ``idx``) holding a
+    NaN or inf, CHUNK where none does): column c of output row i reads one where ``i >= first[c]``
+    (its chunk; the state carries it on)."""
+    finite = _is_finite(v)
+    first = tl.min(tl.where(finite, CHUNK, idx[:, None]), 0)
+    return tl.where(finite, v, tl.zeros_like(v)), first
+
+
 @triton.jit
 def _state_share(x, state, TRANSPOSE_STATE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
                  STATE_PRECISION: tl.constexpr):
