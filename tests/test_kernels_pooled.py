@@ -129,3 +129,29 @@ def test_no_output_program_reads_a_row_that_another_writes(lead_all):
             assert sequences[s][1] == (count - 1) * 2 + 1
         else:
             assert first[4] == -1 and sequences[s][1] == 0
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rows_past_the_pool_are_padding(transposed):
+    """A row at or past the pool's size (what a captured or compiled step cannot check) is padding:
+    its sequence's outputs are zeros, and neither the pool nor the memory after it is written; the
+    other sequences are as with that row marked -1."""
+    from lightning_op.kernels import config_override, linear_attention
+
+    q, k, v, pool, cu = _case(2, 2, 2, torch.float32, seed=13)
+    store = torch.randn(POOL + 3, 2, DK, DV, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    store[:POOL] = pool
+    beyond = [POOL if row == 9 else POOL + 1 if row == 4 else row for row in ROWS]  # rows 9 and 4: past
+    marked = [-1 if row in (9, 4) else row for row in ROWS]
+    before = store.clone()
+    want_pool = pool.clone()
+    with config_override(transposed=int(transposed), **SEGMENTS):
+        want, _ = linear_attention(q, k, v, None, initial_state=want_pool, cu_seqlens=cu,
+                                   state_rows=torch.tensor(marked, device=DEVICE))
+        out, _ = linear_attention(q, k, v, None, initial_state=store[:POOL], cu_seqlens=cu,
+                                  state_rows=torch.tensor(beyond, device=DEVICE))
+    assert torch.equal(out, want) and torch.equal(store[:POOL], want_pool)
+    assert torch.equal(store[POOL:], before[POOL:])
+    for s, row in enumerate(beyond):
+        if row >= POOL:
+            assert not out[:, :, int(cu[s]):int(cu[s + 1])].any()

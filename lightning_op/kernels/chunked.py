@@ -137,13 +137,13 @@ def _segment_state_kernel(
 @triton.jit
 def _packed_plan_kernel(
     CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, num_sequences, num_segments, num_pieces, segment_len, split,
-    BLOCK: tl.constexpr, POOLED: tl.constexpr = False, STATE_ROWS=None, lead_all=None,
+    BLOCK: tl.constexpr, POOLED: tl.constexpr = False, STATE_ROWS=None, lead_all=None, pool_rows=None,
 ):
     """The tables of a packed batch (``launch._packed_plan`` says what they hold), in one program:
     sequences BLOCK at a time, each block's segments and pieces placed after those of the blocks
     before it (running totals), then the surplus entries marked -1. ``POOLED``: the states are
-    rows ``STATE_ROWS[s]`` of a pool, read and written in place: a sequence whose row is negative
-    (padding) gets no segment; a sequence cut into several segments (every one, with ``lead_all``)
+    rows ``STATE_ROWS[s]`` of a pool of ``pool_rows`` rows, read and written in place: a sequence
+    whose row is negative (padding) or past the pool gets no segment; a sequence cut into several segments (every one, with ``lead_all``)
     gets a lead slot ahead of its pieces, where the scan copies its initial state for segment 0 to
     start from, so that no program of the output pass reads a pool row that another one writes."""
     lanes = tl.arange(0, BLOCK)
@@ -155,7 +155,8 @@ def _packed_plan_kernel(
         first_row = tl.load(CU_SEQLENS + sequence, mask=valid, other=0).to(tl.int32)
         length = tl.load(CU_SEQLENS + sequence + 1, mask=valid, other=0).to(tl.int32) - first_row
         if POOLED:
-            live = valid & (tl.load(STATE_ROWS + sequence, mask=valid, other=-1) >= 0)
+            pool_row = tl.load(STATE_ROWS + sequence, mask=valid, other=-1)
+            live = valid & (pool_row >= 0) & (pool_row < pool_rows)
             segments = tl.where(live, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
             lead = tl.where(live & ((segments > 1) | (lead_all != 0)), 1, 0)
             slots = tl.where(live, (segments - 1) * split + lead, 0)
@@ -404,6 +405,22 @@ def _chunk_output_kernel(
                      VARLEN, ROW_DOT, POOLED, True)
 
 
+@triton.jit(noinline=True)
+def _output_pass_t_exact(
+    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr,
+    PART: tl.constexpr, BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr, ROW_DOT: tl.constexpr,
+    POOLED: tl.constexpr,
+):
+    """The exact ``_output_pass_t`` as a function of its own: inlined, its registers cost the usual
+    walk at D = 256 (the forward 6% slower than as a call, H100, benchmarks/RESULTS.md); the call
+    only happens after a NaN or inf."""
+    _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, KEY_PARTS,
+                   PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN, ROW_DOT, POOLED,
+                   True)
+
+
 @triton.jit
 def _output_pass_t(
     tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
@@ -530,6 +547,6 @@ def _chunk_output_t_kernel(
     if _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, KEY_PARTS,
                       PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN, ROW_DOT, POOLED,
                       False):
-        _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
-                       KEY_PARTS, PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN,
-                       ROW_DOT, POOLED, True)
+        _output_pass_t_exact(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
+                             KEY_PARTS, PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN,
+                             ROW_DOT, POOLED)

@@ -211,6 +211,7 @@ def linear_attention(
         num_segments = cdiv(n_at_least_1, cfg.segment_len)
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
                                                             cfg.state_split, launch, state_rows=state_rows,
+                                                            pool_rows=initial_state.shape[0] if pooled else None,
                                                             lead_all=lead_all)
         if keep_start_states is not None:
             keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
@@ -350,7 +351,8 @@ class PackedPlan:
 
 
 def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct, *,
-                 state_rows: Optional[Tensor] = None, lead_all: bool = False) -> PackedPlan:
+                 state_rows: Optional[Tensor] = None, pool_rows: Optional[int] = None,
+                 lead_all: bool = False) -> PackedPlan:
     """The tables of a packed batch, built on the device from ``cu_seqlens`` by one small kernel
     (``chunked._packed_plan_kernel``): nothing is read on the host, and their sizes depend on N
     and S alone, so N and S may be symbolic.
@@ -364,8 +366,9 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     and the piece table keep :func:`_num_slots`' count (the last entry always -1). A segment
     ``index > 0`` of sequence s starts from slot ``first_slot[s] + index * state_split - 1``.
 
-    ``state_rows`` (pooled states, see :func:`linear_attention`): padding sequences get no
-    segment, and a sequence of several segments (every sequence, ``lead_all``) a lead slot before
+    ``state_rows`` (pooled states, see :func:`linear_attention`): padding sequences (a negative
+    row, or one at or past ``pool_rows``, the pool's size: captured and compiled steps cannot check
+    their rows, and such a row must not be written) get no segment, and a sequence of several segments (every sequence, ``lead_all``) a lead slot before
     its pieces, which the scan fills with its initial state and its segment 0 starts from (segment
     ``index`` then from ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots."""
     device = cu_seqlens.device
@@ -376,7 +379,8 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
                       torch.empty(_num_slots(num_segments, state_split) + lead_slots, 4, dtype=torch.int32,
                                   device=device),
                       torch.empty(num_sequences, 4, dtype=torch.int32, device=device))
-    pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all))
+    pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all),
+                                                pool_rows=2**31 - 1 if pool_rows is None else pool_rows)
     (_Dispatched if pooled else launch)(_packed_plan_kernel)[(1,)](
         cu_seqlens, plan.segments, plan.pieces, plan.sequences, num_sequences, plan.segments.shape[0],
         plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK, **pooled,
