@@ -130,7 +130,8 @@ def test_bench_form_presets_smoke(tmp_path, monkeypatch):
     assert [row["N"] for row in learnable] == [128, 256]
     for row in learnable:
         assert row["rel_err_vs_ours"] < 1e-6
-        assert 0 < row["decay_grad_rel_err"] < 1e-4 and row["decay_grad_rel_err_fp32"] == row["decay_grad_rel_err"]
+        # float32 against float64 over two heads: rounding may leave both exact, so no lower bound
+        assert row["decay_grad_rel_err"] < 1e-4 and row["decay_grad_rel_err_fp32"] == row["decay_grad_rel_err"]
     assert out.rstrip().splitlines()[-1].startswith("decay-grad B1 N256 H2 D32: ours_decay_grad/ours f+b ")
     assert "d decay err float32 " in out
 
