@@ -667,8 +667,8 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
         if state.device != q.device:
             raise ValueError(f"lightning attn_step: state is on {state.device} but q is on {q.device}")
         rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        # rows on CUDA take the decode kernel, which leaves slots past the pool alone: their checked
-        # indices may be remembered; packed sequences' tiled kernels take the slots as they are
+        # checked CUDA indices of rows (the decode kernel's steps) are remembered; packed calls read
+        # theirs on every call
         _check_state_indices(state_indices, rows, state.shape[0], q, "sequences" if cu_seqlens is not None else "rows",
                              remember=cu_seqlens is None)
     if state.dtype != torch.float32:

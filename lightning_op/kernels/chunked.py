@@ -143,9 +143,10 @@ def _packed_plan_kernel(
     sequences BLOCK at a time, each block's segments and pieces placed after those of the blocks
     before it (running totals), then the surplus entries marked -1. ``POOLED``: the states are
     rows ``STATE_ROWS[s]`` of a pool of ``pool_rows`` rows, read and written in place: a sequence
-    whose row is negative (padding) or past the pool gets no segment; a sequence cut into several segments (every one, with ``lead_all``)
-    gets a lead slot ahead of its pieces, where the scan copies its initial state for segment 0 to
-    start from, so that no program of the output pass reads a pool row that another one writes."""
+    whose row is negative (padding) or past the pool gets no segment; a sequence cut into several
+    segments (every one, with ``lead_all``) gets a lead slot ahead of its pieces, where the scan
+    copies its initial state for segment 0 to start from, so that no program of the output pass
+    reads a pool row that another one writes."""
     lanes = tl.arange(0, BLOCK)
     segments_before = tl.cast(0, tl.int32)
     slots_before = tl.cast(0, tl.int32)
@@ -329,7 +330,7 @@ def _output_pass(
         scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
         if EXACT:
             finite_v, first = _finite_values(v, idx, CHUNK)
-            scores = _exact_scores(scores, idx[:, None] >= idx[None, :])
+            scores = _exact_scores(scores, causal)
             out = _chunk_rows(q, state, scores, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE,
                               False, CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
             out = tl.where(idx[:, None] >= first[None, :], float("nan"), out)
@@ -476,7 +477,7 @@ def _output_pass_t(
                                    PRECISION)
         if EXACT:
             finite_v, first = _finite_values(v, idx, CHUNK)
-            scores_t = _exact_scores(scores_t, idx[:, None] <= idx[None, :])
+            scores_t = _exact_scores(scores_t, causal_t)
             out_t = _chunk_rows_t(qs, states, scores_t, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY,
                                   KEY_PARTS, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
             out_t = tl.where(idx[None, :] >= first[:, None], float("nan"), out_t)

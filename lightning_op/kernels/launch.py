@@ -368,9 +368,10 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
 
     ``state_rows`` (pooled states, see :func:`linear_attention`): padding sequences (a negative
     row, or one at or past ``pool_rows``, the pool's size: captured and compiled steps cannot check
-    their rows, and such a row must not be written) get no segment, and a sequence of several segments (every sequence, ``lead_all``) a lead slot before
-    its pieces, which the scan fills with its initial state and its segment 0 starts from (segment
-    ``index`` then from ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots."""
+    their rows, and such a row must not be written) get no segment, and a sequence of several
+    segments (every sequence, ``lead_all``) a lead slot before its pieces, which the scan fills
+    with its initial state and its segment 0 starts from (segment ``index`` then from
+    ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots."""
     device = cu_seqlens.device
     num_sequences = cu_seqlens.shape[0] - 1
     num_segments = cdiv(n, segment_len)
