@@ -34,6 +34,7 @@ __all__ = [
     "attention_forward_chunked",
     "attention_forward_scan",
     "attention_step",
+    "decay_gradient_chunked",
     "decay_mask",
     "slopes",
 ]
@@ -290,6 +291,82 @@ def linear_attention_chunked(
         if cu_seqlens is not None and not finals:
             final = torch.zeros(0, h, dk, dv, dtype=compute, device=device)
     return out.to(query.dtype), final
+
+
+def decay_gradient_chunked(
+    query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, decay: Tensor, *, scale: float = 1.0,
+    initial_state: Optional[Tensor] = None, grad_final: Optional[Tensor] = None, chunk_size: int = 64,
+    cu_seqlens: Optional[Tensor] = None,
+) -> Tensor:
+    """``dL/d decay`` of the op per compute (query) head, from the moment of the state: no sum in
+    it cancels. Returns ``[H]`` in the compute dtype (float32, float64 for float64 inputs).
+
+    With ``a = -decay`` (``lam = e^a``) and ``S_t = lam S_{t-1} + k_t^T v_t`` (``S_{-1}`` the
+    initial state, or zeros), the moment ``M_t = dS_t / da`` is::
+
+        M_t = sum_{s <= t} (t - s) lam^(t-s) k_s^T v_s + (t + 1) lam^(t+1) S_{-1}
+            = lam (M_{t-1} + S_{t-1}),   M_{-1} = 0
+
+    and since ``o_t = scale q_t S_t`` and the final state is ``S_{N-1}``::
+
+        dL/d decay = -( scale sum_t <do_t, q_t M_t> + <grad_final, M_{N-1}> )
+
+    In chunks of C rows (row i of a chunk, 0-based; S', M' the pair before the chunk)::
+
+        q_i M_(c+i) = sum_{j <= i} (i - j) lam^(i-j) (q_i . k_j) v_j + lam^(i+1) q_i ((i + 1) S' + M')
+        M_end = lam^C M' + C lam^C S' + sum_j (C - 1 - j) lam^(C-1-j) k_j^T v_j
+        S_end = lam^C S' + sum_j lam^(C-1-j) k_j^T v_j
+
+    so the chunk's share is ``sum((Q K^T) * W * (dO V^T))`` with ``W[i, j] = (i - j) lam^(i-j)``
+    for ``i >= j`` (else 0) plus the carried rows. Every weight is >= 0 and every exponent too.
+
+    Heads and sequences as in :func:`linear_attention_chunked`: key, value and ``initial_state``
+    are read per compute head (head ``h // (H // X.shape[1])``), ``decay`` and ``grad_final`` are
+    per compute head (``[H]``, ``[B or S, H, Dk, Dv]``); with ``cu_seqlens`` each sequence starts
+    from its own initial state, its rows counted from its start (an empty one adds nothing).
+    O(N) memory: one chunk's scores at a time.
+    """
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    b, h, n, dk = query.shape
+    dv = value.shape[-1]
+    device = query.device
+    q, k, v, do = (x.to(compute) for x in (query, key, value, grad_out))
+    heads = [_head_index(x, h, device) for x in (q, k, v, do)]
+    init_heads = None if initial_state is None else _head_index(initial_state, h, device)
+    zero = torch.zeros((), dtype=compute, device=device)
+    outputs = torch.zeros(b, h, dtype=compute, device=device)  # scale sum_t <do_t, q_t M_t>, summed below
+    finals = torch.zeros(b, h, dtype=compute, device=device)  # <grad_final, M_{N-1}>
+
+    def rows_of(x: Tensor, index: Optional[Tensor], rows: slice) -> Tensor:
+        return x[:, :, rows] if index is None else x[:, index, rows]
+
+    for seq_index, (seq_start, seq_end) in enumerate(_sequences(cu_seqlens, n)):
+        state = torch.zeros(b, h, dk, dv, dtype=compute, device=device)
+        if initial_state is not None:
+            init = initial_state if cu_seqlens is None else initial_state[seq_index:seq_index + 1]
+            state = (init if init_heads is None else init[:, init_heads]).to(compute)
+        moment = torch.zeros_like(state)
+        for start in range(seq_start, seq_end, chunk_size):
+            length = min(chunk_size, seq_end - start)
+            rows = slice(start, start + length)
+            q_c, k_c, v_c, do_c = (rows_of(x, index, rows) for x, index in zip((q, k, v, do), heads))
+            idx = torch.arange(length, device=device)
+            distance = idx[:, None] - idx[None, :]
+            pair_weight = decay_mask(decay, length, dtype=compute, device=device) * distance.clamp(min=0)
+            scores = (q_c @ k_c.transpose(-1, -2)) * pair_weight * (do_c @ v_c.transpose(-1, -2))
+            row_weight = decay_powers(decay, idx + 1, zero)[..., None]  # lam^(i+1)
+            carried = (q_c * ((idx + 1)[:, None] * row_weight)) @ state + (q_c * row_weight) @ moment
+            outputs += scale * (scores.sum((-1, -2)) + (carried * do_c).sum((-1, -2)))
+            chunk_decay = decay_powers(decay, torch.tensor([length], device=device), zero)[..., None]
+            steps = (length - 1 - idx)[:, None]
+            key_weight = decay_powers(decay, length - 1 - idx, zero)[..., None]  # lam^(C-1-j)
+            moment = (chunk_decay * moment + length * chunk_decay * state
+                      + (k_c * (steps * key_weight)).transpose(-1, -2) @ v_c)
+            state = chunk_decay * state + (k_c * key_weight).transpose(-1, -2) @ v_c
+        if grad_final is not None:
+            grad = grad_final if cu_seqlens is None else grad_final[seq_index:seq_index + 1]
+            finals += (grad.to(compute) * moment).sum((-1, -2))
+    return -(outputs + finals).sum(0)
 
 
 def attention_forward_chunked(q, k, v, decay=None, scale=1.0, initial_state=None, chunk_size=64):

@@ -11,8 +11,8 @@ tensors through Triton's interpreter.
 """
 
 from .config import LaunchConfig, choose_config, config_override, fused_backward_fits
-from .launch import (SegmentStates, boundary_states, decode_step, final_state, key_value_gradients,
+from .launch import (SegmentStates, boundary_states, decay_gradient, decode_step, final_state, key_value_gradients,
                      linear_attention, state_itemsize_of)
 
-__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "final_state", "decode_step", "LaunchConfig",
+__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decay_gradient", "final_state", "decode_step", "LaunchConfig",
            "SegmentStates", "choose_config", "config_override", "fused_backward_fits", "state_itemsize_of"]

@@ -25,9 +25,10 @@ from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import (_chunk_output_kernel, _chunk_output_t_kernel, _packed_plan_kernel, _segment_scan_kernel,
                       _segment_state_kernel)
 from .config import LaunchConfig, cdiv, choose_config, next_power_of_2
+from .decay_grad import _decay_moment_kernel
 from .decode import launch_decode_step
 
-__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decode_step", "SegmentStates",
+__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decay_gradient", "decode_step", "SegmentStates",
            "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -590,6 +591,108 @@ def boundary_states(
         HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, BLOCK_V=scan_block_v, **flags, num_warps=4,
     )
     return out
+
+
+#: rows per chunk of the moment pass (``decay_grad.py``) and its float32 (S, M) pair's elements per
+#: program: Dk x BLOCK_V each, at most 8192 (64 KiB for the two)
+MOMENT_CHUNK, MOMENT_TILE = 64, 8192
+#: segments of the moment pass: enough programs for this many per multiprocessor, each segment at
+#: least MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
+MOMENT_PROGRAMS_PER_SM, MOMENT_MIN_SEGMENT = 2, 2048
+
+
+def decay_gradient(
+    query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, decay: Tensor, scale: float = 1.0,
+    initial_state: Optional[Tensor] = None, grad_final: Optional[Tensor] = None, *,
+    cu_seqlens: Optional[Tensor] = None, chunk: Optional[int] = None, block_v: Optional[int] = None,
+    segment_len: Optional[int] = None,
+) -> Tensor:
+    """``dL/d decay`` per compute head (float32 ``[H]``) of the op whose output's gradient is
+    ``grad_out`` and final state's ``grad_final``: ``reference.decay_gradient_chunked`` (same
+    arguments and heads) in one pass of the moment kernel (``decay_grad.py``).
+
+    query, key, value, grad_out: [B, H*, N, D], any strides, one dtype among float16, bfloat16
+    and float32; H = query's heads, key, value and grad_out read at head ``h // (H / H*)``.
+    decay: float32 [H]. initial_state [B or S, Hi, Dk, Dv] read per compute head, grad_final
+    [B or S, H, Dk, Dv]. ``cu_seqlens``: packed sequences, one program per sequence (its rows
+    walked from its own initial state).
+
+    ``chunk``, ``block_v`` and ``segment_len`` override the launch's choices (tests). Dense
+    batches whose programs would leave the GPU idle are split into segments of ``segment_len``
+    rows (see :func:`_segment_moment_starts`)."""
+    b, h, n, dk = query.shape
+    dv = value.shape[-1]
+    device = query.device
+    chunk = chunk or MOMENT_CHUNK
+    block_k = max(16, next_power_of_2(dk))
+    block_v = block_v or max(16, min(64, next_power_of_2(dv), MOMENT_TILE // block_k))
+    num_v_blocks = cdiv(dv, block_v)
+    num_entries = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if segment_len is None:
+        segment_len = max(n, 1)
+        programs = num_entries * h * num_v_blocks
+        if cu_seqlens is None and device.type == "cuda":
+            wanted = MOMENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+            if programs < wanted:
+                count = min(cdiv(wanted, programs), cdiv(n, MOMENT_MIN_SEGMENT))
+                segment_len = max(segment_len // max(count, 1), MOMENT_MIN_SEGMENT)
+    elif cu_seqlens is not None:
+        raise ValueError("decay_gradient: packed sequences are walked whole (no segment_len)")
+    segment_len = cdiv(max(segment_len, 1), chunk) * chunk
+    num_segments = cdiv(max(n, 1), segment_len)
+    if num_entries == 0 or n == 0:
+        return torch.zeros(h, dtype=torch.float32, device=device)
+    partials = torch.empty(num_entries * num_segments * h * num_v_blocks, dtype=torch.float32, device=device)
+    types = _dot_types(query.dtype)
+    starts = partials
+
+    def launch(states_only: bool, has_starts: bool) -> None:
+        # the last segment's own pair starts no segment: the states pass leaves it out
+        grid = (h * num_v_blocks, num_entries, num_segments - 1 if states_only else num_segments)
+        _direct(_decay_moment_kernel)[grid](
+            query, key, value, grad_out, decay, initial_state if initial_state is not None else partials,
+            grad_final if grad_final is not None else partials, cu_seqlens, starts, partials,
+            *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *_strides(initial_state),
+            *_strides(grad_final), n, h, dk, dv, segment_len, scale,
+            *_groups(h, query, key, value, grad_out, initial_state),
+            HAS_INIT=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
+            VARLEN=cu_seqlens is not None, SEGMENTS=num_segments, STATES_ONLY=states_only, HAS_STARTS=has_starts,
+            CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, **types, num_warps=4 if block_k * block_v <= 4096 else 8,
+        )
+
+    if num_segments > 1:
+        starts = torch.empty(b, h, num_segments, 2, dk, dv, dtype=torch.float32, device=device)
+        launch(True, False)
+        _segment_moment_starts(starts, decay, initial_state, segment_len)
+    launch(False, num_segments > 1)
+    return -partials.view(num_entries * num_segments, h, num_v_blocks).sum((0, 2))
+
+
+def _segment_moment_starts(pairs: Tensor, decay: Tensor, initial_state: Optional[Tensor], length: int) -> None:
+    """In place: each segment's own end pair ``(E_m, E'_m)`` (from (0, 0), [B, H, segments, 2, Dk,
+    Dv]; the last segment's is never read) becomes the pair segment m starts from (entry 0 is
+    left as it is: the first segment starts from the initial state). Segments of L = ``length`` rows compose as
+
+        S_(m+1) = lam^L S_m + E_m,    M_(m+1) = lam^L M_m + L lam^L S_m + E'_m,   (S_0, M_0) = (init, 0)
+
+    so with ``A[m, m'] = lam^(L (m - 1 - m'))`` for m' < m (else 0): ``S = A E + lam^(L m) S_0``
+    and ``M = A (E' + L lam^L S)``, two batched products (every exponent >= 0)."""
+    b, h, count, _, dk, dv = pairs.shape
+    segment = torch.arange(count, device=pairs.device)
+    gap = (segment[:, None] - 1 - segment[None, :]).clamp(min=0)
+    log_lam = -decay.to(torch.float32)[:, None, None]
+    chain = torch.where(segment[:, None] > segment[None, :], torch.exp(log_lam * (length * gap)), 0.0)  # [H, m, m']
+    own = pairs.flatten(-2)  # [B, H, segments, 2, Dk * Dv]; the last segment's pair is not written
+    chain = chain[:, :, :-1]
+    states = chain @ own[:, :, :-1, 0]
+    if initial_state is not None:
+        init = initial_state.to(torch.float32)
+        init = init.repeat_interleave(h // init.shape[1], 1) if init.shape[1] != h else init
+        states = states + torch.exp(log_lam[:, 0] * (length * segment))[..., None] * init.reshape(b, h, 1, dk * dv)
+    lam_length = torch.exp(log_lam * length)
+    moments = chain @ (own[:, :, :-1, 1] + length * lam_length * states[:, :, :-1])
+    own[:, :, 1:, 0] = states[:, :, 1:]
+    own[:, :, 1:, 1] = moments[:, :, 1:]
 
 
 def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int, *, value_scale: float = 1.0,

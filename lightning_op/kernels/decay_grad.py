@@ -1,0 +1,138 @@
+"""The decay's gradient from the moment of the state (``launch.decay_gradient``), one pass over
+q, k, v and the output's gradient: ``reference.decay_gradient_chunked`` on the GPU.
+
+With ``a = -decay`` (``lam = e^a``) the moment ``M_t = dS_t / da`` obeys
+``M_t = lam (M_{t-1} + S_{t-1})``, ``M_{-1} = 0``, and
+
+    dL/d decay = -( scale sum_t <do_t, q_t M_t> + <grad_final, M_{N-1}> ).
+
+A program walks the rows of one sequence (a batch entry, or a packed sequence) for one compute
+head and one block of value columns, carrying the pair (S, M) in float32 registers, chunk by chunk
+(row i of a chunk, S' and M' the pair before it)::
+
+    share   = sum_(i, j) (q_i . k_j) (i - j) lam^(i-j) [i >= j] (do_i . v_j)
+              + sum_i lam^(i+1) <do_i, q_i ((i + 1) S' + M')>
+    M_end   = lam^C M' + C lam^C S' + sum_j (C - 1 - j) lam^(C-1-j) k_j^T v_j
+    S_end   = lam^C S' + sum_j lam^(C-1-j) k_j^T v_j
+
+Every weight is >= 0 and no two large sums are subtracted: the float32 sum keeps the precision
+of its terms at any N (a position-weighted form ``sum_t t (<q_t, dq_t> - <k_t, dk_t>)`` loses it
+all). Each program stores one float32 partial; the launcher sums them per head (deterministic).
+
+Long sequences with few heads split the walk into segments (``SEGMENTS`` > 1, dense batches):
+``STATES_ONLY`` programs compute each segment's own end pair from (0, 0), the launcher chains
+them into each segment's start pair (``launch._segment_moment_starts``), and the walking
+programs start from those (``HAS_STARTS``). Decay factors are ``lam^e`` with ``e >= 0`` only.
+"""
+
+import triton
+import triton.language as tl
+
+from .stages import _block_and_head, _dot, _dot_acc, _head, _load_rows, _log2_decay, _store_state
+
+
+@triton.jit(do_not_specialize=["N"])
+def _decay_moment_kernel(
+    Q, K, V, DO, DECAY, INIT, GRAD_FINAL, CU_SEQLENS, STARTS, PARTIALS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    stride_gb, stride_gh, stride_gk, stride_gv,
+    N, H, DK, DV, segment_len, scale, q_group, k_group, v_group, o_group, init_group,
+    HAS_INIT: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, VARLEN: tl.constexpr,
+    SEGMENTS: tl.constexpr, STATES_ONLY: tl.constexpr, HAS_STARTS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    STATE_PRECISION: tl.constexpr,
+):
+    """Program (value block and compute head, sequence or batch entry, segment). Without
+    ``STATES_ONLY``: stores ``scale sum_t <do_t, q_t M_t>`` over its rows and value columns, plus
+    ``<grad_final, M_{N-1}>`` where its rows end the sequence, at ``PARTIALS[((entry * SEGMENTS +
+    segment) * H + h) * num_v_blocks + v block]``. ``STATES_ONLY``: stores the segment's own end
+    pair (S, M from (0, 0)) at ``STARTS[entry, h, segment, 0 / 1]`` instead. ``HAS_STARTS``: a
+    segment after the first starts from ``STARTS[entry, h, segment, 0 / 1]`` (the chained pairs)."""
+    pid_v, bh = _block_and_head(DV, BLOCK_V)
+    entry = tl.program_id(1).to(tl.int64)  # batch entry, or packed sequence
+    segment = tl.program_id(2)
+    num_v_blocks = tl.cdiv(DV, BLOCK_V)
+    h = bh % H
+    if VARLEN:
+        b = 0
+        first_row = tl.load(CU_SEQLENS + entry).to(tl.int64)
+        length = tl.load(CU_SEQLENS + entry + 1).to(tl.int64) - first_row
+    else:
+        b = entry
+        first_row = 0
+        length = N
+    begin = segment * segment_len
+    end = tl.minimum(begin + segment_len, length)
+    scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
+    q_ptr = _head(Q, b, h // q_group, stride_qb, stride_qh) + first_row * stride_qn
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh) + first_row * stride_kn
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh) + first_row * stride_vn
+    o_ptr = _head(DO, b, h // o_group, stride_ob, stride_oh) + first_row * stride_on
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid_k = cols_k < DK
+    valid_v = cols_v < DV
+    tile_mask = valid_k[:, None] & valid_v[None, :]
+    log2_lam = _log2_decay(DECAY, h)
+
+    pair_ptr = STARTS + ((entry * H + h) * SEGMENTS + segment) * 2 * DK * DV
+    if HAS_INIT and not STATES_ONLY:
+        init_ptr = _head(INIT, entry, h // init_group, stride_ib, stride_ih)
+        state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask,
+                        other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    moment = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    if HAS_STARTS:
+        if segment > 0:  # the chained pair (segment 0 starts from the initial state)
+            state = tl.load(pair_ptr + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
+            moment = tl.load(pair_ptr + DK * DV + cols_k[:, None] * DV + cols_v[None, :], mask=tile_mask, other=0.0)
+
+    idx = tl.arange(0, CHUNK)
+    distance = idx[:, None] - idx[None, :]
+    steps = tl.maximum(distance, 0).to(tl.float32)
+    # W[i, j] = (i - j) lam^(i-j) for i >= j: 0 on the diagonal, so the mask only drops i < j
+    pair_weight = tl.where(distance > 0, steps * tl.exp2(log2_lam * steps), 0.0)
+    row_weight = tl.exp2(log2_lam * (idx + 1).to(tl.float32))  # lam^(i+1)
+    state_weight = row_weight * (idx + 1).to(tl.float32)  # (i + 1) lam^(i+1)
+    rows_sum = tl.zeros([CHUNK], dtype=tl.float32)
+    for start in range(begin, end, CHUNK):
+        rows = start + idx
+        row_valid = rows < end
+        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, False)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, False)
+        if not STATES_ONLY:
+            q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, False)
+            do = _load_rows(o_ptr, stride_on, stride_od, rows, row_valid, cols_v, valid_v, N, False)
+            scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
+            grad_scores = _dot(do, tl.trans(v), DOT_DTYPE, PRECISION)
+            rows_sum += tl.sum(scores * pair_weight * grad_scores, 1)
+            # q as it is (the row weights applied after the products: q is not rounded again)
+            carried = (_dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION) * state_weight[:, None]
+                       + _dot(q, moment, STATE_DOT_DTYPE, STATE_PRECISION) * row_weight[:, None])
+            rows_sum += tl.sum(carried * do.to(tl.float32), 1)
+        length_c = tl.minimum(end - start, CHUNK)
+        chunk_decay = tl.exp2(log2_lam * length_c.to(tl.float32))  # lam^C
+        key_steps = tl.maximum(length_c - 1 - idx, 0).to(tl.float32)
+        key_weight = tl.exp2(log2_lam * key_steps)  # lam^(C-1-j); rows past the end are zero
+        moment = moment * chunk_decay + state * (length_c.to(tl.float32) * chunk_decay)
+        moment = _dot_acc(moment, tl.trans(k * (key_steps * key_weight)[:, None]), v, DOT_DTYPE, PRECISION)
+        state = _dot_acc(state * chunk_decay, tl.trans(k * key_weight[:, None]), v, DOT_DTYPE, PRECISION)
+
+    if STATES_ONLY:
+        _store_state(pair_ptr, DV, 1, state, cols_k, cols_v, tile_mask)
+        _store_state(pair_ptr + DK * DV, DV, 1, moment, cols_k, cols_v, tile_mask)
+    else:
+        total = tl.sum(rows_sum, 0) * scale
+        if HAS_GRAD_FINAL:
+            if end == length:  # the segment that ends the sequence (an empty one: M = 0)
+                grad_ptr = _head(GRAD_FINAL, entry, h, stride_gb, stride_gh)
+                grad = tl.load(grad_ptr + cols_k[:, None] * stride_gk + cols_v[None, :] * stride_gv, mask=tile_mask,
+                               other=0.0).to(tl.float32)
+                total += tl.sum(tl.sum(grad * moment, 1), 0)
+        tl.store(PARTIALS + ((entry * SEGMENTS + segment) * H + h) * num_v_blocks + pid_v, total)
