@@ -14,12 +14,14 @@ heads take the two-pass composition instead. Rows are addressed from the end (po
 ``chunked._segment_state_kernel`` / ``_segment_scan_kernel`` with key q and value do.
 
 Key row dot products (``ROW_DOT``): for each row t, ``<dk_t, k_t>`` of compute head h with k read
-at its head ``h // k_group`` (the decay's gradient sums them, ``backends.backward``), in float32
+at its head ``h // k_group``, in float32
 from dk's unrounded rows and stored at ``DOTS[b, h, position]`` (a contiguous float32 [B, H, N],
 packed rows at their place in the batch). A program holds whole rows of dk (every key column, the
 whole value width), so each row's product is complete where it is computed and stored once: no
 partial rows to sum. The option's arguments are keywords left out (None) when it is off, so
-existing launches compile as before.
+existing launches compile as before. No launcher sets it (the decay's gradient has a pass of its
+own, ``decay_grad.py``); it goes once its removal is shown to leave the default kernels' PTX as
+it is (``benchmarks/registers.py`` digests).
 """
 
 import triton

@@ -1,5 +1,5 @@
-"""States at the block boundaries of each sequence (``launch.boundary_states``): what the decay's
-gradient pairs up, a state and the gradient reaching it, at every ``block`` rows.
+"""States at the block boundaries of each sequence, and from them the final state without the
+outputs (``launch.final_state``, which context parallelism exchanges).
 
 Blocks are counted from each sequence's start in both directions: block m holds rows
 ``m * block .. min((m + 1) * block, n) - 1`` of a sequence of n rows. Entry m is
@@ -12,6 +12,8 @@ Blocks are counted from each sequence's start in both directions: block m holds 
 Two passes, as the segment states of ``chunked.py``: each block's own contribution, all blocks in
 parallel (``_block_state_kernel``), then per sequence a scan over its blocks that turns them into
 the entries in place (``_block_scan_kernel``). Decay factors are ``lam^e`` with ``e >= 0`` only.
+No launcher sets ``VARLEN`` (packed sequences, blocks from ``launch._packed_plan``'s plan):
+``final_state`` is dense.
 """
 
 import triton

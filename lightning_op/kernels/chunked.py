@@ -44,9 +44,10 @@ Row dot products (``ROW_DOT``, both output kernels): for each output row t, ``<o
 a second [B, Hr, N, Dv] tensor R (``DOT_WITH``, read at head ``h // dot_group``), computed in
 float32 from the unrounded rows and stored at ``DOTS[v block, b, h, position]`` (one float32 row
 per block of value columns; the launcher sums them, so the result does not depend on timing).
-The decay's gradient needs ``<q_t, dq_t>`` and ``<k_t, dk_t>`` that way (``backends.backward``).
 The option's arguments are keywords left out (None) when it is off, so existing launches compile
-as before.
+as before. No launcher sets it (the decay's gradient has a pass of its own, ``decay_grad.py``); it
+goes once its removal is shown to leave the default kernels' PTX as it is
+(``benchmarks/registers.py`` digests).
 """
 
 import triton

@@ -28,7 +28,7 @@ from .config import LaunchConfig, cdiv, choose_config, next_power_of_2
 from .decay_grad import _decay_moment_kernel
 from .decode import launch_decode_step
 
-__all__ = ["linear_attention", "key_value_gradients", "boundary_states", "decay_gradient", "decode_step", "SegmentStates",
+__all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "decode_step", "SegmentStates",
            "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -114,7 +114,6 @@ def linear_attention(
     store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
-    row_dot_with: Optional[Tensor] = None, row_dots: Optional[Tensor] = None,
     state_rows: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
@@ -154,12 +153,6 @@ def linear_attention(
     zeros); ``reverse`` walks each sequence from its own end. Every sequence is cut into segments
     of its own (see :func:`_packed_plan`: tables built on the device, nothing read on the host).
 
-    ``row_dot_with`` (R: [B, Hr, N, Dv], any strides, Hr dividing H, read per compute head as the
-    other inputs) and ``row_dots`` (contiguous float32 [B, H, N]): the call also writes
-    ``row_dots[b, h, t] = <out[b, h, t], R[b, h // (H // Hr), t]>``, in float32 from the output
-    rows before they are rounded to query's dtype (``chunked.py``, ``ROW_DOT``). Where the value
-    columns are split over programs, each block's products are summed afterwards (deterministic).
-
     ``state_rows`` (with ``cu_seqlens``; int32 or int64 [S], trusted: rows of the pool, none twice):
     ``initial_state`` is a pool [P, Hi, Dk, Dv] of float32 states, and sequence s starts from row
     ``state_rows[s]`` and its final state is written back there, in place (head ``h // (H // Hi)``,
@@ -167,7 +160,7 @@ def linear_attention(
     no row of the pool is read or written. Returns ``(out, initial_state)``. No program of the
     output pass reads a row another writes: a sequence cut into segments, or whose state a group
     of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
-    Forward only (``reverse``, ``init_shift`` and ``row_dots`` keep their defaults).
+    Forward only (``reverse`` and ``init_shift`` keep their defaults).
     """
     b, _, n, dk = query.shape
     dv = value.shape[-1]
@@ -175,7 +168,7 @@ def linear_attention(
     device = query.device
     pooled = state_rows is not None
     if pooled:  # padding sequences' rows are never written: zeros from the start
-        if cu_seqlens is None or initial_state is None or reverse or row_dot_with is not None or traceable:
+        if cu_seqlens is None or initial_state is None or reverse or traceable:
             raise ValueError("linear_attention: state_rows needs cu_seqlens and a pool as initial_state, "
                              "forward and eager only")
         out = torch.zeros(b, h, n, dv, dtype=query.dtype, device=device)
@@ -251,19 +244,10 @@ def linear_attention(
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if plan is not None:
             flags["VARLEN"] = True
-        launch_output, dots = launch, None
+        launch_output = launch
         if pooled:
             flags.update(POOLED=True, STATE_ROWS=state_rows, final_group=h // initial_state.shape[1])
             launch_output = _Dispatched
-        if row_dot_with is not None:
-            # one float32 row per block of value columns, summed below
-            dots = row_dots if num_v_blocks == 1 else torch.empty(num_v_blocks, b, h, n, dtype=torch.float32,
-                                                                  device=device)
-            flags.update(ROW_DOT=True, DOT_WITH=row_dot_with, DOTS=dots, **dict(zip(
-                ("stride_wb", "stride_wh", "stride_wn", "stride_wd"), row_dot_with.stride())),
-                dot_group=h // row_dot_with.shape[1], dots_stride_v=b * h * n, dots_rows=n)
-            if not traceable:
-                launch_output = _Dispatched
         grid = (b * h * num_v_blocks, num_segments if plan is None else plan.segments.shape[0])
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
@@ -274,8 +258,6 @@ def linear_attention(
                 *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate,
                 UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
             )
-        if dots is not None and dots is not row_dots:
-            torch.sum(dots, 0, out=row_dots)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
@@ -472,7 +454,6 @@ def key_value_gradients(
     store_final: bool = False,
     out_bnhd: bool = False,
     cu_seqlens: Optional[Tensor] = None,
-    key_row_dots: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
     ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
@@ -484,12 +465,7 @@ def key_value_gradients(
     dividing H, decay [H]; dk and dv are [B, H, N, D] per compute head (the caller sums each
     group's heads), dS_0 [B, H, Dk, Dv]. ``cu_seqlens``: packed sequences as in
     :func:`linear_attention` (grad_final_state [S, Hg, Dk, Dv], dS_0 [S, H, Dk, Dv], each
-    sequence walked from its own end).
-
-    ``key_row_dots`` (contiguous float32 [B, H, N]): the pass also writes ``key_row_dots[b, h, t]
-    = <dk[b, h, t], k[b, h // (H // Hk), t]>``, in float32 from dk's rows before they are rounded
-    to k's dtype (``backward.py``, ``ROW_DOT``); a program holds whole rows, so there are no
-    partial sums."""
+    sequence walked from its own end)."""
     b, _, n, dk = q.shape
     dv = v.shape[-1]
     h = _compute_heads(q, k, v, grad_out)
@@ -518,8 +494,7 @@ def key_value_gradients(
             )
         packed = {} if plan is None else dict(VARLEN=True)
         # a tensor passed by keyword: Triton's own dispatch (the remembering launcher keys keywords by value)
-        launch, dots = (_direct, {}) if key_row_dots is None else (_Dispatched, dict(ROW_DOT=True, DOTS=key_row_dots))
-        launch(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
+        _direct(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
             seg_states, final if final is not None else seg_states, None if plan is None else plan.segments,
@@ -529,7 +504,7 @@ def key_value_gradients(
             cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed, **dots,
+            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -540,57 +515,6 @@ def key_value_gradients(
     )
     launch_with(cfg)
     return grad_k, grad_v, final
-
-
-def boundary_states(
-    key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], block: int, *,
-    value_scale: float = 1.0, reverse: bool = False, init_shift: int = 1, cu_seqlens: Optional[Tensor] = None,
-) -> Tensor:
-    """float32 states of :func:`linear_attention` (same arguments) at every ``block`` rows of each
-    sequence, counted from the sequence's start in both directions (``boundary.py``): entry m is
-
-    - forward, the state entering row ``m * block`` (the one its key and value are added to):
-      ``lam * S_(m*block - 1)``, for m = 0 ``lam^init_shift * initial_state``;
-    - ``reverse``, the state after visiting rows ``n - 1`` down to ``m * block``, that row included.
-
-    Returns ``[B, H, ceil(N / block), Dk, Dv]``; H is the most heads among key, value, decay and
-    initial state, each read per compute head as in :func:`linear_attention`. With ``cu_seqlens``:
-    ``[1, H, ceil(N / block) + S, Dk, Dv]``, sequence s's ``max(1, ceil(n_s / block))`` entries
-    (one for a sequence without rows: forward ``lam^init_shift * initial``, reverse its initial
-    state) from entry ``sum_(s' < s) max(1, ceil(n_s' / block))`` on, the unused entries at the
-    end zeros: the segments of :func:`_packed_plan` with segments of ``block`` rows."""
-    if not block > 0:
-        raise ValueError(f"boundary_states: block must be positive, got {block}")
-    b, _, n, dk = key.shape
-    dv = value.shape[-1]
-    h = _compute_heads(key, value, *(x for x in (initial_state,) if x is not None))
-    if decay is not None:
-        h = torch.sym_max(h, decay.shape[0])
-    device = key.device
-    plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n, block, 1)
-    num_entries = cdiv(n, block) if plan is None else plan.segments.shape[0]
-    out = torch.empty(b, h, num_entries, dk, dv, dtype=torch.float32, device=device)
-    if plan is None and n == 0:
-        return out
-    block_k = max(16, next_power_of_2(dk))
-    block_v = max(16, min(64, next_power_of_2(dv)))
-    decay_arg = decay if decay is not None else out
-    flags = dict(HAS_DECAY=decay is not None, REVERSE=reverse, BLOCK_K=block_k, VARLEN=plan is not None)
-    _direct(_block_state_kernel)[(b * h * cdiv(dv, block_v), num_entries)](
-        key, value, decay_arg, out, None if plan is None else plan.segments,
-        *key.stride(), *value.stride(),
-        n, h, dk, dv, block, num_entries, value_scale, *_groups(h, key, value),
-        CHUNK=max(16, min(64, next_power_of_2(block))), BLOCK_V=block_v,
-        DOT_DTYPE=_dot_types(key.dtype)["DOT_DTYPE"], PRECISION="ieee", **flags, num_warps=4,
-    )
-    scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
-    _direct(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
-        decay_arg, initial_state if initial_state is not None else out, out,
-        None if plan is None else plan.sequences, *_strides(initial_state),
-        n, h, dk, dv, block, num_entries, *_groups(h, initial_state),
-        HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, BLOCK_V=scan_block_v, **flags, num_warps=4,
-    )
-    return out
 
 
 #: rows per chunk of the moment pass (``decay_grad.py``) and its float32 (S, M) pair's elements per
@@ -701,8 +625,8 @@ def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int,
     initial state) ends in, without its outputs: one parallel pass over key and value in blocks of
     ``block`` rows and a scan over the blocks (``boundary.py``), so key and value are read once
     and nothing of N rows is written. Forward ``sum_t lam^(N-1-t) value_scale key_t^T value_t``;
-    ``reverse`` (the walk from the end) ``sum_t lam^t value_scale key_t^T value_t``. H as in
-    :func:`boundary_states`."""
+    ``reverse`` (the walk from the end) ``sum_t lam^t value_scale key_t^T value_t``. H is the most
+    heads among key, value and decay, each read per compute head as in :func:`linear_attention`."""
     if not block > 0:
         raise ValueError(f"final_state: block must be positive, got {block}")
     b, _, n, dk = key.shape
