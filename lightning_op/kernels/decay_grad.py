@@ -28,7 +28,22 @@ programs start from those (``HAS_STARTS``). Decay factors are ``lam^e`` with ``e
 import triton
 import triton.language as tl
 
-from .stages import _block_and_head, _dot, _dot_acc, _head, _load_rows, _log2_decay, _store_state
+from .stages import _block_and_head, _dot, _head, _load_rows, _log2_decay, _store_state
+
+
+@triton.jit
+def _weighted_product(acc, x, weight, y, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + (x * weight[:, None])^T y`` (float32): rows x weighted, then contracted over the rows
+    with y. The weighted rows are no longer 16-bit numbers: rounded to DOT_DTYPE they lose 2^-9
+    (bfloat16) each, which at long N moves a head's gradient by up to 4e-2. ``SPLIT``: they enter
+    as two DOT_DTYPE terms, ``hi`` and the rest ``lo`` (2^-17 for bfloat16), at twice the products."""
+    weighted = x.to(tl.float32) * weight[:, None]
+    hi = weighted.to(DOT_DTYPE)
+    acc = tl.dot(tl.trans(hi), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if SPLIT:
+        lo = (weighted - hi.to(tl.float32)).to(DOT_DTYPE)
+        acc = tl.dot(tl.trans(lo), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -44,8 +59,7 @@ def _decay_moment_kernel(
     HAS_INIT: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, VARLEN: tl.constexpr,
     SEGMENTS: tl.constexpr, STATES_ONLY: tl.constexpr, HAS_STARTS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
-    STATE_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Program (value block and compute head, sequence or batch entry, segment). Without
     ``STATES_ONLY``: stores ``scale sum_t <do_t, q_t M_t>`` over its rows and value columns, plus
@@ -101,6 +115,7 @@ def _decay_moment_kernel(
     row_weight = tl.exp2(log2_lam * (idx + 1).to(tl.float32))  # lam^(i+1)
     state_weight = row_weight * (idx + 1).to(tl.float32)  # (i + 1) lam^(i+1)
     rows_sum = tl.zeros([CHUNK], dtype=tl.float32)
+    cols_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(begin, end, CHUNK):
         rows = start + idx
         row_valid = rows < end
@@ -112,23 +127,25 @@ def _decay_moment_kernel(
             scores = _dot(q, tl.trans(k), DOT_DTYPE, PRECISION)
             grad_scores = _dot(do, tl.trans(v), DOT_DTYPE, PRECISION)
             rows_sum += tl.sum(scores * pair_weight * grad_scores, 1)
-            # q as it is (the row weights applied after the products: q is not rounded again)
-            carried = (_dot(q, state, STATE_DOT_DTYPE, STATE_PRECISION) * state_weight[:, None]
-                       + _dot(q, moment, STATE_DOT_DTYPE, STATE_PRECISION) * row_weight[:, None])
-            rows_sum += tl.sum(carried * do.to(tl.float32), 1)
+            # the carried pair's share <S', sum_i (i+1) lam^(i+1) q_i^T do_i> + <M', sum_i lam^(i+1) q_i^T do_i>:
+            # S' and M' enter in float32, only inputs times weights are operands
+            zero = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+            carried = state * _weighted_product(zero, q, state_weight, do, DOT_DTYPE, PRECISION, SPLIT)
+            carried += moment * _weighted_product(zero, q, row_weight, do, DOT_DTYPE, PRECISION, SPLIT)
+            cols_sum += tl.sum(carried, 0)
         length_c = tl.minimum(end - start, CHUNK)
         chunk_decay = tl.exp2(log2_lam * length_c.to(tl.float32))  # lam^C
         key_steps = tl.maximum(length_c - 1 - idx, 0).to(tl.float32)
         key_weight = tl.exp2(log2_lam * key_steps)  # lam^(C-1-j); rows past the end are zero
-        moment = moment * chunk_decay + state * (length_c.to(tl.float32) * chunk_decay)
-        moment = _dot_acc(moment, tl.trans(k * (key_steps * key_weight)[:, None]), v, DOT_DTYPE, PRECISION)
-        state = _dot_acc(state * chunk_decay, tl.trans(k * key_weight[:, None]), v, DOT_DTYPE, PRECISION)
+        moment = _weighted_product(moment * chunk_decay + state * (length_c.to(tl.float32) * chunk_decay), k,
+                                   key_steps * key_weight, v, DOT_DTYPE, PRECISION, SPLIT)
+        state = _weighted_product(state * chunk_decay, k, key_weight, v, DOT_DTYPE, PRECISION, SPLIT)
 
     if STATES_ONLY:
         _store_state(pair_ptr, DV, 1, state, cols_k, cols_v, tile_mask)
         _store_state(pair_ptr + DK * DV, DV, 1, moment, cols_k, cols_v, tile_mask)
     else:
-        total = tl.sum(rows_sum, 0) * scale
+        total = (tl.sum(rows_sum, 0) + tl.sum(cols_sum, 0)) * scale
         if HAS_GRAD_FINAL:
             if end == length:  # the segment that ends the sequence (an empty one: M = 0)
                 grad_ptr = _head(GRAD_FINAL, entry, h, stride_gb, stride_gh)

@@ -529,7 +529,7 @@ def decay_gradient(
     query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, decay: Tensor, scale: float = 1.0,
     initial_state: Optional[Tensor] = None, grad_final: Optional[Tensor] = None, *,
     cu_seqlens: Optional[Tensor] = None, chunk: Optional[int] = None, block_v: Optional[int] = None,
-    segment_len: Optional[int] = None,
+    segment_len: Optional[int] = None, split: Optional[bool] = None,
 ) -> Tensor:
     """``dL/d decay`` per compute head (float32 ``[H]``) of the op whose output's gradient is
     ``grad_out`` and final state's ``grad_final``: ``reference.decay_gradient_chunked`` (same
@@ -543,7 +543,9 @@ def decay_gradient(
 
     ``chunk``, ``block_v`` and ``segment_len`` override the launch's choices (tests). Dense
     batches whose programs would leave the GPU idle are split into segments of ``segment_len``
-    rows (see :func:`_segment_moment_starts`)."""
+    rows (see :func:`_segment_moment_starts`). ``split``: 16-bit products take their weighted
+    operand as two 16-bit terms (``decay_grad._weighted_product``; the default where the products
+    are 16-bit: one term leaves a head's gradient up to 4e-2 off at long N)."""
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
@@ -568,7 +570,8 @@ def decay_gradient(
         return torch.zeros(h, dtype=torch.float32, device=device)
     partials = torch.empty(num_entries * num_segments * h * num_v_blocks, dtype=torch.float32, device=device)
     types = _dot_types(query.dtype)
-    starts = partials
+    if split is None:
+        split = types["DOT_DTYPE"] != tl.float32
 
     def launch(states_only: bool, has_starts: bool) -> None:
         # the last segment's own pair starts no segment: the states pass leaves it out
@@ -581,9 +584,11 @@ def decay_gradient(
             *_groups(h, query, key, value, grad_out, initial_state),
             HAS_INIT=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
             VARLEN=cu_seqlens is not None, SEGMENTS=num_segments, STATES_ONLY=states_only, HAS_STARTS=has_starts,
-            CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, **types, num_warps=4 if block_k * block_v <= 4096 else 8,
+            CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"],
+            SPLIT=split, num_warps=4 if block_k * block_v <= 4096 else 8,
         )
 
+    starts = partials
     if num_segments > 1:
         starts = torch.empty(b, h, num_segments, 2, dk, dv, dtype=torch.float32, device=device)
         launch(True, False)
