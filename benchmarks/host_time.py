@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             def __getitem__(self, grid):
                 return lambda *a, **k: None
 
-        kernel_names = ("_chunk_output_kernel", "_chunk_output_t_kernel", "_key_value_grad_kernel",
+        kernel_names = ("_chunk_output_kernel", "_key_value_grad_kernel",
                         "_segment_state_kernel", "_segment_scan_kernel")
         modules = [m for n, m in list(sys.modules.items()) if n.startswith("lightning_op.kernels") and m is not None]
         for module in modules:  # wherever a launcher finds a kernel by name

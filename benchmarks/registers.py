@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from lightning_op.kernels.launch import _dot_types_of  # noqa: E402
 from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
-from lightning_op.kernels.chunked import _chunk_output_kernel, _chunk_output_t_kernel, _segment_state_kernel  # noqa: E402
+from lightning_op.kernels.chunked import _chunk_output_kernel, _segment_state_kernel  # noqa: E402
 
 FLOAT_ARGS = ("out_scale", "value_scale", "scale")
 #: integer arguments a launch does not mark as divisible by 16
@@ -95,11 +95,6 @@ def loop_profile(cubin: bytes) -> str:
     return text
 
 
-#: the row sums' keyword arguments (``chunked.py``, ``backward.py``), integers where ROW_DOT is on
-ROW_DOT_ARGS = {"DOT_WITH", "DOTS", "stride_wb", "stride_wh", "stride_wn", "stride_wd", "dot_group",
-                "dots_stride_v", "dots_rows"}
-
-
 def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stages: int) -> str:
     # as a launch on contiguous tensors specialises them: unit strides of the last dim become
     # constants, other integers are 32-bit
@@ -109,15 +104,11 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     missing = [param.name for param in kernel.params if param.is_constexpr and param.name not in constexprs]
     if missing:
         raise SystemExit(f"registers.py: {kernel.__name__} needs its options {missing}")
-    # the row sums' arguments (the only keywords defaulting to None) are left out of a launch
-    # while ROW_DOT is off: None, a constant (as integers they would add parameters to the PTX and
-    # change its digest); on, they are integers as any other (a group divisor of 1 a constant)
+    # the pooled steps' arguments (the only keywords defaulting to None) are left out of a dense
+    # launch: None, a constant (as integers they would add parameters to the PTX and change its digest)
     for param in kernel.params:
-        if param.default is None and param.name not in pointers and not (
-                constexprs.get("ROW_DOT") and param.name in ROW_DOT_ARGS):
+        if param.default is None and param.name not in pointers:
             constexprs.setdefault(param.name, None)
-    if constexprs.get("ROW_DOT") and "dot_group" in kernel.arg_names:
-        constexprs.setdefault("dot_group", 1)
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
@@ -157,16 +148,23 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
 
 
 def ptx_digest(ptx: str) -> str:
-    """A digest of the PTX's code: debug sections, line records, debug labels and the kernel's
-    mangled name (which encodes its signature) left out, so two checkouts whose kernels compile to
-    the same instructions print the same digest: a refactor shown to be a no-op for the GPU
-    without one."""
+    """A digest of the PTX's code: debug sections, line records, debug labels and the names of the
+    kernel and of its non-inlined functions (mangled names that encode the signature, constexpr
+    values included) left out, so two checkouts whose kernels compile to the same instructions
+    print the same digest: a refactor shown to be a no-op for the GPU without one."""
     code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
     # $L__tmp labels only mark source positions for the debug sections (inlined helpers add some)
     kept = [line for line in code.splitlines()
             if not line.lstrip().startswith((".loc", ".file", "//"))
             and not re.fullmatch(r"\$L__tmp\d+:", line.strip())]
-    text = re.sub(r"_kernel[A-Za-z0-9_]*", "_kernel", "\n".join(kept))
+    text = "\n".join(kept)
+    # each function the PTX defines, numbered by its order of appearance; its parameters and
+    # labels carry its name as a prefix (longer names first: one may begin with another)
+    names = re.findall(r"^\s*(?:\.visible\s+|\.weak\s+)?(?:\.entry|\.func(?:\s*\([^)]*\))?)\s+([A-Za-z_$][\w$]*)\s*\(",
+                       text, re.MULTILINE)
+    numbered = {name: f"function{number}" for number, name in enumerate(dict.fromkeys(names))}
+    for name in sorted(numbered, key=len, reverse=True):
+        text = text.replace(name, numbered[name])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -185,10 +183,8 @@ def main() -> None:
     parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=None,
                         help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
     parser.add_argument("--transposed", action="store_true",
-                        help="the forward output pass as _chunk_output_t_kernel (config transposed=1)")
+                        help="the forward output pass in its TRANSPOSED form (config transposed=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
-    parser.add_argument("--row-dot", action="store_true",
-                        help="the decay gradient's row sums on (ROW_DOT: forward output and fused dk/dv)")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
     # the launcher's dot types (float16's products with the state in tf32), tf32 off
@@ -206,20 +202,16 @@ def main() -> None:
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants
                       q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
-                      PIECES=None, POOLED=False,
-                      # the decay gradient's row sums off, as every launch without it, unless asked
-                      ROW_DOT=args.row_dot)
-        # the row sums' tensors where they are on (else None, as a launch leaves them out)
-        row_dots = dict(DOT_WITH=bf16, DOTS=f32) if args.row_dot else {}
+                      PIECES=None, POOLED=False, TRANSPOSED=args.transposed)
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
-            ("forward output", _chunk_output_t_kernel if args.transposed else _chunk_output_kernel, args.stages or 3,
+            ("forward output", _chunk_output_kernel, args.stages or 3,
              dict(common, HAS_DECAY=True, HAS_INIT=False, INIT_SHIFT=1, REVERSE=False, STORE_FINAL=True, **state_dots),
-             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32, **row_dots)),
+             dict(Q=bf16, K=bf16, V=bf16, O=bf16, DECAY=f32, INIT=bf16, SEG_STATES=f32, FINAL=f32)),
             ("fused dk/dv", _key_value_grad_kernel, args.stages or (2 if d >= 128 else 1),
              dict(common, HAS_DECAY=True, HAS_INIT=False, STORE_FINAL=False, **state_dots),
              dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DK=bf16, DV=bf16, DECAY=f32, INIT=f32, SEG_STATES=f32,
-                  FINAL=f32, **row_dots)),
+                  FINAL=f32)),
             ("segment state", _segment_state_kernel, args.stages or 3,
              # accumulating at every head dim, as choose_config's state_accumulate
              dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),
@@ -229,8 +221,8 @@ def main() -> None:
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)
             if args.block_v and kernel is _key_value_grad_kernel:
                 continue  # the fused pass always takes the whole value width
-            form = "transposed" if kernel is _chunk_output_t_kernel else f"accumulate {int(constexprs['ACCUMULATE'])}"
-            if "UPDATE_ACCUMULATE" in kernel.arg_names:
+            form = "transposed" if constexprs.get("TRANSPOSED") else f"accumulate {int(constexprs['ACCUMULATE'])}"
+            if "UPDATE_ACCUMULATE" in kernel.arg_names and not constexprs.get("TRANSPOSED"):
                 form += f", update {int(update)}"
             print(f"D={d:<4} {label:<15} {warps} warps, {stages} stages, {form}: {line}", flush=True)
 

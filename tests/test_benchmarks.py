@@ -169,8 +169,8 @@ def test_host_time_stubbed_shows_the_eager_path_cheaper():
 
 
 def test_register_report_of_the_transposed_output_kernel():
-    """``registers.py --transposed`` compiles ``_chunk_output_t_kernel`` in place of the forward
-    output kernel (two key parts at D = 128), with pipelined loads."""
+    """``registers.py --transposed`` compiles the forward output kernel in its ``TRANSPOSED`` form
+    (two key parts at D = 128), with pipelined loads."""
     out = run_script("benchmarks/registers.py", "--dims", "128", "--transposed")
     forward = next(line for line in out.splitlines() if line.startswith("D=128  forward"))
     assert "transposed:" in forward and int(forward.split(" cp.async")[0].rsplit(", ", 1)[1]) > 0, forward

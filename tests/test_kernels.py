@@ -109,7 +109,7 @@ def test_keys_wider_than_the_value_block(accumulate):
     ids=lambda x: str(x),
 )
 def test_transposed_output_kernel(dk, dv, block_v, decay_kind, with_init, reverse, segment_len):
-    """``_chunk_output_t_kernel`` (``transposed=1``: the state held transposed in one, two or four
+    """The output kernel's ``TRANSPOSED`` form (``transposed=1``: the state held transposed in one, two or four
     parts of key columns) against the float64 chunked form: key widths that are not a multiple of
     the part, value blocks narrower than Dv, initial state, both directions, several segments."""
     from lightning_op.kernels import config_override

@@ -217,7 +217,7 @@ def test_grouped_heads_without_packing():
 
 
 def test_transposed_output_kernel_and_int64_bounds():
-    """``_chunk_output_t_kernel`` (the state held transposed) on packed, grouped inputs with
+    """The output kernel's ``TRANSPOSED`` form (the state held transposed) on packed, grouped inputs with
     int64 ``cu_seqlens``: the same function as the other output kernel."""
     from lightning_op.kernels import config_override, linear_attention
 

@@ -12,24 +12,14 @@ sums over all value columns, so a program holds the whole value width (``BLOCK_V
 heads take the two-pass composition instead. Rows are addressed from the end (position
 ``N - 1 - row``), as in ``chunked.py`` with ``REVERSE``; segments and their start states come from
 ``chunked._segment_state_kernel`` / ``_segment_scan_kernel`` with key q and value do.
-
-Key row dot products (``ROW_DOT``): for each row t, ``<dk_t, k_t>`` of compute head h with k read
-at its head ``h // k_group``, in float32
-from dk's unrounded rows and stored at ``DOTS[b, h, position]`` (a contiguous float32 [B, H, N],
-packed rows at their place in the batch). A program holds whole rows of dk (every key column, the
-whole value width), so each row's product is complete where it is computed and stored once: no
-partial rows to sum. The option's arguments are keywords left out (None) when it is off, so
-existing launches compile as before. No launcher sets it (the decay's gradient has a pass of its
-own, ``decay_grad.py``); it goes once its removal is shown to leave the default kernels' PTX as
-it is (``benchmarks/registers.py`` digests).
 """
 
 import triton
 import triton.language as tl
 
 from .stages import (_block_and_head, _chunk_mask, _chunk_rows, _chunk_scores, _dot, _head, _load_rows,
-                     _mask_scores, _packed_segment, _segment_chunk, _segment_start_state, _store_row_dots, _store_rows,
-                     _store_state, _update_state)
+                     _mask_scores, _packed_segment, _segment_chunk, _segment_start_state, _store_rows, _store_state,
+                     _update_state)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -49,7 +39,7 @@ def _key_value_grad_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr = False,
-    LATE_DK_SCORES: tl.constexpr = False, VARLEN: tl.constexpr = False, ROW_DOT: tl.constexpr = False, DOTS=None,
+    LATE_DK_SCORES: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
     ``ACCUMULATE`` and ``UPDATE_ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk
@@ -59,12 +49,9 @@ def _key_value_grad_kernel(
     instructions, 102 -> 50 local accesses) and is faster (benchmarks/RESULTS.md), the default for
     keys up to 128 wide. ``VARLEN`` (packed
     sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence and walks
-    it from the sequence's end; dS_0 is stored per sequence. ``ROW_DOT``: dk's rows dotted with
-    k's (see the module's docstring)."""
+    it from the sequence's end; dS_0 is stored per sequence."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
-    if ROW_DOT:  # the head's row of DOTS ([B, H, N]: N is still the batch's rows here)
-        dots_ptr = DOTS + bh * N
     seg = tl.program_id(1)
     if VARLEN:  # seg becomes the segment's index in its sequence, N the sequence's length
         sequence, first_row, N, seg, slot = _packed_segment(SEGMENTS, seg)
@@ -85,8 +72,6 @@ def _key_value_grad_kernel(
         do_ptr += first_row * stride_on
         dk_ptr += first_row * stride_dkn
         dv_ptr += first_row * stride_dvn
-        if ROW_DOT:
-            dots_ptr += first_row
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = tl.arange(0, BLOCK_V)
     valid_k = cols_k < D_K
@@ -137,8 +122,6 @@ def _key_value_grad_kernel(
         dk = _chunk_rows(v, state, vdo, q, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, True, CHUNK,
                          DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N, True)
-        if ROW_DOT:  # k's rows read again: kept live from dv's product on, they spill more (registers.py)
-            _store_row_dots(dots_ptr, dk, k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, True)
         # dS <- lam^(length-1+shift) dS + scale sum_i lam^(length-1-i) q_i^T do_i
         state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, UPDATE_ACCUMULATE,
                               DOT_DTYPE, PRECISION)

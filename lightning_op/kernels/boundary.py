@@ -5,135 +5,101 @@ Blocks are counted from each sequence's start in both directions: block m holds 
 ``m * block .. min((m + 1) * block, n) - 1`` of a sequence of n rows. Entry m is
 
 - forward: the state entering row ``m * block``, the one that row's key and value are added to:
-  ``lam * S_(m*block - 1)``, and for m = 0 ``lam^INIT_SHIFT * initial_state``;
+  ``lam * S_(m*block - 1)`` (zero for m = 0);
 - ``REVERSE`` (the recurrence run from the sequence's end): the state after visiting rows n - 1
-  down to ``m * block``, that row included (for a sequence without rows, its initial state).
+  down to ``m * block``, that row included.
 
 Two passes, as the segment states of ``chunked.py``: each block's own contribution, all blocks in
 parallel (``_block_state_kernel``), then per sequence a scan over its blocks that turns them into
 the entries in place (``_block_scan_kernel``). Decay factors are ``lam^e`` with ``e >= 0`` only.
-No launcher sets ``VARLEN`` (packed sequences, blocks from ``launch._packed_plan``'s plan):
-``final_state`` is dense.
+Dense batches, each walk from a zero state (what ``final_state`` needs).
 """
 
 import triton
 import triton.language as tl
 
-from .stages import _block_and_head, _dot_acc, _head, _load_rows, _log2_decay, _packed_segment, _store_state
+from .stages import _block_and_head, _dot_acc, _head, _load_rows, _log2_decay, _store_state, _weighted_rows
 
 
 @triton.jit(do_not_specialize=["N"])
 def _block_state_kernel(
-    K, V, DECAY, OUT, SEGMENTS,
+    K, V, DECAY, OUT,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     N, H, DK, DV, block, num_entries, value_scale, k_group, v_group,
     HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Block ``entry``'s own contribution ``value_scale * sum_s lam^e_s key_s^T value_s`` with
     ``e_s`` the steps from row s to the block's last visited row (its last row forward, its first
-    ``REVERSE``), stored at OUT's entry. ``VARLEN``: the entry is a segment of the packed plan
-    (segments of ``block`` rows); surplus entries are stored as zeros."""
-    entry = tl.program_id(1)
+    ``REVERSE``), stored at OUT's entry."""
+    m = tl.program_id(1)
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
     valid_v = cols_v < DV
-    out_ptr = OUT + (bh * num_entries + entry) * DK * DV
+    out_ptr = OUT + (bh * num_entries + m) * DK * DV
     state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-    if VARLEN:
-        sequence, first_row, N, m, _ = _packed_segment(SEGMENTS, entry)
-        if sequence < 0:
-            _store_state(out_ptr, DV, 1, state, cols_k, cols_v, valid_k[:, None] & valid_v[None, :])
-            return
-    else:
-        first_row = 0
-        m = entry
     value_scale = tl.cast(value_scale, tl.float32)
     b = bh // H
     h = bh % H
-    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh) + first_row * stride_kn
-    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh) + first_row * stride_vn
+    k_ptr = _head(K, b, h // k_group, stride_kb, stride_kh)
+    v_ptr = _head(V, b, h // v_group, stride_vb, stride_vh)
     idx = tl.arange(0, CHUNK)
+    log2_lam = 0.0
     if HAS_DECAY:
         log2_lam = _log2_decay(DECAY, h)
     begin = m * block
     end = tl.minimum(begin + block, N)
     for start in range(begin, end, CHUNK):
         rows = start + idx
-        row_valid = rows < end
-        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, False)
-        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, False)
-        if HAS_DECAY:
-            if REVERSE:
-                steps = rows - begin
-            else:
-                steps = end - 1 - rows
-            weight = tl.exp2(log2_lam * tl.maximum(steps, 0).to(tl.float32)) * value_scale
-            k = k * weight[:, None]
+        # a key's steps to the block's last visited row (rows past the end are zero)
+        if REVERSE:
+            steps = rows - begin
         else:
-            k = k * value_scale
+            steps = tl.maximum(end - 1 - rows, 0)
+        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, rows < end, cols_k, valid_k, N, False)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, rows < end, cols_v, valid_v, N, False)
+        k = _weighted_rows(k, log2_lam, steps, value_scale, HAS_DECAY)
         state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
     _store_state(out_ptr, DV, 1, state, cols_k, cols_v, valid_k[:, None] & valid_v[None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
 def _block_scan_kernel(
-    DECAY, INIT, OUT, SEQUENCES,
-    stride_ib, stride_ih, stride_ik, stride_iv,
-    N, H, DK, DV, block, num_entries, init_group,
-    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr, REVERSE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, STORE_END: tl.constexpr = False,
+    DECAY, OUT, N, H, DK, DV, block, num_entries,
+    HAS_DECAY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    STORE_END: tl.constexpr = False,
 ):
-    """In place, per sequence (``VARLEN``: grid axis 1, its entries from the ``SEQUENCES`` table;
-    else the batch entry's ``ceil(N / block)``): each block's own state becomes its entry
-    (forward ``E_(m+1) = lam^rows_m E_m + lam own_m``; reverse ``R_m = lam^(rows_m - 1 + shift)
-    R_(m+1) + own_m``, the first visited block's shift ``INIT_SHIFT``). ``STORE_END`` (forward,
-    dense): entry ``count`` also receives the final state ``S_(N-1) = lam^(rows - 1) E_last + own_last``
+    """In place, per batch entry and head (``ceil(N / block)`` entries): each block's own state
+    becomes its entry (forward ``E_(m+1) = lam^rows_m E_m + lam own_m``; reverse ``R_m =
+    lam^rows_m R_(m+1) + own_m``, the last block's ``R = own``). ``STORE_END`` (forward):
+    entry ``count`` also receives the final state ``S_(N-1) = lam^(rows - 1) E_last + own_last``
     (no division by lam: exact for vanishing decays)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
-    b = bh // H
     h = bh % H
-    if VARLEN:
-        sequence = tl.program_id(1)
-        first = tl.load(SEQUENCES + 4 * sequence + 2)
-        length = tl.load(SEQUENCES + 4 * sequence + 3)
-        count = tl.maximum(tl.cdiv(length, block), 1)
-        state_batch = sequence.to(tl.int64)
-    else:
-        first = 0
-        length = N
-        count = tl.cdiv(N, block)
-        state_batch = b
+    length = N
+    count = tl.cdiv(N, block)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
-    if HAS_INIT:
-        init_ptr = _head(INIT, state_batch, h // init_group, stride_ib, stride_ih)
-        state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask, other=0.0)
-        state = state.to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     log2_lam = 0.0
     if HAS_DECAY:
         log2_lam = _log2_decay(DECAY, h)
-    entry_ptr = OUT + (bh * num_entries + first) * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
+    entry_ptr = OUT + bh * num_entries * DK * DV + cols_k[:, None] * DV + cols_v[None, :]
     if REVERSE:
         for i in range(count):
             m = count - 1 - i
             rows = tl.minimum(block, length - m * block)
             own = tl.load(entry_ptr + m * DK * DV, mask=tile_mask, other=0.0)
-            if HAS_DECAY:  # no rows (an empty sequence): the initial state as it is
-                steps = tl.where(rows > 0, rows - 1 + tl.where(i == 0, INIT_SHIFT, 1), 0)
-                state = state * tl.exp2(log2_lam * steps.to(tl.float32))
+            if HAS_DECAY:  # the state carried from block m + 1 decays over block m's rows
+                state = state * tl.exp2(log2_lam * rows.to(tl.float32))
             state = state + own
             tl.store(entry_ptr + m * DK * DV, state, mask=tile_mask)
     else:
-        if HAS_DECAY:
-            state = state * tl.exp2(log2_lam * INIT_SHIFT)
         for m in range(count):
             rows = tl.minimum(block, length - m * block)
             own = tl.load(entry_ptr + m * DK * DV, mask=tile_mask, other=0.0)

@@ -39,15 +39,6 @@ in a table built on the device (``launch._packed_plan``); a program looks its se
 that sequence's rows (``N`` becomes its length, so ``REVERSE`` walks it from its own end) and its
 initial and final states at batch index ``sequence``, and the scan runs per sequence. The table's
 pointers are None in dense launches, where ``VARLEN`` is off and the code is the dense code.
-
-Row dot products (``ROW_DOT``, both output kernels): for each output row t, ``<out_t, R_t>`` with
-a second [B, Hr, N, Dv] tensor R (``DOT_WITH``, read at head ``h // dot_group``), computed in
-float32 from the unrounded rows and stored at ``DOTS[v block, b, h, position]`` (one float32 row
-per block of value columns; the launcher sums them, so the result does not depend on timing).
-The option's arguments are keywords left out (None) when it is off, so existing launches compile
-as before. No launcher sets it (the decay's gradient has a pass of its own, ``decay_grad.py``); it
-goes once its removal is shown to leave the default kernels' PTX as it is
-(``benchmarks/registers.py`` digests).
 """
 
 import triton
@@ -55,10 +46,9 @@ import triton.language as tl
 
 from .stages import (_any_non_finite, _any_non_finite_t, _block_and_head, _chunk_mask, _chunk_rows, _chunk_rows_t,
                      _chunk_scores, _chunk_scores_t, _dot, _dot_acc, _exact_scores, _final_at, _finite_values, _head,
-                     _key_parts, _load_rows, _log2_decay, _output_program, _packed_piece,
-                     _segment_chunk, _segment_start_state, _segment_start_state_t, _start_slot, _store_row_dots,
-                     _store_row_dots_t, _store_rows, _store_rows_t, _store_state, _store_state_t, _update_state,
-                     _update_state_t)
+                     _key_parts, _load_rows, _log2_decay, _output_program, _packed_piece, _segment_chunk,
+                     _segment_start_state, _segment_start_state_t, _start_slot, _store_rows, _store_rows_t,
+                     _store_state, _store_state_t, _update_state, _update_state_t, _weighted_rows)
 
 
 # N is not specialised (its value and divisibility change with every sequence length), so one
@@ -103,6 +93,7 @@ def _segment_state_kernel(
     valid_k = cols_k < DK
     valid_v = cols_v < DV
     idx = tl.arange(0, CHUNK)
+    log2_lam = 0.0
     if HAS_DECAY:
         log2_lam = _log2_decay(DECAY, h)
 
@@ -118,11 +109,7 @@ def _segment_state_kernel(
         if ACCUMULATE:
             # each key carries its whole weight to the segment's end, lam^(last-row) (e >= 0:
             # it underflows, never overflows), and value_scale: the state is never rescaled
-            if HAS_DECAY:
-                weight = tl.exp2(log2_lam * (seg_last - rows).to(tl.float32)) * value_scale
-                k = k * weight[:, None]
-            else:
-                k = k * value_scale
+            k = _weighted_rows(k, log2_lam, seg_last - rows, value_scale, HAS_DECAY)
             state = _dot_acc(state, tl.trans(k), v, DOT_DTYPE, PRECISION)
         else:
             if HAS_DECAY:  # row weight lam^(CHUNK-1-i), the state decayed by a chunk
@@ -133,6 +120,16 @@ def _segment_state_kernel(
 
     _store_state(SEG_STATES + (bh * num_segments + seg) * DK * DV, DV, 1, state, cols_k, cols_v,
                  valid_k[:, None] & valid_v[None, :])
+
+
+@triton.jit
+def _store_plan_entry(entry, sequence, first_row, length, index, taken):
+    """The fields a segment's and a piece's plan entries share: sequence, first row, length and
+    the entry's index in its sequence (lanes not ``taken`` store nothing)."""
+    tl.store(entry, sequence, mask=taken)
+    tl.store(entry + 1, first_row, mask=taken)
+    tl.store(entry + 2, length, mask=taken)
+    tl.store(entry + 3, index, mask=taken)
 
 
 @triton.jit
@@ -175,10 +172,7 @@ def _packed_plan_kernel(
         for index in range(0, tl.max(segments, 0)):
             entry = SEGMENTS + (first_segment + index) * 5
             taken = index < segments
-            tl.store(entry, sequence, mask=taken)
-            tl.store(entry + 1, first_row, mask=taken)
-            tl.store(entry + 2, length, mask=taken)
-            tl.store(entry + 3, index, mask=taken)
+            _store_plan_entry(entry, sequence, first_row, length, index, taken)
             if POOLED:  # segment 0 starts from the lead slot (none: from the pool row)
                 tl.store(entry + 4, tl.where(lead > 0, first_slot + index * split, -1), mask=taken)
             else:
@@ -193,10 +187,7 @@ def _packed_plan_kernel(
         for index in range(0, tl.max(pieces, 0)):
             entry = PIECES + (first_piece + index) * 4
             taken = index < pieces
-            tl.store(entry, sequence, mask=taken)
-            tl.store(entry + 1, first_row, mask=taken)
-            tl.store(entry + 2, length, mask=taken)
-            tl.store(entry + 3, index, mask=taken)
+            _store_plan_entry(entry, sequence, first_row, length, index, taken)
         segments_before += tl.sum(segments, 0)
         slots_before += tl.sum(tl.maximum(slots, 0), 0)
     for start in range(segments_before, num_segments, BLOCK):
@@ -275,85 +266,134 @@ def _output_pass(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr,
-    VARLEN: tl.constexpr, ROW_DOT: tl.constexpr, POOLED: tl.constexpr, EXACT: tl.constexpr,
+    VARLEN: tl.constexpr, POOLED: tl.constexpr, TRANSPOSED: tl.constexpr, KEY_PARTS: tl.constexpr,
+    PART: tl.constexpr, EXACT: tl.constexpr,
 ):
     """``_chunk_output_kernel``'s walk of its segment, its arguments grouped as the kernel's call
-    names them; whether the state it ends in holds a NaN or inf. ``EXACT``: outputs of the rows
-    before a NaN or inf in k or v as if it were finite (stages: the exact walk)."""
-    (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS) = tensors
+    names them; whether the state it ends in holds a NaN or inf. ``TRANSPOSED``: the state held as
+    S^T in ``KEY_PARTS`` parts of ``PART`` key columns and every product the other way round (see
+    the kernel). ``EXACT``: outputs of the rows before a NaN or inf in k or v as if it were finite
+    (stages: the exact walk)."""
+    (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, STATE_ROWS) = tensors
     (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
      stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-     stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk, stride_sv,
-     stride_wb, stride_wh, stride_wn, stride_wd) = strides
+     stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk,
+     stride_sv) = strides
     (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-     q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group) = sizes
+     q_group, k_group, v_group, init_group, final_group) = sizes
     # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
     (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
-     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
-        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+     q_ptr, k_ptr, v_ptr, o_ptr) = _output_program(
+        Q, K, V, O, SEGMENTS, STATE_ROWS, N, H, DV,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
-        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
+        stride_ob, stride_oh, stride_on, q_group, k_group, v_group, BLOCK_V, VARLEN, POOLED)
     if VARLEN:
         if sequence < 0:
             return False
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    cols_k = tl.arange(0, BLOCK_K)
-    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid_k = cols_k < DK
-    valid_v = cols_v < DV
-    tile_mask = valid_k[:, None] & valid_v[None, :]
+    if TRANSPOSED:
+        cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        valid_v = cols_v < DV
+    else:
+        cols_k = tl.arange(0, BLOCK_K)
+        cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        valid_k = cols_k < DK
+        valid_v = cols_v < DV
+        tile_mask = valid_k[:, None] & valid_v[None, :]
     idx = tl.arange(0, CHUNK)
-    # the scores carry value_scale, and out_scale too unless it is applied to the sum (ACCUMULATE)
-    score_out_scale = 1.0 if ACCUMULATE else out_scale
-    causal = idx[:, None] >= idx[None, :]
-    log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[:, None], idx[None, :], value_scale, score_out_scale,
-                                 HAS_DECAY)
+    if TRANSPOSED:  # scores and mask indexed [s, i]: key row s is seen by query row i
+        causal = idx[:, None] <= idx[None, :]
+        log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[None, :], idx[:, None], value_scale, out_scale,
+                                     HAS_DECAY)
+    else:
+        # the scores carry value_scale, and out_scale too unless it is applied to the sum (ACCUMULATE)
+        score_out_scale = 1.0 if ACCUMULATE else out_scale
+        causal = idx[:, None] >= idx[None, :]
+        log2_lam, mask = _chunk_mask(DECAY, h, causal, idx[:, None], idx[None, :], value_scale, score_out_scale,
+                                     HAS_DECAY)
 
     # The state before the segment's first row. Segment 0 starts from the initial state, which
     # enters with lam^INIT_SHIFT at its first row; later segments from the scan, with lam^1.
     init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
                                                num_slots, split, DK, DV, VARLEN, POOLED)
-    state = _segment_start_state(
-        INIT, init_offset, stride_ik, stride_iv,
-        SEG_STATES, slot, start_seg, cols_k, cols_v, tile_mask,
-        stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V,
-    )
+    if TRANSPOSED:
+        state = _segment_start_state_t(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, start_seg,
+                                       cols_v, valid_v, DK, stride_sk, stride_sv, HAS_INIT, BLOCK_V, KEY_PARTS, PART)
+    else:
+        state = _segment_start_state(INIT, init_offset, stride_ik, stride_iv, SEG_STATES, slot, start_seg, cols_k,
+                                     cols_v, tile_mask, stride_sk, stride_sv, HAS_INIT, BLOCK_K, BLOCK_V)
     first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
 
     seg_begin = seg * segment_len
     seg_end = tl.minimum(seg_begin + segment_len, N)
     for start in range(seg_begin, seg_end, CHUNK):
         rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
-        q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
-        k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
-        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
-        if EXACT:
-            finite_v, first = _finite_values(v, idx, CHUNK)
-            scores = _exact_scores(scores, causal)
-            out = _chunk_rows(q, state, scores, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE,
-                              False, CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-            out = tl.where(idx[:, None] >= first[None, :], float("nan"), out)
+        if TRANSPOSED:
+            q = _key_parts(q_ptr, stride_qn, stride_qd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
+            k = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
         else:
-            out = _chunk_rows(q, state, scores, v, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE, False,
-                              CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-        _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        if ROW_DOT:
-            _store_row_dots(dots_ptr, out, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
-                              ACCUMULATE or UPDATE_ACCUMULATE, DOT_DTYPE, PRECISION)
+            q = _load_rows(q_ptr, stride_qn, stride_qd, rows, row_valid, cols_k, valid_k, N, REVERSE)
+            k = _load_rows(k_ptr, stride_kn, stride_kd, rows, row_valid, cols_k, valid_k, N, REVERSE)
+        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
+        if TRANSPOSED:  # the scores in full, masked, then the state's share (timed fastest on the H200)
+            scores = _chunk_scores_t(k, q, mask, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
+                                     PRECISION)
+        else:
+            scores = _chunk_scores(q, k, mask, value_scale, score_out_scale, HAS_DECAY, DOT_DTYPE, PRECISION)
+        row_values = v
+        if EXACT:
+            row_values, first = _finite_values(v, idx, CHUNK)
+            scores = _exact_scores(scores, causal)
+        if TRANSPOSED:
+            out = _chunk_rows_t(q, state, scores, row_values, log2_lam, idx, shift, out_scale, HAS_DECAY,
+                                KEY_PARTS, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+            if EXACT:
+                out = tl.where(idx[None, :] >= first[:, None], float("nan"), out)
+            _store_rows_t(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
+            state = _update_state_t(state, v, k, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
+                                    DOT_DTYPE, PRECISION)
+        else:
+            out = _chunk_rows(q, state, scores, row_values, log2_lam, idx, shift, out_scale, HAS_DECAY, ACCUMULATE,
+                              False, CHUNK, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
+            if EXACT:
+                out = tl.where(idx[:, None] >= first[None, :], float("nan"), out)
+            _store_rows(o_ptr, stride_on, stride_od, out, rows, row_valid, cols_v, valid_v, N, REVERSE)
+            state = _update_state(state, k, v, log2_lam, idx, length, shift, value_scale, HAS_DECAY,
+                                  ACCUMULATE or UPDATE_ACCUMULATE, DOT_DTYPE, PRECISION)
 
     # a pass that the exact one repeats leaves the final state to it: that state may be the row
     # this program started from (a pool row read and written in place)
-    redo = False if EXACT else _any_non_finite(state)
+    if EXACT:
+        redo = False
+    elif TRANSPOSED:
+        redo = _any_non_finite_t(state, KEY_PARTS)
+    else:
+        redo = _any_non_finite(state)
     if STORE_FINAL:
         last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
                                                   final_group, VARLEN, POOLED)
         if last & (redo == 0):
             final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
-            _store_state(final_ptr, stride_fk, stride_fv, state, cols_k, cols_v, tile_mask)
+            if TRANSPOSED:
+                _store_state_t(final_ptr, stride_fk, stride_fv, state, cols_v, valid_v, DK, KEY_PARTS, PART)
+            else:
+                _store_state(final_ptr, stride_fk, stride_fv, state, cols_k, cols_v, tile_mask)
     return redo
+
+
+@triton.jit(noinline=True)
+def _output_pass_t_exact(
+    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr,
+    PART: tl.constexpr, BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr, POOLED: tl.constexpr,
+):
+    """The transposed exact walk as a function of its own: inlined, its registers cost the usual
+    walk at D = 256 (the forward 6% slower than as a call, H100, benchmarks/RESULTS.md); the call
+    only happens after a NaN or inf."""
+    _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
+                 KEY_PARTS * PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, False, False,
+                 VARLEN, POOLED, True, KEY_PARTS, PART, True)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -372,11 +412,10 @@ def _chunk_output_kernel(
     REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
     UPDATE_ACCUMULATE: tl.constexpr = False, VARLEN: tl.constexpr = False,
-    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
-    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
     POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
+    TRANSPOSED: tl.constexpr = False, KEY_PARTS: tl.constexpr = 1, PART: tl.constexpr = 64,
 ):
     """Outputs of one segment for one block of value columns, walking its chunks in order.
 
@@ -386,169 +425,38 @@ def _chunk_output_kernel(
     at 128 and 256: ``choose_config``). ``UPDATE_ACCUMULATE``: only the state update accumulates in
     place (the output's products as in the other form): at D = 128 on sm_90 that loop has fewer
     instructions than either form and no spills (``benchmarks/registers.py``); the output's
-    accumulated product is what spills there. ``ROW_DOT``: the rows' dot products with R (see the
-    module's docstring)."""
+    accumulated product is what spills there.
 
-    tensors = (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS)
+    ``TRANSPOSED`` (config ``transposed``; ACCUMULATE and UPDATE_ACCUMULATE do not apply): the
+    state is held as ``S^T`` ([BLOCK_V, Dk]) in a tuple of ``KEY_PARTS`` float32 tiles of ``PART``
+    key columns (``BLOCK_K = KEY_PARTS * PART``), and every product is written the other way round:
+    scores ``k q^T`` ([s, i]), outputs ``o^T = (S^T q^T) * w + v^T (k q^T * M^T)`` ([BLOCK_V, rows],
+    stored through the output's strides), update ``S^T += (w v)^T k``. On sm_90 the state then is
+    the register operand of the tensor-core product with q (no shared-memory copy of it per
+    chunk), k enters the update as loaded, and with eight warps each warp group owns 64 value rows
+    of the state, so one program covers 128 value columns and reads q and k once for them. Keys
+    wider than 64 are split into parts so that the state's 16-bit copy for that product is one
+    part at a time. It is the faster form for 16-bit keys of 65-128 columns and bfloat16's wider
+    ones (the default there; timings in benchmarks/RESULTS.md). The segment states and the initial
+    and final states keep their [Dk, Dv] layout in memory."""
+    tensors = (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, STATE_ROWS)
     strides = (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
                stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk,
-               stride_sv, stride_wb, stride_wh, stride_wn, stride_wd)
+               stride_sv)
     sizes = (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-             q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group)
+             q_group, k_group, v_group, init_group, final_group)
     # A NaN or inf in k or v leaves the state non-finite: then the segment is walked again, exactly
     # (stages). The second pass recomputes what it needs from the arguments; values kept from the
     # first one would stay live through its loop and spill there.
     if _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, BLOCK_K,
                     BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, ACCUMULATE, UPDATE_ACCUMULATE,
-                    VARLEN, ROW_DOT, POOLED, False):
-        _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, BLOCK_K,
-                     BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, ACCUMULATE, UPDATE_ACCUMULATE,
-                     VARLEN, ROW_DOT, POOLED, True)
-
-
-@triton.jit(noinline=True)
-def _output_pass_t_exact(
-    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr,
-    PART: tl.constexpr, BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr, ROW_DOT: tl.constexpr,
-    POOLED: tl.constexpr,
-):
-    """The exact ``_output_pass_t`` as a function of its own: inlined, its registers cost the usual
-    walk at D = 256 (the forward 6% slower than as a call, H100, benchmarks/RESULTS.md); the call
-    only happens after a NaN or inf."""
-    _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, KEY_PARTS,
-                   PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN, ROW_DOT, POOLED,
-                   True)
-
-
-@triton.jit
-def _output_pass_t(
-    tensors, strides, sizes, HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr,
-    PART: tl.constexpr, BLOCK_V: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr, ROW_DOT: tl.constexpr,
-    POOLED: tl.constexpr, EXACT: tl.constexpr,
-):
-    """``_output_pass`` of ``_chunk_output_t_kernel``: the state as S^T in key parts, the outputs
-    transposed."""
-    (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS) = tensors
-    (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-     stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-     stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk, stride_sv,
-     stride_wb, stride_wh, stride_wn, stride_wd) = strides
-    (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-     q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group) = sizes
-    # VARLEN: seg becomes the segment's index in its sequence, N the sequence's length
-    (pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row,
-     q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr) = _output_program(
-        Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
-        q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows, BLOCK_V, VARLEN, POOLED, ROW_DOT)
-    if VARLEN:
-        if sequence < 0:
-            return False
-    out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
-    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid_v = cols_v < DV
-    idx = tl.arange(0, CHUNK)
-    causal_t = idx[:, None] <= idx[None, :]  # [s, i]: key row s is seen by query row i
-    log2_lam, mask_t = _chunk_mask(DECAY, h, causal_t, idx[None, :], idx[:, None], value_scale, out_scale, HAS_DECAY)
-
-    init_offset, slot, start_seg = _start_slot(seg, slot, bh, b, h, state_row, stride_ib, stride_ih, init_group,
-                                               num_slots, split, DK, DV, VARLEN, POOLED)
-    states = _segment_start_state_t(
-        INIT, init_offset, stride_ik, stride_iv, SEG_STATES,
-        slot, start_seg, cols_v, valid_v, DK, stride_sk, stride_sv,
-        HAS_INIT, BLOCK_V, KEY_PARTS, PART,
-    )
-    first_shift = tl.where(seg == 0, INIT_SHIFT, 1)
-
-    seg_begin = seg * segment_len
-    seg_end = tl.minimum(seg_begin + segment_len, N)
-    for start in range(seg_begin, seg_end, CHUNK):
-        rows, row_valid, length, shift = _segment_chunk(start, seg_begin, seg_end, first_shift, idx, CHUNK)
-        qs = _key_parts(q_ptr, stride_qn, stride_qd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
-        ks = _key_parts(k_ptr, stride_kn, stride_kd, rows, row_valid, DK, N, REVERSE, KEY_PARTS, PART)
-        v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        # the scores in full, masked, then the state's share (the order timed fastest on the H200)
-        scores_t = _chunk_scores_t(ks, qs, mask_t, value_scale, out_scale, HAS_DECAY, KEY_PARTS, DOT_DTYPE,
-                                   PRECISION)
-        if EXACT:
-            finite_v, first = _finite_values(v, idx, CHUNK)
-            scores_t = _exact_scores(scores_t, causal_t)
-            out_t = _chunk_rows_t(qs, states, scores_t, finite_v, log2_lam, idx, shift, out_scale, HAS_DECAY,
-                                  KEY_PARTS, DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-            out_t = tl.where(idx[None, :] >= first[:, None], float("nan"), out_t)
+                    VARLEN, POOLED, TRANSPOSED, KEY_PARTS, PART, False):
+        if TRANSPOSED:
+            _output_pass_t_exact(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL,
+                                 CHUNK, KEY_PARTS, PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION,
+                                 STATE_PRECISION, VARLEN, POOLED)
         else:
-            out_t = _chunk_rows_t(qs, states, scores_t, v, log2_lam, idx, shift, out_scale, HAS_DECAY, KEY_PARTS,
-                                  DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
-        _store_rows_t(o_ptr, stride_on, stride_od, out_t, rows, row_valid, cols_v, valid_v, N, REVERSE)
-        if ROW_DOT:
-            _store_row_dots_t(dots_ptr, out_t, w_ptr, stride_wn, stride_wd, rows, row_valid, cols_v, valid_v, N,
-                              REVERSE)
-        states = _update_state_t(states, v, ks, log2_lam, idx, length, shift, value_scale, HAS_DECAY, KEY_PARTS,
-                                 DOT_DTYPE, PRECISION)
-
-    redo = False if EXACT else _any_non_finite_t(states, KEY_PARTS)  # as in _output_pass
-    if STORE_FINAL:
-        last, final_batch, final_head = _final_at(seg, seg_begin, segment_len, N, num_segments, b, h, state_row,
-                                                  final_group, VARLEN, POOLED)
-        if last & (redo == 0):
-            final_ptr = _head(FINAL, final_batch, final_head, stride_fb, stride_fh)
-            _store_state_t(final_ptr, stride_fk, stride_fv, states, cols_v,
-                           valid_v, DK, KEY_PARTS, PART)
-    return redo
-
-
-@triton.jit(do_not_specialize=["N"])
-def _chunk_output_t_kernel(
-    Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_ib, stride_ih, stride_ik, stride_iv,
-    stride_fb, stride_fh, stride_fk, stride_fv,
-    stride_sk, stride_sv,
-    N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-    q_group, k_group, v_group, init_group,
-    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, INIT_SHIFT: tl.constexpr,
-    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
-    CHUNK: tl.constexpr, KEY_PARTS: tl.constexpr, PART: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, VARLEN: tl.constexpr = False,
-    ROW_DOT: tl.constexpr = False, DOT_WITH=None, DOTS=None, stride_wb=None, stride_wh=None, stride_wn=None,
-    stride_wd=None, dot_group=None, dots_stride_v=None, dots_rows=None,
-    POOLED: tl.constexpr = False, STATE_ROWS=None, final_group=None,
-):
-    """``_chunk_output_kernel``'s function with the state transposed and cut by key columns.
-
-    The state is held as ``S^T`` ([BLOCK_V, Dk]) in a tuple of ``KEY_PARTS`` float32 tiles of
-    ``PART`` key columns, and every product is written the other way round: scores ``k q^T``
-    ([s, i]), outputs ``o^T = (S^T q^T) * w + v^T (k q^T * M^T)`` ([BLOCK_V, rows], stored through
-    the output's strides), update ``S^T += (w v)^T k``. On sm_90 the state then is the register
-    operand of the tensor-core product with q (no shared-memory copy of it per chunk), k enters
-    the update as loaded, and with eight warps each warp group owns 64 value rows of the state, so
-    one program covers 128 value columns and reads q and k once for them. Keys wider than 64 are
-    split into parts so that the state's 16-bit copy for that product is one part at a time.
-    It is the faster form for 16-bit keys of 65-128 columns and bfloat16's wider ones (the default
-    there; timings in benchmarks/RESULTS.md). The segment states and the initial and final states
-    keep their [Dk, Dv] layout in memory."""
-
-    tensors = (Q, K, V, O, DECAY, INIT, SEG_STATES, FINAL, SEGMENTS, DOT_WITH, DOTS, STATE_ROWS)
-    strides = (stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-               stride_ib, stride_ih, stride_ik, stride_iv, stride_fb, stride_fh, stride_fk, stride_fv, stride_sk,
-               stride_sv, stride_wb, stride_wh, stride_wn, stride_wd)
-    sizes = (N, H, DK, DV, segment_len, num_segments, num_slots, split, out_scale, value_scale,
-             q_group, k_group, v_group, init_group, dot_group, dots_stride_v, dots_rows, final_group)
-    # as in _chunk_output_kernel: a second, exact walk where the first ends in a non-finite state
-    if _output_pass_t(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK, KEY_PARTS,
-                      PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN, ROW_DOT, POOLED,
-                      False):
-        _output_pass_t_exact(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
-                             KEY_PARTS, PART, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, VARLEN,
-                             ROW_DOT, POOLED)
+            _output_pass(tensors, strides, sizes, HAS_DECAY, HAS_INIT, INIT_SHIFT, REVERSE, STORE_FINAL, CHUNK,
+                         BLOCK_K, BLOCK_V, DOT_DTYPE, STATE_DOT_DTYPE, PRECISION, STATE_PRECISION, ACCUMULATE,
+                         UPDATE_ACCUMULATE, VARLEN, POOLED, False, KEY_PARTS, PART, True)

@@ -35,7 +35,7 @@ class LaunchConfig:
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
     update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
     late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
-    transposed: bool = False  # the output pass as _chunk_output_t_kernel (state transposed, cut by key columns)
+    transposed: bool = False  # the output pass in its TRANSPOSED form (state transposed, cut by key columns)
 
 
 # ----------------------------------------------------------------------------- the declarations
@@ -106,7 +106,7 @@ FORWARD = Family("forward", (
     _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE,
     Parameter("state_accumulate", "flag", "the segment-state pass's ACCUMULATE form"),
     _UPDATE_ACCUMULATE,
-    Parameter("transposed", "flag", "the output pass as _chunk_output_t_kernel (its own form: accumulate "
+    Parameter("transposed", "flag", "the output pass in its TRANSPOSED form (its own form: accumulate "
                                     "and update_accumulate do not apply to it)"),
 ))
 KEY_VALUE = Family("key_value", (
@@ -322,7 +322,7 @@ def _choose_config(
       small: its segments are then cut into ``state_split`` pieces (of at least 4 chunks) while
       it would leave more than a tenth of the multiprocessors idle; it accumulates in place
       whatever the output pass's form;
-    - the output passes as ``_chunk_output_t_kernel`` (the state held as S^T, in parts of 64 key
+    - the output passes in their ``TRANSPOSED`` form (the state held as S^T, in parts of 64 key
       columns) for 16-bit keys of 65-128 columns, and for wider ones whose state operand is 16-bit
       too (bfloat16), there in value blocks of 128 and two stages (float16's float32 state operand
       would need more shared memory than a Hopper GPU has);

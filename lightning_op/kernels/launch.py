@@ -22,8 +22,7 @@ from . import autotune
 from ._launch import launcher as _launcher
 from .backward import _key_value_grad_kernel
 from .boundary import _block_scan_kernel, _block_state_kernel
-from .chunked import (_chunk_output_kernel, _chunk_output_t_kernel, _packed_plan_kernel, _segment_scan_kernel,
-                      _segment_state_kernel)
+from .chunked import _chunk_output_kernel, _packed_plan_kernel, _segment_scan_kernel, _segment_state_kernel
 from .config import LaunchConfig, cdiv, choose_config, next_power_of_2
 from .decay_grad import _decay_moment_kernel
 from .decode import launch_decode_step
@@ -252,12 +251,10 @@ def linear_attention(
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
             part = min(cfg.block_k, 64)
-            launch_output(_chunk_output_t_kernel)[grid](*args, KEY_PARTS=cfg.block_k // part, PART=part, **flags)
+            form = dict(TRANSPOSED=True, KEY_PARTS=cfg.block_k // part, PART=part)
         else:
-            launch_output(_chunk_output_kernel)[grid](
-                *args, BLOCK_K=cfg.block_k, ACCUMULATE=cfg.accumulate,
-                UPDATE_ACCUMULATE=cfg.update_accumulate, **flags,
-            )
+            form = dict(ACCUMULATE=cfg.accumulate, UPDATE_ACCUMULATE=cfg.update_accumulate)
+        launch_output(_chunk_output_kernel)[grid](*args, BLOCK_K=cfg.block_k, **form, **flags)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
@@ -649,9 +646,9 @@ def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int,
     block_k = max(16, next_power_of_2(dk))
     block_v = max(16, min(64, next_power_of_2(dv)))
     decay_arg = decay if decay is not None else out
-    flags = dict(HAS_DECAY=decay is not None, REVERSE=reverse, BLOCK_K=block_k, VARLEN=False)
+    flags = dict(HAS_DECAY=decay is not None, REVERSE=reverse, BLOCK_K=block_k)
     _direct(_block_state_kernel)[(b * h * cdiv(dv, block_v), count)](
-        key, value, decay_arg, out, None, *key.stride(), *value.stride(),
+        key, value, decay_arg, out, *key.stride(), *value.stride(),
         n, h, dk, dv, block, num_entries, value_scale, *_groups(h, key, value),
         CHUNK=max(16, min(64, next_power_of_2(block))), BLOCK_V=block_v,
         DOT_DTYPE=_dot_types(key.dtype)["DOT_DTYPE"], PRECISION="ieee", **flags, num_warps=4,
@@ -659,8 +656,7 @@ def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int,
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
     end = {} if reverse else dict(STORE_END=True)
     _Dispatched(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1)](
-        decay_arg, out, out, None, *_strides(None), n, h, dk, dv, block, num_entries, 1,
-        HAS_INIT=False, INIT_SHIFT=1, BLOCK_V=scan_block_v, **flags, **end, num_warps=4,
+        decay_arg, out, n, h, dk, dv, block, num_entries, BLOCK_V=scan_block_v, **flags, **end, num_warps=4,
     )
     return out[:, :, 0 if reverse else count]
 

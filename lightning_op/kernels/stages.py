@@ -87,16 +87,15 @@ def _rows_at(ptr, b, head, stride_b, stride_h, stride_n, first_row, VARLEN: tl.c
 
 @triton.jit
 def _output_program(
-    Q, K, V, O, DOT_WITH, DOTS, SEGMENTS, STATE_ROWS, N, H, DV,
+    Q, K, V, O, SEGMENTS, STATE_ROWS, N, H, DV,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on, stride_wb, stride_wh, stride_wn,
-    q_group, k_group, v_group, dot_group, dots_stride_v, dots_rows,
-    BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, POOLED: tl.constexpr, ROW_DOT: tl.constexpr,
+    stride_ob, stride_oh, stride_on, q_group, k_group, v_group,
+    BLOCK_V: tl.constexpr, VARLEN: tl.constexpr, POOLED: tl.constexpr,
 ):
     """An output program's work: its value block and compute head, its segment
     (``_output_segment``: the caller returns where ``VARLEN``'s sequence is -1), and row 0 of its
-    segment's sequence in q, k, v, the output and, with ``ROW_DOT``, R and DOTS (else q's, unused):
-    ``(pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q, k, v, o, w, dots)``."""
+    segment's sequence in q, k, v and the output:
+    ``(pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q, k, v, o)``."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     sequence, first_row, N, seg, slot, state_row = _output_segment(SEGMENTS, STATE_ROWS, tl.program_id(1), N,
                                                                    VARLEN, POOLED)
@@ -106,12 +105,7 @@ def _output_program(
     k_ptr = _rows_at(K, b, h // k_group, stride_kb, stride_kh, stride_kn, first_row, VARLEN)
     v_ptr = _rows_at(V, b, h // v_group, stride_vb, stride_vh, stride_vn, first_row, VARLEN)
     o_ptr = _rows_at(O, b, h, stride_ob, stride_oh, stride_on, first_row, VARLEN)
-    w_ptr = q_ptr
-    dots_ptr = q_ptr
-    if ROW_DOT:  # R's rows and the program's row of DOTS, at the sequence's rows
-        w_ptr = _rows_at(DOT_WITH, b, h // dot_group, stride_wb, stride_wh, stride_wn, first_row, VARLEN)
-        dots_ptr = DOTS + pid_v * dots_stride_v + bh * dots_rows + first_row
-    return pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q_ptr, k_ptr, v_ptr, o_ptr, w_ptr, dots_ptr
+    return pid_v, bh, b, h, sequence, first_row, N, seg, slot, state_row, q_ptr, k_ptr, v_ptr, o_ptr
 
 
 @triton.jit
@@ -207,26 +201,6 @@ def _store_rows_t(ptr, stride_n, stride_d, tile_t, rows, row_valid, cols, col_va
     tl.store(ptr + offsets, tile_t.to(ptr.dtype.element_ty), mask=row_valid[None, :] & col_valid[:, None])
 
 
-@triton.jit
-def _store_row_dots(dots_ptr, tile, ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N,
-                    REVERSE: tl.constexpr):
-    """Each row of a float32 [rows, cols] tile dotted with the same row and columns of a [N, D]
-    matrix given by strides, stored as float32 at the row's position of ``dots_ptr``: taken from
-    the tile before it is rounded to the output's type (a sum of such products, as the decay's
-    gradient is, loses about 2% at long N from bfloat16 rows)."""
-    other = _load_rows(ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N, REVERSE).to(tl.float32)
-    tl.store(dots_ptr + _positions(rows, N, REVERSE), tl.sum(tile * other, 1), mask=row_valid)
-
-
-@triton.jit
-def _store_row_dots_t(dots_ptr, tile_t, ptr, stride_n, stride_d, rows, row_valid, cols, col_valid, N,
-                      REVERSE: tl.constexpr):
-    """``_store_row_dots`` of a [cols, rows] tile (the rows transposed)."""
-    offsets = _positions(rows, N, REVERSE).to(tl.int64)[None, :] * stride_n + cols[:, None] * stride_d
-    other_t = tl.load(ptr + offsets, mask=row_valid[None, :] & col_valid[:, None], other=0.0).to(tl.float32)
-    tl.store(dots_ptr + _positions(rows, N, REVERSE), tl.sum(tile_t * other_t, 0), mask=row_valid)
-
-
 # ---- decay --------------------------------------------------------------------------------------
 
 @triton.jit
@@ -251,6 +225,17 @@ def _chunk_mask(DECAY, h, causal, query_idx, key_idx, scale, out_scale, HAS_DECA
         log2_lam = 0.0
         mask = causal
     return log2_lam, mask
+
+
+@triton.jit
+def _weighted_rows(tile, log2_lam, steps, scale, HAS_DECAY: tl.constexpr):
+    """Each row of ``tile`` times ``scale * lam^steps`` (``steps`` per row, >= 0), lam = 1 without decay."""
+    if HAS_DECAY:
+        weight = tl.exp2(log2_lam * steps.to(tl.float32)) * scale
+        tile = tile * weight[:, None]
+    else:
+        tile = tile * scale
+    return tile
 
 
 @triton.jit
@@ -316,7 +301,7 @@ def _any_non_finite(state):
 
 @triton.jit
 def _any_non_finite_t(states, KEY_PARTS: tl.constexpr):
-    """``_any_non_finite`` of a state held in key parts (``_chunk_output_t_kernel``)."""
+    """``_any_non_finite`` of a state held in key parts (the transposed output pass)."""
     found = _any_non_finite(states[0])
     for part in tl.static_range(1, KEY_PARTS):
         found = found | _any_non_finite(states[part])
@@ -431,7 +416,7 @@ def _store_state(ptr, stride_k, stride_v, state, cols_k, cols_v, tile_mask):
     tl.store(ptr + cols_k[:, None] * stride_k + cols_v[None, :] * stride_v, state, mask=tile_mask)
 
 
-# ---- the chunk step on S^T held in parts of key columns (``_chunk_output_t_kernel``) -------------
+# ---- the chunk step on S^T held in parts of key columns (the output kernel's TRANSPOSED form) ---
 # Each part is a tile of PART key columns; the parts travel as a tuple of KEY_PARTS tiles, and the
 # loops over them are unrolled at compile time (``tl.static_range``).
 
