@@ -95,7 +95,7 @@ def linear_attention(
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
     row_dot_with: Optional[Tensor] = None, row_dots: Optional[Tensor] = None,
-    state_rows: Optional[Tensor] = None,
+    state_rows: Optional[Tensor] = None, padded_rows: bool = True,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -144,7 +144,8 @@ def linear_attention(
     ``initial_state`` is a pool [P, Hi, Dk, Dv] of float32 states, and sequence s starts from row
     ``state_rows[s]`` and its final state is written back there, in place (head ``h // (H // Hi)``,
     by the group's first compute head); a negative row marks padding: its output rows are zeros and
-    no row of the pool is read or written. Returns ``(out, initial_state)``. No program of the
+    no row of the pool is read or written (``padded_rows=False``: the caller read the rows and no
+    padding sequence holds any, so the output is not zeroed first). Returns ``(out, initial_state)``. No program of the
     output pass reads a row another writes: a sequence cut into segments, or whose state a group
     of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
     Forward only (``reverse``, ``init_shift`` and ``row_dots`` keep their defaults).
@@ -158,7 +159,7 @@ def linear_attention(
         if cu_seqlens is None or initial_state is None or reverse or row_dot_with is not None or traceable:
             raise ValueError("linear_attention: state_rows needs cu_seqlens and a pool as initial_state, "
                              "forward and eager only")
-        out = torch.zeros(b, h, n, dv, dtype=query.dtype, device=device)
+        out = (torch.zeros if padded_rows else torch.empty)(b, h, n, dv, dtype=query.dtype, device=device)
         final = initial_state
         store_final = True
     else:
