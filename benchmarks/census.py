@@ -8,6 +8,11 @@ candidate for retirement; the table printed last says which.
 
     python3 benchmarks/census.py                 # GPU: representative shapes, bf16
     python3 benchmarks/census.py --smoke         # CPU (interpreted kernels), tiny shapes
+    python3 benchmarks/census.py --switches key_value.late_dk_scores --repeats 5   # a candidate, re-timed
+
+With ``--repeats R`` the built-in and the flipped configuration are timed R times each, in
+alternation, and each reports its median: one run of each puts differences under ~3% in the
+noise, so a retirement is decided on repeated timings.
 """
 
 from __future__ import annotations
@@ -45,7 +50,21 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreted kernels)")
     parser.add_argument("--margin", type=float, default=0.02, help="a win smaller than this is noise (default 2%%)")
     parser.add_argument("--rep-ms", type=float, default=60.0)
+    parser.add_argument("--switches", default=None,
+                        help="comma-separated family.switch names to flip (default: all of SWITCHES)")
+    parser.add_argument("--shapes", default=None, help="comma-separated BxNxHxD shapes (default: SHAPES)")
+    parser.add_argument("--repeats", type=int, default=1, help="timings of each configuration, alternated")
     args = parser.parse_args()
+    switches = SWITCHES
+    if args.switches:
+        switches = [tuple(name.split(".", 1)) for name in args.switches.split(",")]
+        unknown = [f"{f}.{s}" for f, s in switches if (f, s) not in SWITCHES]
+        if unknown:
+            raise SystemExit(f"census.py: unknown switches {unknown}; known: "
+                             f"{[f'{f}.{s}' for f, s in SWITCHES]}")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ["LIGHTNING_OP_BACKEND"] = "triton"
@@ -59,7 +78,7 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     timer = Timer(device, warmup_ms=5.0 if args.smoke else 25.0, rep_ms=5.0 if args.smoke else args.rep_ms)
     rows = []
-    for shape in SMOKE_SHAPES if args.smoke else SHAPES:
+    for shape in shapes:
         b, n, h, d = shape
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, generator=gen).transpose(1, 2) * 0.2
@@ -78,8 +97,17 @@ def main() -> None:
             with config_override(**changes):
                 return timer(forward), timer(forward_backward, grad_to_none=leaves)
 
-        base = timed({})
-        for family, switch in SWITCHES:
+        def median(values):
+            values = sorted(values)
+            return values[len(values) // 2]
+
+        def compared(changes):
+            """(built-in, flipped) timings, each the median of ``args.repeats`` alternated runs."""
+            runs = [(timed({}), timed(changes)) for _ in range(args.repeats)]
+            return tuple(tuple(median([run[which][part] for run in runs]) for part in range(2))
+                         for which in range(2))
+
+        for family, switch in switches:
             built_in = _default(family, shape, dtype, device)
             default = getattr(built_in, switch)
             flipped = {family: {switch: int(not default)}}
@@ -87,7 +115,7 @@ def main() -> None:
                 if _default(family, shape, dtype, device) == built_in:
                     continue  # the switch does not apply at this shape
             try:
-                other = timed(flipped)
+                base, other = compared(flipped)
             except Exception as error:  # a form that does not compile or fit here
                 print(f"{shape} {family}.{switch}={int(not default)}: {type(error).__name__}: {str(error)[:80]}")
                 continue

@@ -53,11 +53,12 @@ def _check_tensor(name: str, x, ndim: int, op: str = "attn") -> None:
         raise ValueError(f"lightning {op}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def validate(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None) -> None:
+def validate(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None, check_values: bool = True) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument if the inputs are not an attn call.
 
     Shapes, dtypes and devices, and the values of ``cu_seqlens`` where they can be read (see
-    :func:`_check_cu_seqlens_values`); a decay's values are checked by :func:`prepare_decay`.
+    :func:`_check_cu_seqlens_values`; not with ``check_values=False``, for a caller that reads
+    them with others); a decay's values are checked by :func:`prepare_decay`.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4)
@@ -97,7 +98,7 @@ def validate(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None
             raise ValueError(f"lightning attn: decay is on {decay.device} but q is on {q.device}")
     rows = b
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, q)
+        _check_cu_seqlens(cu_seqlens, q, check_values)
         rows = cu_seqlens.shape[0] - 1
     if initial_state is not None:
         hs = reference.state_heads(h, hkv, decay)
@@ -123,7 +124,7 @@ def _check_groups(h, hkv) -> None:
         )
 
 
-def _check_cu_seqlens(cu_seqlens, q: Tensor) -> None:
+def _check_cu_seqlens(cu_seqlens, q: Tensor, check_values: bool = True) -> None:
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"lightning attn: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -138,7 +139,8 @@ def _check_cu_seqlens(cu_seqlens, q: Tensor) -> None:
                    f"packed along N), got q with batch {q.shape[0]}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"lightning attn: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    _check_cu_seqlens_values(cu_seqlens, q.shape[2])
+    if check_values:
+        _check_cu_seqlens_values(cu_seqlens, q.shape[2])
 
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, n) -> None:
@@ -152,7 +154,11 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, n) -> None:
         bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != n) | (cu_seqlens.diff() < 0).any()
         if not bool(bad):  # the one host read
             return
-    values = cu_seqlens.tolist()
+    _check_cu_seqlens_list(cu_seqlens.tolist(), n)
+
+
+def _check_cu_seqlens_list(values: list, n: int) -> None:
+    """:func:`_check_cu_seqlens_values` on values read."""
     if values[0] != 0 or values[-1] != n or any(b < a for a, b in zip(values, values[1:])):
         shown = values if len(values) <= 12 else values[:6] + ["..."] + values[-6:]
         raise ValueError(
@@ -654,10 +660,17 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
     input asks for gradients (the step is inference-only). With ``state_indices`` the state is a
     pool ``[P, Hs, Dk, Dv]`` (any P) and the indices name a slot per row (or per sequence with
     ``cu_seqlens``): in range, no slot twice; negative ones mark padding."""
+    _check_step_layout(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    _check_step_call(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+
+
+def _check_step_layout(q, k, v, state, decay, scale, cu_seqlens, state_indices) -> None:
+    """What :func:`validate_step` checks that depends on the arguments' types, shapes, dtypes,
+    devices and the state's strides alone (:func:`_step_signature`), and the scale."""
     if state_indices is None:
-        validate(q, k, v, decay, scale, state, cu_seqlens)
+        validate(q, k, v, decay, scale, state, cu_seqlens, check_values=False)
     else:
-        validate(q, k, v, decay, scale, None, cu_seqlens)
+        validate(q, k, v, decay, scale, None, cu_seqlens, check_values=False)
         _check_tensor("state", state, 4, op="attn_step")
         _, hs, dk, dv = final_state_shape(q, k, v, decay, cu_seqlens)
         for dim, (size, letter) in enumerate(((hs, "Hs"), (dk, "Dk"), (dv, "Dv")), start=1):
@@ -667,10 +680,8 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
         if state.device != q.device:
             raise ValueError(f"lightning attn_step: state is on {state.device} but q is on {q.device}")
         rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        # checked CUDA indices of rows (the decode kernel's steps) are remembered; packed calls read
-        # theirs on every call
         _check_state_indices(state_indices, rows, state.shape[0], q, "sequences" if cu_seqlens is not None else "rows",
-                             remember=cu_seqlens is None)
+                             check_values=False)
     if state.dtype != torch.float32:
         raise TypeError(f"lightning attn_step: state must be float32 (it is updated in place), got {state.dtype}")
     if _overlaps_itself(state):
@@ -678,11 +689,46 @@ def validate_step(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_
             f"lightning attn_step: state (strides {tuple(state.stride())}) has elements sharing memory, e.g. an "
             "expanded tensor; it is updated in place, so each (batch, head) needs its own: pass state.clone()"
         )
+
+
+def _check_step_call(q, k, v, state, decay, scale, cu_seqlens, state_indices) -> bool:
+    """What :func:`validate_step` checks on every call, after :func:`_check_step_layout`: the
+    scale, grad mode, aliasing of the state, and the values of ``cu_seqlens`` and the slots. Rows'
+    checked CUDA slots are remembered (:func:`_check_state_index_values`); packed calls read
+    theirs every call (:func:`_check_packed_step_values`). Returns whether a padding sequence
+    may hold rows (:func:`_check_packed_step_values`; False for steps of rows)."""
+    _check_scale(scale)
     _check_step_grad(q, k, v, state, decay)
-    _check_step_aliasing(q, k, v, state, decay)
+    _check_step_aliasing(q, k, v, state, decay)  # where the tensors are, not their shapes
+    if cu_seqlens is not None:
+        return _check_packed_step_values(cu_seqlens, state_indices, q.shape[2], state.shape[0])
+    if state_indices is not None:
+        _check_state_index_values(state_indices, state.shape[0], remember=True)
+    return False
 
 
-def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: bool = False) -> None:
+def _check_packed_step_values(cu_seqlens: Tensor, state_indices: Optional[Tensor], n, slots) -> bool:
+    """The values of a packed step's ``cu_seqlens`` (:func:`_check_cu_seqlens_values`) and slots
+    (:func:`_check_state_index_values`), read together: one copy to the host (on a GPU a
+    concatenation, then the one wait), none while tracing or during CUDA-graph capture. Returns
+    whether a padding sequence (negative slot) may hold rows, whose outputs must then be zeroed:
+    True where nothing was read."""
+    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt) or isinstance(slots, torch.SymInt) or not all(
+            x is None or _has_values(x) for x in (cu_seqlens, state_indices)) or (
+            cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True  # traced or captured: the values are not read (nor checked again when the graph runs)
+    if state_indices is None:
+        _check_cu_seqlens_list(cu_seqlens.tolist(), n)
+        return False
+    values = torch.cat((cu_seqlens, state_indices)).tolist()
+    bounds, indices = values[:cu_seqlens.shape[0]], values[cu_seqlens.shape[0]:]
+    _check_cu_seqlens_list(bounds, n)
+    _check_slot_values(indices, slots)
+    return any(index < 0 and end > start for index, start, end in zip(indices, bounds, bounds[1:]))
+
+
+def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: bool = False,
+                         check_values: bool = True) -> None:
     """The indices' type, shape and device, and their values where they can be read: each < the
     pool's ``slots``, none named twice (negative ones, padding, never collide).
 
@@ -702,7 +748,8 @@ def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: b
                    f"entries but the call has {rows} {what} (one slot each)")
     if indices.device != q.device:
         raise ValueError(f"lightning attn_step: state_indices is on {indices.device} but q is on {q.device}")
-    _check_state_index_values(indices, slots, remember)
+    if check_values:
+        _check_state_index_values(indices, slots, remember)
 
 
 def _check_state_index_values(indices: Tensor, slots, remember: bool = False) -> None:
@@ -807,11 +854,18 @@ def _check_step_grad(q, k, v, state, decay) -> None:
         )
 
 
-#: Shapes, dtypes and devices (and the state's strides) of decode-step arguments that passed
-#: ``validate_step``. A decode loop calls the step with the same ones every token: it then pays a set lookup instead of the
-#: full validation; what depends on values or addresses (scale, grad mode, decay signs, aliasing
-#: of the state, the slots named) is still checked on every call.
+#: Signatures (:func:`_step_signature`) of decode-step arguments that passed ``validate_step``'s
+#: layout part. A decode loop calls the step with the same ones every token, and the layers of a
+#: serving step share theirs: it then pays a set lookup instead of the full validation; what
+#: depends on values or addresses (:func:`_check_step_call`) is still checked on every call.
 _validated_steps: set = set()
+
+
+def _step_signature(q, k, v, state, decay, cu_seqlens, state_indices) -> tuple:
+    """What :func:`_check_step_layout` depends on: each argument's shape, dtype and device, and
+    the state's strides (whether it overlaps itself)."""
+    return tuple(None if x is None else (x.shape, x.dtype, x.device)
+                 for x in (q, k, v, state, decay, cu_seqlens, state_indices)) + (state.stride(),)
 
 
 def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
@@ -819,13 +873,12 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, stat
     heads or not), packed sequences on its tiled kernels reading and writing pool rows in place;
     pooled, grouped and packed steps on the chunked CPU path are composed from the tiled op
     (``_pooled_step``)."""
-    if cu_seqlens is not None:
-        validate_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
-        if _backend(q).name == "triton":
-            return _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices)
-        return _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
-    _validate_rows_step(q, k, v, state, decay, scale, state_indices)
+    padded = _validate_step_once(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     backend = _backend(q)
+    if cu_seqlens is not None:
+        if backend.name == "triton":
+            return _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices, padded)
+        return _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     if backend.name == "triton" and (state_indices is not None or k.shape[1] != q.shape[1]):
         from .kernels.decode import launch_decode_step
 
@@ -840,35 +893,31 @@ def _attn_step_impl(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, stat
     return backend.step(q, k, v, state, prepare_decay(decay), scale)
 
 
-def _validate_rows_step(q, k, v, state, decay, scale, state_indices) -> None:
-    """``validate_step`` for a step without ``cu_seqlens``, the layout part once per signature."""
-    # the state's strides too: whether it overlaps itself depends on them
-    signature = tuple(None if x is None else (x.shape, x.dtype, x.device) for x in (q, k, v, state, decay,
-                                                                                    state_indices)) + (state.stride(),)
-    if signature in _validated_steps:
-        _check_scale(scale)
-        _check_step_grad(q, k, v, state, decay)
-        _check_step_aliasing(q, k, v, state, decay)  # where the tensors are, not their shapes
-        if state_indices is not None:
-            _check_state_index_values(state_indices, state.shape[0], remember=True)  # the layout is in the signature
-        return
-    validate_step(q, k, v, state, decay, scale, None, state_indices)
-    if len(_validated_steps) > 1024:
-        _validated_steps.clear()
-    _validated_steps.add(signature)
+def _validate_step_once(q, k, v, state, decay, scale, cu_seqlens, state_indices) -> bool:
+    """``validate_step``, its layout part once per signature; returns :func:`_check_step_call`'s
+    answer."""
+    signature = _step_signature(q, k, v, state, decay, cu_seqlens, state_indices)
+    if signature not in _validated_steps:
+        _check_step_layout(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+        if len(_validated_steps) > 1024:
+            _validated_steps.clear()
+        _validated_steps.add(signature)
+    return _check_step_call(q, k, v, state, decay, scale, cu_seqlens, state_indices)
 
 
-def _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices):
+def _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indices, padded=True):
     """Packed sequences continuing states of a pool on the Triton kernels: the tiled kernels read
     each sequence's initial state from its row of the pool and write its final state back there
     (``kernels.linear_attention``'s ``state_rows``), so a prefill chunk runs at the tiled kernels'
-    speed and no state is gathered or scattered around the call."""
+    speed and no state is gathered or scattered around the call. ``padded``: whether a padding
+    sequence may hold rows (their outputs are zeros, so the output is zeroed first)."""
     from .kernels import linear_attention
 
     if state_indices is None:
         state_indices = torch.arange(cu_seqlens.shape[0] - 1, device=q.device)
     out, _ = linear_attention(q, k, v, backends.compute_decay(prepare_decay(decay), q.shape[1]), out_scale=scale,
-                              initial_state=state, cu_seqlens=cu_seqlens, state_rows=state_indices)
+                              initial_state=state, cu_seqlens=cu_seqlens, state_rows=state_indices,
+                              padded_rows=padded)
     return out
 
 

@@ -174,3 +174,13 @@ def test_register_report_of_the_transposed_output_kernel():
     out = run_script("benchmarks/registers.py", "--dims", "128", "--transposed")
     forward = next(line for line in out.splitlines() if line.startswith("D=128  forward"))
     assert "transposed:" in forward and int(forward.split(" cp.async")[0].rsplit(", ", 1)[1]) > 0, forward
+
+
+def test_census_repeats_a_chosen_switch_and_names_unknown_ones():
+    out = run_script("benchmarks/census.py", "--smoke", "--switches", "forward.transposed", "--repeats", "2")
+    # the flipped switch at the smoke shape, both values in the verdict table, no other switch
+    assert "B1 N200 H2 D32 forward.transposed: default 0" in out, out[-2000:]
+    table = [line for line in out.splitlines() if line.startswith("| forward.")]
+    assert [line.split(" | ")[:2] for line in table] == [["| forward.transposed", "0"], ["| forward.transposed", "1"]]
+    with pytest.raises(AssertionError, match="unknown switches"):
+        run_script("benchmarks/census.py", "--smoke", "--switches", "forward.nope")

@@ -368,6 +368,39 @@ def test_cuda_pooled_decode_and_mixed_step():
         check(out, before)
 
 
+def test_cuda_repeated_packed_pooled_steps_skip_triton_dispatch():
+    """Pooled packed launches pass their tables by keyword, new tensors every step: a repeated
+    step of one shape launches the plan, both segment passes and the output kernel through the
+    remembered launchers (kernels/_launch.py), and a step without padding rows, whose output is
+    not zeroed first, matches the oracle every time."""
+    from lightning_op import reference
+    from lightning_op.kernels import _launch, chunked
+
+    names = ("_packed_plan_kernel", "_segment_state_kernel", "_segment_scan_kernel", "_chunk_output_kernel",
+             "_chunk_output_t_kernel")
+    launchers = {name: _launch.launcher(getattr(chunked, name)) for name in names}
+    assert all(isinstance(x, _launch.FastLauncher) for x in launchers.values())
+    decay = torch.tensor([0.05, 0.8], device="cuda")  # per kv head: groups share their states (lead slots)
+    pool = torch.randn(6, 2, 64, 64, device="cuda")
+    q, k, v = (0.5 * torch.randn(1, heads, 3700, 64, device="cuda") for heads in (4, 2, 2))
+    for _ in range(3):
+        cu = torch.tensor([0, 1, 3000, 3001, 3700], device="cuda")
+        slots = torch.tensor([3, 0, 2, 5], device="cuda")
+        counts = {name: x.fast_launches for name, x in launchers.items()}
+        before = pool.clone()
+        out = lightning_op.attn_step(q, k, v, pool, decay, cu_seqlens=cu, state_indices=slots)
+        fast = {name: x.fast_launches - counts[name] for name, x in launchers.items()}
+        want, final = reference.attention_recurrent(
+            q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1),
+            decay.double().repeat_interleave(2), 1.0, before[slots].double().repeat_interleave(2, 1), cu)
+        assert rel_error(out, want) < 2e-5
+        for index, slot in enumerate((3, 0, 2, 5)):
+            assert rel_error(pool[slot], final[index, ::2]) < 2e-5
+        assert torch.equal(pool[1], before[1]) and torch.equal(pool[4], before[4])
+    assert fast["_packed_plan_kernel"] == fast["_segment_state_kernel"] == fast["_segment_scan_kernel"] == 1, fast
+    assert fast["_chunk_output_kernel"] + fast["_chunk_output_t_kernel"] == 1, fast
+
+
 @pytest.mark.parametrize("decay_heads", [4, 2, 0], ids=["own-states", "shared-states", "no-decay"])
 def test_cuda_pooled_rows_and_grouped_heads_in_the_decode_kernel(decay_heads):
     """attn_step's pooled and grouped rows (the decode kernel) against a float64 token loop, then

@@ -27,15 +27,16 @@ class _Compiled:
 
 class _Kernel:
     """Parameters X (pointer), stride (int), N (not specialised), scale (float), BLOCK (constexpr
-    given at the call), FLAG (constexpr with a default)."""
+    given at the call), FLAG (constexpr with a default), ROWS (a table pointer, None where its
+    option is off)."""
 
     do_not_specialize = ["N"]
 
     def __init__(self):
         empty = inspect.Parameter.empty
-        self.params = [SimpleNamespace(name=name, default=default) for name, default in
-                       (("X", empty), ("stride", empty), ("N", empty), ("scale", empty), ("BLOCK", empty),
-                        ("FLAG", False))]
+        self.params = [SimpleNamespace(name=name, default=default, is_constexpr=name in ("BLOCK", "FLAG"))
+                       for name, default in (("X", empty), ("stride", empty), ("N", empty), ("scale", empty),
+                                             ("BLOCK", empty), ("FLAG", False), ("ROWS", None))]
         self.pre_run_hooks = []
         self.slow = []  # (grid, args, kwargs) of each launch through kernel[grid](...)
         self.compiled = _Compiled()
@@ -68,9 +69,9 @@ def test_second_launch_with_the_same_key_skips_triton_dispatch(fake):
     launch[(4, 2)](x, 64, 1000, 0.5, BLOCK=16, num_warps=4)
     assert len(kernel.slow) == 1 and launch.fast_launches == 1
     # the launcher gets what JITFunction.run hands it: grid, stream, handles, no launch metadata or
-    # hooks, then every parameter in order, the constexpr given and the defaulted one included
+    # hooks, then every parameter in order, the constexpr given and the defaulted ones included
     assert kernel.compiled.runs[0] == (4, 2, 1, 1234, "function-handle", "packed", None, None, None,
-                                       x, 64, 1000, 0.5, 16, False)
+                                       x, 64, 1000, 0.5, 16, False, None)
 
 
 def test_unspecialised_integers_only_key_their_width(fake):
@@ -106,6 +107,59 @@ def test_anything_triton_specialises_on_is_a_new_key(fake, monkeypatch, change):
     assert len(kernel.slow) == 2 and launch.fast_launches == 0
     launch[(1,)](*args, **kwargs)  # and that key is remembered in turn
     assert len(kernel.slow) == 2 and launch.fast_launches == 1
+
+
+def test_keyword_tensors_are_keyed_as_positional_ones(fake):
+    """A table passed by keyword is a new object every call: keyed by its dtype and alignment (as
+    a positional tensor), not by the object, a later call with another table takes the fast path."""
+    kernel, launch = fake
+    x = _aligned()
+    for _ in range(3):
+        launch[(1,)](x, 64, 100, 0.5, BLOCK=16, ROWS=torch.arange(8, dtype=torch.int32))
+    assert len(kernel.slow) == 1 and launch.fast_launches == 2 and len(launch.compiled) == 1
+
+
+@pytest.mark.parametrize("change", ["dtype", "misaligned", "left out"])
+def test_keyword_tensors_triton_specialises_differently_are_a_new_key(fake, change):
+    kernel, launch = fake
+    x, rows = _aligned(), torch.arange(8, dtype=torch.int32)
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16, ROWS=rows)
+    if change == "dtype":
+        kwargs = dict(ROWS=rows.long())
+    elif change == "misaligned":
+        kwargs = dict(ROWS=rows[1:])
+        assert kwargs["ROWS"].data_ptr() % 16
+    else:
+        kwargs = {}  # Triton compiles the default None in as a constant: another kernel
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16, **kwargs)
+    assert len(kernel.slow) == 2 and launch.fast_launches == 0
+    launch[(1,)](x, 64, 100, 0.5, BLOCK=16, **kwargs)
+    assert len(kernel.slow) == 2 and launch.fast_launches == 1
+
+
+def test_keywords_reach_the_launcher_in_parameter_order(fake):
+    """Every parameter given by keyword, in another order than the kernel's: the launcher gets
+    them in the kernel's order, as JITFunction.run binds them; an unspecialised keyword (N) keys
+    its integer width only, a float by its type, as they would positionally."""
+    kernel, launch = fake
+    x, rows = _aligned(), torch.arange(8, dtype=torch.int32)
+    for n, scale in ((1000, 0.5), (17, 0.25)):
+        launch[(2,)](ROWS=rows, FLAG=True, BLOCK=16, scale=scale, N=n, stride=64, X=x, num_warps=4)
+    assert len(kernel.slow) == 1 and launch.fast_launches == 1
+    assert kernel.compiled.runs[0][9:] == (x, 64, 17, 0.25, 16, True, rows)
+    launch[(2,)](ROWS=rows, FLAG=True, BLOCK=16, scale=0.5, N=2**31, stride=64, X=x, num_warps=4)
+    assert len(kernel.slow) == 2  # a 64-bit N: another kernel, by keyword as by position
+
+
+def test_keyword_constexprs_are_keyed_by_value_and_undescribed_runtime_values_go_through_triton(fake):
+    kernel, launch = fake
+    x = _aligned()
+    for value in (None, "ieee", 1.5, 2.5, 1.5):  # a constexpr: its value is compiled in, whatever its type
+        launch[(1,)](x, 64, 100, 0.5, BLOCK=16, FLAG=value)
+    assert len(kernel.slow) == 4 and launch.fast_launches == 1
+    for value in (None, None, "64", "64"):  # a runtime parameter: None where its default is not None, a string
+        launch[(1,)](x, N=100, scale=0.5, BLOCK=16, stride=value)
+    assert len(kernel.slow) == 8 and launch.fast_launches == 1
 
 
 def test_arguments_the_key_cannot_describe_always_go_through_triton(fake):

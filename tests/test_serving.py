@@ -82,6 +82,112 @@ def test_packed_without_indices_continues_state_rows(cpu_backend):
     torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_step_reads_cu_seqlens_and_slots_in_one_host_copy(monkeypatch):
+    """On a GPU each host read waits for the device: a packed pooled step's validation copies
+    cu_seqlens and the slots to the host together, once, and reads no scalar (the CUDA branches
+    taken on CPU tensors, every aten op counted); bad values of either are still refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_op import ops
+
+    seen, reads = [], []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    decay = torch.tensor([0.05, 0.8])
+    pool = torch.randn(6, HKV, D, D)
+    q, k, v = _qkv(1, 135)
+    cu, slots = torch.tensor([0, 1, 70, 71, 71, 135], dtype=torch.int32), torch.tensor([2, 0, -1, 4, 5])
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(tuple(self.shape)) or tolist(self))
+    with Count():
+        ops.validate_step(q, k, v, pool, decay, 0.5, cu, slots)
+    assert reads == [(11,)] and torch.ops.aten._local_scalar_dense.default not in seen
+    assert len(seen) == 1, seen  # the concatenation
+    for bad_cu, bad_slots, message in (
+        ([0, 1, 70, 69, 71, 135], [2, 0, -1, 4, 5], "must rise from 0 to N = 135"),
+        ([0, 1, 70, 71, 71, 134], [2, 0, -1, 4, 5], "must rise from 0 to N = 135"),
+        ([0, 1, 70, 71, 71, 135], [2, 0, -1, 2, 5], r"names slot\(s\) \[2\] more than once"),
+        ([0, 1, 70, 71, 71, 135], [2, 0, -1, 6, 5], "must be < the pool's 6 slots"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ops.validate_step(q, k, v, pool, decay, 0.5, torch.tensor(bad_cu), torch.tensor(bad_slots))
+
+
+def test_repeated_packed_steps_check_their_layout_once_and_their_values_every_call(cpu_backend, monkeypatch):
+    """The layers of a serving step make calls of one signature: the layout is validated once,
+    cu_seqlens and the slots on every call, before anything is written."""
+    from lightning_op import ops
+
+    layouts = []
+    check_layout = ops._check_step_layout
+    monkeypatch.setattr(ops, "_validated_steps", set())
+    monkeypatch.setattr(ops, "_check_step_layout", lambda *args: layouts.append(1) or check_layout(*args))
+    decay = torch.tensor([0.05, 0.8])
+    pool = torch.randn(6, HKV, D, D)
+    q, k, v = _qkv(1, 40)
+    cu, slots = torch.tensor([0, 1, 39, 40]), torch.tensor([2, 0, 5])
+    for _ in range(2):
+        lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, cu_seqlens=cu, state_indices=slots)
+    assert len(layouts) == 1
+    before = pool.clone()
+    for bad_cu, bad_slots, message in (([0, 1, 41, 40], [2, 0, 5], "must rise from 0"),
+                                       ([0, 1, 39, 40], [2, 0, 2], "more than once"),
+                                       ([0, 1, 39, 40], [2, 6, 5], "must be <")):
+        with pytest.raises(ValueError, match=message):
+            lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, cu_seqlens=torch.tensor(bad_cu),
+                                   state_indices=torch.tensor(bad_slots))
+        assert torch.equal(pool, before)
+    assert len(layouts) == 1
+    lightning_op.attn_step(q, k, v, pool[:5], decay, scale=0.5, cu_seqlens=cu, state_indices=torch.tensor([2, 0, 4]))
+    assert len(layouts) == 2  # another pool size: another signature
+
+
+@pytest.mark.parametrize("padding", ["with rows", "empty", "none"])
+def test_packed_step_zeroes_its_output_only_for_padding_rows(monkeypatch, padding):
+    """The kernels write every row of a sequence with a slot and none of a padding one: the output
+    is zeroed first only where a padding sequence holds rows. Fresh float allocations are filled
+    with NaN here, so a row no kernel wrote shows."""
+    if not TRITON_INTERPRETING:
+        pytest.skip("the packed kernels run interpreted on CPU-only machines")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_op import ops
+
+    zeroed = []
+
+    class Garbage(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.empty.memory_format and out.is_floating_point():
+                out.fill_(float("nan"))
+            if func is torch.ops.aten.zeros.default:
+                zeroed.append(tuple(out.shape))
+            return out
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    decay = torch.tensor([0.05, 0.8])
+    pool = torch.randn(6, HKV, D, D)
+    before = pool.clone()
+    q, k, v = _qkv(1, 135)
+    cu = torch.tensor([0, 1, 70, 71, 71, 135])  # decode, prefill chunk, decode, empty, prefill chunk
+    slots = torch.tensor({"with rows": [2, 0, -1, 4, 5], "empty": [2, 0, 3, -1, 5], "none": [2, 0, 3, 4, 5]}[padding])
+    with torch.no_grad(), Garbage():  # the op's implementation: the mode would see the op as one call
+        out = ops._attn_step_impl(q, k, v, pool, decay, 0.5, cu, slots)
+    assert (tuple(out.shape) in zeroed) == (padding == "with rows")
+    want, _ = _expected(q, k, v, decay, before[slots.clamp(min=0)], cu)
+    bounds = cu.tolist()
+    for s, slot in enumerate(slots.tolist()):
+        rows = slice(bounds[s], bounds[s + 1])
+        expected = torch.zeros_like(out[:, :, rows]) if slot < 0 else want[:, :, rows]
+        torch.testing.assert_close(out[:, :, rows], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_leaves_the_pool_untouched():
     decay = torch.tensor([0.1, 0.2])
     pool = torch.randn(4, HKV, D, D)

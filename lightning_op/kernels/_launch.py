@@ -6,14 +6,17 @@ cache key string, looks the compiled kernel up and only then launches. At short 
 work took longer than the GPU work it launched, so the host set the pace (benchmarks/RESULTS.md).
 
 :func:`launcher` remembers, per kernel, the compiled kernel Triton chose for each *launch key*: the
-device of the launch's tensors, every integer argument's exact value (except those the kernel does not
-specialise, like ``N``, which only contribute their integer width), each tensor's dtype and
-whether its address is 16-byte aligned, the type of each float, None for a table pointer left
-out (:data:`NONE_ARGUMENTS`), and every keyword argument. That
-key is finer than Triton's own specialisation (which only keeps classes of integers: 1,
-divisible by 16, 32- or 64-bit), so a remembered kernel is always the one Triton would have picked;
-a new key costs one ordinary launch, which also compiles if needed. Remembered launches call the
-compiled kernel's launcher directly, as ``JITFunction.run`` does last.
+device of the launch's tensors and every parameter's value, whether the call passes it by position
+or by keyword or leaves it to its default, keyed as Triton specialises it but finer: an integer
+by its exact value (except for parameters the kernel does not specialise, like ``N``, which only
+contribute their integer width), a tensor by its dtype and whether its address is 16-byte
+aligned, a float by its type, a constexpr by its value, None only where Triton compiles it as a
+constant (a table pointer left out, :data:`NONE_ARGUMENTS`, or a parameter whose default is None);
+then the launch options (``num_warps``, ...) by value. That key is finer than Triton's own
+specialisation (which only keeps classes of integers: 1, divisible by 16, 32- or 64-bit), so a
+remembered kernel is always the one Triton would have picked; a new key costs one ordinary launch,
+which also compiles if needed. Remembered launches call the compiled kernel's launcher directly,
+with every parameter's value in order, as ``JITFunction.run`` does last.
 
 The slow path (plain ``kernel[grid](...)``) is taken for anything the key does not describe: an
 argument of another type, launch hooks registered with ``triton.knobs`` (profilers such as proton
@@ -39,6 +42,7 @@ ENABLED = os.environ.get("LIGHTNING_OP_FAST_LAUNCH", "1") != "0" and not TRITON_
 MAX_KEYS = 1024
 
 _UNSUPPORTED = object()
+_TRUE, _FALSE = (bool, True), (bool, False)  # a bool's key part: True == 1 would meet the integer 1
 
 #: pointer parameters our kernels take as None where their option is off (the packed-sequence
 #: tables of dense launches): Triton compiles None as a constant, so None is part of the key there
@@ -76,7 +80,14 @@ class FastLauncher:
         self.unspecialised = frozenset(
             i for i, p in enumerate(params) if p.name in not_specialised or i in not_specialised
         )
-        self.may_be_none = frozenset(i for i, p in enumerate(params) if p.name in NONE_ARGUMENTS)
+        self.constexprs = frozenset(i for i, p in enumerate(params) if getattr(p, "is_constexpr", False))
+        # a parameter whose default is None is one the kernel is written to take as a constant None
+        self.may_be_none = frozenset(i for i, p in enumerate(params) if p.name in NONE_ARGUMENTS or p.default is None)
+        # the same sets by name, for keyword arguments; anything not a runtime parameter (a constexpr,
+        # a launch option such as num_warps) is keyed by its value
+        self.unspecialised_names = frozenset(self.names[i] for i in self.unspecialised)
+        self.may_be_none_names = frozenset(self.names[i] for i in self.may_be_none)
+        self.runtime_names = frozenset(name for i, name in enumerate(self.names) if i not in self.constexprs)
         self.compiled: dict = {}
         self.fast_launches = 0  # for tests: launches that skipped JITFunction.run
 
@@ -84,22 +95,45 @@ class FastLauncher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def _key(self, device: int, args, kwargs):
-        key = [device, tuple(kwargs.items())]
+        """The launch key (see the module's docstring), or None where an argument is not one it
+        describes: the positional values' parts, then the keywords' names (a tuple of strings, which no
+        positional part is) and their values' parts."""
+        key = [device]
         append = key.append
-        unspecialised = self.unspecialised
+        unspecialised, constexprs = self.unspecialised, self.constexprs
         for index, arg in enumerate(args):
             kind = type(arg)
-            if arg is None and index in self.may_be_none:
-                append(None)
-            elif kind is int:
+            if kind is int:
                 append(-2**31 <= arg < 2**31 if index in unspecialised else arg)
-            elif kind is float:
-                append(float)
-            elif kind is bool:
-                append((bool, arg))
             elif isinstance(arg, torch.Tensor):
                 append((arg.dtype, arg.data_ptr() % 16 == 0))
+            elif kind is bool:
+                append(_TRUE if arg else _FALSE)
+            elif kind is float:
+                append((float, arg) if index in constexprs else float)
+            elif arg is None and index in self.may_be_none:
+                append(None)
+            elif index in constexprs:  # a string, a tl.dtype, ...: compiled in by value
+                append((kind, arg))
             else:  # None, SymInt, numpy scalars, ...: Triton's own dispatch decides
+                return None
+        runtime, unspecialised_names = self.runtime_names, self.unspecialised_names
+        append(tuple(kwargs))
+        for name, arg in kwargs.items():
+            kind = type(arg)
+            if kind is int:
+                append(-2**31 <= arg < 2**31 if name in unspecialised_names else arg)
+            elif kind is bool:
+                append(_TRUE if arg else _FALSE)
+            elif isinstance(arg, torch.Tensor):
+                append((arg.dtype, arg.data_ptr() % 16 == 0))
+            elif kind is float and name in runtime:
+                append(float)
+            elif arg is None and name in self.may_be_none_names:
+                append(None)
+            elif name not in runtime:  # constexprs and launch options: by value
+                append((kind, arg))
+            else:
                 return None
         return tuple(key)
 
@@ -131,7 +165,7 @@ class FastLauncher:
         try:
             key = self._key(device, args, kwargs)
             compiled = None if key is None else self.compiled.get(key)
-        except TypeError:  # an unhashable keyword argument
+        except TypeError:  # an unhashable constexpr or launch option
             key = compiled = None
         values = None if compiled is None else self._all_args(args, kwargs)
         if values is None:

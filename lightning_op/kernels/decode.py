@@ -116,12 +116,8 @@ def launch_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Op
     arguments = (q, k, v, out, state, decay if decay is not None else state,
                  *q.stride(), *k.stride(), *v.stride(), *out.stride(), *state.stride(), t, hs, dk, dv, scale)
     groups = dict(KV_GROUP=hs // hkv, STATE_GROUP=h // hs, num_warps=num_warps)
-    launch = launcher(_decode_step_kernel)[(b * hs * cdiv(dv, block_v),)]
-    if state_indices is None:
-        launch(*arguments, HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, **groups)
-    else:
-        # the table positionally: the remembering launcher keys a tensor argument by its dtype and
-        # alignment, a keyword one by the object (a new key every call)
-        launch(*arguments, decay is not None, block_k, block_v, state_indices, state_indices.stride(0), state.shape[0],
-               **groups)
+    slots = {} if state_indices is None else dict(SLOTS=state_indices, stride_slot=state_indices.stride(0),
+                                                  NUM_SLOTS=state.shape[0])
+    launcher(_decode_step_kernel)[(b * hs * cdiv(dv, block_v),)](
+        *arguments, HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, **slots, **groups)
     return out

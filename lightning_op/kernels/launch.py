@@ -7,7 +7,6 @@ is imported for the kernels to run on CPU tensors through Triton's interpreter.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Optional
@@ -89,31 +88,13 @@ def _direct(kernel):
     return _launcher(kernel)
 
 
-class _Dispatched:
-    """``_Dispatched(kernel)[grid](...)``: an eager launch through Triton's own dispatch, on the
-    device of the first CUDA tensor among the positional arguments. For launches that pass tensors
-    by keyword, which the remembering launcher would key by identity (it keys keyword arguments by
-    value)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            device = next((x.device for x in args if isinstance(x, Tensor) and x.is_cuda), None)
-            with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
-                return self.kernel[grid](*args, **kwargs)
-
-        return run
-
-
 def linear_attention(
     query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
     value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
     store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
-    state_rows: Optional[Tensor] = None,
+    state_rows: Optional[Tensor] = None, padded_rows: bool = True,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -156,7 +137,8 @@ def linear_attention(
     ``initial_state`` is a pool [P, Hi, Dk, Dv] of float32 states, and sequence s starts from row
     ``state_rows[s]`` and its final state is written back there, in place (head ``h // (H // Hi)``,
     by the group's first compute head); a negative row marks padding: its output rows are zeros and
-    no row of the pool is read or written. Returns ``(out, initial_state)``. No program of the
+    no row of the pool is read or written (``padded_rows=False``: the caller read the rows and no
+    padding sequence holds any, so the output is not zeroed first). Returns ``(out, initial_state)``. No program of the
     output pass reads a row another writes: a sequence cut into segments, or whose state a group
     of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
     Forward only (``reverse`` and ``init_shift`` keep their defaults).
@@ -170,7 +152,7 @@ def linear_attention(
         if cu_seqlens is None or initial_state is None or reverse or traceable:
             raise ValueError("linear_attention: state_rows needs cu_seqlens and a pool as initial_state, "
                              "forward and eager only")
-        out = torch.zeros(b, h, n, dv, dtype=query.dtype, device=device)
+        out = (torch.zeros if padded_rows else torch.empty)(b, h, n, dv, dtype=query.dtype, device=device)
         final = initial_state
         store_final = True
     else:
@@ -243,10 +225,8 @@ def linear_attention(
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if plan is not None:
             flags["VARLEN"] = True
-        launch_output = launch
         if pooled:
             flags.update(POOLED=True, STATE_ROWS=state_rows, final_group=h // initial_state.shape[1])
-            launch_output = _Dispatched
         grid = (b * h * num_v_blocks, num_segments if plan is None else plan.segments.shape[0])
         if cfg.transposed:
             # key columns in parts of at most 64 (head dims up to 256: at most four parts)
@@ -254,7 +234,7 @@ def linear_attention(
             form = dict(TRANSPOSED=True, KEY_PARTS=cfg.block_k // part, PART=part)
         else:
             form = dict(ACCUMULATE=cfg.accumulate, UPDATE_ACCUMULATE=cfg.update_accumulate)
-        launch_output(_chunk_output_kernel)[grid](*args, BLOCK_K=cfg.block_k, **form, **flags)
+        launch(_chunk_output_kernel)[grid](*args, BLOCK_K=cfg.block_k, **form, **flags)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
@@ -362,7 +342,7 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
                       torch.empty(num_sequences, 4, dtype=torch.int32, device=device))
     pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all),
                                                 pool_rows=2**31 - 1 if pool_rows is None else pool_rows)
-    (_Dispatched if pooled else launch)(_packed_plan_kernel)[(1,)](
+    launch(_packed_plan_kernel)[(1,)](
         cu_seqlens, plan.segments, plan.pieces, plan.sequences, num_sequences, plan.segments.shape[0],
         plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK, **pooled,
     )
@@ -428,7 +408,7 @@ def _segment_start_states(
     )
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
     pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows)
-    (_Dispatched if pooled else launch)(_segment_scan_kernel)[
+    launch(_segment_scan_kernel)[
         (b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
         decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
         None if plan is None else plan.sequences, *_strides(initial_state),
@@ -490,7 +470,6 @@ def key_value_gradients(
                 init_shift=0, plan=plan,
             )
         packed = {} if plan is None else dict(VARLEN=True)
-        # a tensor passed by keyword: Triton's own dispatch (the remembering launcher keys keywords by value)
         _direct(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
             q, k, v, grad_out, grad_k, grad_v,
             decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
@@ -655,7 +634,7 @@ def final_state(key: Tensor, value: Tensor, decay: Optional[Tensor], block: int,
     )
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
     end = {} if reverse else dict(STORE_END=True)
-    _Dispatched(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1)](
+    _direct(_block_scan_kernel)[(b * h * cdiv(dv, scan_block_v), 1)](
         decay_arg, out, n, h, dk, dv, block, num_entries, BLOCK_V=scan_block_v, **flags, **end, num_warps=4,
     )
     return out[:, :, 0 if reverse else count]
