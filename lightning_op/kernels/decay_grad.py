@@ -130,9 +130,10 @@ def _decay_moment_kernel(
             # the carried pair's share <S', sum_i (i+1) lam^(i+1) q_i^T do_i> + <M', sum_i lam^(i+1) q_i^T do_i>:
             # S' and M' enter in float32, only inputs times weights are operands
             zero = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-            carried = state * _weighted_product(zero, q, state_weight, do, DOT_DTYPE, PRECISION, SPLIT)
-            carried += moment * _weighted_product(zero, q, row_weight, do, DOT_DTYPE, PRECISION, SPLIT)
-            cols_sum += tl.sum(carried, 0)
+            share = _weighted_product(zero, q, state_weight, do, DOT_DTYPE, PRECISION, SPLIT)
+            cols_sum += tl.sum(state * share, 0)
+            share = _weighted_product(zero, q, row_weight, do, DOT_DTYPE, PRECISION, SPLIT)
+            cols_sum += tl.sum(moment * share, 0)
         length_c = tl.minimum(end - start, CHUNK)
         chunk_decay = tl.exp2(log2_lam * length_c.to(tl.float32))  # lam^C
         key_steps = tl.maximum(length_c - 1 - idx, 0).to(tl.float32)

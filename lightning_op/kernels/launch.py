@@ -517,9 +517,12 @@ def key_value_gradients(
     return grad_k, grad_v, final
 
 
-#: rows per chunk of the moment pass (``decay_grad.py``) and its float32 (S, M) pair's elements per
-#: program: Dk x BLOCK_V each, at most 8192 (64 KiB for the two)
-MOMENT_CHUNK, MOMENT_TILE = 64, 8192
+#: rows per chunk of the moment pass (``decay_grad.py``), its float32 (S, M) pair's elements per
+#: program (Dk x BLOCK_V each, at most 8192: 64 KiB for the two) and its warps. By ptxas on sm_90
+#: (benchmarks/registers.py, bf16, split operands): D = 64, 8 warps: no spills (4 warps: 72 local
+#: instructions per chunk); D = 128: BLOCK_V = 64 costs 1896 instructions per chunk with 6 local,
+#: 32 costs 1526 without (2 programs: 3052 for the same columns)
+MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
 #: segments of the moment pass: enough programs for this many per multiprocessor, each segment at
 #: least MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
 MOMENT_PROGRAMS_PER_SM, MOMENT_MIN_SEGMENT = 2, 2048
@@ -585,7 +588,7 @@ def decay_gradient(
             HAS_INIT=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
             VARLEN=cu_seqlens is not None, SEGMENTS=num_segments, STATES_ONLY=states_only, HAS_STARTS=has_starts,
             CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"],
-            SPLIT=split, num_warps=4 if block_k * block_v <= 4096 else 8,
+            SPLIT=split, num_warps=MOMENT_WARPS, num_stages=2,
         )
 
     starts = partials
