@@ -523,8 +523,8 @@ def key_value_gradients(
 #: instructions per chunk); D = 128: BLOCK_V = 64 costs 1896 instructions per chunk with 6 local,
 #: 32 costs 1526 without (2 programs: 3052 for the same columns)
 MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
-#: segments of the moment pass: enough programs for this many per multiprocessor, each segment at
-#: least MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
+#: segments of the moment pass: up to this many programs per multiprocessor, each segment at least
+#: MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
 MOMENT_PROGRAMS_PER_SM, MOMENT_MIN_SEGMENT = 2, 2048
 
 
@@ -560,11 +560,13 @@ def decay_gradient(
     if segment_len is None:
         segment_len = max(n, 1)
         programs = num_entries * h * num_v_blocks
-        if cu_seqlens is None and device.type == "cuda":
+        if cu_seqlens is None and device.type == "cuda" and programs > 0:
             wanted = MOMENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-            if programs < wanted:
-                count = min(cdiv(wanted, programs), cdiv(n, MOMENT_MIN_SEGMENT))
-                segment_len = max(segment_len // max(count, 1), MOMENT_MIN_SEGMENT)
+            # at most `wanted` programs: one fits an SM at a time (8 warps of up to 255 registers),
+            # so a count just past a whole number of waves would leave the last wave nearly empty
+            count = min(wanted // programs, cdiv(n, MOMENT_MIN_SEGMENT))
+            if count > 1:
+                segment_len = max(cdiv(n, count), MOMENT_MIN_SEGMENT)
     elif cu_seqlens is not None:
         raise ValueError("decay_gradient: packed sequences are walked whole (no segment_len)")
     segment_len = cdiv(max(segment_len, 1), chunk) * chunk
