@@ -519,9 +519,9 @@ def key_value_gradients(
 
 #: rows per chunk of the moment pass (``decay_grad.py``), its float32 (S, M) pair's elements per
 #: program (Dk x BLOCK_V each, at most 8192: 64 KiB for the two) and its warps. By ptxas on sm_90
-#: (benchmarks/registers.py, bf16, split operands): D = 64, 8 warps: no spills (4 warps: 72 local
-#: instructions per chunk); D = 128: BLOCK_V = 64 costs 1896 instructions per chunk with 6 local,
-#: 32 costs 1526 without (2 programs: 3052 for the same columns)
+#: (benchmarks/registers.py, bf16, split operands), instructions per chunk with no spills: D = 64
+#: 1255 (4 warps: 72 of them local); D = 128 1437 with BLOCK_V = 64, 900 with 32 (two programs:
+#: 1800 for the same columns); D = 256 1309 with BLOCK_V = 32
 MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
 #: segments of the moment pass: up to this many programs per multiprocessor, each segment at least
 #: MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
@@ -548,7 +548,7 @@ def decay_gradient(
     batches whose programs would leave the GPU idle are split into segments of ``segment_len``
     rows (see :func:`_segment_moment_starts`). ``split``: 16-bit products take their weighted
     operand as two 16-bit terms (``decay_grad._weighted_product``; the default where the products
-    are 16-bit: one term leaves a head's gradient up to 4e-2 off at long N)."""
+    are 16-bit: one term leaves a head's gradient up to 5e-2 off at long N)."""
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
