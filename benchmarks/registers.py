@@ -123,6 +123,8 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
+    # nor an integer the kernel does not specialise
+    unaligned = set(UNALIGNED_ARGS) | {name for name in kernel.arg_names if name in (kernel.do_not_specialize or ())}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -135,7 +137,7 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
         # dim of the benchmarked shapes) as such: without the hint the loads compile to scalar
         # 16-bit loads with no cp.async pipelining, and the counts below describe another kernel.
         # Sequence-dependent sizes carry no hint (N is never specialised).
-        if signature[name].startswith("*") or (signature[name] == "i32" and name not in UNALIGNED_ARGS):
+        if signature[name].startswith("*") or (signature[name] == "i32" and name not in unaligned):
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),

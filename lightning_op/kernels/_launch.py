@@ -41,9 +41,9 @@ MAX_KEYS = 1024
 _UNSUPPORTED = object()
 
 #: pointer parameters our kernels take as None where their option is off (the packed-sequence
-#: tables of dense launches): Triton compiles None as a constant, so None is part of the key there
+#: tables and offsets of dense launches): Triton compiles None as a constant, so None is part of the key there
 #: (elsewhere a None argument goes through Triton's dispatch)
-NONE_ARGUMENTS = frozenset({"SEGMENTS", "PIECES", "SEQUENCES"})
+NONE_ARGUMENTS = frozenset({"SEGMENTS", "PIECES", "SEQUENCES", "CU_SEQLENS"})
 
 try:
     from triton import knobs as _knobs

@@ -50,7 +50,9 @@ def _weighted_product(acc, x, y, weight, DOT_DTYPE: tl.constexpr, PRECISION: tl.
     return acc
 
 
-@triton.jit(do_not_specialize=["N"])
+# N and the segment length (N itself where one segment covers it) change with every length: one
+# compiled kernel serves them all
+@triton.jit(do_not_specialize=["N", "segment_len"])
 def _decay_moment_kernel(
     Q, K, V, DO, DECAY, INIT, GRAD_FINAL, CU_SEQLENS, STARTS, PARTIALS,
     stride_qb, stride_qh, stride_qn, stride_qd,
