@@ -121,7 +121,8 @@ def _decay_moment_kernel(
     row_weight = tl.exp2(log2_lam * (idx + 1).to(tl.float32))  # lam^(i+1)
     state_weight = row_weight * (idx + 1).to(tl.float32)  # (i + 1) lam^(i+1)
     rows_sum = tl.zeros([CHUNK], dtype=tl.float32)
-    cols_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # per key column: summing a state tile's rows would cross warps on every chunk
+    keys_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(begin, end, CHUNK):
         rows = start + idx
         row_valid = rows < end
@@ -137,9 +138,9 @@ def _decay_moment_kernel(
             # S' and M' enter in float32, only inputs times weights are operands
             zero = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
             share = _weighted_product(zero, q, do, state_weight, DOT_DTYPE, PRECISION, SPLIT)
-            cols_sum += tl.sum(state * share, 0)
+            keys_sum += tl.sum(state * share, 1)
             share = _weighted_product(zero, q, do, row_weight, DOT_DTYPE, PRECISION, SPLIT)
-            cols_sum += tl.sum(moment * share, 0)
+            keys_sum += tl.sum(moment * share, 1)
         length_c = tl.minimum(end - start, CHUNK)
         chunk_decay = tl.exp2(log2_lam * length_c.to(tl.float32))  # lam^C
         key_steps = tl.maximum(length_c - 1 - idx, 0).to(tl.float32)
@@ -152,7 +153,7 @@ def _decay_moment_kernel(
         _store_state(pair_ptr, DV, 1, state, cols_k, cols_v, tile_mask)
         _store_state(pair_ptr + DK * DV, DV, 1, moment, cols_k, cols_v, tile_mask)
     else:
-        total = (tl.sum(rows_sum, 0) + tl.sum(cols_sum, 0)) * scale
+        total = (tl.sum(rows_sum, 0) + tl.sum(keys_sum, 0)) * scale
         if HAS_GRAD_FINAL:
             if end == length:  # the segment that ends the sequence (an empty one: M = 0)
                 grad_ptr = _head(GRAD_FINAL, entry, h, stride_gb, stride_gh)

@@ -519,9 +519,9 @@ def key_value_gradients(
 
 #: rows per chunk of the moment pass (``decay_grad.py``), its float32 (S, M) pair's elements per
 #: program (Dk x BLOCK_V each, at most 8192: 64 KiB for the two) and its warps. By ptxas on sm_90
-#: (benchmarks/registers.py, bf16, split operands), instructions per chunk with no spills: D = 64
-#: 1255 (4 warps: 72 of them local); D = 128 1437 with BLOCK_V = 64, 900 with 32 (two programs:
-#: 1800 for the same columns); D = 256 1309 with BLOCK_V = 32
+#: (benchmarks/registers.py, bf16, split operands), instructions per chunk, no spills: D = 64 1111
+#: (4 warps: 29 of 1538 local); D = 128 1038 with BLOCK_V = 64, 708 with 32 (two programs: 1416
+#: for the same columns), 128 spills; D = 256 1136 with BLOCK_V = 32
 MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
 #: segments of the moment pass: up to this many programs per multiprocessor, each segment at least
 #: MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
