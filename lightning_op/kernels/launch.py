@@ -605,26 +605,29 @@ def decay_gradient(
 def _segment_moment_starts(pairs: Tensor, decay: Tensor, initial_state: Optional[Tensor], length: int) -> None:
     """In place: each segment's own end pair ``(E_m, E'_m)`` (from (0, 0), [B, H, segments, 2, Dk,
     Dv]; the last segment's is never read) becomes the pair segment m starts from (entry 0 is
-    left as it is: the first segment starts from the initial state). Segments of L = ``length`` rows compose as
+    left as it is: the first segment starts from the initial state). Segments of L = ``length``
+    rows compose as
 
         S_(m+1) = lam^L S_m + E_m,    M_(m+1) = lam^L M_m + L lam^L S_m + E'_m,   (S_0, M_0) = (init, 0)
 
     so with ``A[m, m'] = lam^(L (m - 1 - m'))`` for m' < m (else 0): ``S = A E + lam^(L m) S_0``
-    and ``M = A (E' + L lam^L S)``, two batched products (every exponent >= 0)."""
+    and ``M = A (E' + L lam^L S)``, two batched products (every exponent >= 0), in float64: a
+    float32 product may run in TF32 (``torch.backends.cuda.matmul.allow_tf32``), 1e-3 off."""
     b, h, count, _, dk, dv = pairs.shape
+    wide = torch.float64
     segment = torch.arange(count, device=pairs.device)
     gap = (segment[:, None] - 1 - segment[None, :]).clamp(min=0)
-    log_lam = -decay.to(torch.float32)[:, None, None]
+    log_lam = -decay.to(wide)[:, None, None]
     chain = torch.where(segment[:, None] > segment[None, :], torch.exp(log_lam * (length * gap)), 0.0)  # [H, m, m']
     own = pairs.flatten(-2)  # [B, H, segments, 2, Dk * Dv]; the last segment's pair is not written
     chain = chain[:, :, :-1]
-    states = chain @ own[:, :, :-1, 0]
+    states = chain @ own[:, :, :-1, 0].to(wide)
     if initial_state is not None:
-        init = initial_state.to(torch.float32)
+        init = initial_state.to(wide)
         init = init.repeat_interleave(h // init.shape[1], 1) if init.shape[1] != h else init
         states = states + torch.exp(log_lam[:, 0] * (length * segment))[..., None] * init.reshape(b, h, 1, dk * dv)
     lam_length = torch.exp(log_lam * length)
-    moments = chain @ (own[:, :, :-1, 1] + length * lam_length * states[:, :, :-1])
+    moments = chain @ (own[:, :, :-1, 1].to(wide) + length * lam_length * states[:, :, :-1])
     own[:, :, 1:, 0] = states[:, :, 1:]
     own[:, :, 1:, 1] = moments[:, :, 1:]
 
