@@ -30,15 +30,15 @@ DECAYS = [0.001, 0.01, 0.05, 0.2, 0.5, 2.0]
 def emulated_bf16(q, k, v, do, decay, scale, split=True, chunk=64):
     """The moment kernel's arithmetic on one sequence (``decay_grad.py``) with bfloat16 products:
     every product's operands as the kernel gives them to ``tl.dot`` (q, k, v, do as they are; rows
-    times weights rounded to bfloat16, as ``hi + lo`` with ``split``), everything else float32.
-    Returns ``[H]`` float32."""
+    of do and v times weights rounded to bfloat16, as ``hi + lo`` with ``split``), everything else
+    float32. Returns ``[H]`` float32."""
 
-    def weighted_product(x, weight, y):  # (x * weight)^T y, as decay_grad._weighted_product
-        weighted = x * weight
+    def weighted_product(x, y, weight):  # x^T (y * weight), as decay_grad._weighted_product
+        weighted = y * weight
         hi = weighted.to(torch.bfloat16).float()
-        out = hi.transpose(-1, -2) @ y
+        out = x.transpose(-1, -2) @ hi
         if split:
-            out = out + (weighted - hi).to(torch.bfloat16).float().transpose(-1, -2) @ y
+            out = out + x.transpose(-1, -2) @ (weighted - hi).to(torch.bfloat16).float()
         return out
 
     b, h, n, dk = q.shape
@@ -61,15 +61,15 @@ def emulated_bf16(q, k, v, do, decay, scale, split=True, chunk=64):
         q_c, k_c, v_c, do_c = (x[:, :, rows] for x in (q, k, v, do))
         scores = (q_c @ k_c.transpose(-1, -2)) * pair_weight[:, :length, :length] * (do_c @ v_c.transpose(-1, -2))
         rows_sum[..., :length] += scores.sum(-1)
-        carried = (state * weighted_product(q_c, state_weight[:, :length], do_c)
-                   + moment * weighted_product(q_c, row_weight[:, :length], do_c))
+        carried = (state * weighted_product(q_c, do_c, state_weight[:, :length])
+                   + moment * weighted_product(q_c, do_c, row_weight[:, :length]))
         cols_sum += carried.sum(-2)
         chunk_decay = torch.exp(log_lam * length)[..., None]  # [H, 1, 1]
         key_steps = (length - 1 - idx[:length])[:, None]
         key_weight = torch.exp(log_lam[..., None] * key_steps)  # [H, C, 1]
         moment = (moment * chunk_decay + state * (length * chunk_decay)
-                  + weighted_product(k_c, key_steps * key_weight, v_c))
-        state = state * chunk_decay + weighted_product(k_c, key_weight, v_c)
+                  + weighted_product(k_c, v_c, key_steps * key_weight))
+        state = state * chunk_decay + weighted_product(k_c, v_c, key_weight)
     return -(scale * (rows_sum.sum(-1) + cols_sum.sum(-1))).sum(0)
 
 

@@ -40,6 +40,8 @@ import torch  # noqa: E402
 from lightning_op.kernels.launch import _dot_types_of  # noqa: E402
 from lightning_op.kernels.backward import _key_value_grad_kernel  # noqa: E402
 from lightning_op.kernels.chunked import _chunk_output_kernel, _segment_state_kernel  # noqa: E402
+from lightning_op.kernels.decay_grad import _decay_moment_kernel  # noqa: E402
+from lightning_op.kernels.launch import MOMENT_TILE, MOMENT_WARPS  # noqa: E402
 
 FLOAT_ARGS = ("out_scale", "value_scale", "scale")
 #: integer arguments a launch does not mark as divisible by 16
@@ -112,6 +114,8 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
     for name in kernel.arg_names:
         if name.startswith("stride_") and name[-1] in "dv" and name not in ("stride_vb", "stride_vh", "stride_vn"):
             constexprs.setdefault(name, 1)
+    # nor an integer the kernel does not specialise
+    unaligned = set(UNALIGNED_ARGS) | {name for name in kernel.arg_names if name in (kernel.do_not_specialize or ())}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -124,7 +128,7 @@ def report(kernel, constexprs: dict, pointers: dict, arch: int, warps: int, stag
         # dim of the benchmarked shapes) as such: without the hint the loads compile to scalar
         # 16-bit loads with no cp.async pipelining, and the counts below describe another kernel.
         # Sequence-dependent sizes carry no hint (N is never specialised).
-        if signature[name].startswith("*") or (signature[name] == "i32" and name not in UNALIGNED_ARGS):
+        if signature[name].startswith("*") or (signature[name] == "i32" and name not in unaligned):
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32),
@@ -185,6 +189,12 @@ def main() -> None:
     parser.add_argument("--transposed", action="store_true",
                         help="the forward output pass in its TRANSPOSED form (config transposed=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
+    parser.add_argument("--moment-block-v", type=int, default=None,
+                        help="value columns per program of the moment pass (default: as its launcher)")
+    parser.add_argument("--moment-warps", type=int, default=None,
+                        help="warps of the moment pass (default: as its launcher)")
+    parser.add_argument("--moment-split", type=int, choices=(0, 1), default=1,
+                        help="the moment pass's weighted operands as two 16-bit terms (SPLIT, default on)")
     args = parser.parse_args()
     bf16, f32 = f"*{args.dtype}", "*fp32"  # bf16: the inputs' type, whichever was asked
     # the launcher's dot types (float16's products with the state in tf32), tf32 off
@@ -201,8 +211,8 @@ def main() -> None:
                       KEY_PARTS=d // min(d, 64), PART=min(d, 64),
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants
-                      q_group=1, k_group=1, v_group=1, do_group=1, init_group=1, VARLEN=False, SEGMENTS=None,
-                      PIECES=None, POOLED=False, TRANSPOSED=args.transposed)
+                      q_group=1, k_group=1, v_group=1, do_group=1, o_group=1, init_group=1, VARLEN=False,
+                      SEGMENTS=None, PIECES=None, POOLED=False, TRANSPOSED=args.transposed)
         state_dots = dict(STATE_DOT_DTYPE=dots["STATE_DOT_DTYPE"], STATE_PRECISION=dots["STATE_PRECISION"])
         cases = [
             ("forward output", _chunk_output_kernel, args.stages or 3,
@@ -217,7 +227,16 @@ def main() -> None:
              dict(common, HAS_DECAY=True, REVERSE=False, ACCUMULATE=True),
              dict(K=bf16, V=bf16, DECAY=f32, SEG_STATES=f32)),
         ]
+        moment_v = args.moment_block_v or min(64, d, MOMENT_TILE // d)  # as launch.decay_gradient
+        moment_warps = args.moment_warps or MOMENT_WARPS
+        cases.append(
+            ("moment", _decay_moment_kernel, 2,
+             dict(common, BLOCK_V=moment_v, HAS_INIT=False, HAS_GRAD_FINAL=False, SEGMENTS=1, STATES_ONLY=False,
+                  HAS_STARTS=False, SPLIT=bool(args.moment_split), CU_SEQLENS=None),
+             dict(Q=bf16, K=bf16, V=bf16, DO=bf16, DECAY=f32, INIT=f32, GRAD_FINAL=f32, STARTS=f32, PARTIALS=f32)))
         for label, kernel, stages, constexprs, pointers in cases:
+            if kernel is _decay_moment_kernel:
+                warps = moment_warps
             line = report(kernel, constexprs, pointers, args.arch, warps, stages)
             if args.block_v and kernel is _key_value_grad_kernel:
                 continue  # the fused pass always takes the whole value width

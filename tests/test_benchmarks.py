@@ -137,11 +137,11 @@ def test_bench_form_presets_smoke(tmp_path, monkeypatch):
 
 
 def test_register_report_compiles_every_kernel_for_hopper():
-    """benchmarks/registers.py compiles the three loop kernels for sm_90 without a GPU and reads
+    """benchmarks/registers.py compiles the four loop kernels for sm_90 without a GPU and reads
     registers and spills from ptxas."""
     out = run_script("benchmarks/registers.py", "--dims", "32")
     lines = [line for line in out.splitlines() if line.startswith("D=32")]
-    assert [line.split()[1] for line in lines] == ["forward", "fused", "segment"]
+    assert [line.split()[1] for line in lines] == ["forward", "fused", "segment", "moment"]
     for line in lines:
         registers = int(line.split(": ")[1].split()[0])
         assert 0 < registers <= 255 and "spill stores" in line and "shared memory" in line

@@ -27,7 +27,7 @@ LENGTHS = [37, 0, 1, 16, 58]
 #: per-head relative distance to float64 on the same (rounded) inputs. Interpreted (measured, CPU):
 #: float32 at most 2e-6, float16 3e-6 (its products take float16 operands, the weighted ones as two
 #: terms), bfloat16 3e-7 (its products run in float32). On a GPU: bfloat16 products too, whose
-#: emulation on CPU (benchmarks/decay_grad_accuracy.py) stays within 4e-5 up to N = 64K.
+#: emulation on CPU (benchmarks/decay_grad_accuracy.py) stays within 6e-5 up to N = 64K.
 TOLERANCE = ({torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-3} if DEVICE == "cuda" else
              {torch.float32: 1e-5, torch.float16: 3e-5, torch.bfloat16: 1e-5})
 
@@ -119,7 +119,7 @@ def test_packed_grouped_views_against_autograd(form, dtype):
 def test_weighted_operands_split_in_two_16_bit_terms():
     """float16 inputs (products in float16 also when interpreted): rows times weights as two
     float16 terms keep the gradient within 3e-5; as one term, rounded to float16, it is 10 times
-    further off (bfloat16 on a GPU: up to 4e-2 at long N)."""
+    further off (bfloat16 on a GPU, emulated: up to 5e-2 at long N)."""
     gen = torch.Generator().manual_seed(11)
     n = 160
     q, k, v, do = (_rows(gen, 1, 4, n, d, torch.float16) for d in (DK, DK, DV, DV))

@@ -45,9 +45,9 @@ _UNSUPPORTED = object()
 _TRUE, _FALSE = (bool, True), (bool, False)  # a bool's key part: True == 1 would meet the integer 1
 
 #: pointer parameters our kernels take as None where their option is off (the packed-sequence
-#: tables of dense launches): Triton compiles None as a constant, so None is part of the key there
+#: tables and offsets of dense launches): Triton compiles None as a constant, so None is part of the key there
 #: (elsewhere a None argument goes through Triton's dispatch)
-NONE_ARGUMENTS = frozenset({"SEGMENTS", "PIECES", "SEQUENCES"})
+NONE_ARGUMENTS = frozenset({"SEGMENTS", "PIECES", "SEQUENCES", "CU_SEQLENS"})
 
 try:
     from triton import knobs as _knobs

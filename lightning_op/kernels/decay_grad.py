@@ -15,8 +15,10 @@ head and one block of value columns, carrying the pair (S, M) in float32 registe
     M_end   = lam^C M' + C lam^C S' + sum_j (C - 1 - j) lam^(C-1-j) k_j^T v_j
     S_end   = lam^C S' + sum_j lam^(C-1-j) k_j^T v_j
 
-Every weight is >= 0 and no two large sums are subtracted: the float32 sum keeps the precision
-of its terms at any N (a position-weighted form ``sum_t t (<q_t, dq_t> - <k_t, dk_t>)`` loses it
+The carried share is taken as ``<S', sum_i (i+1) lam^(i+1) q_i^T do_i> + <M', sum_i lam^(i+1) q_i^T
+do_i>``, so S' and M' enter in float32 and every product's operands are inputs, one side weighted
+(``_weighted_product``). Every weight is >= 0 and no two large sums are subtracted: the float32
+sum keeps the precision of its terms at any N (a position-weighted form ``sum_t t (<q_t, dq_t> - <k_t, dk_t>)`` loses it
 all). Each program stores one float32 partial; the launcher sums them per head (deterministic).
 
 Long sequences with few heads split the walk into segments (``SEGMENTS`` > 1, dense batches):
@@ -32,21 +34,25 @@ from .stages import _block_and_head, _dot, _head, _load_rows, _log2_decay, _stor
 
 
 @triton.jit
-def _weighted_product(acc, x, weight, y, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
-    """``acc + (x * weight[:, None])^T y`` (float32): rows x weighted, then contracted over the rows
-    with y. The weighted rows are no longer 16-bit numbers: rounded to DOT_DTYPE they lose 2^-9
-    (bfloat16) each, which at long N moves a head's gradient by up to 4e-2. ``SPLIT``: they enter
-    as two DOT_DTYPE terms, ``hi`` and the rest ``lo`` (2^-17 for bfloat16), at twice the products."""
-    weighted = x.to(tl.float32) * weight[:, None]
+def _weighted_product(acc, x, y, weight, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + x^T (y * weight[:, None])`` (float32): x's and y's rows contracted, y's weighted (the
+    value-side tile: BLOCK_V columns, no more than x's Dk). The weighted rows are no longer 16-bit
+    numbers: rounded to DOT_DTYPE they lose 2^-9 (bfloat16) each, which at long N moves a head's
+    gradient by up to 5e-2. ``SPLIT``: they enter as two DOT_DTYPE terms, ``hi`` and the rest
+    ``lo`` (2^-17 for bfloat16), at twice the products; x enters as it is."""
+    weighted = y.to(tl.float32) * weight[:, None]
     hi = weighted.to(DOT_DTYPE)
-    acc = tl.dot(tl.trans(hi), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    x_t = tl.trans(x.to(DOT_DTYPE))
+    acc = tl.dot(x_t, hi, acc, input_precision=PRECISION)
     if SPLIT:
         lo = (weighted - hi.to(tl.float32)).to(DOT_DTYPE)
-        acc = tl.dot(tl.trans(lo), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(x_t, lo, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.jit(do_not_specialize=["N"])
+# N and the segment length (N itself where one segment covers it) change with every length: one
+# compiled kernel serves them all
+@triton.jit(do_not_specialize=["N", "segment_len"])
 def _decay_moment_kernel(
     Q, K, V, DO, DECAY, INIT, GRAD_FINAL, CU_SEQLENS, STARTS, PARTIALS,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -115,7 +121,8 @@ def _decay_moment_kernel(
     row_weight = tl.exp2(log2_lam * (idx + 1).to(tl.float32))  # lam^(i+1)
     state_weight = row_weight * (idx + 1).to(tl.float32)  # (i + 1) lam^(i+1)
     rows_sum = tl.zeros([CHUNK], dtype=tl.float32)
-    cols_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # per key column: summing a state tile's rows would cross warps on every chunk
+    keys_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(begin, end, CHUNK):
         rows = start + idx
         row_valid = rows < end
@@ -130,22 +137,23 @@ def _decay_moment_kernel(
             # the carried pair's share <S', sum_i (i+1) lam^(i+1) q_i^T do_i> + <M', sum_i lam^(i+1) q_i^T do_i>:
             # S' and M' enter in float32, only inputs times weights are operands
             zero = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-            carried = state * _weighted_product(zero, q, state_weight, do, DOT_DTYPE, PRECISION, SPLIT)
-            carried += moment * _weighted_product(zero, q, row_weight, do, DOT_DTYPE, PRECISION, SPLIT)
-            cols_sum += tl.sum(carried, 0)
+            share = _weighted_product(zero, q, do, state_weight, DOT_DTYPE, PRECISION, SPLIT)
+            keys_sum += tl.sum(state * share, 1)
+            share = _weighted_product(zero, q, do, row_weight, DOT_DTYPE, PRECISION, SPLIT)
+            keys_sum += tl.sum(moment * share, 1)
         length_c = tl.minimum(end - start, CHUNK)
         chunk_decay = tl.exp2(log2_lam * length_c.to(tl.float32))  # lam^C
         key_steps = tl.maximum(length_c - 1 - idx, 0).to(tl.float32)
         key_weight = tl.exp2(log2_lam * key_steps)  # lam^(C-1-j); rows past the end are zero
-        moment = _weighted_product(moment * chunk_decay + state * (length_c.to(tl.float32) * chunk_decay), k,
-                                   key_steps * key_weight, v, DOT_DTYPE, PRECISION, SPLIT)
-        state = _weighted_product(state * chunk_decay, k, key_weight, v, DOT_DTYPE, PRECISION, SPLIT)
+        moment = _weighted_product(moment * chunk_decay + state * (length_c.to(tl.float32) * chunk_decay), k, v,
+                                   key_steps * key_weight, DOT_DTYPE, PRECISION, SPLIT)
+        state = _weighted_product(state * chunk_decay, k, v, key_weight, DOT_DTYPE, PRECISION, SPLIT)
 
     if STATES_ONLY:
         _store_state(pair_ptr, DV, 1, state, cols_k, cols_v, tile_mask)
         _store_state(pair_ptr + DK * DV, DV, 1, moment, cols_k, cols_v, tile_mask)
     else:
-        total = (tl.sum(rows_sum, 0) + tl.sum(cols_sum, 0)) * scale
+        total = (tl.sum(rows_sum, 0) + tl.sum(keys_sum, 0)) * scale
         if HAS_GRAD_FINAL:
             if end == length:  # the segment that ends the sequence (an empty one: M = 0)
                 grad_ptr = _head(GRAD_FINAL, entry, h, stride_gb, stride_gh)

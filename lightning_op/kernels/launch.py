@@ -493,11 +493,14 @@ def key_value_gradients(
     return grad_k, grad_v, final
 
 
-#: rows per chunk of the moment pass (``decay_grad.py``) and its float32 (S, M) pair's elements per
-#: program: Dk x BLOCK_V each, at most 8192 (64 KiB for the two)
-MOMENT_CHUNK, MOMENT_TILE = 64, 8192
-#: segments of the moment pass: enough programs for this many per multiprocessor, each segment at
-#: least MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
+#: rows per chunk of the moment pass (``decay_grad.py``), its float32 (S, M) pair's elements per
+#: program (Dk x BLOCK_V each, at most 8192: 64 KiB for the two) and its warps. By ptxas on sm_90
+#: (benchmarks/registers.py, bf16, split operands), instructions per chunk, no spills: D = 64 1111
+#: (4 warps: 29 of 1538 local); D = 128 1038 with BLOCK_V = 64, 708 with 32 (two programs: 1416
+#: for the same columns), 128 spills; D = 256 1136 with BLOCK_V = 32
+MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
+#: segments of the moment pass: up to this many programs per multiprocessor, each segment at least
+#: MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
 MOMENT_PROGRAMS_PER_SM, MOMENT_MIN_SEGMENT = 2, 2048
 
 
@@ -521,7 +524,7 @@ def decay_gradient(
     batches whose programs would leave the GPU idle are split into segments of ``segment_len``
     rows (see :func:`_segment_moment_starts`). ``split``: 16-bit products take their weighted
     operand as two 16-bit terms (``decay_grad._weighted_product``; the default where the products
-    are 16-bit: one term leaves a head's gradient up to 4e-2 off at long N)."""
+    are 16-bit: one term leaves a head's gradient up to 5e-2 off at long N)."""
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
@@ -533,11 +536,13 @@ def decay_gradient(
     if segment_len is None:
         segment_len = max(n, 1)
         programs = num_entries * h * num_v_blocks
-        if cu_seqlens is None and device.type == "cuda":
+        if cu_seqlens is None and device.type == "cuda" and programs > 0:
             wanted = MOMENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-            if programs < wanted:
-                count = min(cdiv(wanted, programs), cdiv(n, MOMENT_MIN_SEGMENT))
-                segment_len = max(segment_len // max(count, 1), MOMENT_MIN_SEGMENT)
+            # at most `wanted` programs: one fits an SM at a time (8 warps of up to 255 registers),
+            # so a count just past a whole number of waves would leave the last wave nearly empty
+            count = min(wanted // programs, cdiv(n, MOMENT_MIN_SEGMENT))
+            if count > 1:
+                segment_len = max(cdiv(n, count), MOMENT_MIN_SEGMENT)
     elif cu_seqlens is not None:
         raise ValueError("decay_gradient: packed sequences are walked whole (no segment_len)")
     segment_len = cdiv(max(segment_len, 1), chunk) * chunk
@@ -561,7 +566,7 @@ def decay_gradient(
             HAS_INIT=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
             VARLEN=cu_seqlens is not None, SEGMENTS=num_segments, STATES_ONLY=states_only, HAS_STARTS=has_starts,
             CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"],
-            SPLIT=split, num_warps=4 if block_k * block_v <= 4096 else 8,
+            SPLIT=split, num_warps=MOMENT_WARPS, num_stages=2,
         )
 
     starts = partials
@@ -576,26 +581,29 @@ def decay_gradient(
 def _segment_moment_starts(pairs: Tensor, decay: Tensor, initial_state: Optional[Tensor], length: int) -> None:
     """In place: each segment's own end pair ``(E_m, E'_m)`` (from (0, 0), [B, H, segments, 2, Dk,
     Dv]; the last segment's is never read) becomes the pair segment m starts from (entry 0 is
-    left as it is: the first segment starts from the initial state). Segments of L = ``length`` rows compose as
+    left as it is: the first segment starts from the initial state). Segments of L = ``length``
+    rows compose as
 
         S_(m+1) = lam^L S_m + E_m,    M_(m+1) = lam^L M_m + L lam^L S_m + E'_m,   (S_0, M_0) = (init, 0)
 
     so with ``A[m, m'] = lam^(L (m - 1 - m'))`` for m' < m (else 0): ``S = A E + lam^(L m) S_0``
-    and ``M = A (E' + L lam^L S)``, two batched products (every exponent >= 0)."""
+    and ``M = A (E' + L lam^L S)``, two batched products (every exponent >= 0), in float64: a
+    float32 product may run in TF32 (``torch.backends.cuda.matmul.allow_tf32``), 1e-3 off."""
     b, h, count, _, dk, dv = pairs.shape
+    wide = torch.float64
     segment = torch.arange(count, device=pairs.device)
     gap = (segment[:, None] - 1 - segment[None, :]).clamp(min=0)
-    log_lam = -decay.to(torch.float32)[:, None, None]
+    log_lam = -decay.to(wide)[:, None, None]
     chain = torch.where(segment[:, None] > segment[None, :], torch.exp(log_lam * (length * gap)), 0.0)  # [H, m, m']
     own = pairs.flatten(-2)  # [B, H, segments, 2, Dk * Dv]; the last segment's pair is not written
     chain = chain[:, :, :-1]
-    states = chain @ own[:, :, :-1, 0]
+    states = chain @ own[:, :, :-1, 0].to(wide)
     if initial_state is not None:
-        init = initial_state.to(torch.float32)
+        init = initial_state.to(wide)
         init = init.repeat_interleave(h // init.shape[1], 1) if init.shape[1] != h else init
         states = states + torch.exp(log_lam[:, 0] * (length * segment))[..., None] * init.reshape(b, h, 1, dk * dv)
     lam_length = torch.exp(log_lam * length)
-    moments = chain @ (own[:, :, :-1, 1] + length * lam_length * states[:, :, :-1])
+    moments = chain @ (own[:, :, :-1, 1].to(wide) + length * lam_length * states[:, :, :-1])
     own[:, :, 1:, 0] = states[:, :, 1:]
     own[:, :, 1:, 1] = moments[:, :, 1:]
 
