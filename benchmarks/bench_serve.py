@@ -17,6 +17,7 @@ Each is timed eager (the host's launches included) and, on a GPU, captured in on
 
   python3 benchmarks/bench_serve.py                       # the default step
   python3 benchmarks/bench_serve.py --prompts 8 --prompt-len 1024 --decodes 120
+  python3 benchmarks/bench_serve.py --segment-lens 256,512,2048   # the packed way at other segment lengths
   python benchmarks/bench_serve.py --smoke --out /tmp/smoke   # tiny fp32 shapes on CPU
 
 Writes results.csv and results.json under --out and prints a table last.
@@ -34,6 +35,7 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning_op  # noqa: E402
 from lightning_op import ops  # noqa: E402
+from lightning_op.kernels import config_override  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_common_arguments, apply_common_defaults, common_metadata, free, measure_copy,  # noqa: E402
@@ -117,8 +119,12 @@ def parse_args(argv=None):
     parser.add_argument("--pool", type=int, default=None, help="pool rows (default 256; 8 with --smoke)")
     parser.add_argument("--heads", type=int, default=None, help="default 16 (2 with --smoke)")
     parser.add_argument("--head-dim", type=int, default=None, help="Dk = Dv; default 128 (32 with --smoke)")
+    parser.add_argument("--segment-lens", default="",
+                        help="comma-separated forward segment lengths: the packed way again at each, "
+                             "forced with config_override (rows packed_seg<L>)")
     args = parser.parse_args(argv)
     apply_common_defaults(args)
+    args.segment_lens = [int(x) for x in args.segment_lens.split(",") if x.strip()]
     small = args.smoke
     for name, full, smoke in (("prompts", 4, 2), ("prompt_len", 2048, 40), ("decodes", 60, 3), ("pool", 256, 8),
                               ("heads", 16, 2), ("head_dim", 128, 32)):
@@ -142,11 +148,16 @@ def main(argv=None) -> int:
              f"D{args.head_dim} {args.dtype}, pool {args.pool}")
     copy_bytes, copy_bytes_per_s = measure_copy(timer, device, args.copy_gib, shape)
     steps = ways(*step, args)
+    for length in args.segment_lens:  # the packed call with its segments forced to ``length`` rows
+        def forced(pool, length=length):
+            with config_override(forward={"segment_len": length}):
+                return steps["packed"](pool)
+        steps[f"packed_seg{length}"] = forced
     original = pool.clone()
     reference_out = steps["packed"](pool)
     reference_pool = pool.clone()
     rows = []
-    for name in WAYS:
+    for name in steps:
         pool.copy_(original)
         out = steps[name](pool)
         err_out, err_pool = relative_error(out, reference_out), relative_error(pool, reference_pool)

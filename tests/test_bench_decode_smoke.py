@@ -38,12 +38,12 @@ def test_bench_decode_smoke(tmp_path):
 
 
 def test_bench_serve_smoke(tmp_path):
-    """The mixed-step runner: the three ways agree with the packed call (outputs and pool) and the
-    table comes last."""
-    stdout = run_script("benchmarks/bench_serve.py", "--smoke", "--out", str(tmp_path))
+    """The mixed-step runner: the three ways, and the packed call at a forced segment length,
+    agree with the packed call (outputs and pool) and the table comes last."""
+    stdout = run_script("benchmarks/bench_serve.py", "--smoke", "--out", str(tmp_path), "--segment-lens", "64")
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [row["way"] for row in rows] == ["packed", "composed", "per_call"]
+    assert [row["way"] for row in rows] == ["packed", "composed", "per_call", "packed_seg64"]
     for row in rows:
         assert row["eager_ms"] > 0
         assert row["err_out_vs_packed"] < 1e-5 and row["err_pool_vs_packed"] < 1e-5
-    assert stdout.rstrip().splitlines()[-1].startswith("| per_call |")
+    assert stdout.rstrip().splitlines()[-1].startswith("| packed_seg64 |")
