@@ -147,13 +147,14 @@ def test_an_empty_sequence_adds_nothing():
 
 
 @needs_kernels
-@pytest.mark.parametrize("segment_len, with_init", [(32, True), (48, False)])
-def test_kernel_segments_chain_their_pairs(segment_len, with_init):
+@pytest.mark.parametrize("n, segment_len, with_init", [(200, 32, True), (200, 48, False), (192, 64, True),
+                                                        (200, 16, True)])
+def test_kernel_segments_chain_their_pairs(n, segment_len, with_init):
     """A dense walk cut into segments (each segment's own end pair, chained into start pairs by two
     batched products) against autograd: the chain's S term, its lam^L factors and the initial
-    state's share of every later segment; value columns split over two programs."""
+    state's share of every later segment; value columns split over two programs. Segments of a
+    chunk each (thirteen of them), and lengths that end inside a segment or on its boundary."""
     gen = torch.Generator().manual_seed(7)
-    n = 200
     q, do = _rows(gen, 2, 4, n, DK), _rows(gen, 2, 4, n, DV)
     k, v = _rows(gen, 2, 2, n, DK), _rows(gen, 2, 2, n, DV)
     decay = torch.tensor([1e-3, 0.05, 0.3, 0.0], device=DEVICE)
