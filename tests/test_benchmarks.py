@@ -184,3 +184,23 @@ def test_census_repeats_a_chosen_switch_and_names_unknown_ones():
     assert [line.split(" | ")[:2] for line in table] == [["| forward.transposed", "0"], ["| forward.transposed", "1"]]
     with pytest.raises(AssertionError, match="unknown switches"):
         run_script("benchmarks/census.py", "--smoke", "--switches", "forward.nope")
+
+
+def test_census_skips_flips_the_kernels_ignore():
+    """A switch the compiled kernels ignore in a configuration (the transposed output pass's
+    accumulation, UPDATE_ACCUMULATE beside ACCUMULATE in the output pass, LATE_DK_SCORES beside the
+    fused backward's ACCUMULATE) is not timed: both timings would be of the same code."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    census = importlib.import_module("census")
+    from lightning_op.kernels import LaunchConfig
+
+    plain = LaunchConfig(64, 128, 128, 1024, 8)
+    accumulating = LaunchConfig(64, 64, 64, 1024, 4, accumulate=True)
+    transposed = LaunchConfig(64, 128, 128, 1024, 8, transposed=True)
+    assert census._applies("forward", "update_accumulate", plain)
+    assert not census._applies("forward", "update_accumulate", accumulating)
+    assert not census._applies("forward", "accumulate", transposed)
+    assert census._applies("forward", "transposed", transposed)
+    assert census._applies("key_value", "update_accumulate", accumulating)  # the backward's own rule
+    assert not census._applies("key_value", "late_dk_scores", accumulating)
+    assert census._applies("key_value", "late_dk_scores", plain)
