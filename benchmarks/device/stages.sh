@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
 # limit so a slow stage cannot starve the rest. Usage (with .whl carried; runs in the repo root):
-#   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode rewrite deploy
+#   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode
+#                                                     rewrite deploy decay-grad serve census
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 # SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_LIMIT: seconds per test shard
 # (default 560: on a cold compile cache the eight shards need about 850 s, so a whole run takes two calls
@@ -62,6 +63,15 @@ for stage in "${stages[@]}"; do
     rewrite) timeout 200 python3 examples/rewrite_existing_model.py --device cuda --dtype bfloat16 --hidden 1024 \
                --heads 16 --layers 4 --lengths 4096 16384 2>&1 | tee "$out/rewrite.log" | tail -20 ;;
     deploy)  timeout 120 python3 examples/export_deploy.py --out /tmp/deploy 2>&1 | tee "$out/deploy.log" | tail -20 ;;
+    decay-grad)  # the moment pass: each head's error against float64 by length, its time beside the backward
+             timeout 200 python3 benchmarks/decay_grad_accuracy.py --repeats 10 2>&1 | tee "$out/decay-grad.log" | tail -20 ;;
+    serve)   # the mixed serving step, and the packed way at other forward segment lengths
+             timeout 150 python3 benchmarks/bench_serve.py --segment-lens 256,512,2048 --out "$out/serve" 2>&1 \
+               | tee "$out/serve.log" | tail -12 ;;
+    census)  # the retirement candidates of the 2026-12-06 census, re-timed in alternation
+             timeout 400 python3 benchmarks/census.py --repeats 5 --switches \
+               forward.transposed,forward.update_accumulate,key_value.late_dk_scores,key_value.update_accumulate \
+               2>&1 | tee "$out/census.log" | tail -16 ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   summary+=("$stage: rc=${PIPESTATUS[0]} $(( $(date +%s) - start )) s")
