@@ -291,6 +291,7 @@ def _output_pass(
         if sequence < 0:
             return False
     out_scale, value_scale = tl.cast(out_scale, tl.float32), tl.cast(value_scale, tl.float32)  # fp64 (Inductor)
+    # each form's columns in the order it was timed with (value columns first changes the direct form's PTX)
     if TRANSPOSED:
         cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         valid_v = cols_v < DV

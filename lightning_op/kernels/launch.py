@@ -22,7 +22,7 @@ from ._launch import launcher as _launcher
 from .backward import _key_value_grad_kernel
 from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import _chunk_output_kernel, _packed_plan_kernel, _segment_scan_kernel, _segment_state_kernel
-from .config import LaunchConfig, cdiv, choose_config, next_power_of_2
+from .config import LaunchConfig, cdiv, choose_config, multiprocessors, next_power_of_2
 from .decay_grad import _decay_moment_kernel
 from .decode import launch_decode_step
 
@@ -537,7 +537,7 @@ def decay_gradient(
         segment_len = max(n, 1)
         programs = num_entries * h * num_v_blocks
         if cu_seqlens is None and device.type == "cuda" and programs > 0:
-            wanted = MOMENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+            wanted = MOMENT_PROGRAMS_PER_SM * multiprocessors(device.index or 0)
             # at most `wanted` programs: one fits an SM at a time (8 warps of up to 255 registers),
             # so a count just past a whole number of waves would leave the last wave nearly empty
             count = min(wanted // programs, cdiv(n, MOMENT_MIN_SEGMENT))
