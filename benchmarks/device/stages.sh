@@ -2,7 +2,7 @@
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
 # limit so a slow stage cannot starve the rest. Usage (with .whl carried; runs in the repo root):
 #   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode
-#                                                     rewrite deploy decay-grad serve census
+#                                                     rewrite deploy decay-grad serve census forms
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 # SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_LIMIT: seconds per test shard
 # (default 560: on a cold compile cache the eight shards need about 850 s, so a whole run takes two calls
@@ -63,6 +63,9 @@ for stage in "${stages[@]}"; do
     rewrite) timeout 200 python3 examples/rewrite_existing_model.py --device cuda --dtype bfloat16 --hidden 1024 \
                --heads 16 --layers 4 --lengths 4096 16384 2>&1 | tee "$out/rewrite.log" | tail -20 ;;
     deploy)  timeout 120 python3 examples/export_deploy.py --out /tmp/deploy 2>&1 | tee "$out/deploy.log" | tail -20 ;;
+    forms)   # packed sequences beside fla's varlen path, grouped heads, the learnable decay (bench.py's form presets; fla from .whl)
+             timeout 400 python3 benchmarks/bench.py --preset varlen,gqa,decay-grad --budget-s 330 --out "$out/forms" 2>&1 \
+               | tee "$out/forms.log" | tail -40 ;;
     decay-grad)  # the moment pass: each head's error against float64 by length, its time beside the backward
              timeout 200 python3 benchmarks/decay_grad_accuracy.py --repeats 10 2>&1 | tee "$out/decay-grad.log" | tail -20 ;;
     serve)   # the mixed serving step, and the packed way at other forward segment lengths
