@@ -4,7 +4,8 @@
 #   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode
 #                                                     rewrite deploy decay-grad serve census forms
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
-# SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_LIMIT: seconds per test shard
+# SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_SHARDS: processes of the suite (default 8;
+# each compiles its own kernels, so on 16 cores 14 finish a cold run sooner); TEST_LIMIT: seconds per test shard
 # (default 560: on a cold compile cache the eight shards need about 850 s, so a whole run takes two calls
 # or a warm cache; a cut shard still lists every test it finished).
 set -uo pipefail
@@ -41,12 +42,13 @@ for stage in "${stages[@]}"; do
              rm -f /tmp/tests-*.log   # a warm machine keeps the last call's logs
              timeout "${TEST_LIMIT:-560}" python3 -m pytest -q -p no:cacheprovider "$pkg" >/tmp/tests-pkg.log 2>&1 &
              timeout "${TEST_LIMIT:-560}" python3 -m pytest -q -p no:cacheprovider "$pkg2" >/tmp/tests-pkg2.log 2>&1 &
-             for i in 0 1 2 3 4 5 6 7; do
-               LIGHTNING_TEST_SHARD=$i/8 timeout "${TEST_LIMIT:-560}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels*.py tests/test_decay_grad_kernels.py tests/test_decay_grad_moment.py \
+             shards=${TEST_SHARDS:-8}
+             for i in $(seq 0 $((shards - 1))); do
+               LIGHTNING_TEST_SHARD=$i/$shards TORCHINDUCTOR_COMPILE_THREADS=1 timeout "${TEST_LIMIT:-560}" python3 -m pytest -v tests/test_gpu.py tests/test_kernels*.py tests/test_decay_grad_kernels.py tests/test_decay_grad_moment.py \
                  --deselect "$pkg" --deselect "$pkg2" -p no:cacheprovider >"/tmp/tests-$i.log" 2>&1 &
              done
              wait; cat /tmp/tests-*.log >"$out/tests.log"   # one file: few files come back from the device
-             grep -h -E "passed|failed|error" /tmp/tests-*.log | tail -9
+             grep -h -E "passed|failed|error" /tmp/tests-*.log | tail -$((shards + 2))
              echo "tests run to the end, across shards (cut-off shards included):"
              grep -h -o -E " (PASSED|FAILED|ERROR|SKIPPED) " /tmp/tests-*.log | sort | uniq -c
              grep -h -E "^(FAILED|ERROR)" /tmp/tests-*.log | head -20 || true ;;
