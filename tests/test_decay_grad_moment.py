@@ -166,8 +166,8 @@ def test_kernel_segments_chain_their_pairs(n, segment_len, with_init):
     assert _per_head_error(got, want) < TOLERANCE[torch.float32], (got, want)
 
 
-#: packed sequences cut into segments of 32 rows (two chunks): one across four segments and into a
-#: fifth, one ending on a segment's end, an empty one, one shorter than a segment, one of exactly
+#: packed sequences cut into segments of 32 rows (two chunks): one over four segments (the last
+#: partial), one ending on a segment's end, an empty one, one shorter than a segment, one of exactly
 #: three segments, one a row into its second
 SEGMENTED_LENGTHS = [120, 64, 0, 20, 96, 33]
 
@@ -178,14 +178,18 @@ SEGMENTED_LENGTHS = [120, 64, 0, 20, 96, 33]
     (torch.float32, 48, False, False, "bhnd"),
     (torch.float32, 32, True, False, "bhnd"),
     (torch.float16, 32, True, True, "bnhd"),
-], ids=["fp32-L32", "fp32-L48-no-states", "fp32-L32-init-only", "fp16-L32-views"])
+    (torch.float32, 128, True, True, "bhnd"),
+    (torch.float32, 512, True, True, "bhnd"),
+], ids=["fp32-L32", "fp32-L48-no-states", "fp32-L32-init-only", "fp16-L32-views", "fp32-L128-uncut",
+        "fp32-L512-no-pairs"])
 def test_kernel_packed_segments_chain_their_pairs(dtype, segment_len, with_init, with_grad_final, layout):
     """Packed sequences cut into segments (the plan's tables, each segment's own end pair chained
     per sequence on the device) against autograd, per head: the chain's S term and lam^L factors,
     each sequence's initial state in all of its segments, no chain across a sequence boundary, and
     the final-state gradient in each sequence's last segment (M = 0 for the empty one). k, v and
     the initial states read by two query heads each; decays weak, moderate, strong and none; at
-    48 rows the 96-row sequence ends on a segment's end and the 64-row one does not."""
+    48 rows the 96-row sequence ends on a segment's end and the 64-row one does not. At 128 rows
+    no sequence is cut (the plan's piece entries are all empty), at 512 the plan has none."""
     gen = torch.Generator().manual_seed(12)
     lengths = SEGMENTED_LENGTHS
     n = sum(lengths)
