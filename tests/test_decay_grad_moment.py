@@ -166,6 +166,67 @@ def test_kernel_segments_chain_their_pairs(n, segment_len, with_init):
     assert _per_head_error(got, want) < TOLERANCE[torch.float32], (got, want)
 
 
+#: packed sequences cut into segments of 32 rows (two chunks): one over four segments (the last
+#: partial), one ending on a segment's end, an empty one, one shorter than a segment, one of exactly
+#: three segments, one a row into its second
+SEGMENTED_LENGTHS = [120, 64, 0, 20, 96, 33]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, segment_len, with_init, with_grad_final, layout", [
+    (torch.float32, 32, True, True, "bhnd"),
+    (torch.float32, 48, False, False, "bhnd"),
+    (torch.float32, 32, True, False, "bhnd"),
+    (torch.float16, 32, True, True, "bnhd"),
+    (torch.float32, 128, True, True, "bhnd"),
+    (torch.float32, 512, True, True, "bhnd"),
+], ids=["fp32-L32", "fp32-L48-no-states", "fp32-L32-init-only", "fp16-L32-views", "fp32-L128-uncut",
+        "fp32-L512-no-pairs"])
+def test_kernel_packed_segments_chain_their_pairs(dtype, segment_len, with_init, with_grad_final, layout):
+    """Packed sequences cut into segments (the plan's tables, each segment's own end pair chained
+    per sequence on the device) against autograd, per head: the chain's S term and lam^L factors,
+    each sequence's initial state in all of its segments, no chain across a sequence boundary, and
+    the final-state gradient in each sequence's last segment (M = 0 for the empty one). k, v and
+    the initial states read by two query heads each; decays weak, moderate, strong and none; at
+    48 rows the 96-row sequence ends on a segment's end and the 64-row one does not. At 128 rows
+    no sequence is cut (the plan's piece entries are all empty), at 512 the plan has none."""
+    gen = torch.Generator().manual_seed(12)
+    lengths = SEGMENTED_LENGTHS
+    n = sum(lengths)
+    q, do = _rows(gen, 1, 4, n, DK, dtype, layout), _rows(gen, 1, 4, n, DV, dtype, layout)
+    k, v = _rows(gen, 1, 2, n, DK, dtype, layout), _rows(gen, 1, 2, n, DV, dtype, layout)
+    decay = torch.tensor([1e-3, 0.3, 2.0, 0.0], device=DEVICE)
+    init = torch.randn(len(lengths), 2, DK, DV, generator=gen).to(DEVICE) if with_init else None
+    grad_final = torch.randn(len(lengths), 4, DK, DV, generator=gen).to(DEVICE) if with_grad_final else None
+    got = _moment("kernels", q, k, v, do, decay, 0.7, init, grad_final, _cu(lengths), segment_len=segment_len,
+                  block_v=DV)
+    wide = [x.repeat_interleave(2, 1) for x in (k, v)]
+    want = _oracle(q, *wide, do, decay, 0.7, None if init is None else init.repeat_interleave(2, 1), grad_final,
+                   _cu(lengths))
+    assert _per_head_error(got, want) < TOLERANCE[dtype], (got, want)
+
+
+def test_moment_cut_uses_only_rows_and_sequences():
+    """Where the moment pass cuts (264 programs at a time, 32 per batch entry or sequence): a dense
+    batch as before its packed form existed; a pack as one sequence of its N rows, unless it has
+    at least ceil(N / 2048) sequences; never below 2048 rows a segment."""
+    from lightning_op.kernels.launch import MOMENT_MIN_SEGMENT, _moment_cut
+
+    wanted, per_entry = 264, 32
+    assert _moment_cut(65536, 1, per_entry, False, wanted) == 8192
+    assert _moment_cut(8192, 8, per_entry, False, wanted) is None  # 256 programs: a full wave
+    assert _moment_cut(8192, 2, per_entry, False, wanted) == 2048
+    assert _moment_cut(3000, 1, per_entry, False, wanted) == MOMENT_MIN_SEGMENT
+    # 48K + 16 x 1K: the long sequence in six segments of 8K rows
+    assert _moment_cut(65536, 17, per_entry, True, wanted) == _moment_cut(65536, 1, per_entry, False, wanted)
+    assert _moment_cut(65536, 128, per_entry, True, wanted) is None  # 128 x 512
+    assert _moment_cut(65536, 31, per_entry, True, wanted) == 8192
+    assert _moment_cut(65536, 32, per_entry, True, wanted) is None
+    assert _moment_cut(4096, 1, per_entry, True, wanted) == MOMENT_MIN_SEGMENT
+    assert _moment_cut(4096, 2, per_entry, True, wanted) is None
+    assert _moment_cut(65536, 2, wanted, True, wanted) is None  # one entry's programs fill the GPU
+
+
 def _backends():
     return [pytest.param(lambda: backends.chunked(CHUNK), id="chunked"),
             pytest.param(backends.triton, id="triton", marks=needs_kernels)]

@@ -24,13 +24,20 @@ all). Each program stores one float32 partial; the launcher sums them per head (
 Long sequences with few heads split the walk into segments (``SEGMENTS`` > 1, dense batches):
 ``STATES_ONLY`` programs compute each segment's own end pair from (0, 0), the launcher chains
 them into each segment's start pair (``launch._segment_moment_starts``), and the walking
-programs start from those (``HAS_STARTS``). Decay factors are ``lam^e`` with ``e >= 0`` only.
+programs start from those (``HAS_STARTS``). Packed sequences are cut the same way, each into
+segments of its own counted from its first row, on the tables of ``launch._packed_plan`` (``PLAN``;
+built on the device, so no length is read on the host): a program per piece entry computes an
+own pair, ``_moment_chain_kernel`` chains each sequence's pairs from its initial state, and a
+program per segment entry walks. ``PLAN`` is None (a constant) in other launches, dense ones or
+packed sequences walked whole, whose code then holds none of its branches. Decay factors are
+``lam^e`` with ``e >= 0`` only.
 """
 
 import triton
 import triton.language as tl
 
-from .stages import _block_and_head, _dot, _head, _load_rows, _log2_decay, _store_state
+from .stages import (_block_and_head, _dot, _head, _load_rows, _log2_decay, _packed_piece, _packed_segment,
+                     _store_state)
 
 
 @triton.jit
@@ -66,13 +73,22 @@ def _decay_moment_kernel(
     SEGMENTS: tl.constexpr, STATES_ONLY: tl.constexpr, HAS_STARTS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    PLAN=None,
 ):
     """Program (value block and compute head, sequence or batch entry, segment). Without
     ``STATES_ONLY``: stores ``scale sum_t <do_t, q_t M_t>`` over its rows and value columns, plus
     ``<grad_final, M_{N-1}>`` where its rows end the sequence, at ``PARTIALS[((entry * SEGMENTS +
     segment) * H + h) * num_v_blocks + v block]``. ``STATES_ONLY``: stores the segment's own end
     pair (S, M from (0, 0)) at ``STARTS[entry, h, segment, 0 / 1]`` instead. ``HAS_STARTS``: a
-    segment after the first starts from ``STARTS[entry, h, segment, 0 / 1]`` (the chained pairs)."""
+    segment after the first starts from ``STARTS[entry, h, segment, 0 / 1]`` (the chained pairs).
+
+    ``PLAN`` (packed sequences cut into segments, with ``VARLEN``): grid axis 2 indexes a table of
+    ``launch._packed_plan``, axis 1 has one program. ``STATES_ONLY`` reads its piece table (piece
+    p: a segment of a sequence but its last, whose own pair goes to slot p), the walk its segment
+    table (sequence, first row, length, index in the sequence, start slot); an entry without a
+    segment (-1) returns at once. Pairs lie at ``STARTS[slot, h, 0 / 1]`` ([slots, H, 2, Dk,
+    Dv]), partials at ``PARTIALS[(entry_index * H + h) * num_v_blocks + v block]`` (the
+    launcher zeroes those of returning programs)."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     entry = tl.program_id(1).to(tl.int64)  # batch entry, or packed sequence
     segment = tl.program_id(2)
@@ -80,8 +96,18 @@ def _decay_moment_kernel(
     h = bh % H
     if VARLEN:
         b = 0
-        first_row = tl.load(CU_SEQLENS + entry).to(tl.int64)
-        length = tl.load(CU_SEQLENS + entry + 1).to(tl.int64) - first_row
+        if PLAN is not None:  # segment becomes the index in the sequence, entry the sequence
+            if STATES_ONLY:
+                entry, first_row, length, segment = _packed_piece(PLAN, tl.program_id(2))
+                slot = tl.program_id(2)
+            else:
+                entry, first_row, length, segment, slot = _packed_segment(PLAN, tl.program_id(2))
+            entry = entry.to(tl.int64)
+            if entry < 0:
+                return
+        else:
+            first_row = tl.load(CU_SEQLENS + entry).to(tl.int64)
+            length = tl.load(CU_SEQLENS + entry + 1).to(tl.int64) - first_row
     else:
         b = entry
         first_row = 0
@@ -100,7 +126,10 @@ def _decay_moment_kernel(
     tile_mask = valid_k[:, None] & valid_v[None, :]
     log2_lam = _log2_decay(DECAY, h)
 
-    pair_ptr = STARTS + ((entry * H + h) * SEGMENTS + segment) * 2 * DK * DV
+    if PLAN is not None:  # a slot's pairs of all heads side by side: the slot count is not needed
+        pair_ptr = STARTS + (slot * H + h) * 2 * DK * DV
+    else:
+        pair_ptr = STARTS + ((entry * H + h) * SEGMENTS + segment) * 2 * DK * DV
     if HAS_INIT and not STATES_ONLY:
         init_ptr = _head(INIT, entry, h // init_group, stride_ib, stride_ih)
         state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask,
@@ -160,4 +189,51 @@ def _decay_moment_kernel(
                 grad = tl.load(grad_ptr + cols_k[:, None] * stride_gk + cols_v[None, :] * stride_gv, mask=tile_mask,
                                other=0.0).to(tl.float32)
                 total += tl.sum(tl.sum(grad * moment, 1), 0)
-        tl.store(PARTIALS + ((entry * SEGMENTS + segment) * H + h) * num_v_blocks + pid_v, total)
+        if PLAN is not None:
+            tl.store(PARTIALS + (tl.program_id(2) * H + h) * num_v_blocks + pid_v, total)
+        else:
+            tl.store(PARTIALS + ((entry * SEGMENTS + segment) * H + h) * num_v_blocks + pid_v, total)
+
+
+@triton.jit
+def _moment_chain_kernel(
+    DECAY, INIT, STARTS, SEQUENCES,
+    stride_ib, stride_ih, stride_ik, stride_iv,
+    H, DK, DV, segment_len, init_group,
+    HAS_INIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+):
+    """In place, per packed sequence: its segments' own end pairs ``(E_m, E'_m)`` (from (0, 0),
+    every segment but its last, at its run of slots of ``STARTS`` [slots, H, 2, Dk, Dv]: first
+    slot and count from ``SEQUENCES``, ``launch._packed_plan``'s sequence table) become the pairs
+    segments 1, 2, ... start from. Segments of L = ``segment_len`` rows compose as
+
+        S_(m+1) = lam^L S_m + E_m,    M_(m+1) = lam^L M_m + L lam^L S_m + E'_m,   (S_0, M_0) = (init, 0)
+
+    One program per block of ``BLOCK_V`` state columns, compute head and sequence walks its slots
+    in order in float32: every weight is >= 0 (lam^L with L >= 0), so no sum cancels.
+    ``STAGES`` pipelines the slots' loads: each step waits for a multiply-add, not for memory."""
+    pid_v, h = _block_and_head(DV, BLOCK_V)
+    sequence = tl.program_id(1)
+    first_slot = tl.load(SEQUENCES + 4 * sequence).to(tl.int64)
+    count = tl.load(SEQUENCES + 4 * sequence + 1)
+    cols_k = tl.arange(0, BLOCK_K)
+    cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]
+    if HAS_INIT:
+        init_ptr = _head(INIT, sequence.to(tl.int64), h // init_group, stride_ib, stride_ih)
+        state = tl.load(init_ptr + cols_k[:, None] * stride_ik + cols_v[None, :] * stride_iv, mask=tile_mask,
+                        other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    moment = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    length = tl.cast(segment_len, tl.float32)
+    lam_length = tl.exp2(_log2_decay(DECAY, h) * length)  # lam^L
+    tile = cols_k[:, None] * DV + cols_v[None, :]
+    for g in tl.range(0, count, num_stages=STAGES):
+        pair_ptr = STARTS + ((first_slot + g) * H + h) * 2 * DK * DV + tile
+        own_state = tl.load(pair_ptr, mask=tile_mask, other=0.0)
+        own_moment = tl.load(pair_ptr + DK * DV, mask=tile_mask, other=0.0)
+        moment = moment * lam_length + state * (length * lam_length) + own_moment
+        state = state * lam_length + own_state
+        tl.store(pair_ptr, state, mask=tile_mask)
+        tl.store(pair_ptr + DK * DV, moment, mask=tile_mask)

@@ -23,7 +23,7 @@ from .backward import _key_value_grad_kernel
 from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import _chunk_output_kernel, _packed_plan_kernel, _segment_scan_kernel, _segment_state_kernel
 from .config import LaunchConfig, cdiv, choose_config, multiprocessors, next_power_of_2
-from .decay_grad import _decay_moment_kernel
+from .decay_grad import _decay_moment_kernel, _moment_chain_kernel
 from .decode import launch_decode_step
 
 __all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "decode_step", "SegmentStates",
@@ -502,6 +502,9 @@ MOMENT_CHUNK, MOMENT_TILE, MOMENT_WARPS = 64, 8192, 8
 #: segments of the moment pass: up to this many programs per multiprocessor, each segment at least
 #: MOMENT_MIN_SEGMENT rows (a segment's start pair costs a second read of its k and v)
 MOMENT_PROGRAMS_PER_SM, MOMENT_MIN_SEGMENT = 2, 2048
+#: the packed chain's state columns per program and its pipelined slots (``_moment_chain_kernel``):
+#: a slot is two tiles, so two in flight hold the bytes of the segment scan's four
+MOMENT_CHAIN_BLOCK_V, MOMENT_CHAIN_STAGES = SCAN_BLOCK_V, SCAN_STAGES // 2
 
 
 def decay_gradient(
@@ -517,14 +520,19 @@ def decay_gradient(
     query, key, value, grad_out: [B, H*, N, D], any strides, one dtype among float16, bfloat16
     and float32; H = query's heads, key, value and grad_out read at head ``h // (H / H*)``.
     decay: float32 [H]. initial_state [B or S, Hi, Dk, Dv] read per compute head, grad_final
-    [B or S, H, Dk, Dv]. ``cu_seqlens``: packed sequences, one program per sequence (its rows
-    walked from its own initial state).
+    [B or S, H, Dk, Dv]. ``cu_seqlens``: packed sequences (B = 1), each walked from its own
+    initial state; nothing of ``cu_seqlens`` is read on the host.
 
-    ``chunk``, ``block_v`` and ``segment_len`` override the launch's choices (tests). Dense
-    batches whose programs would leave the GPU idle are split into segments of ``segment_len``
-    rows (see :func:`_segment_moment_starts`). ``split``: 16-bit products take their weighted
-    operand as two 16-bit terms (``decay_grad._weighted_product``; the default where the products
-    are 16-bit: one term leaves a head's gradient up to 5e-2 off at long N)."""
+    ``chunk``, ``block_v`` and ``segment_len`` override the launch's choices (tests). Where the
+    programs of whole walks would leave the GPU idle (:func:`_moment_cut`), each batch entry or
+    packed sequence is cut into segments of ``segment_len`` rows: a states-only pass computes the
+    own end pair of every segment that another follows, a chain turns those into start pairs
+    (dense: :func:`_segment_moment_starts`; packed: ``decay_grad._moment_chain_kernel`` on the
+    tables of :func:`_packed_plan`, one state piece per segment), and the walk starts each segment
+    from its pair. ``segment_len`` given with ``cu_seqlens`` forces the packed segments. ``split``:
+    16-bit products take their weighted operand as two 16-bit terms (``decay_grad._weighted_product``;
+    the default where the products are 16-bit: one term leaves a head's gradient up to 5e-2 off
+    at long N)."""
     b, h, n, dk = query.shape
     dv = value.shape[-1]
     device = query.device
@@ -534,30 +542,20 @@ def decay_gradient(
     num_v_blocks = cdiv(dv, block_v)
     num_entries = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if segment_len is None:
-        segment_len = max(n, 1)
-        programs = num_entries * h * num_v_blocks
-        if cu_seqlens is None and device.type == "cuda" and programs > 0:
-            wanted = MOMENT_PROGRAMS_PER_SM * multiprocessors(device.index or 0)
-            # at most `wanted` programs: one fits an SM at a time (8 warps of up to 255 registers),
-            # so a count just past a whole number of waves would leave the last wave nearly empty
-            count = min(wanted // programs, cdiv(n, MOMENT_MIN_SEGMENT))
-            if count > 1:
-                segment_len = max(cdiv(n, count), MOMENT_MIN_SEGMENT)
-    elif cu_seqlens is not None:
-        raise ValueError("decay_gradient: packed sequences are walked whole (no segment_len)")
-    segment_len = cdiv(max(segment_len, 1), chunk) * chunk
+        segment_len = _moment_segment_len(n, num_entries, h * num_v_blocks, cu_seqlens is not None, device)
+    packed_segments = cu_seqlens is not None and segment_len is not None
+    segment_len = cdiv(max(n if segment_len is None else segment_len, 1), chunk) * chunk
     num_segments = cdiv(max(n, 1), segment_len)
     if num_entries == 0 or n == 0:
         return torch.zeros(h, dtype=torch.float32, device=device)
-    partials = torch.empty(num_entries * num_segments * h * num_v_blocks, dtype=torch.float32, device=device)
     types = _dot_types(query.dtype)
     if split is None:
         split = types["DOT_DTYPE"] != tl.float32
 
-    def launch(states_only: bool, has_starts: bool) -> None:
-        # the last segment's own pair starts no segment: the states pass leaves it out
-        grid = (h * num_v_blocks, num_entries, num_segments - 1 if states_only else num_segments)
-        _direct(_decay_moment_kernel)[grid](
+    def launch(states_only: bool, has_starts: bool, programs: int, table: Optional[Tensor] = None) -> None:
+        # grid axis 1: the batch entries or packed sequences; with a plan's table, axis 2 indexes it
+        packed = {} if table is None else dict(PLAN=table)
+        _direct(_decay_moment_kernel)[(h * num_v_blocks, num_entries if table is None else 1, programs)](
             query, key, value, grad_out, decay, initial_state if initial_state is not None else partials,
             grad_final if grad_final is not None else partials, cu_seqlens, starts, partials,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *_strides(initial_state),
@@ -566,16 +564,68 @@ def decay_gradient(
             HAS_INIT=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
             VARLEN=cu_seqlens is not None, SEGMENTS=num_segments, STATES_ONLY=states_only, HAS_STARTS=has_starts,
             CHUNK=chunk, BLOCK_K=block_k, BLOCK_V=block_v, DOT_DTYPE=types["DOT_DTYPE"], PRECISION=types["PRECISION"],
-            SPLIT=split, num_warps=MOMENT_WARPS, num_stages=2,
+            SPLIT=split, num_warps=MOMENT_WARPS, num_stages=2, **packed,
         )
 
+    if packed_segments:
+        plan = _packed_plan(cu_seqlens, n, segment_len, 1)
+        # the plan's piece entries: one per segment that another follows, the last always without one
+        num_pairs = plan.pieces.shape[0] - 1
+        # entries of the segment table without a segment store no partial
+        partials = torch.zeros(plan.segments.shape[0] * h * num_v_blocks, dtype=torch.float32, device=device)
+        starts = partials
+        if num_pairs > 0:
+            starts = torch.empty(num_pairs, h, 2, dk, dv, dtype=torch.float32, device=device)
+            launch(True, False, num_pairs, plan.pieces)
+            chain_block_v = min(MOMENT_CHAIN_BLOCK_V, max(16, next_power_of_2(dv)))
+            _direct(_moment_chain_kernel)[(h * cdiv(dv, chain_block_v), num_entries)](
+                decay, initial_state if initial_state is not None else starts, starts, plan.sequences,
+                *_strides(initial_state), h, dk, dv, segment_len, *_groups(h, initial_state),
+                HAS_INIT=initial_state is not None, BLOCK_K=block_k, BLOCK_V=chain_block_v,
+                STAGES=MOMENT_CHAIN_STAGES, num_warps=4,
+            )
+        launch(False, num_pairs > 0, plan.segments.shape[0], plan.segments)
+        return -partials.view(-1, h, num_v_blocks).sum((0, 2))
+
+    partials = torch.empty(num_entries * num_segments * h * num_v_blocks, dtype=torch.float32, device=device)
     starts = partials
     if num_segments > 1:
         starts = torch.empty(b, h, num_segments, 2, dk, dv, dtype=torch.float32, device=device)
-        launch(True, False)
+        launch(True, False, num_segments - 1)  # the last segment's own pair starts no segment
         _segment_moment_starts(starts, decay, initial_state, segment_len)
-    launch(False, num_segments > 1)
+    launch(False, num_segments > 1, num_segments)
     return -partials.view(num_entries * num_segments, h, num_v_blocks).sum((0, 2))
+
+
+def _moment_segment_len(n: int, entries: int, programs_per_entry: int, packed: bool,
+                        device: torch.device) -> Optional[int]:
+    """The moment pass's segment length on ``device`` (:func:`_moment_cut`), or None: walks whole."""
+    if device.type != "cuda" or entries * programs_per_entry == 0:
+        return None
+    return _moment_cut(n, entries, programs_per_entry, packed,
+                       MOMENT_PROGRAMS_PER_SM * multiprocessors(device.index or 0))
+
+
+def _moment_cut(n: int, entries: int, programs_per_entry: int, packed: bool, wanted: int) -> Optional[int]:
+    """Rows per segment of the moment pass, or None where whole walks are kept: ``entries`` batch
+    entries or packed sequences of N rows in all, each walked by ``programs_per_entry`` programs
+    (heads times value blocks), on a GPU that runs ``wanted`` programs at a time (one fits an SM
+    at a time: 8 warps of up to 255 registers). Segments hold at least ``MOMENT_MIN_SEGMENT`` rows.
+
+    Dense: ``count = min(wanted // (B * programs_per_entry), ceil(N / MIN))`` segments per entry
+    where that is more than one, so at most ``wanted`` programs (a count just past a whole number
+    of waves would leave the last wave nearly empty). Packed: the lengths are not read on the
+    host, and one sequence may hold nearly all N rows, so the pack is cut as one sequence of N
+    rows would be (``count`` with B = 1): the longest sequence then walks at most L rows in a
+    program, whatever the lengths. A pack of S >= ceil(N / MIN) sequences (on average no longer
+    than a shortest segment) keeps whole walks: its sequences are mostly shorter than a segment,
+    and its plan, states pass and chain would cost launches without a cut to pay for them."""
+    if packed:
+        if entries >= cdiv(n, MOMENT_MIN_SEGMENT):
+            return None
+        entries = 1
+    count = min(wanted // (entries * programs_per_entry), cdiv(n, MOMENT_MIN_SEGMENT))
+    return max(cdiv(n, count), MOMENT_MIN_SEGMENT) if count > 1 else None
 
 
 def _segment_moment_starts(pairs: Tensor, decay: Tensor, initial_state: Optional[Tensor], length: int) -> None:
