@@ -304,7 +304,9 @@ def _check_forms(h, hkv, n, d, dtype, decay, cu_seqlens=None, with_init=True, la
     wide = [x.detach().double().requires_grad_() for x in (q, k, v, dec)]
     wide_init = None if init is None else init.detach().double().requires_grad_()
     want_out, want_final = reference.attention_quadratic(*wide[:3], wide[3], 0.5, wide_init, cu_seqlens)
-    grad_out, grad_final = torch.randn_like(want_out), torch.randn_like(want_final)
+    # the same output gradient for both sides, in the output's dtype (a bf16 rounding of grad_out
+    # alone moves the decay's gradient by 1e-2 and more against its float64 source)
+    grad_out, grad_final = torch.randn_like(want_out).to(dtype).double(), torch.randn_like(want_final)
     inputs = [q, k, v, dec] + ([init] if init is not None else [])
     wide_inputs = wide + ([wide_init] if wide_init is not None else [])
     got = torch.autograd.grad((out, final), inputs, (grad_out.to(out.dtype), grad_final.float()))
