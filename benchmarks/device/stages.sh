@@ -5,7 +5,8 @@
 #                                                     rewrite deploy decay-grad serve census forms
 # Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 # SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_SHARDS: processes of the suite (default 8;
-# each compiles its own kernels, so on 16 cores 14 finish a cold run sooner); TEST_LIMIT: seconds per test shard
+# each compiles its own kernels: 14 ran a cold run to its end in 500 s on an H100, where out-of-memory failures
+# showed the caching allocators' share, now handed back after each test, tests/conftest.py); TEST_LIMIT: seconds per test shard
 # (default 560: on a cold compile cache the eight shards need about 850 s, so a whole run takes two calls
 # or a warm cache; a cut shard still lists every test it finished).
 set -uo pipefail
