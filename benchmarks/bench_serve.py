@@ -18,6 +18,7 @@ Each is timed eager (the host's launches included) and, on a GPU, captured in on
   python3 benchmarks/bench_serve.py                       # the default step
   python3 benchmarks/bench_serve.py --prompts 8 --prompt-len 1024 --decodes 120
   python3 benchmarks/bench_serve.py --segment-lens 256,512,2048   # the packed way at other segment lengths
+  python3 benchmarks/bench_serve.py --profile       # and each way's kernels with their GPU time per step
   python benchmarks/bench_serve.py --smoke --out /tmp/smoke   # tiny fp32 shapes on CPU
 
 Writes results.csv and results.json under --out and prints a table last.
@@ -109,6 +110,27 @@ def captured(step, pool: Tensor):
     return graph
 
 
+def kernel_times(step, pool: Tensor, steps: int = 10) -> list[tuple[str, int, float]]:
+    """``(kernel, launches per step, GPU microseconds per step)`` of ``step(pool)``, slowest first,
+    from torch.profiler's CUDA activity over ``steps`` warm steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step(pool)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(pool)
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total
+    return sorted(((name, count // steps, us / steps) for name, (count, us) in totals.items()), key=lambda x: -x[2])
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, out="benchmarks/out/serve", dtype_help="inputs' dtype (default bf16; fp32 --smoke)",
@@ -122,6 +144,8 @@ def parse_args(argv=None):
     parser.add_argument("--segment-lens", default="",
                         help="comma-separated forward segment lengths: the packed way again at each, "
                              "forced with config_override (rows packed_seg<L>)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: each way's kernels and their time per step (torch.profiler), before the table")
     args = parser.parse_args(argv)
     apply_common_defaults(args)
     args.segment_lens = [int(x) for x in args.segment_lens.split(",") if x.strip()]
@@ -154,6 +178,13 @@ def main(argv=None) -> int:
                 return steps["packed"](pool)
         steps[f"packed_seg{length}"] = forced
     original = pool.clone()
+    if args.profile and device.type == "cuda":
+        for name in steps:
+            times = kernel_times(steps[name], pool)
+            print(f"{name}: {sum(t for _, _, t in times):.1f} us of kernels per step", flush=True)
+            for kernel, count, us in times[:12]:
+                print(f"  {us:8.1f} us  x{count:<3d} {kernel[:90]}", flush=True)
+        pool.copy_(original)
     reference_out = steps["packed"](pool)
     reference_pool = pool.clone()
     rows = []

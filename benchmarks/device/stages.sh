@@ -3,7 +3,7 @@
 # limit so a slow stage cannot starve the rest. Usage (with .whl carried; runs in the repo root):
 #   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode
 #                                                     rewrite deploy decay-grad serve census forms
-# Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
+# `census forms` fit one 600-s call (300 + 270 s at most). Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 # SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_SHARDS: processes of the suite (default 8;
 # each compiles its own kernels: 14 ran a cold run to its end in 500 s on an H100, where out-of-memory failures
 # showed the caching allocators' share, now handed back after each test, tests/conftest.py); TEST_LIMIT: seconds per test shard
@@ -67,15 +67,15 @@ for stage in "${stages[@]}"; do
                --heads 16 --layers 4 --lengths 4096 16384 2>&1 | tee "$out/rewrite.log" | tail -20 ;;
     deploy)  timeout 120 python3 examples/export_deploy.py --out /tmp/deploy 2>&1 | tee "$out/deploy.log" | tail -20 ;;
     forms)   # packed sequences beside fla's varlen path, grouped heads, the learnable decay (bench.py's form presets; fla from .whl)
-             timeout 400 python3 benchmarks/bench.py --preset varlen,gqa,decay-grad --budget-s 330 --out "$out/forms" 2>&1 \
+             timeout 270 python3 benchmarks/bench.py --preset varlen,gqa,decay-grad --budget-s 210 --out "$out/forms" 2>&1 \
                | tee "$out/forms.log" | tail -40 ;;
     decay-grad)  # the moment pass: each head's error against float64 by length, its time beside the backward
              timeout 200 python3 benchmarks/decay_grad_accuracy.py --repeats 10 2>&1 | tee "$out/decay-grad.log" | tail -20 ;;
-    serve)   # the mixed serving step, and the packed way at other forward segment lengths
-             timeout 150 python3 benchmarks/bench_serve.py --segment-lens 256,512,2048 --out "$out/serve" 2>&1 \
-               | tee "$out/serve.log" | tail -12 ;;
+    serve)   # the mixed serving step (each way's kernels and their GPU time first), and the packed way at other forward segment lengths
+             timeout 150 python3 benchmarks/bench_serve.py --segment-lens 256,512,2048 --profile --out "$out/serve" 2>&1 \
+               | tee "$out/serve.log" | tail -60 ;;
     census)  # the retirement candidates of the 2026-12-06 census, re-timed in alternation
-             timeout 400 python3 benchmarks/census.py --repeats 5 --switches \
+             timeout 300 python3 benchmarks/census.py --repeats 5 --switches \
                forward.transposed,forward.update_accumulate,key_value.late_dk_scores,key_value.update_accumulate \
                2>&1 | tee "$out/census.log" | tail -16 ;;
     *) echo "unknown stage $stage"; continue ;;
