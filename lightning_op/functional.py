@@ -82,7 +82,7 @@ def attn_step(
     On the chunked CPU path pooled, grouped and packed steps gather the slots, run the tiled op
     and write the final states back (same results).
     """
-    return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    return ops.attn_step_eager(q, k, v, state, decay, scale, cu_seqlens, state_indices)
 
 
 def enable_autotune(cache_path=None) -> str:

@@ -19,6 +19,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import backends, reference
 from ._gates import HAS_TRITON, cpu_backend
@@ -609,17 +610,17 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _dispatcher_observed(*tensors) -> bool:
-    """Whether the call must go through the op: something may trace, transform or intercept it."""
+    """Whether the call must go through the op: something may trace, transform or intercept it.
+    Runs on every eager call: each check is a flag read (a microsecond in all), and a functorch
+    transform is seen by its interpreter stack, not input by input."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return True
     if torch._C._is_torch_function_mode_enabled() or forward_ad._current_level >= 0:
         return True
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-    if is_in_torch_dispatch_mode():
+    if is_in_torch_dispatch_mode() or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     for x in tensors:
-        if x is not None and (type(x) not in _PLAIN_TENSOR_TYPES or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        if x is not None and type(x) not in _PLAIN_TENSOR_TYPES:
             return True
     return False
 
@@ -954,6 +955,28 @@ def _pooled_step(q, k, v, state, decay, scale, cu_seqlens, state_indices):
 _lib.impl("attn_step", _attn_step_impl, "CPU")
 _lib.impl("attn_step", _attn_step_impl, "CUDA")
 attn_step = torch.ops.lightning.attn_step.default
+
+
+def attn_step_eager(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, state_indices=None):
+    """``lightning::attn_step`` in plain eager mode: the op's kernel (:func:`_attn_step_impl`)
+    called directly, without the dispatcher's way in, which costs about as much host time as the
+    step's own checks and launch (one token at a time, the host paces decoding); the same values,
+    in-place update and errors. Whenever something may trace, transform or intercept the call
+    (:func:`_dispatcher_observed`), or a tensor is on a device the op has no kernel for (meta), it
+    calls the op, so graphs still hold ``lightning::attn_step``. Neither way bumps the state's
+    version counter (the op's schema marks the mutation for graph capture)."""
+    if _dispatcher_observed(q, k, v, state, decay, cu_seqlens, state_indices) or not _has_kernel_device(q, state):
+        return attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function("lightning::attn_step"):
+            return _attn_step_impl(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    return _attn_step_impl(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+
+
+def _has_kernel_device(*tensors: Tensor) -> bool:
+    """Whether the tensors are on devices the step has kernels for (CPU, CUDA): the others (meta)
+    go through the op, to its fake or to the dispatcher's error."""
+    return all(x.device.type in ("cpu", "cuda") for x in tensors)
 
 
 @torch.library.register_fake("lightning::attn_step")

@@ -210,3 +210,71 @@ def test_repeated_steps_validate_once_but_still_check_values(monkeypatch):
 def test_step_is_exported_in_the_api():
     assert lightning_op.attn_step is attn_step
     assert hasattr(torch.ops.lightning, "attn_step")
+
+
+def _spy_on_direct_calls(monkeypatch):
+    """Calls of ``ops._attn_step_impl`` made by name: the direct eager way. The op's registration
+    holds the function object itself, so calls through the dispatcher are not counted."""
+    from lightning_op import ops
+
+    calls = []
+    impl = ops._attn_step_impl
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return impl(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_attn_step_impl", spy)
+    return calls
+
+
+@pytest.mark.parametrize("form", ["dense", "pooled", "packed"])
+def test_eager_step_skips_the_dispatcher_with_the_ops_results(cpu_backend, form, monkeypatch):
+    q, k, v = make_inputs(3, 2, 1, 16, 16, torch.float32, seed=5)
+    decay = torch.tensor([0.1, 0.7])
+    kwargs, state = {}, 0.1 * torch.randn(3, 2, 16, 16)
+    if form != "dense":
+        state = 0.1 * torch.randn(6, 2, 16, 16)
+        kwargs["state_indices"] = torch.tensor([4, -1, 1])
+    if form == "packed":
+        q, k, v = (x.transpose(0, 2).reshape(1, 2, 3, 16) for x in (q, k, v))
+        q, k, v = (torch.cat([x, x[:, :, :2]], 2) for x in (q, k, v))  # sequences of 2, 0 and 3 rows
+        kwargs["cu_seqlens"] = torch.tensor([0, 2, 2, 5])
+    via_op_state = state.clone()
+    want = torch.ops.lightning.attn_step(q, k, v, via_op_state, decay, 0.5, kwargs.get("cu_seqlens"),
+                                         kwargs.get("state_indices"))
+    calls = _spy_on_direct_calls(monkeypatch)
+    got = attn_step(q, k, v, state, decay, scale=0.5, **kwargs)
+    assert calls == [1]
+    assert torch.equal(got, want) and torch.equal(state, via_op_state)
+
+
+def test_observed_steps_go_through_the_op(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    state = torch.zeros(1, 2, 16, 16)
+    calls = _spy_on_direct_calls(monkeypatch)
+    with Seen() as mode:
+        attn_step(q, k, v, state)
+    assert calls == [] and "lightning.attn_step.default" in mode.ops
+    meta = [x.to("meta") for x in (q, k, v)]
+    assert attn_step(*meta, torch.zeros(1, 2, 16, 16, device="meta")).device.type == "meta"
+    assert calls == []
+
+
+def test_eager_step_is_profiled_under_the_ops_name(monkeypatch):
+    q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
+    calls = _spy_on_direct_calls(monkeypatch)
+    with torch.profiler.profile() as prof:
+        attn_step(q, k, v, torch.zeros(1, 2, 16, 16))
+    assert calls == [1] and any(e.name == "lightning::attn_step" for e in prof.events())
