@@ -208,8 +208,8 @@ def test_kernel_packed_segments_chain_their_pairs(dtype, segment_len, with_init,
 
 def test_moment_cut_uses_only_rows_and_sequences():
     """Where the moment pass cuts (264 programs at a time, 32 per batch entry or sequence): a dense
-    batch as before its packed form existed; a pack as one sequence of its N rows, unless it has
-    at least ceil(N / 2048) sequences; never below 2048 rows a segment."""
+    batch as before its packed form existed; a pack as one sequence of its N rows, however many
+    sequences it holds (any of them may be long); never below 2048 rows a segment."""
     from lightning_op.kernels.launch import MOMENT_MIN_SEGMENT, _moment_cut
 
     wanted, per_entry = 264, 32
@@ -219,11 +219,11 @@ def test_moment_cut_uses_only_rows_and_sequences():
     assert _moment_cut(3000, 1, per_entry, False, wanted) == MOMENT_MIN_SEGMENT
     # 48K + 16 x 1K: the long sequence in six segments of 8K rows
     assert _moment_cut(65536, 17, per_entry, True, wanted) == _moment_cut(65536, 1, per_entry, False, wanted)
-    assert _moment_cut(65536, 128, per_entry, True, wanted) is None  # 128 x 512
+    assert _moment_cut(65536, 128, per_entry, True, wanted) == 8192  # 128 x 512, or one long among short ones
     assert _moment_cut(65536, 31, per_entry, True, wanted) == 8192
-    assert _moment_cut(65536, 32, per_entry, True, wanted) is None
+    assert _moment_cut(65536, 41, per_entry, True, wanted) == 8192  # 48K + 40 x 400
     assert _moment_cut(4096, 1, per_entry, True, wanted) == MOMENT_MIN_SEGMENT
-    assert _moment_cut(4096, 2, per_entry, True, wanted) is None
+    assert _moment_cut(4096, 2, per_entry, True, wanted) == MOMENT_MIN_SEGMENT
     assert _moment_cut(65536, 2, wanted, True, wanted) is None  # one entry's programs fill the GPU
 
 
