@@ -966,7 +966,8 @@ def attn_step_eager(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, stat
     calls the op, so graphs still hold ``lightning::attn_step``. Neither way bumps the state's
     version counter (the op's schema marks the mutation for graph capture)."""
     if _dispatcher_observed(q, k, v, state, decay, cu_seqlens, state_indices) or not _has_kernel_device(q, state):
-        return attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+        # the packet, as users call it: graphs record the call as before
+        return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
     if torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function("lightning::attn_step"):
             return _attn_step_impl(q, k, v, state, decay, scale, cu_seqlens, state_indices)
