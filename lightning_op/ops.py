@@ -632,10 +632,16 @@ def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
         if not torch.compiler.is_compiling() and _transformed(q, k, v, decay, initial_state):
             return _TransformableAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
         return attn(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _named_in_profiles("lightning::attn", _attn_eager_call, q, k, v, decay, scale, initial_state, cu_seqlens)
+
+
+def _named_in_profiles(name: str, call: Callable, *args):
+    """``call(*args)``, inside a profiler range called ``name`` (the op's) while a profiler runs:
+    direct eager calls show up in profiles as the op's calls do."""
     if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function("lightning::attn"):
-            return _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens)
-    return _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens)
+        with torch.profiler.record_function(name):
+            return call(*args)
+    return call(*args)
 
 
 def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
@@ -968,10 +974,8 @@ def attn_step_eager(q, k, v, state, decay=None, scale=1.0, cu_seqlens=None, stat
     if _dispatcher_observed(q, k, v, state, decay, cu_seqlens, state_indices) or not _has_kernel_device(q, state):
         # the packet, as users call it: graphs record the call as before
         return torch.ops.lightning.attn_step(q, k, v, state, decay, scale, cu_seqlens, state_indices)
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function("lightning::attn_step"):
-            return _attn_step_impl(q, k, v, state, decay, scale, cu_seqlens, state_indices)
-    return _attn_step_impl(q, k, v, state, decay, scale, cu_seqlens, state_indices)
+    return _named_in_profiles("lightning::attn_step", _attn_step_impl, q, k, v, state, decay, scale, cu_seqlens,
+                              state_indices)
 
 
 def _has_kernel_device(*tensors: Tensor) -> bool:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_op import reference
 
@@ -80,3 +81,15 @@ def run_script(relative_path: str, *args: str, timeout: int = 600) -> str:
                             capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
+
+
+class RecordedOps(TorchDispatchMode):
+    """A dispatch mode that lets every op run and keeps its name (``names``): what a tracer sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -6,7 +6,7 @@ import torch
 import lightning_op
 from lightning_op import attn_step, lightning_attn
 
-from _helpers import TOLERANCE, make_inputs, rel_error
+from _helpers import TOLERANCE, RecordedOps, make_inputs, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -250,23 +250,12 @@ def test_eager_step_skips_the_dispatcher_with_the_ops_results(cpu_backend, form,
 
 
 def test_observed_steps_go_through_the_op(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, k, v = make_inputs(1, 2, 1, 16, 16, torch.float32)
     state = torch.zeros(1, 2, 16, 16)
     calls = _spy_on_direct_calls(monkeypatch)
-    with Seen() as mode:
+    with RecordedOps() as mode:
         attn_step(q, k, v, state)
-    assert calls == [] and "lightning.attn_step.default" in mode.ops
+    assert calls == [] and "lightning.attn_step.default" in mode.names
     meta = [x.to("meta") for x in (q, k, v)]
     assert attn_step(*meta, torch.zeros(1, 2, 16, 16, device="meta")).device.type == "meta"
     assert calls == []

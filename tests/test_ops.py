@@ -8,7 +8,7 @@ import torch
 import lightning_op
 from lightning_op import lightning_attn
 
-from _helpers import TOLERANCE, make_inputs, oracle, rel_error
+from _helpers import TOLERANCE, RecordedOps, make_inputs, oracle, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # per-head slopes spanning the range users meet: almost none (1e-5) to vanishing memory (30)
@@ -445,18 +445,8 @@ def test_observed_calls_go_through_the_op(monkeypatch):
     """A dispatch mode, a function mode or a tensor subclass may trace or intercept the call: it
     must see ``lightning::attn``, so those calls take the op."""
     from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from lightning_op import ops
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     class PassThrough(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -466,7 +456,7 @@ def test_observed_calls_go_through_the_op(monkeypatch):
         pass
 
     q, k, v = make_inputs(1, 2, 20, 16, 16, torch.float32)
-    with Recorder() as recorder:
+    with RecordedOps() as recorder:
         lightning_attn(q, k, v)
     assert any(name.startswith("lightning.attn") for name in recorder.names), recorder.names[:5]
 
