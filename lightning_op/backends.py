@@ -44,6 +44,10 @@ class Backend:
     fused_key_value_gradients: Optional[Callable] = None
     fused_fits: Callable[[int, int, int], bool] = lambda dk, dv, itemsize: False
     fused_forms: bool = False  # whether the fused pass takes grouped heads and packed sequences
+    # (query, key, value) -> the layout of the segment start states a forward call keeps, or None
+    # (``kernels.start_states_layout``; a backend without them keeps none)
+    start_states_layout: Callable = lambda query, key, value: None
+    keeps_start_states: bool = False  # whether its forward keeps them (``keep_start_states``) and takes a fixed cut
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +77,9 @@ def triton() -> Backend:
     native = "cu_seqlens" in inspect.signature(kernels.linear_attention).parameters
     linear_attention = kernels.linear_attention if native else _per_sequence(kernels.linear_attention)
     return Backend("triton", linear_attention, kernels.decode_step, kernels.decay_gradient,
-                   kernels.key_value_gradients, kernels.fused_backward_fits, fused_forms=native)
+                   kernels.key_value_gradients, kernels.fused_backward_fits, fused_forms=native,
+                   start_states_layout=kernels.start_states_layout if native else lambda query, key, value: None,
+                   keeps_start_states=native)
 
 
 def _per_sequence(linear_attention: Callable) -> Callable:
@@ -120,15 +126,20 @@ def compute_decay(decay: Optional[Tensor], num_heads: int) -> Optional[Tensor]:
 
 def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], scale: float,
             initial_state: Optional[Tensor], *, keep_start_states: Optional[list] = None,
-            cu_seqlens: Optional[Tensor] = None, out_bnhd: bool = False) -> tuple[Tensor, Tensor]:
+            cu_seqlens: Optional[Tensor] = None, out_bnhd: bool = False,
+            cut: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
     """The op: ``(out in q's dtype, final state)``, the state float32 (float64 for float64 inputs).
-    ``keep_start_states``: see ``kernels.linear_attention``; ``out_bnhd`` stores out as [B, N, H, Dv].
+    ``keep_start_states``: see ``kernels.linear_attention``; ``out_bnhd`` stores out as [B, N, H, Dv];
+    ``cut``: ``(segment_len, state_split)`` fixed in advance (``Backend.start_states_layout``'s), for
+    a backend that keeps start states.
 
     Grouped heads run per query head (the backends read a kv head for each, no copy of k or v);
     where a group shares its state (``reference.state_heads``) its heads compute the same state,
     and the group's first one is returned."""
     h = q.shape[1]
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
+    if cut is not None:
+        extra.update(segment_len=cut[0], state_split=cut[1])
     out, final = backend.linear_attention(q, k, v, compute_decay(decay, h), out_scale=scale,
                                           initial_state=initial_state, keep_start_states=keep_start_states,
                                           out_bnhd=out_bnhd, **extra)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -310,14 +312,16 @@ def attn(
     return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
 
 
-def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None, out_bnhd=False):
+def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None, out_bnhd=False,
+               cut=None):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
     passes ``keep_start_states``: see ``kernels.linear_attention``). ``out_bnhd``: the output
-    stored as [B, N, H, Dv] (the op's, for q in that layout: ``output_bnhd``)."""
+    stored as [B, N, H, Dv] (the op's, for q in that layout: ``output_bnhd``); ``cut``: see
+    ``backends.forward``."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
     decay, initial_state = prepare_decay(decay), as_float32(initial_state)
     out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states,
-                                  cu_seqlens=cu_seqlens, out_bnhd=out_bnhd)
+                                  cu_seqlens=cu_seqlens, out_bnhd=out_bnhd, cut=cut)
     return out, final.to(torch.float32)
 
 
@@ -337,6 +341,73 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
     return out, q.new_empty(final_state_shape(q, k, v, decay, cu_seqlens), dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------- forward for training graphs
+#
+# The op's autograd (below) saves its inputs; the backward's dq pass then computes the segment
+# start states again, a pass over k and v that the forward had already made (the eager path keeps
+# them: ``_EagerAttention``). Where the forward will cut the sequence into segments and the cut is
+# known from the shapes alone (``Backend.start_states_layout``), the autograd calls this op
+# instead: the same forward with that cut fixed, also returning the start states, which
+# compiled and exported training graphs then carry to ``attn_bwd`` (``forward_states``).
+
+
+@torch.library.custom_op("lightning::attn_train", mutates_args=())
+def attn_train(
+    q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], scale: float, initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], segment_len: int, state_split: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``lightning::attn`` cut into segments of ``segment_len`` rows whose start states are
+    computed in ``state_split`` pieces each, returning ``(out, final_state, start_states)``: float32
+    ``[B*H, (ceil(N / segment_len) - 1) * state_split + 1, Dk, Dv]`` (H query heads; a pack of
+    sequences has as many slots as one sequence of its N rows), for ``attn_bwd``'s
+    ``forward_states``. A backend that keeps no start states (the chunked CPU form) returns zeros."""
+    validate_train(q, k, v, decay, scale, initial_state, cu_seqlens, segment_len, state_split)
+    backend = _backend(q)
+    shape = _start_states_shape(q, v, segment_len, state_split)
+    if not backend.keeps_start_states:
+        out, final = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
+        return out, final, q.new_zeros(shape, dtype=torch.float32)
+    kept = []
+    out, final = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, keep_start_states=kept,
+                            out_bnhd=output_bnhd(q), cut=(segment_len, state_split))
+    if not kept:  # one segment covers N: the backward starts from the initial state
+        return out, final, q.new_zeros(shape, dtype=torch.float32)
+    states = kept[0].states
+    if tuple(states.shape) != shape or kept[0].segment_len != segment_len or kept[0].state_split != state_split:
+        raise RuntimeError(
+            f"lightning attn_train: the forward kept start states of shape {tuple(states.shape)} in segments of "
+            f"{kept[0].segment_len} split {kept[0].state_split}, where segments of {segment_len} split "
+            f"{state_split} ({shape}) were asked for"
+        )
+    return out, final, states
+
+
+def validate_train(q, k, v, decay, scale, initial_state, cu_seqlens, segment_len, state_split) -> None:
+    """``validate`` for ``lightning::attn_train``: the forward's arguments and a cut of positive
+    integers."""
+    validate(q, k, v, decay, scale, initial_state, cu_seqlens)
+    _check_cut("attn_train", ("segment_len", segment_len), ("state_split", state_split))
+
+
+def _check_cut(op: str, *named) -> None:
+    for name, value in named:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"lightning {op}: {name} must be a positive int, got {value!r}")
+
+
+def _start_states_shape(q: Tensor, v: Tensor, segment_len: int, state_split: int) -> tuple:
+    b, h, n, dk = q.shape
+    segments = (torch.sym_max(n, 1) + segment_len - 1) // segment_len
+    return b * h, (segments - 1) * state_split + 1, dk, v.shape[3]
+
+
+@attn_train.register_fake
+def _attn_train_fake(q, k, v, decay, scale, initial_state, cu_seqlens, segment_len, state_split):
+    validate_train(q, k, v, decay, scale, initial_state, cu_seqlens, segment_len, state_split)
+    out, final = _attn_fake(q, k, v, decay, scale, initial_state, cu_seqlens)
+    return out, final, q.new_empty(_start_states_shape(q, v, segment_len, state_split), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
@@ -344,7 +415,8 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
 def attn_bwd(
     grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
     decay: Optional[Tensor] = None, scale: float = 1.0, initial_state: Optional[Tensor] = None, bnhd_grads: bool = False,
-    cu_seqlens: Optional[Tensor] = None, decay_grad: bool = False,
+    cu_seqlens: Optional[Tensor] = None, decay_grad: bool = False, forward_states: Optional[Tensor] = None,
+    forward_segment_len: int = 0, forward_state_split: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, d_initial_state, d_decay)`` of ``lightning::attn``.
 
@@ -355,18 +427,29 @@ def attn_bwd(
 
     ``d_initial_state`` is an empty tensor when ``initial_state`` is None (an op cannot return
     None), ``d_decay`` (float32, the decay's shape) unless ``decay_grad``.
+
+    ``forward_states``: the start states ``lightning::attn_train`` returned for these inputs with
+    the cut ``(forward_segment_len, forward_state_split)``; dq's pass starts its segments from them
+    where it cuts the sequence the same way (it needs no pass over k and v of its own then).
     """
     validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
-                      decay_grad)
+                      decay_grad, forward_states, forward_segment_len, forward_state_split)
+    kept = None
+    if forward_states is not None and _backend(q).keeps_start_states:
+        from .kernels import SegmentStates  # the backend that keeps them is the Triton one
+
+        kept = SegmentStates(forward_states, forward_segment_len, forward_state_split, packed=cu_seqlens is not None)
     return _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
-                          decay_grad)
+                          decay_grad, forward_states=kept)
 
 
 def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None,
-                      bnhd_grads=False, cu_seqlens=None, decay_grad=False) -> None:
+                      bnhd_grads=False, cu_seqlens=None, decay_grad=False, forward_states=None, forward_segment_len=0,
+                      forward_state_split=1) -> None:
     """``validate`` for ``lightning::attn_bwd``: the forward's arguments, plus ``grad_out``
     ``[B, H, N, Dv]`` in q's dtype and ``grad_final_state`` shaped as the final state (any float
-    dtype); ``decay_grad`` needs a decay."""
+    dtype); ``decay_grad`` needs a decay; ``forward_states`` as ``attn_train`` returns them for
+    the cut given."""
     validate(q, k, v, decay, scale, initial_state, cu_seqlens)
     b, h, n, dk = q.shape
     dv = v.shape[3]
@@ -386,6 +469,13 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
             raise TypeError(f"lightning attn_bwd: {name} must be a bool, got {flag!r}")
     if decay_grad and decay is None:
         raise ValueError("lightning attn_bwd: decay_grad=True needs a decay")
+    if forward_states is not None:
+        _check_cut("attn_bwd", ("forward_segment_len", forward_segment_len), ("forward_state_split", forward_state_split))
+        shape = _start_states_shape(q, v, forward_segment_len, forward_state_split)
+        _check_state_like("attn_bwd", "forward_states", forward_states, "attn_train's start states' shape", shape,
+                          ("B*H", "slots", "Dk", "Dv"), q)
+        if forward_states.dtype != torch.float32:
+            raise TypeError(f"lightning attn_bwd: forward_states must be float32, got {forward_states.dtype}")
 
 
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens=None,
@@ -405,9 +495,9 @@ def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_st
 
 @attn_bwd.register_fake
 def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False,
-                   cu_seqlens=None, decay_grad=False):
+                   cu_seqlens=None, decay_grad=False, forward_states=None, forward_segment_len=0, forward_state_split=1):
     validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
-                      decay_grad)
+                      decay_grad, forward_states, forward_segment_len, forward_state_split)
     d_init = q.new_empty(0, dtype=torch.float32) if initial_state is None else initial_state.new_empty(
         initial_state.shape, dtype=torch.float32
     )
@@ -418,15 +508,15 @@ def _attn_bwd_fake(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, i
 # ----------------------------------------------------------------------------- autograd
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, *extra_saved):
     q, k, v, decay, scale, initial_state, cu_seqlens = inputs
-    ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens)
+    ctx.save_for_backward(q, k, v, decay, initial_state, cu_seqlens, *extra_saved)
     ctx.scale = scale
     ctx.has_initial_state = initial_state is not None
 
 
 def _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=None):
-    q, k, v, decay, initial_state, cu_seqlens = ctx.saved_tensors
+    q, k, v, decay, initial_state, cu_seqlens = ctx.saved_tensors[:6]
     if grad_out is None:  # the eager path leaves unused outputs' gradients unmaterialised
         grad_out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     decay_grad = decay is not None and ctx.needs_input_grad[3]
@@ -447,6 +537,80 @@ def _readable_grad(grad_out: Tensor) -> Tensor:
 
 
 attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The op's autograd kernel, in place of the one ``register_autograd`` generates: the same formula,
+# but where the forward's cut is known from the shapes it runs ``attn_train`` and hands the start
+# states to the backward (see "forward for training graphs" above). Compiled and exported training
+# graphs record what this kernel calls: ``attn_train`` and ``attn_bwd``, or ``attn`` and ``attn_bwd``.
+
+
+def _attn_autograd(keyset, q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
+        layout = _kept_layout(q, k, v)
+        if layout is not None:
+            return _AttentionKeepingStates.apply(q, k, v, decay, scale, initial_state, cu_seqlens, layout)
+        return _OpAttention.apply(keyset, q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _attn_below_autograd(keyset, q, k, v, decay, scale, initial_state, cu_seqlens)
+
+
+def _attn_below_autograd(keyset, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lightning.attn.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _kept_layout(q: Tensor, k: Tensor, v: Tensor):
+    """The cut of the forward's start states where the backend keeps them and the shapes tell it
+    (``Backend.start_states_layout``); None for DTensors, whose local shapes are not these."""
+    backend = _backend(q)
+    if not backend.keeps_start_states or _is_dtensor(q):
+        return None
+    return backend.start_states_layout(q, k, v)
+
+
+def _is_dtensor(x: Tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+class _OpAttention(torch.autograd.Function):
+    """``lightning::attn`` below autograd, its inputs saved for ``attn_bwd``."""
+
+    @staticmethod
+    def forward(ctx, keyset, q, k, v, decay, scale, initial_state, cu_seqlens):
+        inputs = (q, k, v, decay, scale, initial_state, cu_seqlens)
+        output = _attn_below_autograd(keyset, *inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state):
+        return (None,) + _backward(ctx, grad_out, grad_final_state)
+
+
+class _AttentionKeepingStates(torch.autograd.Function):
+    """``lightning::attn_train`` with the cut ``layout``, its start states saved for ``attn_bwd``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay, scale, initial_state, cu_seqlens, layout):
+        out, final, states = torch.ops.lightning.attn_train(q, k, v, decay, scale, initial_state, cu_seqlens,
+                                                            layout.segment_len, layout.state_split)
+        _setup_context(ctx, (q, k, v, decay, scale, initial_state, cu_seqlens), (out, final), states)
+        ctx.layout = layout
+        return out, final
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state):
+        bwd = functools.partial(torch.ops.lightning.attn_bwd, forward_states=ctx.saved_tensors[6],
+                                forward_segment_len=ctx.layout.segment_len,
+                                forward_state_split=ctx.layout.state_split)
+        return _backward(ctx, grad_out, grad_final_state, attn_bwd_fn=bwd) + (None,)
+
+
+_autograd_lib = torch.library.Library("lightning", "IMPL")
+with warnings.catch_warnings():  # replacing register_autograd's kernel is the point
+    warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+    _autograd_lib.impl("attn", _attn_autograd, "Autograd", with_keyset=True)
 
 
 # ----------------------------------------------------------------------------- eager path

@@ -54,13 +54,13 @@ def make_inputs(b, h, n, dk, dv, dtype, device="cpu", layout="bhnd", seed=0):
     return one(dk), one(dk), one(dv)
 
 
-def oracle(q, k, v, decay, scale, initial_state, grad_out, grad_final):
+def oracle(q, k, v, decay, scale, initial_state, grad_out, grad_final, cu_seqlens=None):
     """Output, final state and the gradients (q, k, v, initial_state) in float64 from the quadratic
     form, computed on the inputs' device (float64 matmuls are fast enough on the GPU)."""
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     init = None if initial_state is None else initial_state.detach().double().requires_grad_()
     dec = None if decay is None else decay.detach().double()
-    out, final = reference.attention_quadratic(*leaves, dec, scale, init)
+    out, final = reference.attention_quadratic(*leaves, dec, scale, init, cu_seqlens)
     loss = (out * grad_out.double()).sum()
     if grad_final is not None:
         loss = loss + (final * grad_final.double()).sum()

@@ -94,6 +94,10 @@ def test_bench_form_presets_on_the_gpu_sizes(bench):
     assert (gqa.label, gqa.tokens) == ("gqa B8 N8K H32/8 D128", 65536)
     assert [s.label for s in bench.preset_shapes("decay-grad")] == ["decay-grad B8 N8K H16 D128",
                                                                     "decay-grad B1 N64K H16 D128"]
+    assert [s.label for s in bench.preset_shapes("compiled")] == ["compiled B4 N16K H16 D128",
+                                                                  "compiled B1 N16K H16 D128",
+                                                                  "compiled B1 N64K H16 D128"]
+    assert bench.FORM_IMPLS["compiled"] == ("ours", "ours_op", "ours_compiled")
     # a form shape runs beside the dense one of the same size, not merged into it
     shapes = bench.select_shapes(["quick", "decay-grad"])
     assert [(s.form, s.label) for s in shapes][:2] == [("dense", "B8 N8K H16 D128"),

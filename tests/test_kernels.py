@@ -436,8 +436,8 @@ def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
 def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, monkeypatch):
     """The eager path keeps the forward's segment start states and dq's pass starts from them,
     read transposed: a segmented forward+backward runs two segment-state passes instead of three
-    (the forward's and dk/dv's, both of their own kind), with the oracle's gradients; the op's
-    path through the dispatcher computes all three, to the same values."""
+    (the forward's and dk/dv's, both of their own kind), with the oracle's gradients; so does the
+    op through the dispatcher (its autograd runs ``attn_train``), to the same values."""
     from lightning_op import kernels, ops
     from lightning_op.kernels import config_override
 
@@ -474,10 +474,11 @@ def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, 
     op, op_passes = run(torch.ops.lightning.attn)
     # where the backward cuts the sequence otherwise, dq's pass cannot use the forward's states
     recut, recut_passes = run(ops.attn_eager, dict(cut, segment_len=128))
-    # forward (keys k), dk/dv (keys q, reverse); the op's path adds dq's own (keys v)
-    assert [p[2] for p in eager_passes] == [False, True], eager_passes
-    for found in (op_passes, recut_passes):
-        assert [p[0][-1] for p in found] == [dk, dv, dk] and [p[2] for p in found] == [False, False, True], found
+    # forward (keys k), dk/dv (keys q, reverse); a backward cut otherwise adds dq's own (keys v)
+    for found in (eager_passes, op_passes):
+        assert [p[2] for p in found] == [False, True], found
+    assert [p[0][-1] for p in recut_passes] == [dk, dv, dk] and [p[2] for p in recut_passes] == [False, False, True], \
+        recut_passes
     for got in (eager, op, recut):
         assert rel_error(got[0], expected_out) < TOLERANCE[torch.float32]
         assert rel_error(got[1], expected_final) < TOLERANCE[torch.float32]
@@ -485,3 +486,63 @@ def test_backward_starts_dq_from_the_forwards_segment_states(dk, dv, with_init, 
             assert rel_error(grad, want) < TOLERANCE[torch.float32]
     for a, b in zip(eager[2], op[2]):
         assert rel_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["dense", "packed-grouped", "dynamic"])
+def test_training_graphs_carry_the_forwards_segment_states(form, monkeypatch):
+    """A compiled training graph of ``torch.ops.lightning.attn`` (AOTAutograd, as Inductor's) runs
+    ``attn_train``, whose start states travel to ``attn_bwd``: dq's pass starts from them, so the
+    graphs run the eager path's two segment-state passes, with the oracle's values and gradients
+    (packed sequences with a group of heads sharing k, v and the state too). With a symbolic
+    length the cut is not known when the graph is traced: ``attn`` and a third pass, same values."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from lightning_op import kernels
+    from lightning_op.kernels import config_override
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    passes, graphs = [], []
+    real = kernels.launch._segment_start_states
+
+    def counted(key, value, *args, **kwargs):
+        passes.append(kwargs["reverse"])
+        return real(key, value, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.launch, "_segment_start_states", counted)
+
+    def recorded(gm, inputs):
+        def compiler(graph, _):
+            graphs.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+            return make_boxed_func(graph.forward)
+        return aot_module_simplified(gm, inputs, fw_compiler=compiler, bw_compiler=compiler)
+
+    n, dk, dv = 200, 16, 24
+    packed = form == "packed-grouped"
+    b, h, hkv = (1, 4, 2) if packed else (2, 2, 2)
+    q = torch.randn(b, h, n, dk, device=DEVICE) * 0.5
+    k = torch.randn(b, hkv, n, dk, device=DEVICE) * 0.5
+    v = torch.randn(b, hkv, n, dv, device=DEVICE)
+    decay = torch.tensor([0.01, 0.3], device=DEVICE)  # [Hkv]: each group shares one state
+    cu = torch.tensor([0, 70, 70, 200], device=DEVICE) if packed else None
+    init = torch.randn(3 if packed else b, 2, dk, dv, device=DEVICE)
+    grad_out = torch.randn(b, h, n, dv, device=DEVICE)
+    grad_final = torch.randn_like(init)
+    expected = oracle(q, k, v, decay, 0.7, init, grad_out, grad_final, cu_seqlens=cu)
+
+    def attention(q, k, v, init):
+        return torch.ops.lightning.attn(q, k, v, decay, 0.7, init, cu)
+
+    compiled = torch.compile(attention, backend=recorded, fullgraph=True, dynamic=form == "dynamic")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, init)]
+    with config_override(chunk=16, segment_len=64, state_split=2, kv_segment_len=64, kv_state_split=2):
+        out, final = compiled(*leaves)
+        torch.autograd.backward((out, final), (grad_out, grad_final))
+    forward_ops, backward_ops = graphs
+    if form == "dynamic":
+        assert "lightning.attn.default" in forward_ops and passes == [False, False, True], (forward_ops, passes)
+    else:
+        assert "lightning.attn_train.default" in forward_ops and "lightning.attn_bwd.default" in backward_ops
+        assert passes == [False, True], passes
+    for got, want in zip((out, final, *(x.grad for x in leaves)), (expected[0], expected[1], *expected[2])):
+        assert rel_error(got, want) < TOLERANCE[torch.float32]

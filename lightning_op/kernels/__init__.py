@@ -12,8 +12,8 @@ tensors through Triton's interpreter.
 """
 
 from .config import LaunchConfig, choose_config, config_override, fused_backward_fits
-from .launch import (SegmentStates, decay_gradient, decode_step, final_state, key_value_gradients,
-                     linear_attention, state_itemsize_of)
+from .launch import (SegmentStates, StartStatesLayout, decay_gradient, decode_step, final_state,
+                     key_value_gradients, linear_attention, start_states_layout, state_itemsize_of)
 
 __all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "final_state", "decode_step", "LaunchConfig",
-           "SegmentStates", "choose_config", "config_override", "fused_backward_fits", "state_itemsize_of"]
+           "SegmentStates", "StartStatesLayout", "start_states_layout", "choose_config", "config_override", "fused_backward_fits", "state_itemsize_of"]

@@ -277,6 +277,7 @@ _chosen: dict = {}
 def choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
     *, whole_value: bool = False, itemsize: int = 2, state_itemsize: Optional[int] = None,
+    state_split: Optional[int] = None,
 ) -> LaunchConfig:
     """:func:`_choose_config`, remembered per argument set (it runs for every launch; a dictionary
     lookup costs far less). Not remembered while :func:`config_override` forces parameters, or for
@@ -284,13 +285,13 @@ def choose_config(
     if any_forced() or not all(type(x) is int for x in (batch_heads, n, dk, dv)) or \
             (segment_len is not None and type(segment_len) is not int):
         return _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize,
-                              state_itemsize=state_itemsize)
+                              state_itemsize=state_itemsize, state_split=state_split)
     count = multiprocessors(device.index or 0) if device.type == "cuda" else 0
-    key = (batch_heads, n, dk, dv, device, segment_len, whole_value, itemsize, state_itemsize, count)
+    key = (batch_heads, n, dk, dv, device, segment_len, whole_value, itemsize, state_itemsize, count, state_split)
     cfg = _chosen.get(key)
     if cfg is None:
         cfg = _choose_config(batch_heads, n, dk, dv, device, segment_len, whole_value=whole_value, itemsize=itemsize,
-                             state_itemsize=state_itemsize)
+                             state_itemsize=state_itemsize, state_split=state_split)
         if len(_chosen) >= 4096:
             _chosen.clear()
         _chosen[key] = cfg
@@ -300,11 +301,13 @@ def choose_config(
 def _choose_config(
     batch_heads: int, n: int, dk: int, dv: int, device: torch.device, segment_len: Optional[int] = None,
     *, whole_value: bool = False, itemsize: int = 2, state_itemsize: Optional[int] = None,
+    state_split: Optional[int] = None,
 ) -> LaunchConfig:
     """Tile sizes and the segment length for one call of the forward family, or of the fused
     backward (``whole_value``). ``itemsize``: bytes per input element; ``state_itemsize``: bytes
     per element of the state's operand in its products, by default ``itemsize`` (float16 inputs
-    have 4, see :func:`~lightning_op.kernels.launch.state_itemsize_of`).
+    have 4, see :func:`~lightning_op.kernels.launch.state_itemsize_of`). ``segment_len`` and
+    ``state_split``: a caller's fixed cut (an explicit ``segment_len`` alone is not split).
 
     Each choice is the fastest of the sweeps recorded in benchmarks/RESULTS.md:
 
@@ -371,7 +374,8 @@ def _choose_config(
         segment_len = cdiv(segment_len, chunk) * chunk
     elif segment_len <= 0 or segment_len % chunk:
         raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk}, got {segment_len}")
-    state_split = pick("state_split", None)
+    if state_split is None:
+        state_split = pick("state_split", None)
     if state_split is None:
         state_split = 1
         if device.type == "cuda" and not explicit and n > segment_len:

@@ -22,12 +22,12 @@ from ._launch import launcher as _launcher
 from .backward import _key_value_grad_kernel
 from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import _chunk_output_kernel, _packed_plan_kernel, _segment_scan_kernel, _segment_state_kernel
-from .config import LaunchConfig, cdiv, choose_config, multiprocessors, next_power_of_2
+from .config import LaunchConfig, any_forced, cdiv, choose_config, multiprocessors, next_power_of_2
 from .decay_grad import _decay_moment_kernel, _moment_chain_kernel
 from .decode import launch_decode_step
 
 __all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "decode_step", "SegmentStates",
-           "state_itemsize_of"]
+           "StartStatesLayout", "start_states_layout", "state_itemsize_of"]
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -88,13 +88,53 @@ def _direct(kernel):
     return _launcher(kernel)
 
 
+@dataclasses.dataclass(frozen=True)
+class StartStatesLayout:
+    """How the segment start states of a forward :func:`linear_attention` call are cut, known
+    before the call (:func:`start_states_layout`): float32 ``[B*H, slots, Dk, Dv]``."""
+
+    segment_len: int
+    state_split: int
+    slots: int
+
+    def shape(self, batch_heads: int, dk: int, dv: int) -> tuple[int, int, int, int]:
+        return batch_heads, self.slots, dk, dv
+
+    def wrap(self, states: Tensor, packed: bool) -> SegmentStates:
+        """``states`` (as a call with this layout kept them) as :class:`SegmentStates`."""
+        return SegmentStates(states, self.segment_len, self.state_split, packed=packed)
+
+
+def start_states_layout(query: Tensor, key: Tensor, value: Tensor) -> Optional[StartStatesLayout]:
+    """The layout of the segment start states that ``linear_attention(query, key, value)`` (a
+    forward call: no ``segment_len``, ``reverse`` or pool) keeps in ``keep_start_states``, from the
+    shapes alone, the same for packed and dense calls (a pack is cut as one sequence of its N rows
+    would be, :func:`_packed_plan`). None where it keeps none (one segment covers N) or where the
+    shapes cannot tell: symbolic sizes, or per-shape timing (:mod:`.autotune`), whose choice is
+    known only once the call has run.
+
+    Training graphs carry the states from the forward to the backward as an output of the op
+    (``lightning::attn_train``), whose size its fake must state before anything runs."""
+    b, _, n, dk = query.shape
+    dv = value.shape[-1]
+    h = _compute_heads(query, key, value)
+    if not all(type(x) is int for x in (b, h, n, dk, dv)) or (autotune.enabled() and not any_forced()):
+        return None
+    cfg = choose_config(b * h, n, dk, dv, query.device, itemsize=query.element_size(),
+                        state_itemsize=state_itemsize_of(query.dtype))
+    num_segments = cdiv(max(n, 1), cfg.segment_len)
+    if num_segments <= 1:
+        return None
+    return StartStatesLayout(cfg.segment_len, cfg.state_split, _num_slots(num_segments, cfg.state_split))
+
+
 def linear_attention(
     query: Tensor, key: Tensor, value: Tensor, decay: Optional[Tensor] = None, *, out_scale: float = 1.0,
     value_scale: float = 1.0, initial_state: Optional[Tensor] = None, reverse: bool = False, init_shift: int = 1,
     store_final: bool = True, segment_len: Optional[int] = None, traceable: bool = False, out_bnhd: bool = False,
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
-    state_rows: Optional[Tensor] = None, padded_rows: bool = True,
+    state_rows: Optional[Tensor] = None, padded_rows: bool = True, state_split: Optional[int] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -109,7 +149,8 @@ def linear_attention(
     have H heads (heads of a group that share their key, value, decay and initial state compute
     the same state: the caller picks one, or sums gradients over the group).
 
-    ``segment_len`` overrides :func:`choose_config`'s choice (tests); see also
+    ``segment_len`` overrides :func:`choose_config`'s choice (tests, and a cut fixed in advance with
+    ``state_split``: :func:`start_states_layout`); see also
     :func:`config_override` and the opt-in per-shape timing of :mod:`.autotune`. Returns
     ``(out [B, H, N, Dv] in query's dtype, float32 final state or None)``; ``out_bnhd`` stores
     ``out`` as [B, N, H, Dv] (seen as [B, H, N, Dv]): gradients of inputs kept in that layout then
@@ -239,7 +280,7 @@ def linear_attention(
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
         "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize,
-                                         state_itemsize=state_itemsize), launch_with,
+                                         state_itemsize=state_itemsize, state_split=state_split), launch_with,
         # a pooled launch updates the pool in place: it cannot be repeated to time candidates
         device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None and not pooled,
         packed=cu_seqlens is not None,
