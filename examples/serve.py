@@ -13,8 +13,9 @@ slot's state in place (`layer(x, cache=pool, slots=..., cu_seqlens=...)`). Sampl
 a finished request frees its slot. Steps with no prompt chunk can run at bucketed batch sizes,
 padded with slot -1 rows (zeros out, no slot touched), which CUDA graphs replay on a GPU.
 
-It prints throughput and per-step latency, then checks each request against running it alone
-(plain prefill and StateCache decoding, from an empty state, fed the engine's tokens): the logits
+It prints throughput and per-step latency, then runs each request alone, one after the other
+(plain prefill and StateCache decoding, from an empty state, fed the engine's tokens: a server
+without batching), prints that loop's throughput beside the engine's, and checks: the logits
 every generated token was chosen from must agree within the dtype's tolerance (the decisive
 `check` line), and it reports how many tokens equal the alone run's greedy choice. A token that
 differs must be a near tie there (top logits within that tolerance), or the script exits non-zero.
@@ -225,12 +226,20 @@ def alone(model, request, device):
     return torch.stack(logits).float().cpu()
 
 
-def compare(model, requests, device, tol):
+def one_at_a_time(model, requests, device):
+    """Each request alone, one after the other (what a server without batching does), timed:
+    (the logits of each, seconds)."""
+    start = time.perf_counter()
+    logits = [alone(model, r, device) for r in requests]  # each ends on the host: nothing left queued
+    return logits, time.perf_counter() - start
+
+
+def compare(requests, alone_logits, tol):
     """Max relative logit error over requests; (requests, tokens) agreeing; mismatches that are no
     near tie; the smallest top-2 margin seen (relative to the largest logit)."""
     errors, same_requests, same_tokens, total, not_ties, margin = [], 0, 0, 0, [], math.inf
-    for r in requests:
-        want, got = alone(model, r, device), torch.stack(r.logits)
+    for r, want in zip(requests, alone_logits):
+        got = torch.stack(r.logits)
         scale = want.abs().amax(-1)
         errors.append(((got - want).abs().amax(-1) / scale).max())
         greedy = want.argmax(-1)
@@ -325,8 +334,11 @@ def main():
                 print(f"step latency ms, {name}: median {1e3 * statistics.median(values):.2f}, "
                       f"p90 {1e3 * percentile(values, 0.9):.2f}")
 
+        alone_logits, alone_seconds = one_at_a_time(model, requests, device)
+        print(f"one request at a time: {(prompt_tokens + generated) / alone_seconds:,.0f} tokens/s in "
+              f"{alone_seconds:.2f} s; the engine's throughput is {alone_seconds / seconds:.2f}x that")
         tol = TOLERANCE[dtype]
-        worst, same_requests, same_tokens, total, not_ties, margin = compare(model, requests, device, tol)
+        worst, same_requests, same_tokens, total, not_ties, margin = compare(requests, alone_logits, tol)
     print(f"check logits_vs_alone: max_rel_err={worst:.2e} tol={tol:.0e}")
     print(f"agreement: {same_requests}/{len(requests)} requests, {same_tokens}/{total} tokens equal the alone run's "
           f"greedy choice ({str(dtype)[6:]}; alone = plain prefill + StateCache decode fed the engine's tokens, so "

@@ -317,7 +317,8 @@ def _register_sharding_rules() -> None:
 
     @register_sharding(torch.ops.lightning.attn_bwd.default)
     def _attn_bwd(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0, initial_state=None, bnhd_grads=False,
-                  cu_seqlens=None, decay_grad=False):
+                  cu_seqlens=None, decay_grad=False, forward_states=None, forward_segment_len=0, forward_state_split=1):
+        # (forward_states: never for DTensors, whose autograd keeps no start states: ops._kept_layout)
         _refuse_sequence_sharding(q, k, v)
         # the initial state's and the decay's gradients are empty placeholders when not asked for: replicated
         return [
@@ -325,7 +326,7 @@ def _register_sharding_rules() -> None:
                               decay_grad_ if decay_grad else Replicate()],
              [tensors, tensors if grad_final_state is not None else None] + [tensors] * 3
              + [decay_ if decay is not None else None, None, tensors if initial_state is not None else None, None,
-                Replicate() if cu_seqlens is not None else None, None])
+                Replicate() if cu_seqlens is not None else None, None, None, None, None])
             for tensors, decay_, decay_grad_ in layouts
         ]
 

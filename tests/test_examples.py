@@ -102,6 +102,8 @@ def test_serve_continuous_batching():
     steps = re.search(r"^steps: \d+ \((\d+) with prompt chunks, (\d+) decode-only\)", out, re.MULTILINE)
     assert steps and int(steps[1]) > 0 and int(steps[2]) > 0, out  # both kinds of step ran
     assert re.search(r"^throughput: [\d,]+ tokens/s", out, re.MULTILINE), out
+    assert re.search(r"^one request at a time: [\d,]+ tokens/s in [\d.]+ s; the engine's throughput is "
+                     r"[\d.]+x that", out, re.MULTILINE), out
     agreement = re.search(r"^agreement: (\d+)/(\d+) requests, (\d+)/(\d+) tokens equal the alone run", out,
                           re.MULTILINE)
     assert agreement, out

@@ -2,7 +2,7 @@
 # One call on the lent GPU machine: correctness first, then timings, each stage with its own time
 # limit so a slow stage cannot starve the rest. Usage (with .whl carried; runs in the repo root):
 #   bash benchmarks/device/stages.sh [stage ...]     stages: setup tests bench bench-check bench-short bench-long bench-dims quick decode
-#                                                     rewrite deploy decay-grad serve census forms compiled
+#                                                     rewrite deploy decay-grad serve serve-example census forms compiled
 # `census forms` fit one 600-s call (300 + 270 s at most). Outputs land under $OUT (or benchmarks/out) per stage; the last lines printed are the summary.
 # SKIP_INSTALL=1: the installs were made by an earlier call (parallel.sh); TEST_SHARDS: processes of the suite (default 8;
 # each compiles its own kernels: 14 ran a cold run to its end in 500 s on an H100, where out-of-memory failures
@@ -72,6 +72,8 @@ for stage in "${stages[@]}"; do
     compiled)  # the op through the dispatcher and torch.compile'd against the eager wrapper (training graphs keep the forward's start states)
              timeout 200 python3 benchmarks/bench.py --preset compiled --budget-s 150 --out "$out/compiled" 2>&1 \
                | tee "$out/compiled.log" | tail -20 ;;
+    serve-example)  # continuous batching over a tiny LM (64 slots), its throughput beside one request at a time
+             timeout 300 python3 examples/serve.py 2>&1 | tee "$out/serve-example.log" | tail -12 ;;
     decay-grad)  # the moment pass: each head's error against float64 by length, its time beside the backward
              timeout 200 python3 benchmarks/decay_grad_accuracy.py --repeats 10 2>&1 | tee "$out/decay-grad.log" | tail -20 ;;
     serve)   # the mixed serving step (each way's kernels and their GPU time first), and the packed way at other forward segment lengths
