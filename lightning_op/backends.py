@@ -131,7 +131,7 @@ def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[T
     """The op: ``(out in q's dtype, final state)``, the state float32 (float64 for float64 inputs).
     ``keep_start_states``: see ``kernels.linear_attention``; ``out_bnhd`` stores out as [B, N, H, Dv];
     ``cut``: ``(segment_len, state_split)`` fixed in advance (``Backend.start_states_layout``'s), for
-    a backend that keeps start states.
+    a backend that keeps start states; the slots they leave unused then hold zeros.
 
     Grouped heads run per query head (the backends read a kv head for each, no copy of k or v);
     where a group shares its state (``reference.state_heads``) its heads compute the same state,
@@ -139,7 +139,7 @@ def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[T
     h = q.shape[1]
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
     if cut is not None:
-        extra.update(segment_len=cut[0], state_split=cut[1])
+        extra.update(segment_len=cut[0], state_split=cut[1], zero_unused_slots=True)
     out, final = backend.linear_attention(q, k, v, compute_decay(decay, h), out_scale=scale,
                                           initial_state=initial_state, keep_start_states=keep_start_states,
                                           out_bnhd=out_bnhd, **extra)

@@ -262,6 +262,46 @@ def test_opcheck(cpu_backend):
         torch.library.opcheck(torch.ops.lightning.attn_bwd.default, bwd_args)
 
 
+def test_opcheck_training_forward_and_its_states(cpu_backend):
+    """``attn_train`` (what the op's autograd runs where the forward's cut is known) and
+    ``attn_bwd`` taking its start states: fakes, schemas and autograd registration (opcheck),
+    dense and packed with a shared state; the op's grads under a forced cut (which takes
+    ``attn_train``) equal the oracle's. Bad cuts and states are refused, naming the argument."""
+    from lightning_op.kernels import config_override
+
+    q, k, v = make_inputs(1, 4, 300, 16, 32, torch.float32)
+    k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    decay = torch.tensor([0.5, 0.01])
+    init = torch.randn(1, 2, 16, 32)
+    cu = torch.tensor([0, 30, 30, 300])
+    grad_out = torch.randn(1, 4, 300, 32)
+    for cu_, init_ in ((None, init), (cu, torch.randn(3, 2, 16, 32))):
+        out, final, states = torch.ops.lightning.attn_train(q, k, v, decay, 0.3, init_, cu_, 128, 2)
+        assert states.shape == (4, 2 * 2 + 1, 16, 32) and states.dtype == torch.float32  # ceil(300 / 128) = 3
+        want_out, want_final = torch.ops.lightning.attn(q, k, v, decay, 0.3, init_, cu_)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(final, want_final)
+        torch.library.opcheck(torch.ops.lightning.attn_train.default, (q, k, v, decay, 0.3, init_, cu_, 128, 2))
+        torch.library.opcheck(torch.ops.lightning.attn_bwd.default,
+                              (grad_out, None, q, k, v, decay, 0.3, init_, False, cu_, False, states, 128, 2))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, init)]
+    with config_override(chunk=16, segment_len=32, state_split=2):
+        out, final = torch.ops.lightning.attn(*leaves[:3], decay, 0.3, leaves[3])
+    grad_final = torch.randn_like(final)
+    torch.autograd.backward((out, final), (grad_out, grad_final))
+    expected = oracle(q, k, v, decay, 0.3, init, grad_out, grad_final)
+    for got, want in zip((out, final, *(x.grad for x in leaves)), (expected[0], expected[1], *expected[2])):
+        assert rel_error(got, want) < 1e-5
+    with pytest.raises(ValueError, match="segment_len must be a positive int"):
+        torch.ops.lightning.attn_train(q, k, v, decay, 0.3, init, None, 0, 1)
+    with pytest.raises(ValueError, match=r"forward_states must have attn_train's start states' shape"):
+        torch.ops.lightning.attn_bwd(grad_out, None, q, k, v, decay, 0.3, init, False, None, False,
+                                     torch.zeros(4, 6, 16, 32), 128, 2)
+    with pytest.raises(TypeError, match="forward_states must be float32"):
+        torch.ops.lightning.attn_bwd(grad_out, None, q, k, v, decay, 0.3, init, False, None, False,
+                                     torch.zeros(4, 5, 16, 32, dtype=torch.float64), 128, 2)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -135,6 +135,7 @@ def linear_attention(
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
     state_rows: Optional[Tensor] = None, padded_rows: bool = True, state_split: Optional[int] = None,
+    zero_unused_slots: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -157,7 +158,8 @@ def linear_attention(
     need no copy.
 
     ``keep_start_states``: a list to which the call appends the :class:`SegmentStates` it computed
-    (nothing when one segment covers N). ``start_states``: such states of an earlier call with the
+    (nothing when one segment covers N); ``zero_unused_slots``: their slots that no segment starts
+    from hold zeros, not whatever the memory held (states returned as an op's output). ``start_states``: such states of an earlier call with the
     same key, value (or, ``transposed``, the two swapped), decay and initial state (the same
     ``value_scale`` and ``init_shift``), used instead of the segment-state pass where they fit
     (:meth:`SegmentStates.fits`); the caller vouches for that sameness. Eager calls only.
@@ -249,7 +251,7 @@ def linear_attention(
                 seg_states = _segment_start_states(
                     key, value, decay, initial_state, cfg, num_segments, h,
                     value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch, plan=plan,
-                    state_rows=state_rows,
+                    state_rows=state_rows, zero_unused=zero_unused_slots,
                 )
                 if keep_start_states is not None:
                     keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split,
@@ -414,7 +416,7 @@ def _num_slots(num_segments, state_split: int):
 def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
-    plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None,
+    plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None, zero_unused: bool = False,
 ) -> Tensor:
     """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
     heads (key, value and initial state read per compute head as in :func:`linear_attention`),
@@ -425,14 +427,19 @@ def _segment_start_states(
     when N is symbolic (``state_split`` is then 1). With a ``plan`` (packed sequences) the same
     number of slots holds the pieces of every sequence's segments but its last, sequence after
     sequence (:func:`_packed_plan`), and the scan runs per sequence. ``state_rows``: the initial
-    states are rows of a pool, copied to the plan's lead slots (:func:`_packed_plan`)."""
+    states are rows of a pool, copied to the plan's lead slots (:func:`_packed_plan`). ``zero_unused``:
+    the slots no segment starts from are zeros (a packed plan's are known on the device only: all
+    slots start zeroed)."""
     b, _, n, dk = key.shape
     dv = value.shape[-1]
     h = heads
     num_v_blocks = cdiv(dv, cfg.block_v)
     piece_len = cfg.segment_len // cfg.state_split
     num_pieces = _num_slots(num_segments, cfg.state_split) if plan is None else plan.pieces.shape[0]
-    seg_states = torch.empty(b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
+    seg_states = (torch.zeros if zero_unused and plan is not None else torch.empty)(
+        b * h, num_pieces, dk, dv, dtype=torch.float32, device=key.device)
+    if zero_unused and plan is None:
+        seg_states[:, -1].zero_()
     has_decay = decay is not None
     decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
