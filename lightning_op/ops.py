@@ -11,6 +11,7 @@ the interpreter).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 import warnings
@@ -610,7 +611,10 @@ class _AttentionKeepingStates(torch.autograd.Function):
 _autograd_lib = torch.library.Library("lightning", "IMPL")
 with warnings.catch_warnings():  # replacing register_autograd's kernel is the point
     warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-    _autograd_lib.impl("attn", _attn_autograd, "Autograd", with_keyset=True)
+    # torch 2.8 to 2.12 refuse to replace a kernel registered from Python unless asked to
+    # (``allow_override``, default True from 2.13)
+    _override = {"allow_override": True} if "allow_override" in inspect.signature(_autograd_lib.impl).parameters else {}
+    _autograd_lib.impl("attn", _attn_autograd, "Autograd", with_keyset=True, **_override)
 
 
 # ----------------------------------------------------------------------------- eager path
