@@ -349,7 +349,7 @@ def _attn_fake(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=No
 # them: ``_EagerAttention``). Where the forward will cut the sequence into segments and the cut is
 # known from the shapes alone (``Backend.start_states_layout``), the autograd calls this op
 # instead: the same forward with that cut fixed, also returning the start states, which
-# compiled and exported training graphs then carry to ``attn_bwd`` (``forward_states``).
+# compiled training graphs then carry to ``attn_bwd`` (``forward_states``).
 
 
 @torch.library.custom_op("lightning::attn_train", mutates_args=())
@@ -542,8 +542,9 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 
 # The op's autograd kernel, in place of the one ``register_autograd`` generates: the same formula,
 # but where the forward's cut is known from the shapes it runs ``attn_train`` and hands the start
-# states to the backward (see "forward for training graphs" above). Compiled and exported training
-# graphs record what this kernel calls: ``attn_train`` and ``attn_bwd``, or ``attn`` and ``attn_bwd``.
+# states to the backward (see "forward for training graphs" above). Compiled training graphs
+# (AOTAutograd's) record what this kernel calls: ``attn_train`` and ``attn_bwd``, or ``attn`` and
+# ``attn_bwd``.
 
 
 def _attn_autograd(keyset, q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
@@ -551,7 +552,7 @@ def _attn_autograd(keyset, q, k, v, decay=None, scale=1.0, initial_state=None, c
         layout = _kept_layout(q, k, v)
         if layout is not None:
             return _AttentionKeepingStates.apply(q, k, v, decay, scale, initial_state, cu_seqlens, layout)
-        return _OpAttention.apply(keyset, q, k, v, decay, scale, initial_state, cu_seqlens)
+        return _OpAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens, keyset)
     return _attn_below_autograd(keyset, q, k, v, decay, scale, initial_state, cu_seqlens)
 
 
@@ -577,8 +578,9 @@ def _is_dtensor(x: Tensor) -> bool:
 class _OpAttention(torch.autograd.Function):
     """``lightning::attn`` below autograd, its inputs saved for ``attn_bwd``."""
 
+    # the op's inputs first, in the op's order: _backward reads ctx.needs_input_grad by their positions
     @staticmethod
-    def forward(ctx, keyset, q, k, v, decay, scale, initial_state, cu_seqlens):
+    def forward(ctx, q, k, v, decay, scale, initial_state, cu_seqlens, keyset):
         inputs = (q, k, v, decay, scale, initial_state, cu_seqlens)
         output = _attn_below_autograd(keyset, *inputs)
         _setup_context(ctx, inputs, output)
@@ -586,7 +588,7 @@ class _OpAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_final_state):
-        return (None,) + _backward(ctx, grad_out, grad_final_state)
+        return _backward(ctx, grad_out, grad_final_state) + (None,)
 
 
 class _AttentionKeepingStates(torch.autograd.Function):

@@ -302,6 +302,49 @@ def test_opcheck_training_forward_and_its_states(cpu_backend):
                                      torch.zeros(4, 5, 16, 32, dtype=torch.float64), 128, 2)
 
 
+@pytest.mark.parametrize("path", ["op", "op-keeping-states", "wrapper"])
+def test_each_input_gets_its_gradient_alone(cpu_backend, path, monkeypatch):
+    """Each input requiring grad alone, and all but the decay, through the op's own autograd (as
+    compiled graphs and direct calls of ``torch.ops.lightning.attn`` run it; with a cut that
+    takes ``attn_train``) and through the wrapper: the gradient of what requires it (the float64
+    oracle's), None for the rest, and the decay's moment pass only when the decay asks for it."""
+    from lightning_op import backends
+    from lightning_op.kernels import config_override
+
+    if path == "op-keeping-states" and cpu_backend == "reference":
+        pytest.skip("the chunked form keeps no start states")
+    q, k, v = make_inputs(1, 2, 150, 16, 24, torch.float32)
+    decay = torch.tensor([0.05, 0.4], dtype=q.dtype)
+    init = torch.randn(1, 2, 16, 24, dtype=q.dtype)
+    grad_out = torch.randn(1, 2, 150, 24, dtype=q.dtype)
+    wide = [x.detach().double().clone().requires_grad_() for x in (q, k, v, decay, init)]
+    out, final = lightning_op.reference.attention_quadratic(*wide[:3], wide[3], 0.6, wide[4])
+    expected = torch.autograd.grad((out * grad_out.double()).sum() + final.sum(), wide)
+    moment_passes = []
+    real_backward = backends.backward
+
+    def counted(*args, **kwargs):
+        moment_passes.append(kwargs.get("decay_grad", False))
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "backward", counted)
+    attention = lightning_op.lightning_attn if path == "wrapper" else (
+        lambda *a, **kw: torch.ops.lightning.attn(*a[:4], kw["scale"], kw["initial_state"]))
+    cut = dict(chunk=16, segment_len=64, state_split=2) if path == "op-keeping-states" else {}
+    for wanted in ([0], [1], [2], [3], [4], [0, 1, 2, 4]):
+        leaves = [x.clone().requires_grad_(i in wanted) for i, x in enumerate((q, k, v, decay, init))]
+        with config_override(**cut):
+            out, final = attention(*leaves[:4], scale=0.6, initial_state=leaves[4], output_final_state=True)
+        ((out * grad_out).sum() + final.sum()).backward()
+        for i, (leaf, want) in enumerate(zip(leaves, expected)):
+            if i in wanted:
+                assert rel_error(leaf.grad, want) < 1e-4, (wanted, i)
+            else:
+                assert leaf.grad is None, (wanted, i)
+        assert moment_passes == [3 in wanted], (wanted, moment_passes)
+        moment_passes.clear()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
