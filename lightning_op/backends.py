@@ -44,10 +44,10 @@ class Backend:
     fused_key_value_gradients: Optional[Callable] = None
     fused_fits: Callable[[int, int, int], bool] = lambda dk, dv, itemsize: False
     fused_forms: bool = False  # whether the fused pass takes grouped heads and packed sequences
-    # (query, key, value) -> the layout of the segment start states a forward call keeps, or None
-    # (``kernels.start_states_layout``; a backend without them keeps none)
-    start_states_layout: Callable = lambda query, key, value: None
-    keeps_start_states: bool = False  # whether its forward keeps them (``keep_start_states``) and takes a fixed cut
+    # for a backend whose forward keeps its segment start states (``keep_start_states``) and takes a
+    # cut fixed in advance: (query, key, value) -> the layout of those a forward call keeps, or None
+    # (``kernels.start_states_layout``); None for a backend that keeps none
+    start_states_layout: Optional[Callable] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +78,7 @@ def triton() -> Backend:
     linear_attention = kernels.linear_attention if native else _per_sequence(kernels.linear_attention)
     return Backend("triton", linear_attention, kernels.decode_step, kernels.decay_gradient,
                    kernels.key_value_gradients, kernels.fused_backward_fits, fused_forms=native,
-                   start_states_layout=kernels.start_states_layout if native else lambda query, key, value: None,
-                   keeps_start_states=native)
+                   start_states_layout=kernels.start_states_layout if native else None)
 
 
 def _per_sequence(linear_attention: Callable) -> Callable:

@@ -365,7 +365,7 @@ def attn_train(
     validate_train(q, k, v, decay, scale, initial_state, cu_seqlens, segment_len, state_split)
     backend = _backend(q)
     shape = _start_states_shape(q, v, segment_len, state_split)
-    if not backend.keeps_start_states:
+    if backend.start_states_layout is None:
         out, final = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
         return out, final, q.new_zeros(shape, dtype=torch.float32)
     kept = []
@@ -397,6 +397,8 @@ def _check_cut(op: str, *named) -> None:
 
 
 def _start_states_shape(q: Tensor, v: Tensor, segment_len: int, state_split: int) -> tuple:
+    """``kernels.launch._num_slots``' count for this cut, without importing the kernels (the fake
+    runs where triton is absent)."""
     b, h, n, dk = q.shape
     segments = (torch.sym_max(n, 1) + segment_len - 1) // segment_len
     return b * h, (segments - 1) * state_split + 1, dk, v.shape[3]
@@ -436,7 +438,7 @@ def attn_bwd(
     validate_backward(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens,
                       decay_grad, forward_states, forward_segment_len, forward_state_split)
     kept = None
-    if forward_states is not None and _backend(q).keeps_start_states:
+    if forward_states is not None and _backend(q).start_states_layout is not None:
         from .kernels import SegmentStates  # the backend that keeps them is the Triton one
 
         kept = SegmentStates(forward_states, forward_segment_len, forward_state_split, packed=cu_seqlens is not None)
@@ -548,12 +550,17 @@ attn.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _attn_autograd(keyset, q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
+    if _differentiated(q, k, v, decay, initial_state):
         layout = _kept_layout(q, k, v)
         if layout is not None:
             return _AttentionKeepingStates.apply(q, k, v, decay, scale, initial_state, cu_seqlens, layout)
         return _OpAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens, keyset)
     return _attn_below_autograd(keyset, q, k, v, decay, scale, initial_state, cu_seqlens)
+
+
+def _differentiated(*inputs) -> bool:
+    """Whether autograd records the call: grad mode on and an input (or None) requiring grad."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
 
 
 def _attn_below_autograd(keyset, *args):
@@ -565,7 +572,7 @@ def _kept_layout(q: Tensor, k: Tensor, v: Tensor):
     """The cut of the forward's start states where the backend keeps them and the shapes tell it
     (``Backend.start_states_layout``); None for DTensors, whose local shapes are not these."""
     backend = _backend(q)
-    if not backend.keeps_start_states or _is_dtensor(q):
+    if backend.start_states_layout is None or _is_dtensor(q):
         return None
     return backend.start_states_layout(q, k, v)
 
@@ -815,7 +822,7 @@ def _named_in_profiles(name: str, call: Callable, *args):
 
 
 def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, decay, initial_state)):
+    if _differentiated(q, k, v, decay, initial_state):
         return _EagerAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
     return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
 
@@ -1022,7 +1029,7 @@ def _overlaps_itself(x: Tensor) -> bool:
 
 
 def _check_step_grad(q, k, v, state, decay) -> None:
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, state, decay)):
+    if _differentiated(q, k, v, state, decay):
         names = [n for n, x in (("q", q), ("k", k), ("v", v), ("state", state), ("decay", decay))
                  if x is not None and x.requires_grad]
         raise ValueError(

@@ -16,4 +16,5 @@ from .launch import (SegmentStates, StartStatesLayout, decay_gradient, decode_st
                      key_value_gradients, linear_attention, start_states_layout, state_itemsize_of)
 
 __all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "final_state", "decode_step", "LaunchConfig",
-           "SegmentStates", "StartStatesLayout", "start_states_layout", "choose_config", "config_override", "fused_backward_fits", "state_itemsize_of"]
+           "SegmentStates", "StartStatesLayout", "start_states_layout", "choose_config", "config_override",
+           "fused_backward_fits", "state_itemsize_of"]

@@ -91,18 +91,11 @@ def _direct(kernel):
 @dataclasses.dataclass(frozen=True)
 class StartStatesLayout:
     """How the segment start states of a forward :func:`linear_attention` call are cut, known
-    before the call (:func:`start_states_layout`): float32 ``[B*H, slots, Dk, Dv]``."""
+    before the call (:func:`start_states_layout`): float32 ``[B*H, slots, Dk, Dv]`` with
+    :func:`_num_slots` slots."""
 
     segment_len: int
     state_split: int
-    slots: int
-
-    def shape(self, batch_heads: int, dk: int, dv: int) -> tuple[int, int, int, int]:
-        return batch_heads, self.slots, dk, dv
-
-    def wrap(self, states: Tensor, packed: bool) -> SegmentStates:
-        """``states`` (as a call with this layout kept them) as :class:`SegmentStates`."""
-        return SegmentStates(states, self.segment_len, self.state_split, packed=packed)
 
 
 def start_states_layout(query: Tensor, key: Tensor, value: Tensor) -> Optional[StartStatesLayout]:
@@ -125,7 +118,7 @@ def start_states_layout(query: Tensor, key: Tensor, value: Tensor) -> Optional[S
     num_segments = cdiv(max(n, 1), cfg.segment_len)
     if num_segments <= 1:
         return None
-    return StartStatesLayout(cfg.segment_len, cfg.state_split, _num_slots(num_segments, cfg.state_split))
+    return StartStatesLayout(cfg.segment_len, cfg.state_split)
 
 
 def linear_attention(
