@@ -149,16 +149,33 @@ def _check_cu_seqlens(cu_seqlens, q: Tensor, check_values: bool = True) -> None:
 
 def _check_cu_seqlens_values(cu_seqlens: Tensor, n) -> None:
     """``0 = cu[0] <= cu[1] <= ... <= cu[S] = N``, where the values can be read: always on the CPU,
-    on a GPU with one host read (not during CUDA-graph capture), never while tracing."""
+    on a GPU with one host read (not during CUDA-graph capture), never while tracing.
+
+    The host read waits for the GPU, and the launches after it then wait for the host: that
+    costs the eager forward of a packed batch more than half its GPU time (benchmarks/RESULTS.md).
+    So a CUDA ``cu_seqlens`` that passed is not read again for the same N until its version
+    counter, address or layout changes (``_remembered_cu_seqlens``, as ``_remembered_indices``):
+    the layers of a model, and the backward, share one read per batch."""
     if torch.compiler.is_compiling() or isinstance(n, torch.SymInt) or not _has_values(cu_seqlens):
         return  # traced: the values are not known (nor checked again when the graph runs)
+    remembered = _remembered_key((cu_seqlens,), n)
+    if remembered is not None and _recall(_remembered_cu_seqlens, remembered) is not _MISSED:
+        return
     if cu_seqlens.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return
         bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != n) | (cu_seqlens.diff() < 0).any()
-        if not bool(bad):  # the one host read
-            return
-    _check_cu_seqlens_list(cu_seqlens.tolist(), n)
+        if bool(bad):  # the one host read
+            _check_cu_seqlens_list(cu_seqlens.tolist(), n)
+    else:
+        _check_cu_seqlens_list(cu_seqlens.tolist(), n)
+    if remembered is not None:
+        _remember(_remembered_cu_seqlens, remembered)
+
+
+#: CUDA cu_seqlens whose values passed, keyed as ``_remembered_indices`` (with N for the pool's
+#: slots). A write the version counter does not see is missed, as for remembered decays.
+_remembered_cu_seqlens: dict = {}
 
 
 def _check_cu_seqlens_list(values: list, n: int) -> None:
@@ -901,14 +918,28 @@ def _check_packed_step_values(cu_seqlens: Tensor, state_indices: Optional[Tensor
             x is None or _has_values(x) for x in (cu_seqlens, state_indices)) or (
             cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         return True  # traced or captured: the values are not read (nor checked again when the graph runs)
+    remembered = _remembered_key((cu_seqlens, state_indices), (n, slots))
+    if remembered is not None:
+        padded = _recall(_remembered_steps, remembered)
+        if padded is not _MISSED:
+            return padded
     if state_indices is None:
         _check_cu_seqlens_list(cu_seqlens.tolist(), n)
-        return False
-    values = torch.cat((cu_seqlens, state_indices)).tolist()
-    bounds, indices = values[:cu_seqlens.shape[0]], values[cu_seqlens.shape[0]:]
-    _check_cu_seqlens_list(bounds, n)
-    _check_slot_values(indices, slots)
-    return any(index < 0 and end > start for index, start, end in zip(indices, bounds, bounds[1:]))
+        padded = False
+    else:
+        values = torch.cat((cu_seqlens, state_indices)).tolist()
+        bounds, indices = values[:cu_seqlens.shape[0]], values[cu_seqlens.shape[0]:]
+        _check_cu_seqlens_list(bounds, n)
+        _check_slot_values(indices, slots)
+        padded = any(index < 0 and end > start for index, start, end in zip(indices, bounds, bounds[1:]))
+    if remembered is not None:
+        _remember(_remembered_steps, remembered, padded)
+    return padded
+
+
+#: CUDA (cu_seqlens, state_indices) of packed steps whose values passed -> whether a padding
+#: sequence holds rows; keyed as ``_remembered_indices``: the layers of one engine step read once.
+_remembered_steps: dict = {}
 
 
 def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: bool = False,
@@ -938,32 +969,61 @@ def _check_state_indices(indices, rows, slots, q: Tensor, what: str, remember: b
 
 def _check_state_index_values(indices: Tensor, slots, remember: bool = False) -> None:
     """:func:`_check_state_indices`' value part, for indices of a validated type, shape and device."""
-    if remember and type(indices) is Tensor and _remembers(indices):  # a real CUDA tensor: not traced
-        # a view is remembered through its base, which outlives it: per-step views of one buffer hit too
-        owner = indices if indices._base is None else indices._base
-        key = (id(owner), indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, slots)
-        seen = _remembered_indices.get(key)
-        if seen is not None and seen[0]() is owner and seen[1] == indices._version:
-            return
-    else:
-        remember = False
+    remembered = _remembered_key((indices,), slots) if remember else None
+    if remembered is not None and _recall(_remembered_indices, remembered) is not _MISSED:
+        return
     if torch.compiler.is_compiling() or not _has_values(indices) or isinstance(slots, torch.SymInt) or (
             indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # traced or captured: the values are not read
     _check_slot_values(indices.tolist(), slots)
-    if not remember:
-        return
-    if len(_remembered_indices) > 1024:
-        _remembered_indices.clear()
-    _remembered_indices[key] = (weakref.ref(owner), indices._version)
+    if remembered is not None:
+        _remember(_remembered_indices, remembered)
 
 
-#: CUDA state_indices whose values passed: (id of the tensor or its view's base, address, shape,
-#: strides, dtype, pool slots) -> (weak reference to that tensor, version counter when read).
-#: A write the version counter does not see (through ``.data``, DLPack, a kernel of another library,
-#: a CUDA-graph replay) is missed, as for remembered decays; the decode kernel still never touches a
-#: slot past the pool, and a slot named twice then races between its rows.
+#: CUDA state_indices whose values passed (:func:`_remembered_key`'s key, with the pool's slots)
+#: -> (weak references, version counters when read, None). A write the version counter does not
+#: see (through ``.data``, DLPack, a kernel of another library, a CUDA-graph replay) is missed, as
+#: for remembered decays; the decode kernel still never touches a slot past the pool, and a slot
+#: named twice then races between its rows.
 _remembered_indices: dict = {}
+
+
+def _remembered_key(tensors: tuple, extra):
+    """``(key, owners)`` under which a check of the values of ``tensors`` (None entries skipped) is
+    remembered, or None where one must be read on every call (:func:`_remembers`; tensor
+    subclasses, traced ones among them). A view is remembered through its base, which outlives it:
+    per-step views of one buffer hit too."""
+    key, owners = [extra], []
+    for x in tensors:
+        if x is None:
+            continue
+        if type(x) is not Tensor or not _remembers(x):
+            return None
+        owner = x if x._base is None else x._base
+        key.append((id(owner), x.data_ptr(), x.shape, x.stride(), x.dtype))
+        owners.append(owner)
+    return tuple(key), owners
+
+
+_MISSED = object()
+
+
+def _recall(table: dict, remembered):
+    """What :func:`_remember` stored under ``remembered``, or ``_MISSED`` where the tensors changed
+    (another tensor at the address, or a write their version counters saw)."""
+    key, owners = remembered
+    seen = table.get(key)
+    if seen is None or any(ref() is not owner or version != owner._version
+                           for ref, version, owner in zip(seen[0], seen[1], owners)):
+        return _MISSED
+    return seen[2]
+
+
+def _remember(table: dict, remembered, value=None) -> None:
+    key, owners = remembered
+    if len(table) > 1024:
+        table.clear()
+    table[key] = ([weakref.ref(x) for x in owners], [x._version for x in owners], value)
 
 
 def _remembers(indices: Tensor) -> bool:

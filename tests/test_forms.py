@@ -221,6 +221,38 @@ def test_bad_input_names_the_argument():
             assert torch.equal(call[name], x), name
 
 
+def test_remembered_cu_seqlens_are_read_again_after_any_change(monkeypatch):
+    """On a GPU reading cu_seqlens on the host waits for the device, so a CUDA cu_seqlens that
+    passed is read once for the layers of a model and the backward (the CUDA remembering taken on
+    CPU tensors here), and again after any write in place, for another tensor or another N; a bad
+    value written in place is still refused."""
+    from lightning_op import ops
+
+    reads = []
+    check = ops._check_cu_seqlens_list
+    monkeypatch.setattr(ops, "_remembered_cu_seqlens", {})
+    monkeypatch.setattr(ops, "_remembers", lambda x: not x.is_inference())
+    monkeypatch.setattr(ops, "_check_cu_seqlens_list", lambda values, n: reads.append(values) or check(values, n))
+    q, k, v = (x.requires_grad_() for x in _inputs(4, 2, 20))
+    decay = torch.tensor([0.1, 0.4])
+    cu = torch.tensor([0, 7, 20])
+    for layer in range(3):  # the layers of one batch, forward and backward
+        lightning_attn(q, k, v, decay, cu_seqlens=cu).sum().backward()
+        torch.ops.lightning.attn(q, k, v, decay, 1.0, None, cu)[0].sum().backward()
+    assert reads == [[0, 7, 20]]
+    cu[1] = 21
+    with pytest.raises(ValueError, match="without decreasing"):
+        lightning_attn(q, k, v, decay, cu_seqlens=cu)
+    cu[1] = 9
+    want = torch.cat([lightning_attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], decay) for a, b in ((0, 9), (9, 20))], 2)
+    torch.testing.assert_close(lightning_attn(q, k, v, decay, cu_seqlens=cu), want)
+    assert reads[1:] == [[0, 21, 20], [0, 9, 20]]
+    lightning_attn(q, k, v, decay, cu_seqlens=cu.clone())  # another tensor
+    with pytest.raises(ValueError, match="to N = 19"):  # another N
+        lightning_attn(q[:, :, :19], k[:, :, :19], v[:, :, :19], decay, cu_seqlens=cu)
+    assert len(reads) == 5
+
+
 def test_backward_op_checks_the_decay_gradient_request():
     q, k, v = _inputs(2, 2, 10)
     with pytest.raises(ValueError, match="decay_grad=True needs a decay"):

@@ -148,6 +148,38 @@ def test_repeated_packed_steps_check_their_layout_once_and_their_values_every_ca
     assert len(layouts) == 2  # another pool size: another signature
 
 
+def test_packed_steps_of_one_batch_read_their_values_once(cpu_backend, monkeypatch):
+    """The layers of an engine step share cu_seqlens and slots: on a GPU (the CUDA remembering
+    taken on CPU tensors here) their values are read once, and again after a write in place to
+    either, which is still refused when bad, before anything is written."""
+    from lightning_op import ops
+
+    reads = []
+    check = ops._check_cu_seqlens_list
+    monkeypatch.setattr(ops, "_remembered_steps", {})
+    monkeypatch.setattr(ops, "_remembers", lambda x: not x.is_inference())
+    monkeypatch.setattr(ops, "_check_cu_seqlens_list", lambda values, n: reads.append(values) or check(values, n))
+    decay = torch.tensor([0.05, 0.8])
+    pools = [torch.randn(6, HKV, D, D) for _ in range(3)]
+    q, k, v = _qkv(1, 40)
+    cu, slots = torch.tensor([0, 1, 39, 40]), torch.tensor([2, 0, -1])
+    outs = [lightning_op.attn_step(q, k, v, pool, decay, scale=0.5, cu_seqlens=cu, state_indices=slots)
+            for pool in pools]
+    assert len(reads) == 1
+    for out in outs:  # the padding sequence's rows are zeroed by every layer, remembered or not
+        assert torch.equal(out[:, :, 39:], torch.zeros_like(out[:, :, 39:]))
+    before = [pool.clone() for pool in pools]
+    slots[2] = 2
+    with pytest.raises(ValueError, match="more than once"):
+        lightning_op.attn_step(q, k, v, pools[0], decay, scale=0.5, cu_seqlens=cu, state_indices=slots)
+    cu[2] = 41
+    slots[2] = 5
+    with pytest.raises(ValueError, match="must rise from 0"):
+        lightning_op.attn_step(q, k, v, pools[0], decay, scale=0.5, cu_seqlens=cu, state_indices=slots)
+    assert all(torch.equal(pool, kept) for pool, kept in zip(pools, before))
+    assert len(reads) == 3
+
+
 @pytest.mark.parametrize("padding", ["with rows", "empty", "none"])
 def test_packed_step_zeroes_its_output_only_for_padding_rows(monkeypatch, padding):
     """The kernels write every row of a sequence with a slot and none of a padding one: the output
