@@ -8,7 +8,7 @@ candidate for retirement; the table printed last says which.
 
     python3 benchmarks/census.py                 # GPU: representative shapes, bf16
     python3 benchmarks/census.py --smoke         # CPU (interpreted kernels), tiny shapes
-    python3 benchmarks/census.py --switches key_value.late_dk_scores --repeats 5   # a candidate, re-timed
+    python3 benchmarks/census.py --switches forward.update_accumulate --repeats 5   # a candidate, re-timed
 
 With ``--repeats R`` the built-in and the flipped configuration are timed R times each, in
 alternation, and each reports its median: one run of each puts differences under ~3% in the
@@ -28,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: (family, switch): the form switches a census flips
 SWITCHES = [("forward", "accumulate"), ("forward", "state_accumulate"), ("forward", "update_accumulate"),
-            ("forward", "transposed"), ("key_value", "accumulate"), ("key_value", "update_accumulate"),
-            ("key_value", "late_dk_scores")]
+            ("forward", "transposed"), ("key_value", "accumulate")]
 #: (B, N, H, D): the main shape, one long sequence cut in segments, and the narrow and wide heads
 SHAPES = [(8, 8192, 16, 128), (1, 65536, 16, 128), (2, 32768, 16, 128), (8, 8192, 16, 64), (8, 8192, 16, 256)]
 SMOKE_SHAPES = [(1, 200, 2, 32)]
@@ -48,14 +47,11 @@ def _default(family: str, shape, dtype, device):
 def _applies(family: str, switch: str, config) -> bool:
     """Whether ``switch`` changes the kernels a launch with ``config`` compiles. The output pass:
     its TRANSPOSED form has no ACCUMULATE or UPDATE_ACCUMULATE option, and UPDATE_ACCUMULATE is
-    implied by ACCUMULATE (``ACCUMULATE or UPDATE_ACCUMULATE``). The fused backward: LATE_DK_SCORES
-    belongs to the form without ACCUMULATE. A flip that does not apply times the same code twice:
-    any difference is noise."""
+    implied by ACCUMULATE (``ACCUMULATE or UPDATE_ACCUMULATE``). A flip that does not apply times
+    the same code twice: any difference is noise."""
     if family == "forward" and switch in ("accumulate", "update_accumulate") and config.transposed:
         return False
     if family == "forward" and switch == "update_accumulate" and config.accumulate:
-        return False
-    if family == "key_value" and switch == "late_dk_scores" and config.accumulate:
         return False
     return True
 

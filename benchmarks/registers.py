@@ -182,10 +182,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64, help="rows per chunk (default 64)")
     parser.add_argument("--accumulate", type=int, choices=(0, 1), default=None,
                         help="the kernels' ACCUMULATE form (default: as choose_config, on up to D = 64)")
-    parser.add_argument("--late-dk-scores", type=int, choices=(0, 1), default=0,
-                        help="the fused backward's dk scores after dv's store (LATE_DK_SCORES)")
     parser.add_argument("--update-accumulate", type=int, choices=(0, 1), default=None,
-                        help="the state update alone accumulating (UPDATE_ACCUMULATE; default: as choose_config)")
+                        help="the forward output pass's state update alone accumulating (UPDATE_ACCUMULATE; "
+                             "default: as choose_config)")
     parser.add_argument("--transposed", action="store_true",
                         help="the forward output pass in its TRANSPOSED form (config transposed=1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="the inputs' 16-bit type")
@@ -207,7 +206,6 @@ def main() -> None:
         update = args.update_accumulate if args.update_accumulate is not None else 64 < d <= 128
         common = dict(CHUNK=args.chunk, BLOCK_K=d, BLOCK_V=args.block_v or d, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"],
                       ACCUMULATE=bool(accumulate), UPDATE_ACCUMULATE=bool(update),
-                      LATE_DK_SCORES=bool(args.late_dk_scores),
                       KEY_PARTS=d // min(d, 64), PART=min(d, 64),
                       # equal head counts and no packed sequences: group divisors of 1 and no
                       # segment tables (None), which a launch makes constants

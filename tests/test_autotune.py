@@ -168,6 +168,17 @@ def test_invalid_entry_is_ignored(autotune, monkeypatch, tmp_path, config):
     assert len(timer.calls) == 5 and _used(spy) == {**DEFAULT, "ACCUMULATE": False}
 
 
+def test_a_cached_key_value_choice_of_forms_it_lacks_is_invalid(autotune):
+    """A fused backward choice naming a form switch that pass does not have (its state update and
+    its dk scores have one form each) is not used: the class is timed afresh."""
+    assert autotune._valid_choice({"config": {"kv_chunk": 32, "accumulate": 0}}, "key_value") == \
+        {"kv_chunk": 32, "accumulate": 0}
+    for config in ({"kv_update_accumulate": 0}, {"kv_late_dk_scores": 1}, {"kv_chunk": 32, "kv_late_dk_scores": 1},
+                   {"update_accumulate": 1}):
+        assert autotune._valid_choice({"config": config}, "key_value") is None, config
+    assert autotune._valid_choice({"config": {"update_accumulate": 1}}, "forward") == {"update_accumulate": 1}
+
+
 def test_a_cached_choice_that_cannot_launch_falls_back(autotune, monkeypatch, tmp_path):
     """A valid-looking entry that fails here (another GPU's, a hand edit) costs one warning, not
     every call of its class: the heuristic runs instead, and the file's entry is not used again."""
@@ -181,12 +192,12 @@ def test_a_cached_choice_that_cannot_launch_falls_back(autotune, monkeypatch, tm
     assert len(spy.launches) == launches + 1 and _used(spy) == DEFAULT
 
 
-@pytest.mark.parametrize("edit", [None, ("kernels=6", "kernels=5"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
+@pytest.mark.parametrize("edit", [None, ("kernels=7", "kernels=6"), ("triton=", "triton=0.0+"), ("dv=32", "dv=64"),
                                   ("n=256", "n=512"), ("kind=forward", "kind=key_value")],
                          ids=["same-key", "kernel-version", "triton-version", "dv", "n-class", "kind"])
 def test_entries_of_other_keys_are_not_used(autotune, monkeypatch, tmp_path, edit):
     key = _forward_key(autotune)
-    assert "kernels=6;" in key and autotune.KERNEL_VERSION == 6
+    assert "kernels=7;" in key and autotune.KERNEL_VERSION == 7
     if edit is not None:
         assert edit[0] in key
         key = key.replace(*edit)
@@ -315,10 +326,8 @@ def test_candidates_of_a_segmented_launch():
     whole = LaunchConfig(chunk=64, block_k=128, block_v=128, segment_len=1024, num_warps=8, num_stages=2,
                          state_split=1, accumulate=False)
     assert _candidates("key_value", whole, 3000, 4096) == [
-        {"accumulate": 1}, {"kv_update_accumulate": 1}, {"kv_late_dk_scores": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4},
-        {"kv_num_stages": 1},
-        {"kv_num_stages": 3}, {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096},
-        {"kv_state_split": 2}]
+        {"accumulate": 1}, {"kv_chunk": 32}, {"kv_num_warps": 4}, {"kv_num_stages": 1}, {"kv_num_stages": 3},
+        {"kv_segment_len": 2048}, {"kv_segment_len": 512}, {"kv_segment_len": 4096}, {"kv_state_split": 2}]
     one_segment = LaunchConfig(64, 64, 64, 4096, 4, 3, 1, True)
     assert len(_candidates("forward", one_segment, 4000, 4096)) == 4
     # keys wider than the value block: the update's row weights stay on the keys (no other form)

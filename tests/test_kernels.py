@@ -145,9 +145,9 @@ def test_bad_segment_length():
      dict(accumulate=1, chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
      dict(accumulate=1, state_accumulate=0, chunk=16, segment_len=64, kv_segment_len=48),
      dict(accumulate=0, update_accumulate=1, chunk=16, segment_len=64, state_split=2),
-     dict(accumulate=0, update_accumulate=0, kv_update_accumulate=1, chunk=16, segment_len=64, kv_segment_len=48,
-          state_split=2),
-     dict(accumulate=0, kv_update_accumulate=1, kv_late_dk_scores=1, chunk=16, kv_segment_len=48),
+     # each fused backward form beside the forward's other one (the families choose apart)
+     dict(accumulate=1, key_value=dict(accumulate=0), chunk=16, segment_len=64, kv_segment_len=48, state_split=2),
+     dict(accumulate=0, update_accumulate=1, key_value=dict(accumulate=1), chunk=16, kv_segment_len=48),
      dict(transposed=1, chunk=16, segment_len=64, state_split=2), dict(transposed=1, block_v=32, chunk=32)],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -237,10 +237,11 @@ def test_config_override_validates_and_restores():
     with pytest.raises(ValueError, match="accumulate must be 0 or 1"):
         with config_override(accumulate=2):
             pass
-    with pytest.raises(ValueError, match="kv_update_accumulate must be 0 or 1"):
-        with config_override(kv_update_accumulate=-1):
+    with pytest.raises(ValueError, match="update_accumulate must be 0 or 1"):
+        with config_override(update_accumulate=-1):
             pass
-    for name in ("weight_values", "kv_state_accumulate"):  # not parameters: each has one form, built in
+    # not parameters: each has one form, built in
+    for name in ("weight_values", "kv_state_accumulate", "kv_update_accumulate", "kv_late_dk_scores"):
         with pytest.raises(ValueError, match=f"unknown parameters \\['{name}'\\]"):
             with config_override(**{name: 1}):
                 pass
@@ -284,16 +285,18 @@ def test_config_override_per_family():
         general = choose_config(4, 1000, 64, 80, cpu)
         assert choose_config(4, 1000, 64, 80, cpu, whole_value=True) == default_fused  # unlike the flat chunk=32
     assert (general.chunk, general.num_warps) == (32, 2)
-    with config_override(key_value=dict(chunk=16, late_dk_scores=1), decode=dict(block_v=64, num_warps=2)):
+    with config_override(key_value=dict(chunk=16, accumulate=0), decode=dict(block_v=64, num_warps=2)):
         fused = choose_config(4, 1000, 64, 80, cpu, whole_value=True)
-        assert choose_config(4, 1000, 64, 80, cpu).chunk == 64
+        general = choose_config(4, 1000, 64, 80, cpu)
         assert choose_decode(4, 80, cpu) == (64, 2)
-    assert (fused.chunk, fused.late_dk_scores) == (16, True)
+    assert (fused.chunk, fused.accumulate) == (16, False) and (general.chunk, general.accumulate) == (64, True)
     assert choose_decode(4, 80, cpu) == (32, 4)
     with config_override(chunk=32, key_value=dict(chunk=16)):  # the family's own wins over the flat shared name
         assert choose_config(4, 1000, 64, 80, cpu, whole_value=True).chunk == 16
     for bad, message in ((dict(forward=dict(fused=0)), "unknown forward parameter 'fused'"),
                          (dict(key_value=dict(block_v=32)), "unknown key_value parameter 'block_v'"),
+                         (dict(key_value=dict(late_dk_scores=1)), "unknown key_value parameter 'late_dk_scores'"),
+                         (dict(key_value=dict(update_accumulate=1)), "unknown key_value parameter 'update_accumulate'"),
                          (dict(key_value=dict(chunk=24)), "must be a power of two >= 16, got 24"),
                          (dict(decode=dict(num_warps=0)), "must be a positive int, got 0"),
                          (dict(forward=dict(num_warps=3)), "num_warps must be a power of two, got 3")):
@@ -350,17 +353,17 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     d64 = kernels.choose_config(128, 8192, 64, 64, gpu)
     assert (d64.block_v, d64.num_warps, d64.segment_len, d64.accumulate) == (64, 4, 8192, True)
     assert not main.accumulate and kernels.choose_config(128, 8192, 96, 80, gpu).accumulate is False
-    # D = 128 (keys 65-128 wide) in 16-bit inputs: the state update alone accumulating; not in
-    # float32, not at D = 256, and implied by the accumulating form at D = 64
+    # D = 128 (keys 65-128 wide) in 16-bit inputs: the forward's state update alone accumulating;
+    # not in float32, not at D = 256, and implied by the accumulating form at D = 64; never in the
+    # fused backward, which has no such form, not even where the forward's is forced
     assert main.update_accumulate and kernels.choose_config(128, 8192, 96, 80, gpu).update_accumulate
     assert not kernels.choose_config(128, 8192, 128, 128, gpu, itemsize=4).update_accumulate
     assert not kernels.choose_config(128, 8192, 256, 256, gpu).update_accumulate
     assert not kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
-    assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate  # the fused backward too
-    # the fused backward's dk scores after dv's store, for keys up to 128 wide (faster there on
-    # the H200, benchmarks/RESULTS.md); only that pass has the option
-    assert kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).late_dk_scores
-    assert not main.late_dk_scores and not kernels.choose_config(128, 8192, 256, 256, gpu, whole_value=True).late_dk_scores
+    assert not kernels.choose_config(128, 8192, 128, 128, gpu, whole_value=True).update_accumulate
+    with kernels.config_override(update_accumulate=1):
+        assert kernels.choose_config(128, 8192, 64, 64, gpu).update_accumulate
+        assert not kernels.choose_config(128, 8192, 64, 64, gpu, whole_value=True).update_accumulate
     # the transposed output kernel for 16-bit keys of 65-128 columns, and
     # wider ones with a 16-bit state operand (bfloat16), there in value blocks of 128 and two
     # stages; not float32, not float16 above 128 (its float32 state operand overflows shared
@@ -405,12 +408,12 @@ def test_choose_config_follows_the_measured_rules(monkeypatch):
     assert kernels.choose_config(1, 100_000, 128, 128, torch.device("cpu")).segment_len == 100_032
 
 
-@pytest.mark.parametrize("accumulate", [0, 1, "update", "late"])
+@pytest.mark.parametrize("accumulate", [0, 1, "update"])
 def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
-    """The ``ACCUMULATE`` form, the other, and the other with the state update accumulating
-    (``update_accumulate``), without decay (the paths where value_scale and scale are not folded
-    into a mask), with segments and a split state pass: forward and all
-    gradients against the float64 oracle."""
+    """The ``ACCUMULATE`` form, the other, and the other with the forward's state update
+    accumulating (``update_accumulate``; the fused backward in its other form), without decay (the
+    paths where value_scale and scale are not folded into a mask), with segments and a split state
+    pass: forward and all gradients against the float64 oracle."""
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
     from lightning_op import lightning_attn
     from lightning_op.kernels import config_override
@@ -421,13 +424,50 @@ def test_both_kernel_forms_without_decay(accumulate, monkeypatch):
     q, k, v = make_inputs(2, 1, 137, 48, 24, dtype, DEVICE, seed=5)
     init = torch.randn(2, 1, 48, 24, device=DEVICE)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, init)]
-    form = {"update": dict(accumulate=0, update_accumulate=1),
-            "late": dict(accumulate=0, kv_late_dk_scores=1)}.get(accumulate, dict(accumulate=accumulate))
+    form = dict(accumulate=0, update_accumulate=1) if accumulate == "update" else dict(accumulate=accumulate)
     with config_override(**form, chunk=16, segment_len=64, kv_segment_len=32, state_split=2):
         out, final = lightning_attn(*leaves[:3], None, scale=0.3, initial_state=leaves[3], output_final_state=True)
         grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)
         grads = torch.autograd.grad((out * grad_out).sum() + (final * grad_final).sum(), leaves)
     out_ref, final_ref, grads_ref = oracle(q, k, v, None, 0.3, init, grad_out, grad_final)
+    for got, want in zip((out, final, *grads), (out_ref, final_ref, *grads_ref)):
+        assert rel_error(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("accumulate", [0, 1])
+def test_both_fused_backward_forms_with_decay(accumulate, monkeypatch):
+    """The fused dk/dv pass in each of its two forms (``ACCUMULATE``; without it, dk's scores
+    after dv's store) with decay, an initial state, several segments and a split state pass, the
+    forward in its other form: forward and all gradients against the float64 oracle, with the
+    fused pass seen launching in the form asked for (float32 tiles fit it up to 64 columns)."""
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    from lightning_op import kernels, lightning_attn
+    from lightning_op.kernels import config_override
+
+    forms = []
+    kernel = kernels.launch._key_value_grad_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **params):
+                forms.append(params["ACCUMULATE"])
+                return kernel[grid](*args, **params)
+
+            return launch
+
+    monkeypatch.setattr(kernels.launch, "_key_value_grad_kernel", Recorded())
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    q, k, v = make_inputs(2, 2, 137, 48, 24, dtype, DEVICE, layout="bnhd", seed=7)
+    decay = torch.tensor([0.03, 0.9], device=DEVICE)
+    init = torch.randn(2, 2, 48, 24, device=DEVICE)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, init)]
+    with config_override(forward=dict(accumulate=1 - accumulate, chunk=16, segment_len=64),
+                         key_value=dict(accumulate=accumulate, chunk=16, segment_len=32, state_split=2)):
+        out, final = lightning_attn(*leaves[:3], decay, scale=0.6, initial_state=leaves[3], output_final_state=True)
+        grad_out, grad_final = torch.randn_like(out), torch.randn_like(final)
+        grads = torch.autograd.grad((out * grad_out).sum() + (final * grad_final).sum(), leaves)
+    assert forms == [bool(accumulate)]
+    out_ref, final_ref, grads_ref = oracle(q, k, v, decay, 0.6, init, grad_out, grad_final)
     for got, want in zip((out, final, *grads), (out_ref, final_ref, *grads_ref)):
         assert rel_error(got, want) < TOLERANCE[dtype]
 

@@ -79,9 +79,8 @@ for stage in "${stages[@]}"; do
     serve)   # the mixed serving step (each way's kernels and their GPU time first), and the packed way at other forward segment lengths
              timeout 150 python3 benchmarks/bench_serve.py --segment-lens 256,512,2048 --profile --out "$out/serve" 2>&1 \
                | tee "$out/serve.log" | tail -60 ;;
-    census)  # the retirement candidates of the 2026-12-06 census, re-timed in alternation
-             timeout 300 python3 benchmarks/census.py --repeats 5 --switches \
-               forward.transposed,forward.update_accumulate,key_value.late_dk_scores,key_value.update_accumulate \
+    census)  # the forward's retirement candidates of the 2026-12-06 census, re-timed in alternation
+             timeout 300 python3 benchmarks/census.py --repeats 5 --switches forward.transposed,forward.update_accumulate \
                2>&1 | tee "$out/census.log" | tail -16 ;;
     *) echo "unknown stage $stage"; continue ;;
   esac

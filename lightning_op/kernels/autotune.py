@@ -49,7 +49,7 @@ logger = logging.getLogger("lightning_op.autotune")
 
 #: Part of every cache key. Bump it whenever the kernels or their launchers change what a
 #: configuration computes or how fast it runs: choices measured on older kernels are then ignored.
-KERNEL_VERSION = 6
+KERNEL_VERSION = 7
 #: the cache file's layout: ``{"format": 1, "entries": {key: {"config": {...}, "ms": ..., ...}}}``
 FILE_FORMAT = 1
 #: each candidate is timed over about this much GPU time, in MIN_RUNS to MAX_RUNS launches
@@ -236,10 +236,8 @@ def _candidates(kind: str, cfg: LaunchConfig, n: int, n_class: int) -> list[dict
     family = FAMILIES[kind]
     forward = family is FORWARD
     changes = [{"accumulate": int(not cfg.accumulate)}]
-    if not cfg.accumulate:  # the other form with its state update accumulating, or not
+    if forward and not cfg.accumulate:  # the other form with its state update accumulating, or not
         changes.append({"update_accumulate": int(not cfg.update_accumulate)})
-        if "late_dk_scores" in family:  # and the fused backward's order of its two score tiles
-            changes.append({"late_dk_scores": int(not cfg.late_dk_scores)})
     if forward and cfg.block_v >= 32:  # fewer registers per program, more programs
         changes.append({"block_v": cfg.block_v // 2})
     if forward and cfg.transposed and cfg.block_k > 128:

@@ -38,18 +38,18 @@ def _key_value_grad_kernel(
     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     DOT_DTYPE: tl.constexpr, STATE_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, UPDATE_ACCUMULATE: tl.constexpr = False,
-    LATE_DK_SCORES: tl.constexpr = False, VARLEN: tl.constexpr = False,
+    STATE_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dk and dv of one segment (all value columns), walking its chunks from the sequence's end.
-    ``ACCUMULATE`` and ``UPDATE_ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk
-    and dv; scale is folded into the mask in both forms). ``LATE_DK_SCORES`` (the other form only):
-    dk's chunk scores ``(v do^T) * M`` are computed after dv is stored instead of beside dv's; on
-    sm_90 at D = 128 that halves the loop's spills (``benchmarks/registers.py``: 1169 -> 1075
-    instructions, 102 -> 50 local accesses) and is faster (benchmarks/RESULTS.md), the default for
-    keys up to 128 wide. ``VARLEN`` (packed
-    sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence and walks
-    it from the sequence's end; dS_0 is stored per sequence."""
+    ``ACCUMULATE`` as in ``chunked._chunk_output_kernel`` (here for dk and dv; scale is folded into
+    the mask in both forms). Without it, dk's chunk scores ``(v do^T) * M`` are computed after dv
+    is stored, not beside dv's: fewer float32 tiles live at once, which on sm_90 at D = 128 halves
+    the loop's spills (``benchmarks/registers.py``: 1169 -> 1075 instructions, 102 -> 50 local
+    accesses) and is faster (benchmarks/RESULTS.md). The state update adds its product to the
+    decayed state rather than accumulating onto it in place, in both forms: the in-place update
+    never won by more than 2% here and cost 8.5% at D = 64 (benchmarks/NOTES.md). ``VARLEN``
+    (packed sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence
+    and walks it from the sequence's end; dS_0 is stored per sequence."""
     _, bh = _block_and_head(D_V, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     seg = tl.program_id(1)
@@ -105,7 +105,7 @@ def _key_value_grad_kernel(
         v = _load_rows(v_ptr, stride_vn, stride_vd, rows, row_valid, cols_v, valid_v, N, True)
         do = _load_rows(do_ptr, stride_on, stride_od, rows, row_valid, cols_v, valid_v, N, True)
 
-        if LATE_DK_SCORES and not ACCUMULATE:
+        if not ACCUMULATE:
             kq = _chunk_scores(k, q, mask, scale, 1.0, HAS_DECAY, DOT_DTYPE, PRECISION)
         else:  # both products before both masks: the order the H200 timings were taken with
             kq = _dot(k, tl.trans(q), DOT_DTYPE, PRECISION)
@@ -117,13 +117,13 @@ def _key_value_grad_kernel(
         dv = _chunk_rows(k, state, kq, do, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, False, CHUNK,
                          DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(dv_ptr, stride_dvn, stride_dvd, dv, rows, row_valid, cols_v, valid_v, N, True)
-        if LATE_DK_SCORES and not ACCUMULATE:  # dk's scores once dv is stored: fewer float32 tiles live
+        if not ACCUMULATE:  # dk's scores once dv is stored: fewer float32 tiles live
             vdo = _chunk_scores(v, do, mask, scale, 1.0, HAS_DECAY, DOT_DTYPE, PRECISION)
         dk = _chunk_rows(v, state, vdo, q, log2_lam, idx, shift, 1.0, HAS_DECAY, ACCUMULATE, True, CHUNK,
                          DOT_DTYPE, PRECISION, STATE_DOT_DTYPE, STATE_PRECISION)
         _store_rows(dk_ptr, stride_dkn, stride_dkd, dk, rows, row_valid, cols_k, valid_k, N, True)
         # dS <- lam^(length-1+shift) dS + scale sum_i lam^(length-1-i) q_i^T do_i
-        state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, UPDATE_ACCUMULATE,
+        state = _update_state(state, q, do, log2_lam, idx, length, shift, scale, HAS_DECAY, False,
                               DOT_DTYPE, PRECISION)
 
     if STORE_FINAL:

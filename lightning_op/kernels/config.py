@@ -33,8 +33,7 @@ class LaunchConfig:
     state_split: int = 1  # pieces per segment in the segment-state pass (its parallelism)
     accumulate: bool = False  # the kernels' ACCUMULATE form (products accumulated in place)
     state_accumulate: bool = False  # the segment-state pass's ACCUMULATE form (its own; choose_config: on)
-    update_accumulate: bool = False  # the output pass's state update alone accumulating (UPDATE_ACCUMULATE)
-    late_dk_scores: bool = False  # the fused backward's dk scores after dv's store (LATE_DK_SCORES)
+    update_accumulate: bool = False  # the output pass's state update alone accumulating (forward only)
     transposed: bool = False  # the output pass in its TRANSPOSED form (state transposed, cut by key columns)
 
 
@@ -97,7 +96,6 @@ _WARPS = Parameter("num_warps", "power_of_two", "warps per program", cached_maxi
 _STAGES = Parameter("num_stages", "count", "software-pipelining stages of the loads", cached_maximum=4)
 _SEGMENT = Parameter("segment_len", "count", "rows per segment, rounded up to whole chunks (segments run in parallel)")
 _SPLIT = Parameter("state_split", "power_of_two", "pieces per segment in the segment-state pass")
-_UPDATE_ACCUMULATE = Parameter("update_accumulate", "flag", "the state update alone accumulating (UPDATE_ACCUMULATE)")
 _ACCUMULATE = Parameter("accumulate", "flag", "the kernels' ACCUMULATE form (products accumulated in place)")
 
 FORWARD = Family("forward", (
@@ -105,16 +103,15 @@ FORWARD = Family("forward", (
     Parameter("block_v", "tile", "value columns per program", cached_maximum=256),
     _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE,
     Parameter("state_accumulate", "flag", "the segment-state pass's ACCUMULATE form"),
-    _UPDATE_ACCUMULATE,
+    Parameter("update_accumulate", "flag", "the state update alone accumulating (UPDATE_ACCUMULATE)"),
     Parameter("transposed", "flag", "the output pass in its TRANSPOSED form (its own form: accumulate "
                                     "and update_accumulate do not apply to it)"),
 ))
 KEY_VALUE = Family("key_value", (
-    _CHUNK, _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE, _UPDATE_ACCUMULATE,
-    Parameter("late_dk_scores", "flag", "the dk scores after dv's store (LATE_DK_SCORES)"),
+    _CHUNK, _WARPS, _STAGES, _SEGMENT, _SPLIT, _ACCUMULATE,
     Parameter("fused", "flag", "0: the two-pass composition instead of the fused pass (for comparisons)"),
-), flat_prefix="kv_", shared=frozenset({"chunk", "num_warps", "num_stages", "segment_len", "state_split", "accumulate",
-                                        "update_accumulate"}))
+), flat_prefix="kv_", shared=frozenset({"chunk", "num_warps", "num_stages", "segment_len", "state_split",
+                                        "accumulate"}))
 DECODE = Family("decode", (
     Parameter("block_v", "power_of_two", "value columns per program"),
     Parameter("num_warps", "count", "warps per program"),
@@ -208,8 +205,8 @@ def config_override(*, forward: Optional[dict] = None, key_value: Optional[dict]
     ``num_stages``, ``segment_len``, ``state_split``, ``accumulate``, ``state_accumulate``,
     ``update_accumulate``, ``transposed``) are forward parameters that also apply to the fused
     backward where it has them; ``kv_``-prefixed names (``kv_chunk``, ``kv_num_warps``,
-    ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``, ``kv_update_accumulate``,
-    ``kv_late_dk_scores``, ``kv_fused``) apply to the fused backward only and win there;
+    ``kv_num_stages``, ``kv_segment_len``, ``kv_state_split``, ``kv_fused``) apply to the fused
+    backward only and win there;
     ``decode_block_v`` and ``decode_num_warps`` to the decode step.
     """
     for name, value in flat.items():
@@ -315,8 +312,8 @@ def _choose_config(
       once, not once per value block); 64 for float32, whose tiles would not fit in shared memory;
       for keys wider than 128, chunks and value blocks of 64 (32 for float32);
     - the ``ACCUMULATE`` form for keys up to 64 wide (slower for wider keys); for keys of 65-128
-      in 16-bit inputs the state update alone in that form (``update_accumulate``), in the fused
-      backward too, whose dk scores then come after dv's store (``late_dk_scores``);
+      in 16-bit inputs the forward's state update alone in that form (``update_accumulate``; the
+      fused backward has no such choice, see ``backward._key_value_grad_kernel``);
     - one segment (the paper's sequential walk) when batch*heads*value-blocks programs already
       occupy most multiprocessors (more segments only add a pass over k and v); otherwise
       power-of-two segments of at least 8 chunks until the multiprocessors are covered (twice
@@ -386,10 +383,10 @@ def _choose_config(
     while state_split > 1 and segment_len % (state_split * chunk):  # pieces are whole chunks
         state_split //= 2
     state_accumulate = bool(pick("state_accumulate", 1))  # key_value has no such parameter: always on
-    update_accumulate = bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
-    late_dk_scores = whole_value and bool(pick("late_dk_scores", int(block_k <= 128)))
+    # the fused backward's state update never accumulates in place (backward._key_value_grad_kernel)
+    update_accumulate = not whole_value and bool(pick("update_accumulate", int(64 < block_k <= 128 and itemsize <= 2)))
     return LaunchConfig(chunk, block_k, block_v, segment_len, num_warps, num_stages, state_split, accumulate,
-                        state_accumulate, update_accumulate, late_dk_scores, transposed)
+                        state_accumulate, update_accumulate, transposed)
 
 
 def choose_decode(batch_heads: int, dv: int, device: torch.device) -> tuple[int, int]:

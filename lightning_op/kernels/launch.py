@@ -520,8 +520,7 @@ def key_value_gradients(
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
             cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
-            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate,
-            UPDATE_ACCUMULATE=cfg.update_accumulate, LATE_DK_SCORES=cfg.late_dk_scores, **types, **packed,
+            CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate, **types, **packed,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
