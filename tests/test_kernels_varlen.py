@@ -285,6 +285,65 @@ def test_the_plan_of_a_packed_batch():
     assert torch.equal(plan.sequences[:, 2].long().cpu(), first) and plan.pieces[:, 0].max() == len(many) - 1
 
 
+def _read_as_the_plan_reads(cu, n):
+    """``max(cu[0..s])`` clamped into [0, N]: the bounds the kernels use when nothing checked
+    ``cu_seqlens`` (the same values where it is valid)."""
+    return torch.cummax(cu.long().clamp(0, n), 0).values.to(cu.dtype)
+
+
+@pytest.mark.parametrize("bad", [[3, 40, 20, 90, 60], [-5, 10, 10, 200], "random"])
+def test_bounds_no_check_read_stay_in_the_rows(bad, monkeypatch):
+    """Compiled and captured calls read no ``cu_seqlens`` on the host, nor does a remembered check
+    see a write behind the version counter: bounds that fall, start past 0 or run past N give the
+    outputs of the bounds the plan reads (max of those before, clamped into [0, N]), never an
+    access past the rows or the plan's tables: forward (several segments and pieces), backward
+    passes, the decay's moment pass and the pooled step, beside the same calls on the bounds read
+    that way."""
+    from lightning_op import backends
+    from lightning_op.kernels import config_override, linear_attention
+
+    from lightning_op.kernels import launch
+
+    monkeypatch.setattr(launch, "PLAN_BLOCK", 2)  # the running maximum crosses the plan kernel's blocks
+    gen = torch.Generator().manual_seed(4)
+    if bad == "random":
+        n = 60
+        cu = torch.randint(-10, n + 20, (14,), generator=gen).sort().values
+        cu[::4] = torch.randint(0, n, cu[::4].shape, generator=gen)
+    else:
+        n = 75
+        cu = torch.tensor(bad)
+    cu = cu.to(dtype=torch.int32, device=DEVICE)
+    read = _read_as_the_plan_reads(cu, n)
+    assert not torch.equal(cu, read)
+    h, s = 2, cu.shape[0] - 1
+    q, k, v = (_rows(n, h, d, torch.float32, gen, False) for d in (DK, DK, DV))
+    decay = torch.tensor([0.05, 0.6], device=DEVICE)
+    init = torch.randn(s, h, DK, DV, generator=gen).to(DEVICE)
+    covered = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    covered[int(read[0]):int(read[-1])] = True  # rows outside every sequence are never written
+    with config_override(**SEGMENTS):
+        (out, final), (want_out, want_final) = (linear_attention(q, k, v, decay, initial_state=init, cu_seqlens=x)
+                                                for x in (cu, read))
+        assert torch.equal(out[:, :, covered], want_out[:, :, covered]) and torch.equal(final, want_final)
+        grad = torch.randn(1, h, n, DV, generator=gen).to(DEVICE)
+        grads = [backends.backward(backends.triton(), grad, None, q, k, v, decay, 1.0, init, cu_seqlens=x, decay_grad=True)
+                 for x in (cu, read)]
+    for got, want in zip(grads[0][:4], grads[1][:4]):  # dq, dk, dv, d_initial_state
+        assert torch.equal(got[:, :, covered] if got.shape[2] == n else got,
+                           want[:, :, covered] if want.shape[2] == n else want)
+    # the decay's moment pass reads each sequence's bounds alone, clamped into [0, N]: the plan's
+    # reading where the bounds rise, finite (and within the rows) where they fall
+    rising = bool((cu.diff() >= 0).all())
+    assert torch.equal(grads[0][4], grads[1][4]) if rising else bool(grads[0][4].isfinite().all())
+    pools = [torch.randn(s + 3, h, DK, DV, generator=gen).to(DEVICE) for _ in range(2)]
+    pools[1].copy_(pools[0])
+    rows = torch.randperm(s + 3, generator=gen)[:s].to(DEVICE)
+    steps = [linear_attention(q, k, v, decay, initial_state=pool, cu_seqlens=x, state_rows=rows)[0]
+             for pool, x in zip(pools, (cu, read))]
+    assert torch.equal(steps[0][:, :, covered], steps[1][:, :, covered]) and torch.equal(pools[0], pools[1])
+
+
 def test_traced_with_symbolic_lengths(monkeypatch):
     """A traceable launch traces with N and S symbolic (``make_fx``, kernels recorded, not run:
     the interpreter cannot run on fake tensors): the plan's tables and the grids are built from

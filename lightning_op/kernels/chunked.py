@@ -133,8 +133,13 @@ def _store_plan_entry(entry, sequence, first_row, length, index, taken):
 
 
 @triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _packed_plan_kernel(
-    CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, num_sequences, num_segments, num_pieces, segment_len, split,
+    CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, N, num_sequences, num_segments, num_pieces, segment_len, split,
     BLOCK: tl.constexpr, POOLED: tl.constexpr = False, STATE_ROWS=None, lead_all=None, pool_rows=None,
 ):
     """The tables of a packed batch (``launch._packed_plan`` says what they hold), in one program:
@@ -144,15 +149,26 @@ def _packed_plan_kernel(
     whose row is negative (padding) or past the pool gets no segment; a sequence cut into several
     segments (every one, with ``lead_all``) gets a lead slot ahead of its pieces, where the scan
     copies its initial state for segment 0 to start from, so that no program of the output pass
-    reads a pool row that another one writes."""
+    reads a pool row that another one writes.
+
+    The bounds are read as ``c_s = max(cu[0..s])`` clamped into [0, N]: the same values where
+    ``cu_seqlens`` is valid, and otherwise (values no host check read: compiled, captured or
+    changed behind the version counter) still rising sequences within the N rows, so the tables
+    never overflow and no program reads or writes past the rows: wrong outputs, never a fault."""
     lanes = tl.arange(0, BLOCK)
     segments_before = tl.cast(0, tl.int32)
     slots_before = tl.cast(0, tl.int32)
+    bound_before = tl.cast(0, tl.int32)
     for start in range(0, num_sequences, BLOCK):
         sequence = start + lanes
         valid = sequence < num_sequences
-        first_row = tl.load(CU_SEQLENS + sequence, mask=valid, other=0).to(tl.int32)
-        length = tl.load(CU_SEQLENS + sequence + 1, mask=valid, other=0).to(tl.int32) - first_row
+        lower = tl.load(CU_SEQLENS + sequence, mask=valid, other=0).to(tl.int32)
+        upper = tl.load(CU_SEQLENS + sequence + 1, mask=valid, other=0).to(tl.int32)
+        lower = tl.maximum(tl.associative_scan(tl.minimum(tl.maximum(lower, 0), N), 0, _max_combine), bound_before)
+        upper = tl.maximum(tl.associative_scan(tl.minimum(tl.maximum(upper, 0), N), 0, _max_combine), lower)
+        first_row = lower
+        length = tl.where(valid, upper - lower, 0)
+        bound_before = tl.max(tl.where(valid, upper, 0), 0)
         if POOLED:
             pool_row = tl.load(STATE_ROWS + sequence, mask=valid, other=-1)
             live = valid & (pool_row >= 0) & (pool_row < pool_rows)

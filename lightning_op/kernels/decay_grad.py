@@ -106,8 +106,9 @@ def _decay_moment_kernel(
             if entry < 0:
                 return
         else:
-            first_row = tl.load(CU_SEQLENS + entry).to(tl.int64)
-            length = tl.load(CU_SEQLENS + entry + 1).to(tl.int64) - first_row
+            # clamped into [0, N]: values no host check read (compiled, captured) stay in the rows
+            first_row = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + entry).to(tl.int64), 0), N)
+            length = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + entry + 1).to(tl.int64), first_row), N) - first_row
     else:
         b = entry
         first_row = 0

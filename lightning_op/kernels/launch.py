@@ -223,7 +223,7 @@ def linear_attention(
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
                                                             cfg.state_split, launch, state_rows=state_rows,
                                                             pool_rows=initial_state.shape[0] if pooled else None,
-                                                            lead_all=lead_all)
+                                                            lead_all=lead_all, rows=n)
         if keep_start_states is not None:
             keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
         num_v_blocks = cdiv(dv, cfg.block_v)
@@ -348,7 +348,7 @@ class PackedPlan:
 
 def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct, *,
                  state_rows: Optional[Tensor] = None, pool_rows: Optional[int] = None,
-                 lead_all: bool = False) -> PackedPlan:
+                 lead_all: bool = False, rows=None) -> PackedPlan:
     """The tables of a packed batch, built on the device from ``cu_seqlens`` by one small kernel
     (``chunked._packed_plan_kernel``): nothing is read on the host, and their sizes depend on N
     and S alone, so N and S may be symbolic.
@@ -367,7 +367,11 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     their rows, and such a row must not be written) get no segment, and a sequence of several
     segments (every sequence, ``lead_all``) a lead slot before its pieces, which the scan fills
     with its initial state and its segment 0 starts from (segment ``index`` then from
-    ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots."""
+    ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots.
+
+    ``rows``: the rows the sequences lie in (default ``n``, which a traced call raises to 1 for
+    the segment count): bounds past them are clamped to them (see the kernel), so values that no
+    host check read can give wrong outputs but never an access past the tensors."""
     device = cu_seqlens.device
     num_sequences = cu_seqlens.shape[0] - 1
     num_segments = cdiv(n, segment_len)
@@ -379,7 +383,8 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all),
                                                 pool_rows=2**31 - 1 if pool_rows is None else pool_rows)
     launch(_packed_plan_kernel)[(1,)](
-        cu_seqlens, plan.segments, plan.pieces, plan.sequences, num_sequences, plan.segments.shape[0],
+        cu_seqlens, plan.segments, plan.pieces, plan.sequences, n if rows is None else rows, num_sequences,
+        plan.segments.shape[0],
         plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK, **pooled,
     )
     return plan
