@@ -173,8 +173,9 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, n) -> None:
         _remember(_remembered_cu_seqlens, remembered)
 
 
-#: CUDA cu_seqlens whose values passed, keyed as ``_remembered_indices`` (with N for the pool's
-#: slots). A write the version counter does not see is missed, as for remembered decays.
+#: CUDA cu_seqlens whose values passed, keyed as ``_remembered_indices`` (with N in place of the
+#: pool's slots). A write the version counter does not see is missed, as for remembered decays; the
+#: kernels then read the bounds clamped into the rows (``chunked._packed_plan_kernel``).
 _remembered_cu_seqlens: dict = {}
 
 
