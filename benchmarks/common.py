@@ -194,6 +194,22 @@ class Timer:
         return statistics.median(times)
 
 
+def host_ms(fn: Callable, device: torch.device, calls: int = 20) -> float:
+    """Median milliseconds the host spends in ``fn()``: the device is synchronised between calls,
+    never inside the timed one, so this is validation, dispatch, autograd and launches. Where it
+    exceeds the device time, the host sets the pace (as ``host_time.py`` measures for the op)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(calls):
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+        sync()
+    return statistics.median(times)
+
+
 def clear_grads(tensors: Optional[list[Tensor]]) -> None:
     for x in tensors or ():
         x.grad = None

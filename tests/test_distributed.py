@@ -503,4 +503,5 @@ def test_bench_cp_smoke(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [(row["N_r"], row["W"]) for row in rows] == [(64, 2)]
     assert rows[0]["rel_err_w1_vs_op"] < 1e-6 and rows[0]["cp_fwdbwd_ms"] > 0
+    assert rows[0]["cp_fwd_host_ms"] > 0 and rows[0]["fwd_host_ms"] > 0
     assert rows[0]["fwd_collective_bytes"] == (2 * 32 * 32 + 2) * 4  # one other rank's state and length
