@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 
 def main(argv=None) -> int:
@@ -35,6 +33,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    import common  # after the environment above: it imports torch and lightning_op
     import lightning_op
     from lightning_op import ops
 
@@ -52,12 +51,12 @@ def main(argv=None) -> int:
             for name in kernel_names:
                 if hasattr(module, name):
                     setattr(module, name, NoOp())
-        device, sync = torch.device("cpu"), (lambda: None)
+        device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
             print("host_time.py: no CUDA device (use --stub on CPU)", file=sys.stderr)
             return 2
-        device, sync = torch.device("cuda"), torch.cuda.synchronize
+        device = torch.device("cuda")
     b, n, h = (int(x) for x in (args.shape or ("1x64x2" if args.stub else "8x8192x16")).split("x"))
     calls = args.calls or (2000 if args.stub else 20)
     decay = lightning_op.slopes(h).to(device)
@@ -65,15 +64,7 @@ def main(argv=None) -> int:
           f"B{b} N{n} H{h} bf16, median of {calls} calls", flush=True)
 
     def host_us(step) -> float:
-        step()
-        sync()
-        times = []
-        for _ in range(calls):
-            begin = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - begin)
-            sync()
-        return statistics.median(times) * 1e6
+        return common.host_ms(step, device, calls) * 1e3
 
     for d in (int(x) for x in args.dims.split(",")):
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
