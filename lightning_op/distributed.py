@@ -136,9 +136,8 @@ def _state_only_kernels(x: Tensor) -> bool:
 
 def _state_block(n: int) -> int:
     """Rows per block of a state-only pass: blocks run in parallel and then a scan walks them one
-    after another, so at least 1024 rows and at most 16 blocks. The walk is the pass's critical
-    path: with 64 blocks of 1024 rows the scan took 0.34 ms of the pass's 0.56 at N = 64K (B1 H16
-    D128 bf16, H100; blocks of 4096 rows: the block kernel 0.19 ms, benchmarks/RESULTS.md)."""
+    after another, so at least 1024 rows and at most 16 blocks: at long N the walk over more
+    blocks costs more than the block kernel saves (benchmarks/RESULTS.md)."""
     return max(1024, 1 << max(0, (n - 1) // 16).bit_length())
 
 

@@ -47,7 +47,7 @@ def _key_value_grad_kernel(
     the loop's spills (``benchmarks/registers.py``: 1169 -> 1075 instructions, 102 -> 50 local
     accesses) and is faster (benchmarks/RESULTS.md). The state update adds its product to the
     decayed state rather than accumulating onto it in place, in both forms: the in-place update
-    never won by more than 2% here and cost 8.5% at D = 64 (benchmarks/NOTES.md). ``VARLEN``
+    never won here, and lost at D = 64 (benchmarks/NOTES.md). ``VARLEN``
     (packed sequences): as in ``chunked._chunk_output_kernel``, each segment lies in one sequence
     and walks it from the sequence's end; dS_0 is stored per sequence."""
     _, bh = _block_and_head(D_V, BLOCK_V)
