@@ -2,7 +2,8 @@
 DTensor sharding rules (batch- and head-sharded DTensors run the local op).
 
 Rank r holds the tokens ``[P_r, P_r + n_r)`` of one sequence of N tokens, ``P_r = n_0 + ... + n_{r-1}``.
-With ``L_j`` the state rank j's tokens leave from a zero start (a state-only pass over its k, v)
+With ``L_j`` the state rank j's tokens leave from a zero start (on the Triton kernels summed from
+the op's own segment-state pass, elsewhere a state-only pass over its k, v)
 and ``S_0`` the sequence's initial state, the state entering rank r and the final state are::
 
     S_r     = lam^P_r S_0 + sum_{j<r} lam^(P_r - P_{j+1}) L_j
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from ._layout import stored_bnhd
+from ._layout import output_bnhd, stored_bnhd
 from .reference import decay_powers
 
 __all__ = ["context_parallel_attn"]
@@ -80,7 +81,10 @@ class OpAttention:
     ``forward`` and ``backward`` are the op's; ``state`` and ``state_gradient`` are the state-only
     passes: on the Triton kernels ``kernels.final_state`` (k and v, or q and the output's gradient,
     read once; nothing of N rows written), elsewhere the op forward with its output discarded.
-    Another object with these four methods (tests pass a float64 reference) can stand in for it.
+    ``forward_from`` joins the rank's forward pieces: the state its tokens leave, the initial state
+    made of it (a collective), the output from that state. Another object with the four methods
+    (tests pass a float64 reference) can stand in for it; without ``forward_from``, ``state`` then
+    ``forward`` run.
     """
 
     #: whether ``backward`` returns the decay's gradient
@@ -89,13 +93,35 @@ class OpAttention:
     def forward(self, q, k, v, decay, scale, initial_state) -> tuple[Tensor, Tensor]:
         return ops.attn_eager(q, k, v, decay, scale, initial_state)
 
+    def forward_from(self, q, k, v, decay, scale, start_of) -> Tensor:
+        """The output from the initial state ``start_of(L)``, L the state the tokens leave from a zero
+        start (``state``'s): on the Triton kernels one op forward whose segment-state pass also
+        gives L (``kernels.linear_attention``'s ``start_of``), so k and v are read for the states
+        once; elsewhere ``state``, then ``forward``."""
+        if not _state_only_kernels(q):
+            return self.forward(q, k, v, decay, scale, start_of(self.state(q, k, v, decay)))[0]
+        from . import backends
+        from .kernels import linear_attention
+        from .reference import state_heads
+
+        h = q.shape[1]
+        heads = state_heads(h, k.shape[1], decay)
+
+        def start_from_leaving(leaving: Tensor) -> Tensor:  # compute heads -> the heads that hold states
+            return start_of(leaving[:, :: h // heads] if heads < h else leaving)
+
+        out, _ = linear_attention(q, k, v, backends.compute_decay(ops.prepare_decay(decay), h), out_scale=scale,
+                                  store_final=False, out_bnhd=output_bnhd(q), start_of=start_from_leaving)
+        return out
+
     def state(self, q, k, v, decay) -> Tensor:
         """The state the tokens leave from a zero start (float32, the final state's shape)."""
         if _state_only_kernels(q):
             from .kernels import final_state
+            from .kernels.launch import state_only_block
 
             # compute heads: H with a decay [H], else k's (the heads that share a state compute it once)
-            return final_state(k, v, ops.prepare_decay(decay), _state_block(q.shape[2]))
+            return final_state(k, v, ops.prepare_decay(decay), state_only_block(q.shape[2]))
         return ops.attn_eager(q, k, v, decay, 1.0, None)[1]
 
     def state_gradient(self, q, grad_out, decay, scale, state_heads) -> Tensor:
@@ -107,8 +133,9 @@ class OpAttention:
             decay = decay.repeat_interleave(h // decay.shape[0])
         if _state_only_kernels(q):
             from .kernels import final_state
+            from .kernels.launch import state_only_block
 
-            state = final_state(q, grad_out, ops.prepare_decay(decay), _state_block(q.shape[2]), reverse=True)
+            state = final_state(q, grad_out, ops.prepare_decay(decay), state_only_block(q.shape[2]), reverse=True)
         else:
             keys, values = q.flip(2), grad_out.flip(2)
             state = ops.attn_eager(keys, keys, values, decay, 1.0, None)[1]
@@ -132,13 +159,6 @@ def _state_only_kernels(x: Tensor) -> bool:
     """Whether the state-only passes launch the Triton kernels directly: where the op runs on them
     and nothing traces the call (compiled and traced calls go through the op, which graphs hold)."""
     return not ops._dispatcher_observed(x) and ops._backend(x).name == "triton"
-
-
-def _state_block(n: int) -> int:
-    """Rows per block of a state-only pass: blocks run in parallel and then a scan walks them one
-    after another, so at least 1024 rows and at most 16 blocks: at long N the walk over more
-    blocks costs more than the block kernel saves (benchmarks/RESULTS.md)."""
-    return max(1024, 1 << max(0, (n - 1) // 16).bit_length())
 
 
 class GroupExchange:
@@ -212,6 +232,36 @@ def _head_products(a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("jbhkv,bhkv->hj", a.reshape(-1, *b.shape), b)
 
 
+def _unpack(gathered: Tensor, like: Tensor, with_states: bool = True) -> tuple[Optional[Tensor], Tensor]:
+    """The gathered states ``[W, *like.shape]`` (None without ``with_states``: rows that hold the
+    lengths alone) and the lengths (float64 ``[W]``) of an all-gather's rows."""
+    states = gathered[:, :-2].view(-1, *like.shape) if with_states else None
+    lengths = gathered[:, -2].to(torch.float64) * _LENGTH_BASE + gathered[:, -1].to(torch.float64)
+    return states, lengths
+
+
+def _combine(gathered: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], rank: int,
+             like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(S_r, S_final)`` (the module's docstring) from the all-gather's rows, composed from PyTorch ops."""
+    states, lengths = _unpack(gathered, like)
+    weights = _Weights(decay, lengths, rank, like, derivatives=False)
+    start, final = _weighted_sum(weights.into, states[:rank]), _weighted_sum(weights.out_of, states)
+    if initial_state is not None:
+        init = initial_state.to(like.dtype)
+        start, final = start + _per_head(weights.start) * init, final + _per_head(weights.end) * init
+    return start, final
+
+
+def _combine_on_the_kernels(gathered: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], rank: int,
+                            like: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_combine` in one Triton launch (``kernels.context``), where the host would otherwise
+    launch some twenty small kernels."""
+    from .kernels.context import rank_states
+
+    rates = None if decay is None else decay.detach().to(torch.float32)
+    return rank_states(gathered, rates, initial_state, rank, tuple(like.shape), _LENGTH_BASE)
+
+
 class _ContextParallelAttention(torch.autograd.Function):
     """One autograd node for the whole exchange, so that every rank enters the backward's
     collective (rank 0's outputs depend on no other rank's: a graph of smaller pieces would skip
@@ -220,32 +270,41 @@ class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, decay, initial_state, scale, exchange, local):
         rank = exchange.rank
-        own = local.state(q, k, v, decay)
-        # the length as two floats, filled on the device (a host tensor would be a synchronising copy)
-        code = own.new_full((2,), q.shape[2] % _LENGTH_BASE)
-        code[:1] = q.shape[2] // _LENGTH_BASE
-        gathered = exchange.gather([own, code])
-        states = gathered[:, :-2].view(-1, *own.shape)
-        lengths = gathered[:, -2].to(torch.float64) * _LENGTH_BASE + gathered[:, -1].to(torch.float64)
         decay_grad = decay is not None and ctx.needs_input_grad[3]
-        weights = _Weights(decay, lengths, rank, own, derivatives=decay_grad)
+        found = {}
+        combine = _combine_on_the_kernels if _state_only_kernels(q) else _combine
 
-        start, final = _weighted_sum(weights.into, states[:rank]), _weighted_sum(weights.out_of, states)
-        init = None if initial_state is None else initial_state.to(own.dtype)
-        if init is not None:
-            start, final = start + _per_head(weights.start) * init, final + _per_head(weights.end) * init
-        out, _ = local.forward(q, k, v, decay, scale, start)
+        def start_of(own: Tensor) -> Tensor:
+            """This rank's initial state from the state its tokens leave (``own``), through the exchange."""
+            # the length as two floats, filled on the device (a host tensor would be a synchronising copy)
+            code = own.new_full((2,), q.shape[2] % _LENGTH_BASE)
+            code[:1] = q.shape[2] // _LENGTH_BASE
+            gathered = exchange.gather([own, code])
+            start, final = combine(gathered, decay, initial_state, rank, own)
+            found.update(gathered=gathered, start=start, final=final)
+            return start
 
-        ctx.scale, ctx.exchange, ctx.local, ctx.weights = scale, exchange, local, weights
+        forward_from = getattr(local, "forward_from", None)
+        if forward_from is not None:
+            out = forward_from(q, k, v, decay, scale, start_of)
+        else:
+            out = local.forward(q, k, v, decay, scale, start_of(local.state(q, k, v, decay)))[0]
+        gathered, start, final = found["gathered"], found["start"], found["final"]
+        init = None if initial_state is None else initial_state.to(start.dtype)
+
+        ctx.scale, ctx.exchange, ctx.local = scale, exchange, local
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
-        # the gathered states enter only the decay's gradient
-        ctx.save_for_backward(q, k, v, decay, init, start, states if decay_grad else None)
+        # the gathered states enter only the decay's gradient; the lengths every weight
+        ctx.decay_grad = decay_grad
+        ctx.save_for_backward(q, k, v, decay, init, start, gathered if decay_grad else gathered[:, -2:].clone())
         return out, final
 
     @staticmethod
     def backward(ctx, grad_out, grad_final):
-        q, k, v, decay, init, start, states = ctx.saved_tensors
-        local, weights, rank = ctx.local, ctx.weights, ctx.exchange.rank
+        q, k, v, decay, init, start, gathered = ctx.saved_tensors
+        local, rank = ctx.local, ctx.exchange.rank
+        states, lengths = _unpack(gathered, start, with_states=ctx.decay_grad)
+        weights = _Weights(decay, lengths, rank, start, derivatives=ctx.decay_grad)
         # every rank enters the collective, whichever of its outputs its loss used
         grad_out = grad_out.contiguous()  # autograd may hand in an expanded (stride 0) gradient
         own = local.state_gradient(q, grad_out, decay, ctx.scale, start.shape[1]).to(start.dtype)

@@ -1157,12 +1157,13 @@ def _packed_step_in_place(q, k, v, state, decay, scale, cu_seqlens, state_indice
     speed and no state is gathered or scattered around the call. ``padded``: whether a padding
     sequence may hold rows (their outputs are zeros, so the output is zeroed first)."""
     from .kernels import linear_attention
+    from .kernels.config import packed_decode_rows
 
     if state_indices is None:
         state_indices = torch.arange(cu_seqlens.shape[0] - 1, device=q.device)
     out, _ = linear_attention(q, k, v, backends.compute_decay(prepare_decay(decay), q.shape[1]), out_scale=scale,
                               initial_state=state, cu_seqlens=cu_seqlens, state_rows=state_indices,
-                              padded_rows=padded)
+                              padded_rows=padded, short_rows=packed_decode_rows())
     return out
 
 

@@ -65,10 +65,12 @@ def _expected(q, k, v, decay_h, scale, pool, cu, rows):
      (4, 1, 1, torch.float16, None, True)],                     # one shared state, no decay
     ids=["per-head", "grouped-kv", "shared", "shared-one"],
 )
-def test_pool_rows_in_place_against_the_oracle(h, hs, hkv, dtype, decay, transposed):
+@pytest.mark.parametrize("short_rows", [0, 12], ids=["tiled", "short-on-decode"])
+def test_pool_rows_in_place_against_the_oracle(h, hs, hkv, dtype, decay, transposed, short_rows):
     """Every named row ends as its sequence's final state, every other row is untouched
     (bitwise), padding sequences give zero rows; both output kernels, several segments per
-    sequence, int64 rows."""
+    sequence, int64 rows; sequences of 1 to 12 rows on the decode kernel (``short_rows``: the
+    one-token ones and the 12-row one; empty and longer ones stay on the tiled kernels)."""
     from lightning_op.kernels import config_override, linear_attention
 
     q, k, v, pool, cu = _case(h, hs, hkv, dtype, seed=11)
@@ -78,7 +80,7 @@ def test_pool_rows_in_place_against_the_oracle(h, hs, hkv, dtype, decay, transpo
     before = pool.clone()
     with config_override(transposed=int(transposed), **SEGMENTS):
         out, returned = linear_attention(q, k, v, decay_h, out_scale=0.7, initial_state=pool, cu_seqlens=cu,
-                                         state_rows=rows)
+                                         state_rows=rows, short_rows=short_rows)
     assert returned is pool and out.shape == (1, h, sum(LENGTHS), DV) and out.dtype == dtype
     assert rel_error(out, want_out) < TOLERANCE[dtype]
     named = sorted(r for r in ROWS if r >= 0)

@@ -80,3 +80,128 @@ def test_context_parallel_state_passes_on_the_kernels(monkeypatch, decay_heads):
     want_grad = want_grad.unflatten(1, (hs, -1)).sum(2)
     assert rel_error(OP_ATTENTION.state(q, k, v, decay).cpu(), want_state) < TOLERANCE[torch.float32]
     assert rel_error(OP_ATTENTION.state_gradient(q, do, decay, 0.7, hs).cpu(), want_grad) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "n, cut, h, hkv, decay",
+    [(77, (32, 2), 2, 2, [0.05, 2.0]),           # 3 segments of 2 pieces, a 13-row last segment
+     (64, (16, 1), 4, 2, [0.1, 0.0, 1.0, 0.01]),  # whole segments; grouped kv heads, states per query head
+     (50, (16, 1), 4, 2, None),                   # no decay: a group's heads share their kv head's state
+     (40, None, 2, 2, [0.3, 0.02])],              # one segment: a state-only pass over every row
+    ids=["segments-pieces", "whole-segments-grouped", "no-decay-grouped", "one-segment"],
+)
+def test_start_of_gets_the_leaving_state_and_starts_from_its_answer(n, cut, h, hkv, decay):
+    """``linear_attention``'s ``start_of`` (context parallelism): it is called once, with the state
+    the rows leave from a zero start (per compute head: the decayed sum of the segment pass's own
+    states and the last segment's rows, or a state-only pass), and the outputs and final state are
+    those from the initial state it returns; against float64."""
+    from lightning_op.kernels import config_override, linear_attention
+
+    gen = torch.Generator().manual_seed(n)
+    q = (0.5 * torch.randn(1, h, n, 16, generator=gen)).to(DEVICE)
+    k, v = ((0.5 * torch.randn(1, hkv, n, 16, generator=gen)).to(DEVICE) for _ in range(2))
+    start = (0.3 * torch.randn(1, h, 16, 16, generator=gen)).to(DEVICE)
+    decay_h = None if decay is None else torch.tensor(decay, device=DEVICE)
+    calls = []
+
+    def start_of(leaving):
+        calls.append(leaving.clone())
+        return start
+
+    fixed = {} if cut is None else dict(segment_len=cut[0], state_split=cut[1])
+    with config_override(chunk=16):
+        out, final = linear_attention(q, k, v, decay_h, out_scale=0.7, start_of=start_of, **fixed)
+    wide = [x.double().repeat_interleave(h // hkv, 1) for x in (k, v)]
+    lam = None if decay_h is None else decay_h.double()
+    _, want_leaving = reference.attention_quadratic(q.double(), *wide, lam, 1.0)
+    want_out, want_final = reference.attention_quadratic(q.double(), *wide, lam, 0.7, start.double())
+    assert len(calls) == 1 and calls[0].shape == (1, h, 16, 16)
+    assert rel_error(calls[0], want_leaving) < TOLERANCE[torch.float32]
+    assert rel_error(out, want_out) < TOLERANCE[torch.float32]
+    assert rel_error(final, want_final) < TOLERANCE[torch.float32]
+
+
+class _OneRankOfMany:
+    """An exchange for rank ``rank`` alone: the other ranks' rows of the all-gather are their
+    float64-reference states and lengths; this rank's row is what it passes."""
+
+    def __init__(self, rank, states, lengths):
+        self.rank, self.world = rank, len(lengths)
+        self.rows = [torch.cat([s.float().reshape(-1), torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32)])
+                     for s, n in zip(states, lengths)]
+
+    def gather(self, parts):
+        flat = torch.cat([x.reshape(-1) for x in parts])
+        rows = [flat if j == self.rank else row.to(flat.device) for j, row in enumerate(self.rows)]
+        return torch.stack(rows)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_context_parallel_forward_on_the_kernels(monkeypatch, rank):
+    """A rank's context-parallel forward where the Triton kernels run (its leaving state from the
+    op's own segment-state pass, cut into segments here): its output and the whole sequence's
+    final state against the float64 reference of the whole sequence, uneven shards."""
+    from lightning_op import distributed
+    from lightning_op.kernels import config_override
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    lengths, h, d = [45, 70, 9], 2, 16
+    n = sum(lengths)
+    q, k, v = ((0.5 * torch.randn(1, h, n, d, generator=gen)).to(DEVICE) for _ in range(3))
+    init = (0.3 * torch.randn(1, h, d, d, generator=gen)).to(DEVICE)
+    decay = torch.tensor([0.04, 0.5], device=DEVICE)
+    starts = [sum(lengths[:j]) for j in range(3)]
+    pieces = [[x[:, :, a:a + m] for x in (q, k, v)] for a, m in zip(starts, lengths)]
+    leaving = [reference.attention_quadratic(*(x.double() for x in p), decay.double(), 1.0)[1] for p in pieces]
+    want_out, want_final = reference.attention_quadratic(q.double(), k.double(), v.double(), decay.double(), 0.7,
+                                                         init.double())
+    exchange = _OneRankOfMany(rank, leaving, lengths)
+    with config_override(chunk=16, segment_len=32, state_split=2):  # 2, 3 and 1 segments of 2 pieces
+        out, final = distributed._attention(*pieces[rank], decay, 0.7, init, exchange, distributed.OP_ATTENTION)
+    a = starts[rank]
+    assert rel_error(out, want_out[:, :, a:a + lengths[rank]]) < TOLERANCE[torch.float32]
+    assert rel_error(final, want_final) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("rank", [0, 2, 3])
+@pytest.mark.parametrize("decay, with_init", [([0.01, 0.7, float("inf")], True), (None, True), ([0.2, 0.0, 3.0], False)],
+                         ids=["decay-init", "no-decay", "no-init"])
+def test_rank_states_kernel_against_float64(rank, decay, with_init):
+    """Context parallelism's combine step in one launch (``kernels.context.rank_states``): rank r's
+    initial state ``lam^P_r S_0 + sum_{j<r} lam^(P_r - P_{j+1}) L_j`` and the final state
+    ``lam^N S_0 + sum_j lam^(N - P_{j+1}) L_j`` from the all-gather's rows (lengths as two floats,
+    one past 2^24), a transposed initial state, lam = 0 (an infinite rate) included; in float64."""
+    from lightning_op.kernels.context import rank_states
+
+    gen = torch.Generator().manual_seed(rank)
+    lengths = [5, 2**24 + 3, 0, 40]
+    shape = (2, 3, 8, 12)
+    states = [torch.randn(shape, generator=gen) for _ in lengths]
+    rows = [torch.cat([s.reshape(-1), torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32)])
+            for s, n in zip(states, lengths)]
+    gathered = torch.stack(rows).to(DEVICE)
+    init = torch.randn(2, 3, 12, 8, generator=gen).transpose(-1, -2) if with_init else None
+    rates = None if decay is None else torch.tensor(decay)
+    start, final = rank_states(gathered, None if rates is None else rates.to(DEVICE),
+                               None if init is None else init.to(DEVICE), rank, shape, 2**24)
+
+    def power(e):
+        if rates is None:
+            return torch.ones(3, dtype=torch.float64)
+        return torch.where(torch.tensor(e == 0), 1.0, torch.exp(-rates.double() * e)).reshape(3)
+
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    before, total = sum(lengths[:rank]), sum(lengths)
+    want_start = torch.zeros(shape, dtype=torch.float64)
+    want_final = torch.zeros(shape, dtype=torch.float64)
+    for j, s in enumerate(states):
+        want_final += power(total - ends[j])[None, :, None, None] * s.double()
+        if j < rank:
+            want_start += power(before - ends[j])[None, :, None, None] * s.double()
+    if init is not None:
+        want_start += power(before)[None, :, None, None] * init.double()
+        want_final += power(total)[None, :, None, None] * init.double()
+    assert start.shape == final.shape == shape and start.dtype == final.dtype == torch.float32
+    assert torch.allclose(start.double().cpu(), want_start, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(final.double().cpu(), want_final, rtol=1e-5, atol=1e-6)

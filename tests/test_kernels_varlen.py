@@ -263,25 +263,30 @@ def test_traceable_launch_with_packed_sequences():
 
 def test_the_plan_of_a_packed_batch():
     """The segment and piece tables: their sizes depend on N and S alone (ceil(N / L) + S
-    segments, (ceil(N / L) - 1) * split + 1 slots), their contents on ``cu_seqlens``."""
+    segments, (ceil(N / L) - 1) * split + 1 slots), their contents on ``cu_seqlens``; the segments
+    ordered by the rows they walk, longest first (ties in sequence order), surplus entries last."""
     from lightning_op.kernels.launch import _packed_plan
 
     plan = _packed_plan(_cu([5, 0, 70]), 75, 32, 2)
     # sequence, first row, length, index in the sequence, start slot (a segment that starts a
     # sequence reads its initial state: no slot); entries of sequence -1 are surplus
-    assert plan.segments[:5].tolist() == [[0, 0, 5, 0, -1], [1, 5, 0, 0, -1], [2, 5, 70, 0, -1], [2, 5, 70, 1, 1],
-                                          [2, 5, 70, 2, 3]]
+    assert plan.segments[:5].tolist() == [[2, 5, 70, 0, -1], [2, 5, 70, 1, 1], [2, 5, 70, 2, 3], [0, 0, 5, 0, -1],
+                                          [1, 5, 0, 0, -1]]
     assert plan.pieces[:4].tolist() == [[2, 5, 70, 0], [2, 5, 70, 1], [2, 5, 70, 2], [2, 5, 70, 3]]
     assert plan.segments[5, 0] == -1 and plan.pieces[4, 0] == -1
-    assert plan.sequences.tolist() == [[0, 0, 0, 5], [0, 0, 1, 0], [0, 4, 2, 70]]  # slots, first segment, length
-    assert plan.segments.shape == (6, 5) and plan.pieces.shape == (5, 4) and plan.sequences.shape == (3, 4)
+    # first slot, slots, first segment (before the ordering), length, first row
+    assert plan.sequences.tolist() == [[0, 0, 0, 5, 0], [0, 0, 1, 0, 5], [0, 4, 2, 70, 5]]
+    assert plan.segments.shape == (6, 5) and plan.pieces.shape == (5, 4) and plan.sequences.shape == (3, 5)
     many = [3, 0, 300] * 150  # more sequences than the plan kernel takes at once
     plan = _packed_plan(_cu(many).long(), sum(many), 64, 1)
     counts = torch.tensor([max(1, -(-n // 64)) for n in many])
     first = counts.cumsum(0) - counts
     assert plan.segments.shape[0] == -(-sum(many) // 64) + len(many)
-    assert plan.segments[:, 0].tolist() == torch.arange(len(many)).repeat_interleave(counts).tolist() + \
-        [-1] * (plan.segments.shape[0] - int(counts.sum()))
+    walked = [(min(64, n - 64 * i), s) for s, n in enumerate(many) for i in range(max(1, -(-n // 64)))]
+    walked.sort(key=lambda pair: -pair[0])  # stable: ties keep the sequence order
+    assert plan.segments[:, 0].tolist() == [s for _, s in walked] + [-1] * (plan.segments.shape[0] - len(walked))
+    got_walked = (plan.segments[:, 2] - 64 * plan.segments[:, 3]).clamp(max=64)[: len(walked)]
+    assert got_walked.tolist() == [w for w, _ in walked]
     assert torch.equal(plan.sequences[:, 2].long().cpu(), first) and plan.pieces[:, 0].max() == len(many) - 1
 
 

@@ -141,6 +141,7 @@ def _max_combine(a, b):
 def _packed_plan_kernel(
     CU_SEQLENS, SEGMENTS, PIECES, SEQUENCES, N, num_sequences, num_segments, num_pieces, segment_len, split,
     BLOCK: tl.constexpr, POOLED: tl.constexpr = False, STATE_ROWS=None, lead_all=None, pool_rows=None,
+    short_rows=None,
 ):
     """The tables of a packed batch (``launch._packed_plan`` says what they hold), in one program:
     sequences BLOCK at a time, each block's segments and pieces placed after those of the blocks
@@ -149,7 +150,8 @@ def _packed_plan_kernel(
     whose row is negative (padding) or past the pool gets no segment; a sequence cut into several
     segments (every one, with ``lead_all``) gets a lead slot ahead of its pieces, where the scan
     copies its initial state for segment 0 to start from, so that no program of the output pass
-    reads a pool row that another one writes.
+    reads a pool row that another one writes; a sequence of 1 to ``short_rows`` rows gets none
+    either: the decode kernel runs it (``decode._decode_step_kernel``'s ``SEQUENCES``).
 
     The bounds are read as ``c_s = max(cu[0..s])`` clamped into [0, N]: the same values where
     ``cu_seqlens`` is valid, and otherwise (values no host check read: compiled, captured or
@@ -172,6 +174,7 @@ def _packed_plan_kernel(
         if POOLED:
             pool_row = tl.load(STATE_ROWS + sequence, mask=valid, other=-1)
             live = valid & (pool_row >= 0) & (pool_row < pool_rows)
+            live = live & ((length == 0) | (length > short_rows))  # short ones: the decode kernel's
             segments = tl.where(live, tl.maximum((length + segment_len - 1) // segment_len, 1), 0)
             lead = tl.where(live & ((segments > 1) | (lead_all != 0)), 1, 0)
             slots = tl.where(live, (segments - 1) * split + lead, 0)
@@ -180,11 +183,12 @@ def _packed_plan_kernel(
             slots = (segments - 1) * split  # negative for the lanes past the end: no slot
         first_segment = segments_before + tl.cumsum(segments, 0) - segments
         first_slot = slots_before + tl.cumsum(tl.maximum(slots, 0), 0) - tl.maximum(slots, 0)
-        row = SEQUENCES + sequence * 4
+        row = SEQUENCES + sequence * 5
         tl.store(row, first_slot, mask=valid)
         tl.store(row + 1, slots, mask=valid)
         tl.store(row + 2, first_segment, mask=valid)
         tl.store(row + 3, length, mask=valid)
+        tl.store(row + 4, first_row, mask=valid)
         for index in range(0, tl.max(segments, 0)):
             entry = SEGMENTS + (first_segment + index) * 5
             taken = index < segments
@@ -236,8 +240,8 @@ def _segment_scan_kernel(
     h = bh % H
     if VARLEN:
         sequence = tl.program_id(1)
-        first_slot = tl.load(SEQUENCES + 4 * sequence)
-        count = tl.load(SEQUENCES + 4 * sequence + 1)
+        first_slot = tl.load(SEQUENCES + 5 * sequence)
+        count = tl.load(SEQUENCES + 5 * sequence + 1)
         if POOLED:
             if count <= 0:  # one segment from the pool row, or padding: nothing to scan
                 return

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 __all__ = ["LaunchConfig", "Parameter", "Family", "FAMILIES", "config_override", "check_changes", "forced",
-           "choose_config", "choose_decode", "cdiv", "next_power_of_2", "multiprocessors"]
+           "choose_config", "choose_decode", "packed_decode_rows", "cdiv", "next_power_of_2", "multiprocessors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LaunchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Parameter:
-    """One launch parameter. ``rule``: ``"flag"`` (0 or 1), ``"count"`` (a positive int),
+    """One launch parameter. ``rule``: ``"flag"`` (0 or 1), ``"size"`` (a non-negative int), ``"count"`` (a positive int),
     ``"power_of_two"`` (a positive power of two) or ``"tile"`` (a power of two >= 16).
     ``cached_maximum``: the largest value an autotuner cache entry may hold (no candidate is
     larger), None for no bound."""
@@ -56,6 +56,9 @@ class Parameter:
         """Why ``value`` is not a value of this parameter, or None."""
         if self.rule == "flag":
             return None if value in (0, 1) and not isinstance(value, float) else "must be 0 or 1"
+        if self.rule == "size":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            return None if ok else "must be a non-negative int"
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             return "must be a positive int"
         if self.rule == "power_of_two" and value & (value - 1):
@@ -115,6 +118,8 @@ KEY_VALUE = Family("key_value", (
 DECODE = Family("decode", (
     Parameter("block_v", "power_of_two", "value columns per program"),
     Parameter("num_warps", "count", "warps per program"),
+    Parameter("packed_rows", "size", "a pooled packed step's sequences of 1 to this many rows run on the decode "
+                                     "kernel (0: all on the tiled kernels)"),
 ), flat_prefix="decode_")
 
 FAMILIES = {family.name: family for family in (FORWARD, KEY_VALUE, DECODE)}
@@ -400,6 +405,19 @@ def choose_decode(batch_heads: int, dv: int, device: torch.device) -> tuple[int,
     block_v = block_v if value is None else value
     value = forced(DECODE, "num_warps")
     return block_v, 4 if value is None else value
+
+
+#: a pooled packed step's sequences of up to this many rows run on the decode kernel
+PACKED_DECODE_ROWS = 16
+
+
+def packed_decode_rows() -> int:
+    """The longest sequence of a pooled packed step that the decode kernel runs (see
+    ``launch.linear_attention``'s ``short_rows``): a one-token sequence costs the tiled output
+    kernel a whole chunk program; the decode kernel reads and writes its state in value blocks,
+    beside the tiled kernels on a second stream."""
+    value = forced(DECODE, "packed_rows")
+    return PACKED_DECODE_ROWS if value is None else value
 
 
 def fused_backward_fits(dk: int, dv: int, itemsize: int) -> bool:

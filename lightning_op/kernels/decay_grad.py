@@ -215,8 +215,8 @@ def _moment_chain_kernel(
     ``STAGES`` pipelines the slots' loads: each step waits for a multiply-add, not for memory."""
     pid_v, h = _block_and_head(DV, BLOCK_V)
     sequence = tl.program_id(1)
-    first_slot = tl.load(SEQUENCES + 4 * sequence).to(tl.int64)
-    count = tl.load(SEQUENCES + 4 * sequence + 1)
+    first_slot = tl.load(SEQUENCES + 5 * sequence).to(tl.int64)
+    count = tl.load(SEQUENCES + 5 * sequence + 1)
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     tile_mask = (cols_k < DK)[:, None] & (cols_v < DV)[None, :]

@@ -50,13 +50,27 @@ def _decode_step_kernel(
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     SLOTS=None, stride_slot=1, NUM_SLOTS=0,
     KV_GROUP: tl.constexpr = 1, STATE_GROUP: tl.constexpr = 1,
+    SEQUENCES=None, short_rows=0, decay_group=1,
 ):
     """H is the number of state heads; state head s belongs to query heads ``s * STATE_GROUP``
-    onwards and reads kv head ``s // KV_GROUP``."""
+    onwards and reads kv head ``s // KV_GROUP`` and decay ``s * decay_group``.
+
+    ``SEQUENCES`` (packed sequences, ``launch._packed_plan``'s sequence table): q, k, v and the
+    output hold them back to back in batch entry 0, and b is the sequence: its length is T and its
+    first row where its tokens start; a sequence without rows or longer than ``short_rows`` is
+    the tiled kernels' and its programs return at once."""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
     h = bh % H
+    batch = b
+    first_row = 0
+    if SEQUENCES is not None:
+        T = tl.load(SEQUENCES + 5 * b + 3)
+        if (T == 0) | (T > short_rows):
+            return
+        first_row = tl.load(SEQUENCES + 5 * b + 4).to(tl.int64)
+        batch = 0
     cols_k = tl.arange(0, BLOCK_K)
     cols_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     valid_k = cols_k < DK
@@ -76,11 +90,11 @@ def _decode_step_kernel(
     state_ptrs = _head(STATE, slot, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
     state = tl.load(state_ptrs, mask=tile_mask, other=0.0)
     if HAS_DECAY:
-        lam = tl.exp(-tl.load(DECAY + h).to(tl.float32))
-    q_ptr = _head(Q, b, h * STATE_GROUP, stride_qb, stride_qh) + cols_k * stride_qd
-    k_ptr = _head(K, b, h // KV_GROUP, stride_kb, stride_kh) + cols_k * stride_kd
-    v_ptr = _head(V, b, h // KV_GROUP, stride_vb, stride_vh) + cols_v * stride_vd
-    o_ptr = _head(O, b, h * STATE_GROUP, stride_ob, stride_oh) + cols_v * stride_od
+        lam = tl.exp(-tl.load(DECAY + h * decay_group).to(tl.float32))
+    q_ptr = _head(Q, batch, h * STATE_GROUP, stride_qb, stride_qh) + first_row * stride_qt + cols_k * stride_qd
+    k_ptr = _head(K, batch, h // KV_GROUP, stride_kb, stride_kh) + first_row * stride_kt + cols_k * stride_kd
+    v_ptr = _head(V, batch, h // KV_GROUP, stride_vb, stride_vh) + first_row * stride_vt + cols_v * stride_vd
+    o_ptr = _head(O, batch, h * STATE_GROUP, stride_ob, stride_oh) + first_row * stride_ot + cols_v * stride_od
     for t in range(0, T):
         q = tl.load(q_ptr + t * stride_qt, mask=read_k, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + t * stride_kt, mask=read_k, other=0.0).to(tl.float32)
@@ -121,3 +135,23 @@ def launch_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Op
     launcher(_decode_step_kernel)[(b * hs * cdiv(dv, block_v),)](
         *arguments, HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, **slots, **groups)
     return out
+
+
+def launch_short_sequences(q: Tensor, k: Tensor, v: Tensor, out: Tensor, pool: Tensor, decay: Optional[Tensor],
+                           scale: float, state_rows: Tensor, sequences: Tensor, short_rows: int) -> None:
+    """The packed sequences of 1 to ``short_rows`` rows of a pooled step, each continuing its pool
+    row in place (``launch.linear_attention``'s ``state_rows``; the plan left them out). q
+    ``[1, H, N, Dk]``, k, v ``[1, Hkv, N, .]``, out ``[1, H, N, Dv]`` (their rows written here),
+    ``pool`` ``[P, Hs, Dk, Dv]``, ``decay`` one rate per query head or None, ``sequences`` the
+    plan's sequence table (``[S, 5]``)."""
+    h, dk = q.shape[1], q.shape[3]
+    hkv, hs, dv = k.shape[1], pool.shape[1], v.shape[3]
+    num_sequences = sequences.shape[0]
+    block_k = max(16, next_power_of_2(dk))
+    block_v, num_warps = choose_decode(num_sequences * hs, dv, q.device)
+    launcher(_decode_step_kernel)[(num_sequences * hs * cdiv(dv, block_v),)](
+        q, k, v, out, pool, decay if decay is not None else pool,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pool.stride(), 1, hs, dk, dv, scale,
+        HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, SLOTS=state_rows,
+        stride_slot=state_rows.stride(0), NUM_SLOTS=pool.shape[0], KV_GROUP=hs // hkv, STATE_GROUP=h // hs,
+        SEQUENCES=sequences, short_rows=short_rows, decay_group=h // hs, num_warps=num_warps)

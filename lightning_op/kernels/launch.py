@@ -7,9 +7,10 @@ is imported for the kernels to run on CPU tensors through Triton's interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton.language as tl
@@ -24,7 +25,8 @@ from .boundary import _block_scan_kernel, _block_state_kernel
 from .chunked import _chunk_output_kernel, _packed_plan_kernel, _segment_scan_kernel, _segment_state_kernel
 from .config import LaunchConfig, any_forced, cdiv, choose_config, multiprocessors, next_power_of_2
 from .decay_grad import _decay_moment_kernel, _moment_chain_kernel
-from .decode import launch_decode_step
+from .context import leaving_state
+from .decode import launch_decode_step, launch_short_sequences
 
 __all__ = ["linear_attention", "key_value_gradients", "decay_gradient", "decode_step", "SegmentStates",
            "StartStatesLayout", "start_states_layout", "state_itemsize_of"]
@@ -128,7 +130,7 @@ def linear_attention(
     start_states: Optional[SegmentStates] = None,
     keep_start_states: Optional[list] = None, cu_seqlens: Optional[Tensor] = None,
     state_rows: Optional[Tensor] = None, padded_rows: bool = True, state_split: Optional[int] = None,
-    zero_unused_slots: bool = False,
+    zero_unused_slots: bool = False, start_of: Optional[Callable[[Tensor], Tensor]] = None, short_rows: int = 0,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """The general causal linear attention (``reference.linear_attention_chunked``) on the Triton kernels.
 
@@ -177,8 +179,25 @@ def linear_attention(
     padding sequence holds any, so the output is not zeroed first). Returns ``(out, initial_state)``. No program of the
     output pass reads a row another writes: a sequence cut into segments, or whose state a group
     of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
-    Forward only (``reverse`` and ``init_shift`` keep their defaults).
+    Forward only (``reverse`` and ``init_shift`` keep their defaults). ``short_rows``: sequences
+    of 1 to that many rows (decode tokens, a few draft tokens) run on the decode kernel instead,
+    its programs reading and writing their pool rows as the tiled ones do; on a GPU they run on a
+    second stream beside the tiled kernels (memory-bound beside compute-bound work), joined
+    before the call returns (CUDA-graph capture records the two branches).
+
+    ``start_of`` (context parallelism: the rows are one rank's share of a longer sequence):
+    a function from the state the rows leave from a zero start (float32 [B, H, Dk, Dv], compute
+    heads) to the initial state the call then starts from (as ``initial_state``, which must be
+    None). The leaving state costs no pass of its own where N is cut into segments: it is summed
+    from the segment-state pass's own states, before its scan, and the last segment's rows
+    (:func:`final_state` over them); with one segment it is :func:`final_state` over all rows.
+    ``start_of`` runs once, between the passes (it may enter a collective). Eager dense forwards
+    only (not ``reverse``, ``init_shift`` 1, no ``cu_seqlens``), never timed by the autotuner.
     """
+    if start_of is not None and (initial_state is not None or reverse or init_shift != 1 or traceable
+                                 or cu_seqlens is not None or start_states is not None):
+        raise ValueError("linear_attention: start_of needs an eager dense forward without initial_state, "
+                         "reverse, init_shift, cu_seqlens or start_states")
     b, _, n, dk = query.shape
     dv = value.shape[-1]
     h = _compute_heads(query, key, value)
@@ -203,6 +222,8 @@ def linear_attention(
     else:
         launch = _direct
         if n == 0:
+            if start_of is not None:  # called all the same: it may enter a collective
+                initial_state = start_of(torch.zeros(b, h, dk, dv, dtype=torch.float32, device=device))
             if final is not None and not pooled:  # (a pool's rows keep their states)
                 _copy_state(final, initial_state)
             return out, final
@@ -210,20 +231,25 @@ def linear_attention(
 
     types = _dot_types(query.dtype)
     has_decay = decay is not None
-    has_init = initial_state is not None
-    groups = _groups(h, query, key, value, initial_state)
     decay_arg = decay if has_decay else out
-    init_arg = initial_state if has_init else out
 
     # a pooled state shared by a group of compute heads is read by all of them and written by one
     lead_all = pooled and h > initial_state.shape[1]
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes out and final whole: the autotuner may repeat it
+        initial = initial_state
         num_segments = cdiv(n_at_least_1, cfg.segment_len)
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n_at_least_1, cfg.segment_len,
                                                             cfg.state_split, launch, state_rows=state_rows,
                                                             pool_rows=initial_state.shape[0] if pooled else None,
-                                                            lead_all=lead_all, rows=n)
+                                                            lead_all=lead_all, rows=n,
+                                                            short_rows=short_rows if pooled else 0)
+        side = None
+        if pooled and short_rows > 0:
+            side = _beside(device)
+            with _on(side):
+                launch_short_sequences(query, key, value, out, initial_state, decay, out_scale, state_rows,
+                                       plan.sequences, short_rows)
         if keep_start_states is not None:
             keep_start_states.clear()  # the last launch's states (the autotuner's candidates ran before)
         num_v_blocks = cdiv(dv, cfg.block_v)
@@ -233,6 +259,8 @@ def linear_attention(
         else:
             seg_states = torch.empty(1, dtype=torch.float32, device=device) if traceable else _placeholder(device)
         num_slots, state_strides = 0, (dv, 1)
+        if start_of is not None and num_segments == 1:
+            initial = start_of(_leaving_state(key, value, decay, h, value_scale))
         # eager calls skip the segment kernels when one segment covers N; traced ones cannot tell
         if traceable or num_segments > 1 or lead_all:
             # a packed plan's piece table has a row per slot (lead slots included)
@@ -241,20 +269,28 @@ def linear_attention(
                                                                                 plan is not None):
                 seg_states, state_strides = start_states.states, start_states.strides()
             else:
+                def initial_from_own(own: Tensor) -> Tensor:
+                    nonlocal initial
+                    initial = start_of(_leaving_state(key, value, decay, h, value_scale, own, cfg, num_segments))
+                    return initial
+
                 seg_states = _segment_start_states(
-                    key, value, decay, initial_state, cfg, num_segments, h,
+                    key, value, decay, initial, cfg, num_segments, h,
                     value_scale=value_scale, reverse=reverse, init_shift=init_shift, launch=launch, plan=plan,
                     state_rows=state_rows, zero_unused=zero_unused_slots,
+                    initial_from_own=None if start_of is None else initial_from_own,
                 )
                 if keep_start_states is not None:
                     keep_start_states.append(SegmentStates(seg_states, cfg.segment_len, cfg.state_split,
                                                            packed=plan is not None))
+        has_init = initial is not None
         args = (
-            query, key, value, out, decay_arg, init_arg, seg_states, final if final is not None else out,
+            query, key, value, out, decay_arg, initial if has_init else out, seg_states,
+            final if final is not None else out,
             None if plan is None else plan.segments, *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            *_strides(initial_state), *_strides(final), *state_strides,
+            *_strides(initial), *_strides(final), *state_strides,
             n, h, dk, dv, cfg.segment_len, num_segments, num_slots, cfg.state_split, out_scale, value_scale,
-            *groups,
+            *_groups(h, query, key, value, initial),
         )
         flags = dict(HAS_DECAY=has_decay, HAS_INIT=has_init, INIT_SHIFT=init_shift, REVERSE=reverse,
                      STORE_FINAL=store_final, CHUNK=cfg.chunk, BLOCK_V=cfg.block_v, **types,
@@ -271,17 +307,47 @@ def linear_attention(
         else:
             form = dict(ACCUMULATE=cfg.accumulate, UPDATE_ACCUMULATE=cfg.update_accumulate)
         launch(_chunk_output_kernel)[grid](*args, BLOCK_K=cfg.block_k, **form, **flags)
+        if side is not None:
+            _join(side, device)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
         "forward", lambda: choose_config(b * h, n, dk, dv, device, segment_len, itemsize=itemsize,
                                          state_itemsize=state_itemsize, state_split=state_split), launch_with,
         # a pooled launch updates the pool in place: it cannot be repeated to time candidates
-        device, query.dtype, dk, dv, b * h, n, has_decay, reverse, not traceable and segment_len is None and not pooled,
+        device, query.dtype, dk, dv, b * h, n, has_decay, reverse,
+        not traceable and segment_len is None and not pooled and start_of is None,
         packed=cu_seqlens is not None,
     )
     launch_with(cfg)
     return out, final
+
+
+_side_streams: dict = {}
+
+
+def _beside(device: torch.device):
+    """A second stream of ``device`` that waits for the current one's work so far (None off CUDA,
+    and under the interpreter: launches then run in order)."""
+    if device.type != "cuda" or TRITON_INTERPRETING:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _side_streams.get(index)
+    if stream is None:
+        stream = _side_streams[index] = torch.cuda.Stream(index)
+    stream.wait_stream(torch.cuda.current_stream(index))
+    return stream
+
+
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing for None."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def _join(stream, device: torch.device) -> None:
+    """The current stream of ``device`` waits for ``stream``'s work (see :func:`_beside`)."""
+    if stream is not None:
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 def _compute_heads(*tensors: Tensor):
@@ -343,12 +409,12 @@ class PackedPlan:
 
     segments: Tensor  # [M, 5]: sequence (-1: none), first row, length, index in the sequence, start slot
     pieces: Tensor  # [P, 4]: sequence (-1: none), first row, length, index in the sequence
-    sequences: Tensor  # [S, 4]: first slot, slots, first segment, length
+    sequences: Tensor  # [S, 5]: first slot, slots, first segment (before the ordering), length, first row
 
 
 def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct, *,
                  state_rows: Optional[Tensor] = None, pool_rows: Optional[int] = None,
-                 lead_all: bool = False, rows=None) -> PackedPlan:
+                 lead_all: bool = False, rows=None, short_rows: int = 0) -> PackedPlan:
     """The tables of a packed batch, built on the device from ``cu_seqlens`` by one small kernel
     (``chunked._packed_plan_kernel``): nothing is read on the host, and their sizes depend on N
     and S alone, so N and S may be symbolic.
@@ -367,11 +433,19 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     their rows, and such a row must not be written) get no segment, and a sequence of several
     segments (every sequence, ``lead_all``) a lead slot before its pieces, which the scan fills
     with its initial state and its segment 0 starts from (segment ``index`` then from
-    ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots.
+    ``first_slot[s] + index * state_split``): :func:`_lead_slots` more slots. A sequence of 1 to
+    ``short_rows`` rows gets neither: the decode kernel runs it from the sequence table.
 
     ``rows``: the rows the sequences lie in (default ``n``, which a traced call raises to 1 for
     the segment count): bounds past them are clamped to them (see the kernel), so values that no
-    host check read can give wrong outputs but never an access past the tensors."""
+    host check read can give wrong outputs but never an access past the tensors.
+
+    Without ``state_rows`` the segment table is then ordered by the rows each segment walks,
+    longest first (the entries without a segment last): the GPU starts programs in grid order, and
+    a long segment started last would finish alone (a pack of mixed lengths ran its forward 30%
+    faster so ordered, benchmarks/RESULTS.md). The programs' results do not depend on the order.
+    Pooled steps keep the kernel's order: their few long prompt chunks come first in practice, and
+    the ordering's launches would cost a decode step more than it saves."""
     device = cu_seqlens.device
     num_sequences = cu_seqlens.shape[0] - 1
     num_segments = cdiv(n, segment_len)
@@ -379,14 +453,21 @@ def _packed_plan(cu_seqlens: Tensor, n, segment_len, state_split, launch=_direct
     plan = PackedPlan(torch.empty(num_segments + num_sequences, 5, dtype=torch.int32, device=device),
                       torch.empty(_num_slots(num_segments, state_split) + lead_slots, 4, dtype=torch.int32,
                                   device=device),
-                      torch.empty(num_sequences, 4, dtype=torch.int32, device=device))
+                      torch.empty(num_sequences, 5, dtype=torch.int32, device=device))
     pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows, lead_all=int(lead_all),
-                                                pool_rows=2**31 - 1 if pool_rows is None else pool_rows)
+                                                pool_rows=2**31 - 1 if pool_rows is None else pool_rows,
+                                                short_rows=short_rows)
     launch(_packed_plan_kernel)[(1,)](
         cu_seqlens, plan.segments, plan.pieces, plan.sequences, n if rows is None else rows, num_sequences,
         plan.segments.shape[0],
         plan.pieces.shape[0], segment_len, state_split, BLOCK=PLAN_BLOCK, **pooled,
     )
+    if state_rows is None:
+        segments = plan.segments
+        walked = (segments[:, 2] - segments[:, 3] * segment_len).clamp(max=segment_len)
+        walked = torch.where(segments[:, 0] >= 0, walked, -1)
+        plan = dataclasses.replace(plan, segments=segments.index_select(
+            0, torch.argsort(walked, descending=True, stable=True)))
     return plan
 
 
@@ -415,6 +496,7 @@ def _segment_start_states(
     key: Tensor, value: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig,
     num_segments, heads, *, value_scale: float, reverse: bool, init_shift: int, launch=_direct,
     plan: Optional["PackedPlan"] = None, state_rows: Optional[Tensor] = None, zero_unused: bool = False,
+    initial_from_own: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """float32 [B*H, pieces, Dk, Dv] (steps 1 and 2 of ``chunked.py``) of H = ``heads`` compute
     heads (key, value and initial state read per compute head as in :func:`linear_attention`),
@@ -427,7 +509,23 @@ def _segment_start_states(
     sequence (:func:`_packed_plan`), and the scan runs per sequence. ``state_rows``: the initial
     states are rows of a pool, copied to the plan's lead slots (:func:`_packed_plan`). ``zero_unused``:
     the slots no segment starts from are zeros (a packed plan's are known on the device only: all
-    slots start zeroed)."""
+    slots start zeroed). ``initial_from_own``: the initial state is its answer, given the slots
+    between the two steps (each piece's own state), instead of ``initial_state``."""
+    seg_states = _segment_own_states(key, value, decay, cfg, num_segments, heads, value_scale=value_scale,
+                                     reverse=reverse, launch=launch, plan=plan, zero_unused=zero_unused)
+    if initial_from_own is not None:
+        initial_state = initial_from_own(seg_states)
+    _scan_segment_states(seg_states, decay, initial_state, cfg, seg_states.shape[1], heads, value.shape[-1],
+                         init_shift=init_shift, launch=launch, plan=plan, state_rows=state_rows)
+    return seg_states
+
+
+def _segment_own_states(
+    key: Tensor, value: Tensor, decay: Optional[Tensor], cfg: LaunchConfig, num_segments, heads, *,
+    value_scale: float, reverse: bool, launch=_direct, plan: Optional["PackedPlan"] = None, zero_unused: bool = False,
+) -> Tensor:
+    """Step 1 of :func:`_segment_start_states`: slot g holds piece g's own state (its rows from a
+    zero start, ``sum_s lam^(end-s) value_scale key_s^T value_s``, end its last row)."""
     b, _, n, dk = key.shape
     dv = value.shape[-1]
     h = heads
@@ -439,11 +537,10 @@ def _segment_start_states(
     if zero_unused and plan is None:
         seg_states[:, -1].zero_()
     has_decay = decay is not None
-    decay_arg = decay if has_decay else seg_states
     types = _dot_types(key.dtype)
     packed = {} if plan is None else dict(VARLEN=True)
     launch(_segment_state_kernel)[(b * h * num_v_blocks, num_pieces)](
-        key, value, decay_arg, seg_states, None if plan is None else plan.pieces,
+        key, value, decay if has_decay else seg_states, seg_states, None if plan is None else plan.pieces,
         *key.stride(), *value.stride(),
         n, h, dk, dv, piece_len, num_pieces, value_scale, *_groups(h, key, value),
         HAS_DECAY=has_decay, REVERSE=reverse, **packed,
@@ -452,17 +549,58 @@ def _segment_start_states(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    return seg_states
+
+
+def _scan_segment_states(
+    seg_states: Tensor, decay: Optional[Tensor], initial_state: Optional[Tensor], cfg: LaunchConfig, num_pieces,
+    heads, dv: int, *, init_shift: int, launch=_direct, plan: Optional["PackedPlan"] = None,
+    state_rows: Optional[Tensor] = None,
+) -> None:
+    """Step 2 of :func:`_segment_start_states`, in place: slot g goes from piece g's own state to
+    the state at piece g+1's start, from ``initial_state``."""
+    dk = seg_states.shape[2]
+    piece_len = cfg.segment_len // cfg.state_split
+    has_decay = decay is not None
     scan_block_v = min(SCAN_BLOCK_V, max(16, next_power_of_2(dv)))
     pooled = {} if state_rows is None else dict(POOLED=True, STATE_ROWS=state_rows)
+    packed = {} if plan is None else dict(VARLEN=True)
     launch(_segment_scan_kernel)[
-        (b * h * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
-        decay_arg, initial_state if initial_state is not None else seg_states, seg_states,
+        (seg_states.shape[0] * cdiv(dv, scan_block_v), 1 if plan is None else plan.sequences.shape[0])](
+        decay if has_decay else seg_states, initial_state if initial_state is not None else seg_states, seg_states,
         None if plan is None else plan.sequences, *_strides(initial_state),
-        h, dk, dv, piece_len, num_pieces, *_groups(h, initial_state),
+        heads, dk, dv, piece_len, num_pieces, *_groups(heads, initial_state),
         HAS_DECAY=has_decay, HAS_INIT=initial_state is not None, INIT_SHIFT=init_shift, **packed, **pooled,
         BLOCK_K=cfg.block_k, BLOCK_V=scan_block_v, STAGES=SCAN_STAGES, num_warps=4,
     )
-    return seg_states
+
+
+def state_only_block(n: int) -> int:
+    """Rows per block of a state-only pass (:func:`final_state`) over ``n`` rows: blocks run in
+    parallel and then a scan walks them one after another, so at least 1024 rows and at most 16
+    blocks: at long N the walk over more blocks costs more than the block kernel saves
+    (benchmarks/RESULTS.md)."""
+    return max(1024, 1 << max(0, (n - 1) // 16).bit_length())
+
+
+def _leaving_state(key: Tensor, value: Tensor, decay: Optional[Tensor], heads, value_scale: float,
+                   own_states: Optional[Tensor] = None, cfg: Optional[LaunchConfig] = None,
+                   num_segments: int = 1) -> Tensor:
+    """The float32 state [B, H, Dk, Dv] (H = ``heads`` compute heads) the rows leave from a zero
+    start (``linear_attention``'s ``start_of``). With ``own_states`` (the segment-state pass's
+    slots before their scan, ``cfg``'s cut into ``num_segments``), the decayed sum of the pieces'
+    own states and the last segment's rows' state; else a state-only pass over every row."""
+    b, _, n, _ = key.shape
+    if own_states is None:
+        leaving = final_state(key, value, decay, state_only_block(n), value_scale=value_scale)
+        if leaving.shape[1] != heads:  # no decay: one state per kv head, which its query heads share
+            leaving = leaving.repeat_interleave(heads // leaving.shape[1], 1)
+        return leaving
+    pieces = (num_segments - 1) * cfg.state_split
+    tail = (num_segments - 1) * cfg.segment_len
+    tail_state = final_state(key[:, :, tail:], value[:, :, tail:], decay, state_only_block(n - tail),
+                             value_scale=value_scale)
+    return leaving_state(own_states, tail_state, decay, pieces, cfg.segment_len // cfg.state_split, n, b, heads)
 
 
 def key_value_gradients(
