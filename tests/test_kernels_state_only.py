@@ -127,7 +127,8 @@ class _OneRankOfMany:
 
     def __init__(self, rank, states, lengths):
         self.rank, self.world = rank, len(lengths)
-        self.rows = [torch.cat([s.float().reshape(-1), torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32)])
+        self.rows = [torch.cat([s.float().reshape(-1),
+                                torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32, device=s.device)])
                      for s, n in zip(states, lengths)]
 
     def gather(self, parts):

@@ -407,8 +407,10 @@ def choose_decode(batch_heads: int, dv: int, device: torch.device) -> tuple[int,
     return block_v, 4 if value is None else value
 
 
-#: a pooled packed step's sequences of up to this many rows run on the decode kernel
-PACKED_DECODE_ROWS = 16
+#: a pooled packed step's sequences of up to this many rows run on the decode kernel: one-token
+#: sequences gain; sequences of a few rows gain nothing and longer ones lose, since the decode
+#: kernel walks their tokens one by one (benchmarks/RESULTS.md)
+PACKED_DECODE_ROWS = 1
 
 
 def packed_decode_rows() -> int:

@@ -180,7 +180,7 @@ def linear_attention(
     output pass reads a row another writes: a sequence cut into segments, or whose state a group
     of heads shares, starts from a copy the segment scan takes (``chunked._packed_plan_kernel``).
     Forward only (``reverse`` and ``init_shift`` keep their defaults). ``short_rows``: sequences
-    of 1 to that many rows (decode tokens, a few draft tokens) run on the decode kernel instead,
+    of 1 to that many rows (decode tokens) run on the decode kernel instead,
     its programs reading and writing their pool rows as the tiled ones do; on a GPU they run on a
     second stream beside the tiled kernels (memory-bound beside compute-bound work), joined
     before the call returns (CUDA-graph capture records the two branches).
