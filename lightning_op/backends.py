@@ -230,8 +230,11 @@ def backward(
     )
     d_init = None
     if ds0 is not None:
-        lam = reference.decay_powers(heads_decay, torch.tensor([1], device=q.device), ds0)[..., None]
-        d_init = ds0 if q.shape[2] == 0 else lam * ds0  # no tokens: the final state is the initial state
+        # no tokens: the final state is the initial state. (lam from the rates on the device: a
+        # torch.tensor exponent would be a copy from the host, which waits for the stream.)
+        d_init = ds0
+        if q.shape[2] > 0 and heads_decay is not None:
+            d_init = torch.exp(-heads_decay.to(ds0.dtype))[:, None, None] * ds0
         if cu_seqlens is not None and q.shape[2] > 0:
             d_init = torch.where(_empty_sequences(cu_seqlens)[:, None, None, None], ds0, d_init)
     d_decay = None

@@ -144,11 +144,15 @@ class OpAttention:
         return (scale * state).unflatten(1, (state_heads, -1)).sum(2)
 
     def backward(self, grad_out, grad_final_state, q, k, v, decay, scale, initial_state):
-        """``(dq, dk, dv, d_decay or None)`` with the initial state held fixed."""
+        """``(dq, dk, dv, d_decay or None)`` with the initial state held fixed: the op's backward,
+        its body called directly where nothing traces the call (the forward validated the
+        inputs; the dispatcher's way in costs host time the rank's path cannot spare)."""
         decay_grad = decay is not None and decay.requires_grad
-        dq, dk, dv, _, d_decay = torch.ops.lightning.attn_bwd(
-            grad_out, grad_final_state, q, k, v, decay, scale, initial_state, stored_bnhd(q), None, decay_grad
-        )
+        arguments = (grad_out, grad_final_state, q, k, v, decay, scale, initial_state, stored_bnhd(q), None, decay_grad)
+        if ops._dispatcher_observed(grad_out, grad_final_state, q, k, v, decay, initial_state):
+            dq, dk, dv, _, d_decay = torch.ops.lightning.attn_bwd(*arguments)
+        else:
+            dq, dk, dv, _, d_decay = ops._attn_bwd_impl(*arguments)
         return dq, dk, dv, d_decay if decay_grad else None
 
 
@@ -303,22 +307,27 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_final):
         q, k, v, decay, init, start, gathered = ctx.saved_tensors
         local, rank = ctx.local, ctx.exchange.rank
-        states, lengths = _unpack(gathered, start, with_states=ctx.decay_grad)
-        weights = _Weights(decay, lengths, rank, start, derivatives=ctx.decay_grad)
         # every rank enters the collective, whichever of its outputs its loss used
         grad_out = grad_out.contiguous()  # autograd may hand in an expanded (stride 0) gradient
         own = local.state_gradient(q, grad_out, decay, ctx.scale, start.shape[1]).to(start.dtype)
         grad_final = grad_final.to(start.dtype)
-        gathered = ctx.exchange.gather([own, grad_final]).view(-1, 2, *start.shape)
-        into_starts, final_shares = gathered[:, 0], gathered[:, 1]
+        shares = ctx.exchange.gather([own, grad_final]).view(-1, 2, *start.shape)
+        want_init = init is not None and ctx.needs_input_grad[4]
+        if ctx.decay_grad or not _state_only_kernels(q):
+            states, lengths = _unpack(gathered, start, with_states=ctx.decay_grad)
+            weights = _Weights(decay, lengths, rank, start, derivatives=ctx.decay_grad)
+            grad_leaving = (_weighted_sum(weights.back, shares[rank + 1:, 0])
+                            + _per_head(weights.out_of[:, rank]) * shares[:, 1].sum(0))
+            d_init = (_per_head(weights.start) * own + _per_head(weights.end) * grad_final) if want_init else None
+        else:  # the same sums in one launch (kernels.context)
+            from .kernels.context import rank_state_gradients
 
-        grad_leaving = (_weighted_sum(weights.back, into_starts[rank + 1:])
-                        + _per_head(weights.out_of[:, rank]) * final_shares.sum(0))
+            rates = None if decay is None else decay.detach().to(torch.float32)
+            grad_leaving, d_init = rank_state_gradients(shares, gathered, rates, rank, tuple(start.shape),
+                                                        _LENGTH_BASE, want_init)
         dq, dk, dv, d_decay = local.backward(grad_out, grad_leaving, q, k, v, decay, ctx.scale, start)
-
-        d_init = None
-        if init is not None and ctx.needs_input_grad[4]:
-            d_init = (_per_head(weights.start) * own + _per_head(weights.end) * grad_final).to(ctx.init_dtype)
+        if d_init is not None:
+            d_init = d_init.to(ctx.init_dtype)
         if decay is not None and ctx.needs_input_grad[3]:
             # the op's decay gradient holds its initial state fixed and counts lam^N_r S_r in its
             # final state, whose gradient here is L_r's alone: take that term out

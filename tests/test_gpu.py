@@ -475,3 +475,28 @@ def test_cuda_package_of_packed_grouped_heads(tmp_path):
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff| vs eager" in line]
     assert len(diffs) == len(all_lengths) and max(diffs) < 1e-3, out
     assert "lightning_op imported: False" in out
+
+
+def test_cuda_training_step_with_initial_state_never_waits_for_the_device():
+    """An eager forward+backward with an initial state, once its decay has been checked, enqueues
+    its work without synchronising the host with the device (a copy from the host, such as a
+    ``torch.tensor`` on the GPU, waits for the stream): ``torch.cuda.set_sync_debug_mode``
+    raises on any such wait."""
+    q, k, v = make_inputs(1, 4, 1000, 64, 64, torch.bfloat16, "cuda", seed=3)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    init = (0.3 * torch.randn(1, 4, 64, 64, device="cuda")).requires_grad_()
+    decay = torch.tensor([0.01, 0.1, 0.3, 1.0], device="cuda")
+
+    def step():
+        out, final = lightning_attn(*leaves, decay, initial_state=init, output_final_state=True)
+        (out.float().sum() + final.sum()).backward()
+
+    step()  # the decay's values are read once, the kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert init.grad is not None and torch.isfinite(init.grad).all()

@@ -122,19 +122,22 @@ def test_start_of_gets_the_leaving_state_and_starts_from_its_answer(n, cut, h, h
 
 
 class _OneRankOfMany:
-    """An exchange for rank ``rank`` alone: the other ranks' rows of the all-gather are their
-    float64-reference states and lengths; this rank's row is what it passes."""
+    """An exchange for rank ``rank`` alone: in its n-th all-gather the other ranks' rows are
+    ``rows[n][j]`` (their float64-reference states, and lengths or state gradients); this rank's
+    row is what it passes."""
 
-    def __init__(self, rank, states, lengths):
-        self.rank, self.world = rank, len(lengths)
-        self.rows = [torch.cat([s.float().reshape(-1),
-                                torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32, device=s.device)])
-                     for s, n in zip(states, lengths)]
+    def __init__(self, rank, rows):
+        self.rank, self.world, self.rows, self.calls = rank, len(rows[0]), rows, 0
 
     def gather(self, parts):
         flat = torch.cat([x.reshape(-1) for x in parts])
-        rows = [flat if j == self.rank else row.to(flat.device) for j, row in enumerate(self.rows)]
+        rows = [flat if j == self.rank else row.float().to(flat.device) for j, row in enumerate(self.rows[self.calls])]
+        self.calls += 1
         return torch.stack(rows)
+
+
+def _length_code(n, device):
+    return torch.tensor([n // 2**24, n % 2**24], dtype=torch.float32, device=device)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
@@ -157,7 +160,8 @@ def test_context_parallel_forward_on_the_kernels(monkeypatch, rank):
     leaving = [reference.attention_quadratic(*(x.double() for x in p), decay.double(), 1.0)[1] for p in pieces]
     want_out, want_final = reference.attention_quadratic(q.double(), k.double(), v.double(), decay.double(), 0.7,
                                                          init.double())
-    exchange = _OneRankOfMany(rank, leaving, lengths)
+    exchange = _OneRankOfMany(rank, [[torch.cat([s.reshape(-1).to(DEVICE), _length_code(m, DEVICE)])
+                                      for s, m in zip(leaving, lengths)]])
     with config_override(chunk=16, segment_len=32, state_split=2):  # 2, 3 and 1 segments of 2 pieces
         out, final = distributed._attention(*pieces[rank], decay, 0.7, init, exchange, distributed.OP_ATTENTION)
     a = starts[rank]
@@ -206,3 +210,87 @@ def test_rank_states_kernel_against_float64(rank, decay, with_init):
     assert start.shape == final.shape == shape and start.dtype == final.dtype == torch.float32
     assert torch.allclose(start.double().cpu(), want_start, rtol=1e-5, atol=1e-6)
     assert torch.allclose(final.double().cpu(), want_final, rtol=1e-5, atol=1e-6)
+
+
+def test_context_parallel_backward_on_the_kernels(monkeypatch):
+    """Every rank of three (uneven shards, each cut into segments) through the Triton kernels, the
+    backward's combine step in one launch and the op's backward called directly: each rank's dq,
+    dk, dv against the whole sequence's float64 gradients, and the initial state's shares summed
+    over the ranks against its gradient; the other ranks' rows of both all-gathers come from the
+    float64 reference."""
+    from lightning_op import distributed
+    from lightning_op.kernels import config_override
+
+    monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(8)
+    lengths, h, d, scale = [45, 70, 9], 2, 16, 0.7
+    n = sum(lengths)
+    q, k, v, grad_out = ((0.5 * torch.randn(1, h, n, d, generator=gen)).to(DEVICE) for _ in range(4))
+    init = (0.3 * torch.randn(1, h, d, d, generator=gen)).to(DEVICE)
+    shares = [(0.3 * torch.randn(1, h, d, d, generator=gen)).to(DEVICE) for _ in lengths]
+    decay = torch.tensor([0.04, 0.5], device=DEVICE)
+    whole = [x.double().requires_grad_() for x in (q, k, v, init)]
+    out, final = reference.attention_quadratic(*whole[:3], decay.double(), scale, whole[3])
+    ((out * grad_out.double()).sum() + (final * sum(shares).double()).sum()).backward()
+
+    starts = [sum(lengths[:j]) for j in range(3)]
+    cut = [slice(a, a + m) for a, m in zip(starts, lengths)]
+    lam = torch.exp(-decay.double())[None, :, None, None]
+    leaving, into = [], []
+    for rows in cut:
+        piece = [x[:, :, rows].double() for x in (q, k, v, grad_out)]
+        leaving.append(reference.attention_quadratic(*piece[:3], decay.double(), 1.0)[1])
+        steps = torch.arange(rows.stop - rows.start, dtype=torch.float64, device=DEVICE)
+        weights = torch.exp(-decay.double()[:, None] * (steps + 1))  # lam^(t+1), t counted in the rank
+        into.append(scale * torch.einsum("hn,bhnk,bhnv->bhkv", weights, piece[0], piece[3]))
+    forward_rows = [torch.cat([s.reshape(-1), _length_code(m, DEVICE).double()]) for s, m in zip(leaving, lengths)]
+    backward_rows = [torch.cat([g.reshape(-1), share.double().reshape(-1)]) for g, share in zip(into, shares)]
+    init_grad = torch.zeros_like(init)
+    for rank in range(3):
+        mine = [x[:, :, cut[rank]].clone().requires_grad_() for x in (q, k, v)]
+        my_init = init.clone().requires_grad_()
+        exchange = _OneRankOfMany(rank, [forward_rows, backward_rows])
+        with config_override(chunk=16, segment_len=32, state_split=2):
+            got, got_final = distributed._attention(*mine, decay, scale, my_init, exchange, distributed.OP_ATTENTION)
+            ((got * grad_out[:, :, cut[rank]]).sum() + (got_final * shares[rank]).sum()).backward()
+        assert exchange.calls == 2
+        for x, want in zip(mine, whole[:3]):
+            assert rel_error(x.grad, want.grad[:, :, cut[rank]]) < TOLERANCE[torch.float32], rank
+        init_grad += my_init.grad
+    assert rel_error(init_grad, whole[3].grad) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+@pytest.mark.parametrize("decay", [[0.01, 0.7, float("inf")], None], ids=["decay", "no-decay"])
+def test_rank_state_gradients_kernel_against_float64(rank, decay):
+    """The backward's combine step in one launch (``kernels.context.rank_state_gradients``):
+    ``dL_r = sum_{j>r} lam^(P_j - P_{r+1}) G_j + lam^(N - P_{r+1}) sum_j g_j`` and the initial
+    state's share ``lam^P_r G_r + lam^N g_r``, lengths past 2^24 and of zero, lam = 0 included."""
+    from lightning_op.kernels.context import rank_state_gradients
+
+    gen = torch.Generator().manual_seed(10 + rank)
+    lengths = [5, 2**24 + 3, 0, 40]
+    shape = (2, 3, 8, 12)
+    grads = [torch.randn(2, *shape, generator=gen) for _ in lengths]  # (G_j, g_j)
+    gathered = torch.stack(grads).to(DEVICE)
+    codes = torch.tensor([[n // 2**24, n % 2**24] for n in lengths], dtype=torch.float32, device=DEVICE)
+    rates = None if decay is None else torch.tensor(decay)
+    leaving, d_init = rank_state_gradients(gathered, codes, None if rates is None else rates.to(DEVICE), rank,
+                                           shape, 2**24, True)
+
+    def power(e):
+        if rates is None:
+            return torch.ones(1, 3, 1, 1, dtype=torch.float64)
+        return torch.where(torch.tensor(e == 0), 1.0, torch.exp(-rates.double() * e)).reshape(1, 3, 1, 1)
+
+    starts = [sum(lengths[:j]) for j in range(len(lengths))]
+    after, total = starts[rank] + lengths[rank], sum(lengths)
+    want = power(total - after) * sum(g[1].double() for g in grads)
+    for j in range(rank + 1, len(lengths)):
+        want += power(starts[j] - after) * grads[j][0].double()
+    want_init = power(starts[rank]) * grads[rank][0].double() + power(total) * grads[rank][1].double()
+    assert torch.allclose(leaving.double().cpu(), want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(d_init.double().cpu(), want_init, rtol=1e-5, atol=1e-6)
+    alone, none = rank_state_gradients(gathered, codes, None if rates is None else rates.to(DEVICE), rank, shape,
+                                       2**24, False)
+    assert none is None and torch.equal(alone, leaving)

@@ -54,12 +54,13 @@ def _rank_states_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < dkv
     state_len = row_len - 2
+    row_len64 = row_len.to(tl.int64)  # world * row_len may pass 2^31
     # the tokens before this rank and in all: the lengths are exact integers
     before = tl.cast(0, tl.int64)
     total = tl.cast(0, tl.int64)
     for j in range(0, world):
-        high = tl.load(GATHERED + j * row_len + state_len).to(tl.int64)
-        low = tl.load(GATHERED + j * row_len + state_len + 1).to(tl.int64)
+        high = tl.load(GATHERED + j * row_len64 + state_len).to(tl.int64)
+        low = tl.load(GATHERED + j * row_len64 + state_len + 1).to(tl.int64)
         length = high * length_base + low
         before += tl.where(j < rank, length, 0)
         total += length
@@ -70,10 +71,10 @@ def _rank_states_kernel(
     final = tl.zeros([BLOCK], dtype=tl.float32)
     ends = tl.cast(0, tl.int64)  # P_{j+1}
     for j in range(0, world):
-        high = tl.load(GATHERED + j * row_len + state_len).to(tl.int64)
-        low = tl.load(GATHERED + j * row_len + state_len + 1).to(tl.int64)
+        high = tl.load(GATHERED + j * row_len64 + state_len).to(tl.int64)
+        low = tl.load(GATHERED + j * row_len64 + state_len + 1).to(tl.int64)
         ends += high * length_base + low
-        state = tl.load(GATHERED + j * row_len + bh * dkv + offs, mask=valid, other=0.0)
+        state = tl.load(GATHERED + j * row_len64 + bh * dkv + offs, mask=valid, other=0.0)
         final += _power(log2_lam, total - ends, HAS_DECAY) * state
         if j < rank:
             start += _power(log2_lam, before - ends, HAS_DECAY) * state
@@ -148,3 +149,69 @@ def leaving_state(seg_states: Tensor, tail: Tensor, decay: Optional[Tensor], pie
         n, heads, heads // tail.shape[1], dk * dv, HAS_DECAY=decay is not None, BLOCK=BLOCK, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _rank_gradients_kernel(
+    GATHERED, CODES, DECAY, LEAVING, D_INIT,
+    stride_code, world, rank, HS, DKV, length_base,
+    HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One block of one (batch, state head)'s state gradients. ``GATHERED``: float32
+    ``[world, 2, B * Hs * Dk * Dv]``, each rank's ``G_j`` then its share ``g_j`` of the final
+    state's gradient; ``CODES``: each rank's length as two floats (row stride ``stride_code``)."""
+    bh = tl.program_id(0)
+    h = bh % HS
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < DKV
+    numel = tl.num_programs(0).to(tl.int64) * DKV
+    before = tl.cast(0, tl.int64)  # P_r
+    after = tl.cast(0, tl.int64)  # P_{r+1}
+    total = tl.cast(0, tl.int64)
+    for j in range(0, world):
+        length = (tl.load(CODES + j * stride_code).to(tl.int64) * length_base
+                  + tl.load(CODES + j * stride_code + 1).to(tl.int64))
+        before += tl.where(j < rank, length, 0)
+        after += tl.where(j <= rank, length, 0)
+        total += length
+    log2_lam = 0.0
+    if HAS_DECAY:
+        log2_lam = _log2_decay(DECAY, h)
+    shares = tl.zeros([BLOCK], dtype=tl.float32)
+    leaving = tl.zeros([BLOCK], dtype=tl.float32)
+    starts = tl.cast(0, tl.int64)  # P_j
+    for j in range(0, world):
+        row = GATHERED + j * 2 * numel + bh * DKV + offs
+        shares += tl.load(row + numel, mask=valid, other=0.0)
+        if j > rank:
+            leaving += _power(log2_lam, starts - after, HAS_DECAY) * tl.load(row, mask=valid, other=0.0)
+        starts += (tl.load(CODES + j * stride_code).to(tl.int64) * length_base
+                   + tl.load(CODES + j * stride_code + 1).to(tl.int64))
+    leaving += _power(log2_lam, total - after, HAS_DECAY) * shares
+    tl.store(LEAVING + bh * DKV + offs, leaving, mask=valid)
+    if HAS_INIT:
+        mine = GATHERED + rank * 2 * numel + bh * DKV + offs
+        d_init = (_power(log2_lam, before, HAS_DECAY) * tl.load(mine, mask=valid, other=0.0)
+                  + _power(log2_lam, total, HAS_DECAY) * tl.load(mine + numel, mask=valid, other=0.0))
+        tl.store(D_INIT + bh * DKV + offs, d_init, mask=valid)
+
+
+def rank_state_gradients(gathered: Tensor, codes: Tensor, decay: Optional[Tensor], rank: int, shape: tuple,
+                         length_base: int, with_initial: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The backward's combine step: ``(dL_r, d S_0's share or None)``, float32 of ``shape``
+    ``[B, Hs, Dk, Dv]``, from ``gathered`` (float32 ``[W, 2, *shape]``, contiguous: each rank's
+    ``G_j`` and ``g_j``), ``codes`` (``[W, 2]``, each rank's length as ``n // length_base`` and
+    ``n % length_base``) and ``decay`` (``[Hs]`` rates or None)::
+
+        dL_r   = sum_{j>r} lam^(P_j - P_{r+1}) G_j + lam^(N - P_{r+1}) sum_j g_j
+        d S_0 <- lam^P_r G_r + lam^N g_r
+    """
+    b, hs, dk, dv = shape
+    leaving = torch.empty(shape, dtype=torch.float32, device=gathered.device)
+    d_init = torch.empty(shape, dtype=torch.float32, device=gathered.device) if with_initial else None
+    launcher(_rank_gradients_kernel)[(b * hs, cdiv(dk * dv, BLOCK))](
+        gathered, codes, decay if decay is not None else gathered, leaving, d_init if with_initial else leaving,
+        codes.stride(0), gathered.shape[0], rank, hs, dk * dv, length_base,
+        HAS_DECAY=decay is not None, HAS_INIT=with_initial, BLOCK=BLOCK, num_warps=4,
+    )
+    return leaving, d_init
