@@ -126,8 +126,9 @@ def compute_decay(decay: Optional[Tensor], num_heads: int) -> Optional[Tensor]:
 def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], scale: float,
             initial_state: Optional[Tensor], *, keep_start_states: Optional[list] = None,
             cu_seqlens: Optional[Tensor] = None, out_bnhd: bool = False,
-            cut: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
-    """The op: ``(out in q's dtype, final state)``, the state float32 (float64 for float64 inputs).
+            cut: Optional[tuple[int, int]] = None, store_final: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """The op: ``(out in q's dtype, final state)``, the state float32 (float64 for float64 inputs;
+    None without ``store_final``).
     ``keep_start_states``: see ``kernels.linear_attention``; ``out_bnhd`` stores out as [B, N, H, Dv];
     ``cut``: ``(segment_len, state_split)`` fixed in advance (``Backend.start_states_layout``'s), for
     a backend that keeps start states; the slots they leave unused then hold zeros.
@@ -141,9 +142,9 @@ def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[T
         extra.update(segment_len=cut[0], state_split=cut[1], zero_unused_slots=True)
     out, final = backend.linear_attention(q, k, v, compute_decay(decay, h), out_scale=scale,
                                           initial_state=initial_state, keep_start_states=keep_start_states,
-                                          out_bnhd=out_bnhd, **extra)
+                                          out_bnhd=out_bnhd, store_final=store_final, **extra)
     state_heads = reference.state_heads(h, k.shape[1], decay)
-    if state_heads < h:
+    if state_heads < h and final is not None:
         final = final[:, :: h // state_heads].contiguous()
     return out, final
 def key_value_gradients(

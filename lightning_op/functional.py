@@ -52,7 +52,7 @@ def lightning_attn(
     Differentiable in q, k, v, decay and initial_state; works under ``torch.compile`` and ``torch.export``.
     """
     ops.validate(q, k, v, decay, scale, initial_state, cu_seqlens)  # before the dispatcher's own, terser checks
-    out, final_state = ops.attn_eager(q, k, v, decay, scale, initial_state, cu_seqlens)
+    out, final_state = ops.attn_eager(q, k, v, decay, scale, initial_state, cu_seqlens, final=output_final_state)
     return (out, final_state) if output_final_state else out
 
 

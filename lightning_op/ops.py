@@ -332,16 +332,17 @@ def attn(
 
 
 def _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens=None, keep_start_states=None, out_bnhd=False,
-               cut=None):
+               cut=None, store_final=True):
     """``lightning::attn`` on validated inputs (the op's body, also run by the eager path, which
     passes ``keep_start_states``: see ``kernels.linear_attention``). ``out_bnhd``: the output
     stored as [B, N, H, Dv] (the op's, for q in that layout: ``output_bnhd``); ``cut``: see
-    ``backends.forward``."""
+    ``backends.forward``; without ``store_final`` the final state is None (``attn_eager``'s
+    ``final``)."""
     _refuse_forward_ad(q, k, v, decay, initial_state)
     decay, initial_state = prepare_decay(decay), as_float32(initial_state)
     out, final = backends.forward(_backend(q), q, k, v, decay, scale, initial_state, keep_start_states=keep_start_states,
-                                  cu_seqlens=cu_seqlens, out_bnhd=out_bnhd, cut=cut)
-    return out, final.to(torch.float32)
+                                  cu_seqlens=cu_seqlens, out_bnhd=out_bnhd, cut=cut, store_final=store_final)
+    return out, None if final is None else final.to(torch.float32)
 
 
 def final_state_shape(q: Tensor, k: Tensor, v: Tensor, decay: Optional[Tensor], cu_seqlens: Optional[Tensor]):
@@ -661,12 +662,12 @@ class _EagerAttention(torch.autograd.Function):
 
     # the ctx-in-forward style: a separate setup_context costs more host time per call
     @staticmethod
-    def forward(ctx, q, k, v, decay, scale, initial_state, cu_seqlens):
+    def forward(ctx, q, k, v, decay, scale, initial_state, cu_seqlens, final=True):
         # the forward's segment start states (B*H*segments float32 states, none when one segment
         # covers N): the backward's dq pass starts from them instead of a pass of its own over k, v
         kept = []
         output = _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, keep_start_states=kept,
-                            out_bnhd=output_bnhd(q))
+                            out_bnhd=output_bnhd(q), store_final=final)
         _setup_context(ctx, (q, k, v, decay, scale, initial_state, cu_seqlens), output)
         ctx.forward_states = kept[0] if kept else None
         ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros to fill and read
@@ -675,7 +676,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_final_state):
         grads = _backward(ctx, grad_out, grad_final_state,
-                          attn_bwd_fn=functools.partial(_attn_bwd_impl, forward_states=ctx.forward_states))
+                          attn_bwd_fn=functools.partial(_attn_bwd_impl, forward_states=ctx.forward_states)) + (None,)
         if not torch.is_grad_enabled():
             return grads
         # create_graph=True: the kernels' gradients have no history, so a loss built from them
@@ -820,14 +821,20 @@ def _dispatcher_observed(*tensors) -> bool:
     return False
 
 
-def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None):
+def attn_eager(q, k, v, decay=None, scale=1.0, initial_state=None, cu_seqlens=None, final: bool = True):
     """``lightning::attn`` for callers that validated the inputs: the op's bodies directly in plain
-    eager mode (with its autograd), else the op itself. Same values, gradients and errors."""
+    eager mode (with its autograd), else the op itself. Same values, gradients and errors.
+
+    ``final=False``: the caller drops the final state, so the plain eager path neither stores it
+    nor returns it (``(out, None)``): one float32 state per sequence and head that nothing reads
+    (a pack of 128 sequences at H16 D128 writes 134 MB of them). Calls through the op still
+    return it."""
     if _dispatcher_observed(q, k, v, decay, initial_state, cu_seqlens):
         if not torch.compiler.is_compiling() and _transformed(q, k, v, decay, initial_state):
             return _TransformableAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
         return attn(q, k, v, decay, scale, initial_state, cu_seqlens)
-    return _named_in_profiles("lightning::attn", _attn_eager_call, q, k, v, decay, scale, initial_state, cu_seqlens)
+    return _named_in_profiles("lightning::attn", _attn_eager_call, q, k, v, decay, scale, initial_state, cu_seqlens,
+                              final)
 
 
 def _named_in_profiles(name: str, call: Callable, *args):
@@ -839,10 +846,10 @@ def _named_in_profiles(name: str, call: Callable, *args):
     return call(*args)
 
 
-def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens):
+def _attn_eager_call(q, k, v, decay, scale, initial_state, cu_seqlens, final=True):
     if _differentiated(q, k, v, decay, initial_state):
-        return _EagerAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens)
-    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q))
+        return _EagerAttention.apply(q, k, v, decay, scale, initial_state, cu_seqlens, final)
+    return _attn_impl(q, k, v, decay, scale, initial_state, cu_seqlens, out_bnhd=output_bnhd(q), store_final=final)
 
 
 # ----------------------------------------------------------------------------- decode step

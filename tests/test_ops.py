@@ -851,3 +851,39 @@ def test_garbage_in_later_rows_in_the_scan_form():
         out, final = lightning_op.reference.attention_forward_scan(q, k, bad_v, decay)
         assert torch.equal(out[:, :, :bad_row], clean[:, :, :bad_row]), bad_row
         assert not torch.isfinite(out[:, 1, bad_row:]).all(-1).any() and not torch.isfinite(final).all()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_a_final_state_nobody_asked_for_is_not_stored(monkeypatch, packed):
+    """``lightning_attn`` without ``output_final_state`` runs its forward without storing the final
+    states (one per sequence and head, written for nothing), with and without grad; the output and
+    the gradients are those of the call that asks for the state; a call that asks stores it."""
+    from lightning_op import reference
+
+    calls = []
+    real = reference.linear_attention_chunked
+
+    def spy(*args, **kwargs):
+        if not kwargs.get("reverse", False) and kwargs.get("value_scale", 1.0) == 1.0:
+            calls.append(kwargs.get("store_final", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "linear_attention_chunked", spy)
+    q, k, v = make_inputs(1, 2, 40, 16, 16, torch.float32, "cpu", seed=4)
+    cu = torch.tensor([0, 7, 7, 40]) if packed else None
+    grad = torch.randn(1, 2, 40, 16)
+    results = []
+    for wanted in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        calls.clear()
+        got = lightning_attn(*leaves, MIXED_DECAY[:2], cu_seqlens=cu, output_final_state=wanted)
+        out = got[0] if wanted else got
+        assert calls[:1] == [wanted], calls
+        out.backward(grad)
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    calls.clear()
+    with torch.no_grad():
+        lightning_attn(q, k, v, MIXED_DECAY[:2], cu_seqlens=cu)
+    assert calls == [False]
