@@ -147,10 +147,18 @@ def forward(backend: Backend, q: Tensor, k: Tensor, v: Tensor, decay: Optional[T
     if state_heads < h and final is not None:
         final = final[:, :: h // state_heads].contiguous()
     return out, final
+def fuses_key_value_gradients(backend: Backend, q: Tensor, k: Tensor, v: Tensor,
+                              cu_seqlens: Optional[Tensor] = None) -> bool:
+    """Whether :func:`key_value_gradients` runs the backend's fused pass for these inputs."""
+    return backend.fused_key_value_gradients is not None and backend.fused_fits(
+        q.shape[-1], v.shape[-1], q.element_size()) and (
+        backend.fused_forms or (cu_seqlens is None and k.shape[1] == q.shape[1]))
+
+
 def key_value_gradients(
     backend: Backend, grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
     decay: Optional[Tensor] = None, scale: float = 1.0, *, store_final: bool = False, out_bnhd: bool = False,
-    cu_seqlens: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None, grad_final_of: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(dk, dv, dS_0 or None)``: the two gradients that run backward in time, both driven by
     ``dS_t = lam dS_{t+1} + scale q_t^T do_t`` (``dS_{N-1}`` also receiving ``grad_final_state``)::
@@ -161,13 +169,18 @@ def key_value_gradients(
     In one fused pass where the backend has one that takes these head dims (and these forms),
     else as two linear attentions. ``dS_0`` (the gradient reaching the first token's state, per
     sequence) when ``store_final``. Grouped heads: dk and dv per query head (``decay`` is too).
+    ``grad_final_of`` (only where :func:`fuses_key_value_gradients`): ``grad_final_state`` is its
+    answer, given the state the walk from the end leaves from a zero start (the fused pass's
+    ``start_of``).
     """
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
-    if backend.fused_key_value_gradients is not None and backend.fused_fits(
-            q.shape[-1], v.shape[-1], q.element_size()) and (
-            backend.fused_forms or (cu_seqlens is None and k.shape[1] == q.shape[1])):
+    if fuses_key_value_gradients(backend, q, k, v, cu_seqlens):
+        if grad_final_of is not None:
+            extra["start_of"] = grad_final_of
         return backend.fused_key_value_gradients(grad_out, grad_final_state, q, k, v, decay, scale,
                                                  store_final=store_final, out_bnhd=out_bnhd, **extra)
+    if grad_final_of is not None:
+        raise ValueError("key_value_gradients: grad_final_of needs the fused pass (fuses_key_value_gradients)")
     gfin_t = None if grad_final_state is None else grad_final_state.transpose(-1, -2)
     dk, _ = backend.linear_attention(
         v, grad_out, q, decay, value_scale=scale, initial_state=gfin_t, reverse=True, init_shift=0,
@@ -184,6 +197,7 @@ def backward(
     backend: Backend, grad_out: Tensor, grad_final_state: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
     decay: Optional[Tensor] = None, scale: float = 1.0, initial_state: Optional[Tensor] = None, *,
     out_bnhd: bool = False, forward_states=None, cu_seqlens: Optional[Tensor] = None, decay_grad: bool = False,
+    grad_final_of: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(dq, dk, dv, d_initial_state, d_decay)`` of the op, each but the last a linear
     attention itself.
@@ -207,6 +221,11 @@ def backward(
     Grouped heads: the passes run per query head; dk and dv sum over each group's heads, and so do
     the initial state's and the decay's gradients where the group shares them. A shared final
     state is the group's first head's, so its gradient enters that head alone.
+
+    ``grad_final_of`` (context parallelism; ``grad_final_state`` None, and only where
+    :func:`fuses_key_value_gradients`): the final state's gradient is its answer, given ``G =
+    scale * sum_t lam^(t+1) q_t^T do_t`` (float32 [B, Hs, Dk, Dv]: the gradient reaching the
+    initial state from the outputs), which the dk / dv pass sums from its own segment states.
     """
     h, hkv = q.shape[1], k.shape[1]
     group = h // hkv
@@ -225,9 +244,23 @@ def backward(
         grad_out, v, k, heads_decay, out_scale=scale, initial_state=init_t, store_final=False,
         out_bnhd=out_bnhd, **reuse, **extra,
     )
+    hook = {}
+    if grad_final_of is not None:
+        def final_from(leaving: Tensor) -> Tensor:  # scale * sum_t lam^t q_t^T do_t per compute head
+            nonlocal grad_final
+            into = leaving if heads_decay is None else torch.exp(-heads_decay.to(leaving.dtype))[:, None, None] * leaving
+            if state_heads < h:
+                into = into.unflatten(1, (state_heads, -1)).sum(2)
+            grad_final = given = grad_final_of(into)
+            if state_heads < h:
+                grad_final = given.new_zeros(given.shape[0], h, *given.shape[2:])
+                grad_final[:, ::group] = given
+            return grad_final
+
+        hook = dict(grad_final_of=final_from)
     dk, dv, ds0 = key_value_gradients(
         backend, grad_out, grad_final, q, k, v, heads_decay, scale, store_final=initial_state is not None,
-        out_bnhd=grouped_bnhd, cu_seqlens=cu_seqlens,
+        out_bnhd=grouped_bnhd, cu_seqlens=cu_seqlens, **hook,
     )
     d_init = None
     if ds0 is not None:

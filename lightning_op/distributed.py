@@ -143,6 +143,23 @@ class OpAttention:
             state = state * torch.exp(-decay.detach().to(state.dtype)).reshape(1, -1, 1, 1)
         return (scale * state).unflatten(1, (state_heads, -1)).sum(2)
 
+    def backward_from(self, grad_out, q, k, v, decay, scale, initial_state, grad_final_of):
+        """:meth:`backward` with the final state's gradient ``grad_final_of(G)``, G the gradient
+        reaching the initial state from the outputs (``state_gradient``'s): on the Triton kernels'
+        fused dk / dv pass one op backward, whose segment-state pass also gives G, so q and the
+        output's gradient are read for states once; elsewhere ``state_gradient``, then ``backward``."""
+        from . import backends
+        from .reference import state_heads
+
+        if not _state_only_kernels(q) or not backends.fuses_key_value_gradients(ops._backend(q), q, k, v):
+            heads = state_heads(q.shape[1], k.shape[1], decay)
+            grad_final = grad_final_of(self.state_gradient(q, grad_out, decay, scale, heads))
+            return self.backward(grad_out, grad_final, q, k, v, decay, scale, initial_state)
+        decay_grad = decay is not None and decay.requires_grad
+        dq, dk, dv, _, d_decay = ops._attn_bwd_impl(grad_out, None, q, k, v, decay, scale, initial_state,
+                                                    stored_bnhd(q), None, decay_grad, grad_final_of=grad_final_of)
+        return dq, dk, dv, d_decay if decay_grad else None
+
     def backward(self, grad_out, grad_final_state, q, k, v, decay, scale, initial_state):
         """``(dq, dk, dv, d_decay or None)`` with the initial state held fixed: the op's backward,
         its body called directly where nothing traces the call (the forward validated the
@@ -309,28 +326,45 @@ class _ContextParallelAttention(torch.autograd.Function):
         local, rank = ctx.local, ctx.exchange.rank
         # every rank enters the collective, whichever of its outputs its loss used
         grad_out = grad_out.contiguous()  # autograd may hand in an expanded (stride 0) gradient
-        own = local.state_gradient(q, grad_out, decay, ctx.scale, start.shape[1]).to(start.dtype)
         grad_final = grad_final.to(start.dtype)
-        shares = ctx.exchange.gather([own, grad_final]).view(-1, 2, *start.shape)
         want_init = init is not None and ctx.needs_input_grad[4]
-        if ctx.decay_grad or not _state_only_kernels(q):
-            states, lengths = _unpack(gathered, start, with_states=ctx.decay_grad)
-            weights = _Weights(decay, lengths, rank, start, derivatives=ctx.decay_grad)
-            grad_leaving = (_weighted_sum(weights.back, shares[rank + 1:, 0])
-                            + _per_head(weights.out_of[:, rank]) * shares[:, 1].sum(0))
-            d_init = (_per_head(weights.start) * own + _per_head(weights.end) * grad_final) if want_init else None
-        else:  # the same sums in one launch (kernels.context)
-            from .kernels.context import rank_state_gradients
+        on_kernels = _state_only_kernels(q)
+        found = {}
 
-            rates = None if decay is None else decay.detach().to(torch.float32)
-            grad_leaving, d_init = rank_state_gradients(shares, gathered, rates, rank, tuple(start.shape),
-                                                        _LENGTH_BASE, want_init)
-        dq, dk, dv, d_decay = local.backward(grad_out, grad_leaving, q, k, v, decay, ctx.scale, start)
+        def leaving_of(own: Tensor) -> Tensor:
+            """The gradient reaching the state this rank's tokens leave, from the gradient reaching
+            the state they start from (``own``, G_r), through the exchange."""
+            own = own.to(start.dtype)
+            shares = ctx.exchange.gather([own, grad_final]).view(-1, 2, *start.shape)
+            if ctx.decay_grad or not on_kernels:
+                states, lengths = _unpack(gathered, start, with_states=ctx.decay_grad)
+                weights = _Weights(decay, lengths, rank, start, derivatives=ctx.decay_grad)
+                grad_leaving = (_weighted_sum(weights.back, shares[rank + 1:, 0])
+                                + _per_head(weights.out_of[:, rank]) * shares[:, 1].sum(0))
+                d_init = (_per_head(weights.start) * own + _per_head(weights.end) * grad_final) if want_init else None
+                found.update(states=states, weights=weights)
+            else:  # the same sums in one launch (kernels.context)
+                from .kernels.context import rank_state_gradients
+
+                rates = None if decay is None else decay.detach().to(torch.float32)
+                grad_leaving, d_init = rank_state_gradients(shares, gathered, rates, rank, tuple(start.shape),
+                                                            _LENGTH_BASE, want_init)
+            found.update(own=own, grad_leaving=grad_leaving, d_init=d_init)
+            return grad_leaving
+
+        backward_from = getattr(local, "backward_from", None)
+        if backward_from is not None:
+            dq, dk, dv, d_decay = backward_from(grad_out, q, k, v, decay, ctx.scale, start, leaving_of)
+        else:
+            own = local.state_gradient(q, grad_out, decay, ctx.scale, start.shape[1])
+            dq, dk, dv, d_decay = local.backward(grad_out, leaving_of(own), q, k, v, decay, ctx.scale, start)
+        own, grad_leaving, d_init = found["own"], found["grad_leaving"], found["d_init"]
         if d_init is not None:
             d_init = d_init.to(ctx.init_dtype)
         if decay is not None and ctx.needs_input_grad[3]:
             # the op's decay gradient holds its initial state fixed and counts lam^N_r S_r in its
             # final state, whose gradient here is L_r's alone: take that term out
+            states, weights = found["states"], found["weights"]
             terms = [-weights.d_own * _head_products(start, grad_leaving),
                      weights.d_into * _head_products(states[:rank], own),
                      weights.d_out_of * _head_products(states, grad_final)]

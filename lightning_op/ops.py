@@ -501,14 +501,16 @@ def validate_backward(grad_out, grad_final_state, q, k, v, decay=None, scale=1.0
 
 
 def _attn_bwd_impl(grad_out, grad_final_state, q, k, v, decay, scale, initial_state, bnhd_grads, cu_seqlens=None,
-                   decay_grad=False, forward_states=None):
+                   decay_grad=False, forward_states=None, grad_final_of=None):
     """``lightning::attn_bwd``'s body (also run by the eager path, which passes the forward's
-    segment states: ``backends.backward``)."""
+    segment states, and by context parallelism, which passes ``grad_final_of``:
+    ``backends.backward``)."""
     decay, initial_state, grad_final_state = prepare_decay(decay), as_float32(initial_state), as_float32(grad_final_state)
     backend = _backend(q)
+    hook = {} if grad_final_of is None else dict(grad_final_of=grad_final_of)
     dq, dk, dv, d_init, d_decay = backends.backward(
         backend, grad_out, grad_final_state, q, k, v, decay, scale, initial_state, out_bnhd=bnhd_grads,
-        forward_states=forward_states, cu_seqlens=cu_seqlens, decay_grad=decay_grad,
+        forward_states=forward_states, cu_seqlens=cu_seqlens, decay_grad=decay_grad, **hook,
     )
     d_init = q.new_empty(0, dtype=torch.float32) if d_init is None else as_float32(d_init)
     d_decay = q.new_empty(0, dtype=torch.float32) if d_decay is None else as_float32(d_decay)

@@ -212,37 +212,43 @@ def test_rank_states_kernel_against_float64(rank, decay, with_init):
     assert torch.allclose(final.double().cpu(), want_final, rtol=1e-5, atol=1e-6)
 
 
-def test_context_parallel_backward_on_the_kernels(monkeypatch):
+@pytest.mark.parametrize("h, hkv, decay", [(2, 2, [0.04, 0.5]), (4, 2, [0.04, 0.5]), (4, 2, [0.04, 0.5, 0.2, 0.01])],
+                         ids=["own-heads", "shared-states", "grouped-own-states"])
+def test_context_parallel_backward_on_the_kernels(monkeypatch, h, hkv, decay):
     """Every rank of three (uneven shards, each cut into segments) through the Triton kernels, the
-    backward's combine step in one launch and the op's backward called directly: each rank's dq,
-    dk, dv against the whole sequence's float64 gradients, and the initial state's shares summed
-    over the ranks against its gradient; the other ranks' rows of both all-gathers come from the
-    float64 reference."""
+    rank's G from the fused backward's own segment-state pass, the backward's combine step in one
+    launch and the op's backward called directly: each rank's dq, dk, dv against the whole
+    sequence's float64 gradients, and the initial state's shares summed over the ranks against its
+    gradient; the other ranks' rows of both all-gathers come from the float64 reference. Grouped kv
+    heads with states per query head and shared per group."""
     from lightning_op import distributed
     from lightning_op.kernels import config_override
 
     monkeypatch.setenv("LIGHTNING_OP_BACKEND", "triton")
     gen = torch.Generator().manual_seed(8)
-    lengths, h, d, scale = [45, 70, 9], 2, 16, 0.7
+    lengths, d, scale = [45, 70, 9], 16, 0.7
+    hs = reference.state_heads(h, hkv, torch.tensor(decay))
     n = sum(lengths)
-    q, k, v, grad_out = ((0.5 * torch.randn(1, h, n, d, generator=gen)).to(DEVICE) for _ in range(4))
-    init = (0.3 * torch.randn(1, h, d, d, generator=gen)).to(DEVICE)
-    shares = [(0.3 * torch.randn(1, h, d, d, generator=gen)).to(DEVICE) for _ in lengths]
-    decay = torch.tensor([0.04, 0.5], device=DEVICE)
+    q, grad_out = ((0.5 * torch.randn(1, h, n, d, generator=gen)).to(DEVICE) for _ in range(2))
+    k, v = ((0.5 * torch.randn(1, hkv, n, d, generator=gen)).to(DEVICE) for _ in range(2))
+    init = (0.3 * torch.randn(1, hs, d, d, generator=gen)).to(DEVICE)
+    shares = [(0.3 * torch.randn(1, hs, d, d, generator=gen)).to(DEVICE) for _ in lengths]
+    decay = torch.tensor(decay, device=DEVICE)
     whole = [x.double().requires_grad_() for x in (q, k, v, init)]
     out, final = reference.attention_quadratic(*whole[:3], decay.double(), scale, whole[3])
     ((out * grad_out.double()).sum() + (final * sum(shares).double()).sum()).backward()
 
     starts = [sum(lengths[:j]) for j in range(3)]
     cut = [slice(a, a + m) for a, m in zip(starts, lengths)]
-    lam = torch.exp(-decay.double())[None, :, None, None]
+    rates = decay.double().repeat_interleave(h // decay.shape[0])  # per query head
     leaving, into = [], []
     for rows in cut:
         piece = [x[:, :, rows].double() for x in (q, k, v, grad_out)]
         leaving.append(reference.attention_quadratic(*piece[:3], decay.double(), 1.0)[1])
         steps = torch.arange(rows.stop - rows.start, dtype=torch.float64, device=DEVICE)
-        weights = torch.exp(-decay.double()[:, None] * (steps + 1))  # lam^(t+1), t counted in the rank
-        into.append(scale * torch.einsum("hn,bhnk,bhnv->bhkv", weights, piece[0], piece[3]))
+        weights = torch.exp(-rates[:, None] * (steps + 1))  # lam^(t+1), t counted in the rank
+        g = scale * torch.einsum("hn,bhnk,bhnv->bhkv", weights, piece[0], piece[3])
+        into.append(g.unflatten(1, (hs, -1)).sum(2))  # summed over the query heads sharing a state
     forward_rows = [torch.cat([s.reshape(-1), _length_code(m, DEVICE).double()]) for s, m in zip(leaving, lengths)]
     backward_rows = [torch.cat([g.reshape(-1), share.double().reshape(-1)]) for g, share in zip(into, shares)]
     init_grad = torch.zeros_like(init)

@@ -585,22 +585,27 @@ def state_only_block(n: int) -> int:
 
 def _leaving_state(key: Tensor, value: Tensor, decay: Optional[Tensor], heads, value_scale: float,
                    own_states: Optional[Tensor] = None, cfg: Optional[LaunchConfig] = None,
-                   num_segments: int = 1) -> Tensor:
+                   num_segments: int = 1, reverse: bool = False) -> Tensor:
     """The float32 state [B, H, Dk, Dv] (H = ``heads`` compute heads) the rows leave from a zero
-    start (``linear_attention``'s ``start_of``). With ``own_states`` (the segment-state pass's
-    slots before their scan, ``cfg``'s cut into ``num_segments``), the decayed sum of the pieces'
-    own states and the last segment's rows' state; else a state-only pass over every row."""
+    start (``linear_attention``'s ``start_of``; ``reverse``: walked from the end, as the fused
+    backward walks them). With ``own_states`` (the segment-state pass's slots before their scan,
+    ``cfg``'s cut into ``num_segments``), the decayed sum of the pieces' own states and the last
+    segment's rows' state; else a state-only pass over every row."""
     b, _, n, _ = key.shape
     if own_states is None:
-        leaving = final_state(key, value, decay, state_only_block(n), value_scale=value_scale)
+        leaving = final_state(key, value, decay, state_only_block(n), value_scale=value_scale, reverse=reverse)
+    else:
+        # the walk's last segment: the rows after the others, or (walked from the end) before them
+        walked = (num_segments - 1) * cfg.segment_len
+        rows = slice(0, n - walked) if reverse else slice(walked, n)
+        leaving = final_state(key[:, :, rows], value[:, :, rows], decay, state_only_block(n - walked),
+                              value_scale=value_scale, reverse=reverse)
+    if own_states is None:
         if leaving.shape[1] != heads:  # no decay: one state per kv head, which its query heads share
             leaving = leaving.repeat_interleave(heads // leaving.shape[1], 1)
         return leaving
     pieces = (num_segments - 1) * cfg.state_split
-    tail = (num_segments - 1) * cfg.segment_len
-    tail_state = final_state(key[:, :, tail:], value[:, :, tail:], decay, state_only_block(n - tail),
-                             value_scale=value_scale)
-    return leaving_state(own_states, tail_state, decay, pieces, cfg.segment_len // cfg.state_split, n, b, heads)
+    return leaving_state(own_states, leaving, decay, pieces, cfg.segment_len // cfg.state_split, n, b, heads)
 
 
 def key_value_gradients(
@@ -615,6 +620,7 @@ def key_value_gradients(
     store_final: bool = False,
     out_bnhd: bool = False,
     cu_seqlens: Optional[Tensor] = None,
+    start_of: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """dk, dv (and dS_0) in one fused pass (``backward.py``) of what
     ``lightning_op.backends.key_value_gradients`` composes from two linear attentions. Only for
@@ -626,7 +632,14 @@ def key_value_gradients(
     dividing H, decay [H]; dk and dv are [B, H, N, D] per compute head (the caller sums each
     group's heads), dS_0 [B, H, Dk, Dv]. ``cu_seqlens``: packed sequences as in
     :func:`linear_attention` (grad_final_state [S, Hg, Dk, Dv], dS_0 [S, H, Dk, Dv], each
-    sequence walked from its own end)."""
+    sequence walked from its own end).
+
+    ``start_of`` (context parallelism, as :func:`linear_attention`'s): a function from the state
+    the walk from the end leaves from a zero start (``scale * sum_t lam^t q_t^T do_t``, float32
+    [B, H, Dk, Dv]) to ``grad_final_state`` (which must be None), summed from the walk's own
+    segment-state pass where it has one. Dense eager calls only, never timed by the autotuner."""
+    if start_of is not None and (grad_final_state is not None or cu_seqlens is not None):
+        raise ValueError("key_value_gradients: start_of needs no grad_final_state and no cu_seqlens")
     b, _, n, dk = q.shape
     dv = v.shape[-1]
     h = _compute_heads(q, k, v, grad_out)
@@ -636,32 +649,42 @@ def key_value_gradients(
     num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = torch.empty(num_states, h, dk, dv, dtype=torch.float32, device=device) if store_final else None
     if n == 0:
+        if start_of is not None:  # called all the same: it may enter a collective
+            grad_final_state = start_of(torch.zeros(b, h, dk, dv, dtype=torch.float32, device=device))
         if final is not None:
             _copy_state(final, grad_final_state)
         return grad_k, grad_v, final
 
-    has_init = grad_final_state is not None
     types = _dot_types(q.dtype)
 
     def launch_with(cfg: LaunchConfig) -> None:  # writes grad_k, grad_v and final whole: repeatable
+        given = grad_final_state
         num_segments = cdiv(n, cfg.segment_len)
         plan = None if cu_seqlens is None else _packed_plan(cu_seqlens, n, cfg.segment_len, cfg.state_split)
         seg_states = final if final is not None else _placeholder(device)
+        if start_of is not None and num_segments == 1:
+            given = start_of(_leaving_state(q, grad_out, decay, h, scale, reverse=True))
         if num_segments > 1:
+            def initial_from_own(own: Tensor) -> Tensor:
+                nonlocal given
+                given = start_of(_leaving_state(q, grad_out, decay, h, scale, own, cfg, num_segments, reverse=True))
+                return given
+
             # dS's own contributions: key q, value scale * do, walked from the end
             seg_states = _segment_start_states(
-                q, grad_out, decay, grad_final_state, cfg, num_segments, h, value_scale=scale, reverse=True,
-                init_shift=0, plan=plan,
+                q, grad_out, decay, given, cfg, num_segments, h, value_scale=scale, reverse=True,
+                init_shift=0, plan=plan, initial_from_own=None if start_of is None else initial_from_own,
             )
+        has_init = given is not None
         packed = {} if plan is None else dict(VARLEN=True)
         _direct(_key_value_grad_kernel)[(b * h, num_segments if plan is None else plan.segments.shape[0])](
             q, k, v, grad_out, grad_k, grad_v,
-            decay if decay is not None else seg_states, grad_final_state if has_init else seg_states,
+            decay if decay is not None else seg_states, given if has_init else seg_states,
             seg_states, final if final is not None else seg_states, None if plan is None else plan.segments,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
-            *_strides(grad_final_state), *_strides(final),
+            *_strides(given), *_strides(final),
             n, h, dk, dv, cfg.segment_len, num_segments, seg_states.shape[1] if num_segments > 1 else 0,
-            cfg.state_split, scale, *_groups(h, q, k, v, grad_out, grad_final_state),
+            cfg.state_split, scale, *_groups(h, q, k, v, grad_out, given),
             HAS_DECAY=decay is not None, HAS_INIT=has_init, STORE_FINAL=store_final,
             CHUNK=cfg.chunk, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v, ACCUMULATE=cfg.accumulate, **types, **packed,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -670,7 +693,8 @@ def key_value_gradients(
     itemsize = q.element_size()
     cfg = autotune.select(
         "key_value", lambda: choose_config(b * h, n, dk, dv, device, whole_value=True, itemsize=itemsize),
-        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, True, packed=cu_seqlens is not None,
+        launch_with, device, q.dtype, dk, dv, b * h, n, decay is not None, True, start_of is None,
+        packed=cu_seqlens is not None,
     )
     launch_with(cfg)
     return grad_k, grad_v, final
