@@ -39,6 +39,35 @@ def _power(log2_lam, exponent, HAS_DECAY: tl.constexpr):
 
 
 @triton.jit
+def _log2_rate(DECAY, h, HAS_DECAY: tl.constexpr):
+    """log2(lam) of head h (0: no decay)."""
+    if HAS_DECAY:
+        return _log2_decay(DECAY, h)
+    return 0.0
+
+
+@triton.jit
+def _length(code, length_base):
+    """A rank's length from its two floats (``n // length_base``, ``n % length_base``), exact."""
+    return tl.load(code).to(tl.int64) * length_base + tl.load(code + 1).to(tl.int64)
+
+
+@triton.jit
+def _rank_bounds(CODES, stride_code, world, rank, length_base):
+    """``(P_r, P_{r+1}, N)``: the tokens before rank ``rank``, before the next one, and in all,
+    from each rank's length code (rank j's at ``CODES + j * stride_code``)."""
+    before = tl.cast(0, tl.int64)
+    after = tl.cast(0, tl.int64)
+    total = tl.cast(0, tl.int64)
+    for j in range(0, world):
+        length = _length(CODES + j * stride_code, length_base)
+        before += tl.where(j < rank, length, 0)
+        after += tl.where(j <= rank, length, 0)
+        total += length
+    return before, after, total
+
+
+@triton.jit
 def _rank_states_kernel(
     GATHERED, DECAY, INIT, START, FINAL,
     stride_ib, stride_ih, stride_ik, stride_iv,
@@ -53,27 +82,15 @@ def _rank_states_kernel(
     dkv = DK * DV
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < dkv
-    state_len = row_len - 2
     row_len64 = row_len.to(tl.int64)  # world * row_len may pass 2^31
-    # the tokens before this rank and in all: the lengths are exact integers
-    before = tl.cast(0, tl.int64)
-    total = tl.cast(0, tl.int64)
-    for j in range(0, world):
-        high = tl.load(GATHERED + j * row_len64 + state_len).to(tl.int64)
-        low = tl.load(GATHERED + j * row_len64 + state_len + 1).to(tl.int64)
-        length = high * length_base + low
-        before += tl.where(j < rank, length, 0)
-        total += length
-    log2_lam = 0.0
-    if HAS_DECAY:
-        log2_lam = _log2_decay(DECAY, h)
+    codes = GATHERED + row_len - 2
+    before, _, total = _rank_bounds(codes, row_len64, world, rank, length_base)
+    log2_lam = _log2_rate(DECAY, h, HAS_DECAY)
     start = tl.zeros([BLOCK], dtype=tl.float32)
     final = tl.zeros([BLOCK], dtype=tl.float32)
     ends = tl.cast(0, tl.int64)  # P_{j+1}
     for j in range(0, world):
-        high = tl.load(GATHERED + j * row_len64 + state_len).to(tl.int64)
-        low = tl.load(GATHERED + j * row_len64 + state_len + 1).to(tl.int64)
-        ends += high * length_base + low
+        ends += _length(codes + j * row_len64, length_base)
         state = tl.load(GATHERED + j * row_len64 + bh * dkv + offs, mask=valid, other=0.0)
         final += _power(log2_lam, total - ends, HAS_DECAY) * state
         if j < rank:
@@ -123,9 +140,7 @@ def _leaving_state_kernel(
     h = bh % H
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < DKV
-    log2_lam = 0.0
-    if HAS_DECAY:
-        log2_lam = _log2_decay(DECAY, h)
+    log2_lam = _log2_rate(DECAY, h, HAS_DECAY)
     tail = TAIL + (bh // H).to(tl.int64) * stride_tb + (h // tail_group) * stride_th
     state = tl.load(tail + offs, mask=valid, other=0.0)
     slots = SEG_STATES + bh.to(tl.int64) * num_slots * DKV + offs
@@ -165,18 +180,8 @@ def _rank_gradients_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < DKV
     numel = tl.num_programs(0).to(tl.int64) * DKV
-    before = tl.cast(0, tl.int64)  # P_r
-    after = tl.cast(0, tl.int64)  # P_{r+1}
-    total = tl.cast(0, tl.int64)
-    for j in range(0, world):
-        length = (tl.load(CODES + j * stride_code).to(tl.int64) * length_base
-                  + tl.load(CODES + j * stride_code + 1).to(tl.int64))
-        before += tl.where(j < rank, length, 0)
-        after += tl.where(j <= rank, length, 0)
-        total += length
-    log2_lam = 0.0
-    if HAS_DECAY:
-        log2_lam = _log2_decay(DECAY, h)
+    before, after, total = _rank_bounds(CODES, stride_code, world, rank, length_base)
+    log2_lam = _log2_rate(DECAY, h, HAS_DECAY)
     shares = tl.zeros([BLOCK], dtype=tl.float32)
     leaving = tl.zeros([BLOCK], dtype=tl.float32)
     starts = tl.cast(0, tl.int64)  # P_j
@@ -185,8 +190,7 @@ def _rank_gradients_kernel(
         shares += tl.load(row + numel, mask=valid, other=0.0)
         if j > rank:
             leaving += _power(log2_lam, starts - after, HAS_DECAY) * tl.load(row, mask=valid, other=0.0)
-        starts += (tl.load(CODES + j * stride_code).to(tl.int64) * length_base
-                   + tl.load(CODES + j * stride_code + 1).to(tl.int64))
+        starts += _length(CODES + j * stride_code, length_base)
     leaving += _power(log2_lam, total - after, HAS_DECAY) * shares
     tl.store(LEAVING + bh * DKV + offs, leaving, mask=valid)
     if HAS_INIT:
