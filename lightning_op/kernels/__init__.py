@@ -4,8 +4,8 @@
   :func:`config_override`);
 - :mod:`.launch`: how to launch (grids, strides, the segment-state passes);
 - :mod:`.autotune`: per-shape timing of configurations (opt-in);
-- :mod:`.chunked`, :mod:`.backward`, :mod:`.boundary`, :mod:`.decay_grad`, :mod:`.decode`: the ``@triton.jit``
-  kernels.
+- :mod:`.chunked`, :mod:`.backward`, :mod:`.boundary`, :mod:`.decay_grad`, :mod:`.decode`,
+  :mod:`.context`: the ``@triton.jit`` kernels.
 
 ``TRITON_INTERPRET=1`` must be set before this package is imported for the kernels to run on CPU
 tensors through Triton's interpreter.
