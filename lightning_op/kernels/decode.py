@@ -50,15 +50,16 @@ def _decode_step_kernel(
     HAS_DECAY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     SLOTS=None, stride_slot=1, NUM_SLOTS=0,
     KV_GROUP: tl.constexpr = 1, STATE_GROUP: tl.constexpr = 1,
-    SEQUENCES=None, short_rows=0, decay_group=1,
+    SEQUENCES=None, SHORT_ROWS: tl.constexpr = 0, DECAY_GROUP: tl.constexpr = 1,
 ):
     """H is the number of state heads; state head s belongs to query heads ``s * STATE_GROUP``
-    onwards and reads kv head ``s // KV_GROUP`` and decay ``s * decay_group``.
+    onwards and reads kv head ``s // KV_GROUP`` and decay ``s * DECAY_GROUP``.
 
     ``SEQUENCES`` (packed sequences, ``launch._packed_plan``'s sequence table): q, k, v and the
     output hold them back to back in batch entry 0, and b is the sequence: its length is T and its
-    first row where its tokens start; a sequence without rows or longer than ``short_rows`` is
-    the tiled kernels' and its programs return at once."""
+    first row where its tokens start; a sequence without rows or longer than ``SHORT_ROWS`` is
+    the tiled kernels' and its programs return at once. (Constants: the dense launch compiles to
+    the code it had without them.)"""
     pid_v, bh = _block_and_head(DV, BLOCK_V)
     scale = tl.cast(scale, tl.float32)  # a float argument may arrive as fp64 (Inductor)
     b = bh // H
@@ -67,7 +68,7 @@ def _decode_step_kernel(
     first_row = 0
     if SEQUENCES is not None:
         T = tl.load(SEQUENCES + 5 * b + 3)
-        if (T == 0) | (T > short_rows):
+        if (T == 0) | (T > SHORT_ROWS):
             return
         first_row = tl.load(SEQUENCES + 5 * b + 4).to(tl.int64)
         batch = 0
@@ -90,7 +91,7 @@ def _decode_step_kernel(
     state_ptrs = _head(STATE, slot, h, stride_sb, stride_sh) + cols_k[:, None] * stride_sk + cols_v[None, :] * stride_sv
     state = tl.load(state_ptrs, mask=tile_mask, other=0.0)
     if HAS_DECAY:
-        lam = tl.exp(-tl.load(DECAY + h * decay_group).to(tl.float32))
+        lam = tl.exp(-tl.load(DECAY + h * DECAY_GROUP).to(tl.float32))
     q_ptr = _head(Q, batch, h * STATE_GROUP, stride_qb, stride_qh) + first_row * stride_qt + cols_k * stride_qd
     k_ptr = _head(K, batch, h // KV_GROUP, stride_kb, stride_kh) + first_row * stride_kt + cols_k * stride_kd
     v_ptr = _head(V, batch, h // KV_GROUP, stride_vb, stride_vh) + first_row * stride_vt + cols_v * stride_vd
@@ -154,4 +155,4 @@ def launch_short_sequences(q: Tensor, k: Tensor, v: Tensor, out: Tensor, pool: T
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pool.stride(), 1, hs, dk, dv, scale,
         HAS_DECAY=decay is not None, BLOCK_K=block_k, BLOCK_V=block_v, SLOTS=state_rows,
         stride_slot=state_rows.stride(0), NUM_SLOTS=pool.shape[0], KV_GROUP=hs // hkv, STATE_GROUP=h // hs,
-        SEQUENCES=sequences, short_rows=short_rows, decay_group=h // hs, num_warps=num_warps)
+        SEQUENCES=sequences, SHORT_ROWS=short_rows, DECAY_GROUP=h // hs, num_warps=num_warps)
