@@ -234,8 +234,7 @@ def backward(
     extra = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
     grad_final = grad_final_state
     if grad_final is not None and state_heads < h:
-        grad_final = grad_final.new_zeros(grad_final.shape[0], h, *grad_final.shape[2:])
-        grad_final[:, ::group] = grad_final_state
+        grad_final = _on_first_heads(grad_final_state, h)
     init_t = None if initial_state is None else initial_state.transpose(-1, -2)
     reuse = {} if forward_states is None else dict(start_states=forward_states.t())
     dtype = q.dtype
@@ -248,13 +247,8 @@ def backward(
     if grad_final_of is not None:
         def final_from(leaving: Tensor) -> Tensor:  # scale * sum_t lam^t q_t^T do_t per compute head
             nonlocal grad_final
-            into = leaving if heads_decay is None else torch.exp(-heads_decay.to(leaving.dtype))[:, None, None] * leaving
-            if state_heads < h:
-                into = into.unflatten(1, (state_heads, -1)).sum(2)
-            grad_final = given = grad_final_of(into)
-            if state_heads < h:
-                grad_final = given.new_zeros(given.shape[0], h, *given.shape[2:])
-                grad_final[:, ::group] = given
+            given = grad_final_of(into_initial_state(leaving, heads_decay, state_heads))
+            grad_final = _on_first_heads(given, h) if state_heads < h else given
             return grad_final
 
         hook = dict(grad_final_of=final_from)
@@ -284,6 +278,23 @@ def backward(
     if group > 1:
         dk, dv = (_group_sum(x, group, out_bnhd) for x in (dk, dv))
     return dq.to(dtype), dk.to(dtype), dv.to(dtype), d_init, d_decay
+
+
+def into_initial_state(walked: Tensor, heads_decay: Optional[Tensor], state_heads: int) -> Tensor:
+    """The gradient reaching the initial state from the state a walk from the end leaves
+    (``walked``, [B, H, Dk, Dv] per compute head, ``sum_t lam^t value_t``): ``lam`` times it, summed
+    over the compute heads that share a state (``[B, state_heads, Dk, Dv]``)."""
+    if heads_decay is not None:
+        walked = torch.exp(-heads_decay.detach().to(walked.dtype))[:, None, None] * walked
+    return walked.unflatten(1, (state_heads, -1)).sum(2) if state_heads < walked.shape[1] else walked
+
+
+def _on_first_heads(shared: Tensor, heads: int) -> Tensor:
+    """A shared state's gradient ``[B, Hs, Dk, Dv]`` on the first compute head of each group of
+    ``heads // Hs`` (a shared final state is its group's first head's), zeros on the others."""
+    wide = shared.new_zeros(shared.shape[0], heads, *shared.shape[2:])
+    wide[:, :: heads // shared.shape[1]] = shared
+    return wide
 
 
 def _group_sum(x: Tensor, group: int, out_bnhd: bool) -> Tensor:

@@ -128,9 +128,9 @@ class OpAttention:
         """``scale * sum_t lam^(t+1) q_t^T do_t``, the gradient reaching the initial state: ``lam``
         times the final state of the tokens in reverse order with q as keys and do as values,
         summed over the query heads that share a state (grouped heads)."""
-        h = q.shape[1]
-        if decay is not None and decay.shape[0] != h:  # one slope per state head
-            decay = decay.repeat_interleave(h // decay.shape[0])
+        from .backends import compute_decay, into_initial_state
+
+        decay = compute_decay(decay, q.shape[1])  # one slope per query head
         if _state_only_kernels(q):
             from .kernels import final_state
             from .kernels.launch import state_only_block
@@ -139,9 +139,7 @@ class OpAttention:
         else:
             keys, values = q.flip(2), grad_out.flip(2)
             state = ops.attn_eager(keys, keys, values, decay, 1.0, None)[1]
-        if decay is not None:
-            state = state * torch.exp(-decay.detach().to(state.dtype)).reshape(1, -1, 1, 1)
-        return (scale * state).unflatten(1, (state_heads, -1)).sum(2)
+        return into_initial_state(scale * state, decay, state_heads)
 
     def backward_from(self, grad_out, q, k, v, decay, scale, initial_state, grad_final_of):
         """:meth:`backward` with the final state's gradient ``grad_final_of(G)``, G the gradient
@@ -279,8 +277,12 @@ def _combine_on_the_kernels(gathered: Tensor, decay: Optional[Tensor], initial_s
     launch some twenty small kernels."""
     from .kernels.context import rank_states
 
-    rates = None if decay is None else decay.detach().to(torch.float32)
-    return rank_states(gathered, rates, initial_state, rank, tuple(like.shape), _LENGTH_BASE)
+    return rank_states(gathered, _rates(decay), initial_state, rank, tuple(like.shape), _LENGTH_BASE)
+
+
+def _rates(decay: Optional[Tensor]) -> Optional[Tensor]:
+    """The decay as the combine kernels read it: float32 rates, outside autograd."""
+    return None if decay is None else decay.detach().to(torch.float32)
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -346,9 +348,8 @@ class _ContextParallelAttention(torch.autograd.Function):
             else:  # the same sums in one launch (kernels.context)
                 from .kernels.context import rank_state_gradients
 
-                rates = None if decay is None else decay.detach().to(torch.float32)
-                grad_leaving, d_init = rank_state_gradients(shares, gathered, rates, rank, tuple(start.shape),
-                                                            _LENGTH_BASE, want_init)
+                grad_leaving, d_init = rank_state_gradients(shares, gathered, _rates(decay), rank,
+                                                            tuple(start.shape), _LENGTH_BASE, want_init)
             found.update(own=own, grad_leaving=grad_leaving, d_init=d_init)
             return grad_leaving
 

@@ -1,5 +1,7 @@
-"""Triton kernel of context parallelism's combine step: a rank's initial state and the whole
-sequence's final state from the all-gathered states, in one launch.
+"""Triton kernels of context parallelism: the combine steps (forward: a rank's initial state and
+the whole sequence's final state from the all-gathered states; backward: the gradient reaching the
+state a rank's tokens leave, and the initial state's share), each one launch, and the state a
+rank's tokens leave, summed from the segment-state pass's own states.
 
 ``distributed.py`` gathers, from each rank j of W, the state ``L_j`` its tokens leave from a zero
 start and its length ``n_j`` (two floats, ``n_j // 2^24`` and ``n_j % 2^24``). With ``P_j`` the
@@ -133,9 +135,8 @@ def _leaving_state_kernel(
 ):
     """One block of ``BLOCK`` elements of one (batch, head)'s state the rows leave from a zero
     start: ``TAIL`` (the last segment's rows' state, head ``h // tail_group``; each head's Dk x Dv
-    contiguous) plus each piece's
-    own state (``SEG_STATES`` slot g: rows ``g * piece_len`` onwards) decayed over the rows after it,
-    ``lam^(N - (g + 1) * piece_len)``."""
+    contiguous) plus each piece's own state (``SEG_STATES`` slot g: rows ``g * piece_len`` onwards)
+    decayed over the rows after it, ``lam^(N - (g + 1) * piece_len)``."""
     bh = tl.program_id(0)
     h = bh % H
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -308,7 +308,7 @@ def linear_attention(
             form = dict(ACCUMULATE=cfg.accumulate, UPDATE_ACCUMULATE=cfg.update_accumulate)
         launch(_chunk_output_kernel)[grid](*args, BLOCK_K=cfg.block_k, **form, **flags)
         if side is not None:
-            _join(side, device)
+            _join(side)
 
     itemsize, state_itemsize = query.element_size(), state_itemsize_of(query.dtype)
     cfg = autotune.select(
@@ -344,10 +344,9 @@ def _on(stream):
     return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
-def _join(stream, device: torch.device) -> None:
-    """The current stream of ``device`` waits for ``stream``'s work (see :func:`_beside`)."""
-    if stream is not None:
-        torch.cuda.current_stream(stream.device).wait_stream(stream)
+def _join(stream) -> None:
+    """The current stream of ``stream``'s device waits for its work (see :func:`_beside`)."""
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 def _compute_heads(*tensors: Tensor):
@@ -594,18 +593,16 @@ def _leaving_state(key: Tensor, value: Tensor, decay: Optional[Tensor], heads, v
     b, _, n, _ = key.shape
     if own_states is None:
         leaving = final_state(key, value, decay, state_only_block(n), value_scale=value_scale, reverse=reverse)
-    else:
-        # the walk's last segment: the rows after the others, or (walked from the end) before them
-        walked = (num_segments - 1) * cfg.segment_len
-        rows = slice(0, n - walked) if reverse else slice(walked, n)
-        leaving = final_state(key[:, :, rows], value[:, :, rows], decay, state_only_block(n - walked),
-                              value_scale=value_scale, reverse=reverse)
-    if own_states is None:
         if leaving.shape[1] != heads:  # no decay: one state per kv head, which its query heads share
             leaving = leaving.repeat_interleave(heads // leaving.shape[1], 1)
         return leaving
+    # the walk's last segment: the rows after the others, or (walked from the end) before them
+    walked = (num_segments - 1) * cfg.segment_len
+    rows = slice(0, n - walked) if reverse else slice(walked, n)
+    tail = final_state(key[:, :, rows], value[:, :, rows], decay, state_only_block(n - walked),
+                       value_scale=value_scale, reverse=reverse)
     pieces = (num_segments - 1) * cfg.state_split
-    return leaving_state(own_states, leaving, decay, pieces, cfg.segment_len // cfg.state_split, n, b, heads)
+    return leaving_state(own_states, tail, decay, pieces, cfg.segment_len // cfg.state_split, n, b, heads)
 
 
 def key_value_gradients(
